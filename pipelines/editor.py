@@ -1,0 +1,197 @@
+"""One FLUX.2 [dev] model, loaded once from a local diffusers directory, running edit calls for every profile.
+
+This is the only module that talks to diffusers. It never reaches a hub: components load with
+`local_files_only=True` from the directory it is given (real weights or the tiny model, same code).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import PIL.Image
+import torch
+
+from pipelines.profiles import PROFILES
+
+log = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, int], None]  # (step done, 1-based; total steps)
+
+
+@dataclass
+class EditCall:
+    """One request to the model, in model terms (already validated and decoded by the caller)."""
+
+    images: list[PIL.Image.Image]  # 1-4 RGB reference images
+    prompt: str
+    width: int
+    height: int
+    profile: str = "edit"
+    num_inference_steps: int | None = None  # only the `edit` profile takes it
+    guidance_scale: float = 2.5
+    seed: int = 0
+    num_images: int = 1
+    on_step: StepCallback | None = None
+
+
+@dataclass
+class EditResult:
+    images: list[PIL.Image.Image]
+    steps: int  # denoising steps actually run
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(device: torch.device, requested: str | None = None) -> torch.dtype:
+    if requested:
+        return getattr(torch, requested)
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_tokenizer(directory: Path):
+    """The `tokenizer` component: PixtralProcessor, or its tokenizer alone where the processor can't be built.
+
+    transformers 5 builds PixtralProcessor only with torchvision installed (the CUDA image has it; the CPU
+    torch wheel used for tests has no matching torchvision). Encoding a text prompt uses only the processor's
+    tokenizer and chat template, which give the same token ids on their own; the processor's image path is
+    needed for prompt expansion with reference images only.
+    """
+    if importlib.util.find_spec("torchvision") is not None:
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(directory, local_files_only=True)
+    from transformers import AutoTokenizer
+
+    log.info("torchvision is not installed: loading the tokenizer of %s without its image processor", directory)
+    return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+
+
+class Flux2Editor:
+    """Holds a loaded `Flux2Pipeline` and runs `EditCall`s on it. Not thread-safe: one caller at a time."""
+
+    def __init__(self, pipe, weights_dir: Path, load_seconds: float):
+        self.pipe = pipe
+        self.weights_dir = weights_dir
+        self.load_seconds = load_seconds
+        self.device = pipe._execution_device
+        self.dtype = pipe.transformer.dtype
+
+    @property
+    def size_multiple(self) -> int:
+        """Output width and height are produced in multiples of this many pixels (VAE 8x, then 2x2 patches)."""
+        return self.pipe.vae_scale_factor * 2
+
+    def capabilities(self) -> dict:
+        """What this loaded model can and can't do, stated plainly for /health and for response notices."""
+        adapters_dir = self.weights_dir / "loras"
+        return {
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "weights": str(self.weights_dir),
+            "load_seconds": round(self.load_seconds, 3),
+            "profiles": {
+                name: {
+                    "steps": len(p.sigmas) if p.sigmas else "4-50 (default 28)",
+                    "sigmas": list(p.sigmas) if p.sigmas else None,
+                    "distilled_adapter": p.adapter,
+                    "distilled_adapter_on_disk": bool(p.adapter) and (adapters_dir / p.adapter).is_dir(),
+                    "distilled_adapter_loaded": False,
+                }
+                for name, p in PROFILES.items()
+            },
+            "acceleration": {"available": ["none"], "regular": False, "high": False},
+            "safety_checker": False,
+            "prompt_expansion": False,
+        }
+
+    def edit(self, call: EditCall) -> EditResult:
+        profile = PROFILES[call.profile]
+        steps, sigmas = profile.schedule(call.num_inference_steps)
+        if not 1 <= len(call.images) <= 4:
+            raise ValueError(f"1 to 4 reference images are needed, got {len(call.images)}")
+
+        # Flux2Pipeline floors sizes to the model's multiple; generate at the next multiple up and centre-crop,
+        # so the caller gets exactly the size it asked for.
+        m = self.size_multiple
+        gen_w, gen_h = math.ceil(call.width / m) * m, math.ceil(call.height / m) * m
+
+        def on_step_end(pipe, i, t, callback_kwargs):
+            if call.on_step is not None:
+                call.on_step(i + 1, steps)
+            return {}
+
+        started = time.perf_counter()
+        output = self.pipe(
+            image=call.images,
+            prompt=call.prompt,
+            height=gen_h,
+            width=gen_w,
+            num_inference_steps=steps,
+            sigmas=sigmas,
+            guidance_scale=call.guidance_scale,
+            num_images_per_prompt=call.num_images,
+            generator=torch.Generator("cpu").manual_seed(call.seed),
+            callback_on_step_end=on_step_end,
+            output_type="pil",
+        )
+        inference = time.perf_counter() - started
+        images = [center_crop(img, call.width, call.height) for img in output.images]
+        return EditResult(images=images, steps=steps, timings={"inference": inference})
+
+
+def center_crop(image: PIL.Image.Image, width: int, height: int) -> PIL.Image.Image:
+    if image.size == (width, height):
+        return image
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
+def load_components(weights_dir: Path, dtype: torch.dtype) -> dict:
+    """Each component of a diffusers-layout FLUX.2 directory, loaded explicitly from local files.
+
+    Components are loaded one by one rather than through `Flux2Pipeline.from_pretrained` because the
+    `tokenizer` component may be a bare tokenizer (see `load_tokenizer`), which `from_pretrained` refuses in
+    place of the PixtralProcessor named in model_index.json; it also keeps placement per component explicit.
+    """
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+    from transformers import Mistral3ForConditionalGeneration
+
+    local = {"local_files_only": True}
+    return {
+        "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(weights_dir, subfolder="scheduler", **local),
+        "vae": AutoencoderKLFlux2.from_pretrained(weights_dir, subfolder="vae", torch_dtype=dtype, **local),
+        "text_encoder": Mistral3ForConditionalGeneration.from_pretrained(
+            weights_dir / "text_encoder", dtype=dtype, **local
+        ),
+        "tokenizer": load_tokenizer(weights_dir / "tokenizer"),
+        "transformer": Flux2Transformer2DModel.from_pretrained(
+            weights_dir, subfolder="transformer", torch_dtype=dtype, **local
+        ),
+    }
+
+
+def load_editor(weights_dir: str | Path, device: str | None = None, dtype: str | None = None) -> Flux2Editor:
+    """Load FLUX.2 from a local diffusers-layout directory onto `device` (CUDA when present, else CPU)."""
+    from diffusers import Flux2Pipeline
+
+    weights_dir = Path(weights_dir).resolve()
+    torch_device = pick_device(device)
+    torch_dtype = pick_dtype(torch_device, dtype)
+    started = time.perf_counter()
+    pipe = Flux2Pipeline(**load_components(weights_dir, torch_dtype))
+    pipe.to(torch_device)
+    pipe.set_progress_bar_config(disable=True)
+    load_seconds = time.perf_counter() - started
+    log.info("loaded %s on %s (%s) in %.1f s", weights_dir, torch_device, torch_dtype, load_seconds)
+    return Flux2Editor(pipe, weights_dir, load_seconds)

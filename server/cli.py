@@ -1,0 +1,129 @@
+"""`flux2-server`: serve the API, build the tiny model, verify a weights directory.
+
+argparse (standard library) is enough for three subcommands; it keeps the dependency list to the design's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from weights.tiny import TINY_MARKER
+
+TINY_CACHE_VERSION = "v1"  # bump when weights.tiny changes what it builds
+
+
+def tiny_cache_dir() -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "flux2-server" / f"tiny-{TINY_CACHE_VERSION}"
+
+
+def ensure_tiny(directory: Path | None = None) -> Path:
+    """The tiny model's directory, built on first use (into a temporary directory, then moved into place)."""
+    from weights.tiny import build_tiny
+    from weights.verify import verify
+
+    directory = directory or tiny_cache_dir()
+    if verify(directory).ok:
+        return directory
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=directory.parent))
+    build_tiny(staging)
+    shutil.rmtree(directory, ignore_errors=True)
+    staging.rename(directory)
+    return directory
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import torch
+    import uvicorn
+
+    from server.app import create_app
+    from server.config import Settings
+    from weights.verify import verify
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # air-gapped: nothing is ever fetched from a hub
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    settings = Settings(**overrides)
+    if settings.weights is not None:
+        report = verify(settings.weights)
+        if not report.ok:
+            print(f"error: {settings.weights} is not a usable FLUX.2 weights directory:", file=sys.stderr)
+            for problem in report.problems:
+                print(f"  - {problem}", file=sys.stderr)
+            return 2
+        weights_dir = settings.weights
+        tiny = (weights_dir / TINY_MARKER).is_file()
+    elif settings.tiny or not torch.cuda.is_available():
+        weights_dir, tiny = ensure_tiny(), True
+        logging.getLogger("flux2").warning(
+            "serving the TINY random-weight model from %s: outputs are noise. Pass --weights DIR for FLUX.2 [dev].",
+            weights_dir,
+        )
+    else:
+        print("error: a GPU is present but no weights were given: pass --weights DIR (or --tiny)", file=sys.stderr)
+        return 2
+    app = create_app(settings, weights_dir, tiny=tiny)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    return 0
+
+
+def cmd_weights_tiny(args: argparse.Namespace) -> int:
+    from weights.tiny import build_tiny
+
+    print(build_tiny(args.directory))
+    return 0
+
+
+def cmd_weights_verify(args: argparse.Namespace) -> int:
+    from weights.verify import verify
+
+    report = verify(args.directory)
+    for component, state in report.components.items():
+        print(f"{component:14} {state}")
+    for problem in report.problems:
+        print(f"problem: {problem}")
+    print("OK" if report.ok else f"NOT USABLE: {len(report.problems)} problem(s)")
+    return 0 if report.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flux2-server", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve fal's FLUX.2 edit API")
+    source = serve.add_mutually_exclusive_group()
+    source.add_argument("--weights", type=Path, help="FLUX.2 [dev] directory in diffusers layout")
+    source.add_argument("--tiny", action="store_true", default=None, help="serve the tiny random-weight model")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--data-dir", type=Path, help="where output files are written (default ./data)")
+    serve.add_argument("--public-url", help="base URL of output files (default: the URL requests came in on)")
+    serve.add_argument("--device", help="torch device, e.g. cuda:1 (default: CUDA when present, else CPU)")
+    serve.add_argument("--dtype", help="torch dtype, e.g. bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
+    serve.add_argument("--log-level")
+    serve.set_defaults(func=cmd_serve)
+
+    weights = commands.add_parser("weights", help="weights on disk").add_subparsers(dest="weights_command", required=True)
+    tiny = weights.add_parser("tiny", help="build the tiny random-weight FLUX.2 into DIR")
+    tiny.add_argument("directory", type=Path)
+    tiny.set_defaults(func=cmd_weights_tiny)
+    verify = weights.add_parser("verify", help="check a weights directory and name what is missing or corrupt")
+    verify.add_argument("directory", type=Path)
+    verify.set_defaults(func=cmd_weights_verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""Server settings: command-line flags override FLUX2_* environment variables, which override defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLUX2_")
+
+    weights: Path | None = None  # a diffusers-layout FLUX.2 directory; None with tiny=True serves the tiny model
+    tiny: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: Path = Path("data")  # output files live under <data_dir>/files
+    public_url: str | None = None  # base of output file URLs; default: the URL the request came in on
+    device: str | None = None  # e.g. "cuda:1"; default CUDA when present, else CPU
+    dtype: str | None = None  # e.g. "bfloat16"; default bf16 on CUDA, fp32 on CPU
+    fetch_timeout_s: float = 30.0  # per input image URL
+    max_input_image_bytes: int = 64 * 1024 * 1024
+    log_level: str = "info"

@@ -1,0 +1,119 @@
+"""From an endpoint's validated input to its output: images in, model call, files out, honest notices."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+
+import PIL.Image
+
+from pipelines import EditCall
+from server.inputs import load_images
+from server.schemas import (
+    MAX_REFERENCE_IMAGES,
+    MAX_SIDE,
+    MIN_SIDE,
+    NAMED_SIZES,
+    Acceleration,
+    EditOutput,
+    Flux2EditInput,
+    ImageSize,
+    ImageSizeName,
+    _EditInputCommon,
+)
+
+log = logging.getLogger(__name__)
+_seeds = random.SystemRandom()
+
+
+def size_from_reference(width: int, height: int, multiple: int) -> tuple[int, int]:
+    """The first input image's size, brought within 512-2048 px a side (keeping its aspect ratio where the
+    limits allow) and rounded to the nearest multiple the model generates at."""
+    scale = 1.0
+    if min(width, height) < MIN_SIDE:
+        scale = MIN_SIDE / min(width, height)
+    if max(width, height) * scale > MAX_SIDE:
+        scale = MAX_SIDE / max(width, height)
+
+    def fit(side: float) -> int:
+        return min(MAX_SIDE, max(MIN_SIDE, round(side / multiple) * multiple))
+
+    return fit(width * scale), fit(height * scale)
+
+
+def output_size(image_size: ImageSize | ImageSizeName | None, first: PIL.Image.Image, multiple: int) -> tuple[int, int]:
+    if isinstance(image_size, ImageSizeName):
+        return NAMED_SIZES[image_size]
+    if isinstance(image_size, ImageSize):
+        return image_size.width, image_size.height
+    return size_from_reference(first.width, first.height, multiple)
+
+
+def notices_for(body: _EditInputCommon, profile: str, capabilities: dict) -> list[str]:
+    """Plain statements of what was asked for and not done, because this server can't do it yet."""
+    notices = []
+    if len(body.image_urls) > MAX_REFERENCE_IMAGES:
+        notices.append(f"Only the first {MAX_REFERENCE_IMAGES} of {len(body.image_urls)} image_urls were used.")
+    if body.enable_safety_checker and not capabilities["safety_checker"]:
+        notices.append(
+            "The safety checker is not available on this server: the images were not checked, "
+            "so has_nsfw_concepts is null."
+        )
+    if body.enable_prompt_expansion and not capabilities["prompt_expansion"]:
+        notices.append("Prompt expansion is not available on this server: the prompt was used as given.")
+    if isinstance(body, Flux2EditInput) and body.acceleration != Acceleration.none:
+        if not capabilities["acceleration"][body.acceleration.value]:
+            notices.append(
+                f"Acceleration {body.acceleration.value!r} is not available on this server yet: "
+                "the image was generated without acceleration."
+            )
+    info = capabilities["profiles"][profile]
+    if info["distilled_adapter"] and not info["distilled_adapter_loaded"]:
+        notices.append(
+            f"No distilled {info['distilled_adapter']!r} adapter is loaded: the {profile} profile ran the base "
+            f"FLUX.2 [dev] weights on its {info['steps']}-step schedule."
+        )
+    return notices
+
+
+async def run_edit(state, profile: str, body: _EditInputCommon, base_url: str, request_id: str) -> EditOutput:
+    """Run one edit request end to end. `state` holds the app's worker, output store, HTTP client and settings."""
+    started = time.perf_counter()
+    editor = state.worker.editor
+    urls = body.image_urls[:MAX_REFERENCE_IMAGES]
+    images = await load_images(state.http, urls, state.settings.max_input_image_bytes)
+    width, height = output_size(body.image_size, images[0], editor.size_multiple)
+    seed = body.seed if body.seed is not None else _seeds.randrange(2**32)
+    fetched = time.perf_counter()
+
+    def on_step(step: int, total: int) -> None:
+        log.info("request %s: step %d/%d", request_id, step, total)
+
+    call = EditCall(
+        images=images,
+        prompt=body.prompt,
+        width=width,
+        height=height,
+        profile=profile,
+        num_inference_steps=getattr(body, "num_inference_steps", None),  # only the base input has it
+        guidance_scale=body.guidance_scale,
+        seed=seed,
+        num_images=body.num_images,
+        on_step=on_step,
+    )
+    log.info("request %s: %s %dx%d, %d reference(s), seed %d", request_id, profile, width, height, len(images), seed)
+    result = await state.worker.run(call)
+    files = await asyncio.to_thread(state.outputs.save, result.images, body.output_format, base_url, body.sync_mode)
+    timings = {"fetch_inputs": fetched - started, **result.timings, "total": time.perf_counter() - started}
+    return EditOutput(
+        images=files,
+        timings=timings,
+        seed=seed,
+        has_nsfw_concepts=[None] * len(files),
+        prompt=body.prompt,
+        notices=notices_for(body, profile, editor.capabilities()),
+    )
+
+

@@ -1,0 +1,32 @@
+"""fal's error shape: 422 with a pydantic-style `detail` list for bad input, `{"detail": message}` otherwise."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+log = logging.getLogger(__name__)
+
+
+class InputError(Exception):
+    """A request field that passed schema validation but can't be used (an image URL that fails, say)."""
+
+    def __init__(self, loc: list[str | int], msg: str, type_: str, input_value: object = None, status: int = 422):
+        super().__init__(msg)
+        self.status = status
+        self.detail = {"loc": ["body", *loc], "msg": msg, "type": type_}
+        if input_value is not None:
+            self.detail["input"] = input_value
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(InputError)
+    async def _input_error(request: Request, exc: InputError) -> JSONResponse:
+        return JSONResponse({"detail": [exc.detail]}, status_code=exc.status)
+
+    @app.exception_handler(Exception)
+    async def _server_fault(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("request to %s failed", request.url.path)
+        return JSONResponse({"detail": f"Internal server error: {type(exc).__name__}: {exc}"}, status_code=500)

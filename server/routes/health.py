@@ -1,0 +1,16 @@
+"""Liveness and what this server can do."""
+
+from fastapi import APIRouter, Request
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health")
+async def health(request: Request) -> dict:
+    state = request.app.state
+    return {
+        "status": "ok",
+        "tiny_model": state.tiny,
+        "waiting": state.worker.waiting,
+        "capabilities": state.worker.editor.capabilities(),
+    }

@@ -1,0 +1,131 @@
+"""The API contract: fal's FLUX.2 edit endpoints' input and output, as pydantic models.
+
+These models are the single source of the API: FastAPI validates requests with them and builds
+/openapi.json from them. Fields, ranges and defaults follow fal's documentation of fal-ai/flux-2/edit,
+fal-ai/flux-2/turbo/edit and fal-ai/flux-2/flash/edit.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MIN_SIDE, MAX_SIDE = 512, 2048
+MAX_REFERENCE_IMAGES = 4
+
+
+class ImageSizeName(str, Enum):
+    square_hd = "square_hd"
+    square = "square"
+    portrait_4_3 = "portrait_4_3"
+    portrait_16_9 = "portrait_16_9"
+    landscape_4_3 = "landscape_4_3"
+    landscape_16_9 = "landscape_16_9"
+
+
+# fal's named sizes, as (width, height).
+NAMED_SIZES: dict[ImageSizeName, tuple[int, int]] = {
+    ImageSizeName.square_hd: (1024, 1024),
+    ImageSizeName.square: (512, 512),
+    ImageSizeName.portrait_4_3: (768, 1024),
+    ImageSizeName.portrait_16_9: (576, 1024),
+    ImageSizeName.landscape_4_3: (1024, 768),
+    ImageSizeName.landscape_16_9: (1024, 576),
+}
+
+
+class ImageSize(BaseModel):
+    width: int = Field(512, ge=MIN_SIDE, le=MAX_SIDE, description="The width of the generated image.")
+    height: int = Field(512, ge=MIN_SIDE, le=MAX_SIDE, description="The height of the generated image.")
+
+
+class Acceleration(str, Enum):
+    none = "none"
+    regular = "regular"
+    high = "high"
+
+
+OutputFormat = Literal["jpeg", "png", "webp"]
+
+
+class _EditInputCommon(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"x-fal-order-properties": ["prompt", "image_urls"]})
+
+    prompt: str = Field(
+        min_length=1,
+        description="The prompt to edit the image.",
+        examples=["Change his clothes to casual suit and tie"],
+    )
+    guidance_scale: float = Field(
+        2.5,
+        ge=0,
+        le=20,
+        description="Guidance Scale is a measure of how close you want the model to stick to your prompt.",
+    )
+    seed: int | None = Field(
+        None,
+        ge=0,
+        le=2**64 - 1,
+        description="The seed to use for the generation. If not provided, a random seed will be used.",
+    )
+    num_images: int = Field(1, ge=1, le=4, description="The number of images to generate.")
+    enable_prompt_expansion: bool = Field(False, description="If set to true, the prompt will be expanded.")
+    sync_mode: bool = Field(
+        False,
+        description="If true, the media will be returned as a data URI and the output won't be stored.",
+    )
+    enable_safety_checker: bool = Field(True, description="If set to true, the safety checker will be enabled.")
+    output_format: OutputFormat = Field("png", description="The format of the generated image.")
+    image_urls: list[str] = Field(
+        min_length=1,
+        description="The URLs of the images for editing (http, https or data URIs). A maximum of 4 images are "
+        "allowed; if more are provided, only the first 4 will be used.",
+    )
+
+
+class Flux2EditInput(_EditInputCommon):
+    """Input of fal-ai/flux-2/edit (full quality)."""
+
+    num_inference_steps: int = Field(28, ge=4, le=50, description="The number of inference steps to perform.")
+    image_size: ImageSize | ImageSizeName | None = Field(
+        None,
+        description="The size of the generated image (512-2048 px a side). Not set: the first input image's size.",
+        examples=[{"height": 1152, "width": 2016}, "square_hd"],
+    )
+    acceleration: Acceleration = Field(Acceleration.regular, description="The acceleration level to use.")
+
+
+class Flux2FastEditInput(_EditInputCommon):
+    """Input of fal-ai/flux-2/turbo/edit and fal-ai/flux-2/flash/edit (fixed, optimised steps)."""
+
+    image_size: ImageSize | ImageSizeName = Field(
+        ImageSizeName.square_hd,
+        description="The size of the generated image (512-2048 px a side).",
+        examples=["square_hd", {"height": 1152, "width": 2016}],
+    )
+
+
+class ImageFile(BaseModel):
+    url: str = Field(description="The URL where the file can be downloaded from (a data URI with sync_mode).")
+    content_type: str | None = Field(None, description="The mime type of the file.")
+    file_name: str | None = Field(None, description="The name of the file.")
+    file_size: int | None = Field(None, description="The size of the file in bytes.")
+    width: int | None = Field(None, description="The width of the image in pixels.")
+    height: int | None = Field(None, description="The height of the image in pixels.")
+
+
+class EditOutput(BaseModel):
+    images: list[ImageFile] = Field(description="The edited images.")
+    timings: dict[str, float] = Field(description="Seconds spent per stage.")
+    seed: int = Field(description="The seed used: the one in the input, or the random one drawn for it.")
+    has_nsfw_concepts: list[bool | None] = Field(
+        description="Whether each image contains NSFW concepts; null where no safety checker ran."
+    )
+    prompt: str = Field(description="The prompt used for generating the image.")
+    notices: list[str] = Field(
+        default_factory=list,
+        description="Not in fal's schema: what this server did differently from what was asked, and why "
+        "(features not available on this server). Empty when everything asked for was done.",
+    )

@@ -92,6 +92,14 @@ class Flux2Editor:
         """Output width and height are produced in multiples of this many pixels (VAE 8x, then 2x2 patches)."""
         return self.pipe.vae_scale_factor * 2
 
+    def reference_problem(self, image: PIL.Image.Image) -> str | None:
+        """Why Flux2Pipeline would refuse this reference image (too small, too elongated), or None."""
+        try:
+            self.pipe.image_processor.check_image_input(image)
+        except ValueError as exc:
+            return f"Reference image refused: {exc}"
+        return None
+
     def capabilities(self) -> dict:
         """What this loaded model can and can't do, stated plainly for /health and for response notices."""
         adapters_dir = self.weights_dir / "loras"

@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from weights.tiny import TINY_MARKER
+from weights.layout import TINY_MARKER
 
 TINY_CACHE_VERSION = "v1"  # bump when weights.tiny changes what it builds
 

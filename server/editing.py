@@ -10,7 +10,8 @@ import time
 import PIL.Image
 
 from pipelines import EditCall
-from server.inputs import load_images
+from server.errors import InputError
+from server.inputs import load_images, short
 from server.schemas import (
     MAX_REFERENCE_IMAGES,
     MAX_SIDE,
@@ -84,6 +85,10 @@ async def run_edit(state, profile: str, body: _EditInputCommon, base_url: str, r
     editor = state.worker.editor
     urls = body.image_urls[:MAX_REFERENCE_IMAGES]
     images = await load_images(state.http, urls, state.settings.max_input_image_bytes)
+    for index, image in enumerate(images):
+        problem = editor.reference_problem(image)
+        if problem:
+            raise InputError(["image_urls", index], problem, "invalid_image", short(urls[index]))
     width, height = output_size(body.image_size, images[0], editor.size_multiple)
     seed = body.seed if body.seed is not None else _seeds.randrange(2**32)
     fetched = time.perf_counter()

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PIPELINE_CLASS = "Flux2Pipeline"
+TINY_MARKER = "TINY_MODEL.json"  # beside model_index.json in the tiny model only, so a server can say it serves it
 
 
 @dataclass(frozen=True)

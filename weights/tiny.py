@@ -24,7 +24,6 @@ SEED = 0
 TEXT_HIDDEN = 16
 TEXT_LAYERS = 30  # the pipeline reads hidden states (10, 20, 30)
 LATENT_CHANNELS = 4
-TINY_MARKER = "TINY_MODEL.json"  # written beside model_index.json, so a server can say it serves the tiny model
 
 SPECIAL_TOKENS = [
     "<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
@@ -192,7 +191,7 @@ def _scheduler():
 
 def build_tiny(directory: str | Path, seed: int = SEED) -> Path:
     """Build the tiny FLUX.2 into `directory` (created if needed) and return its path."""
-    from weights.layout import COMPONENTS, PIPELINE_CLASS
+    from weights.layout import COMPONENTS, PIPELINE_CLASS, TINY_MARKER
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

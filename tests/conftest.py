@@ -1,0 +1,109 @@
+"""Shared fixtures: the tiny model built once per session, and the real server started on loopback."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import PIL.Image
+import pytest
+
+from weights.tiny import build_tiny
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def image_bytes(width: int = 64, height: int = 48, seed: int = 0, fmt: str = "PNG") -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def data_uri(data: bytes, media_type: str = "image/png") -> str:
+    return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
+
+
+def decode(data: bytes) -> PIL.Image.Image:
+    image = PIL.Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> Path:
+    return build_tiny(tmp_path_factory.mktemp("tiny") / "FLUX.2-tiny")
+
+
+@dataclass
+class RunningServer:
+    url: str
+    data_dir: Path
+    log_path: Path
+    client: httpx.Client
+
+    def post(self, endpoint: str, body: dict) -> httpx.Response:
+        return self.client.post(f"{self.url}/{endpoint}", json=body)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def fetch_image(self, image: dict) -> tuple[bytes, PIL.Image.Image]:
+        """The bytes behind an output ImageFile (data URI or served URL), and the decoded image."""
+        url = image["url"]
+        if url.startswith("data:"):
+            data = base64.b64decode(url.partition(",")[2])
+        else:
+            response = self.client.get(url)
+            assert response.status_code == 200, response.text
+            assert response.headers["content-type"] == image["content_type"]
+            data = response.content
+        return data, decode(data)
+
+
+def start_server(weights: Path, data_dir: Path, log_path: Path, *extra: str):
+    port = free_port()
+    log_file = log_path.open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--weights", str(weights), "--port", str(port),
+         "--data-dir", str(data_dir), *extra],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"server did not start:\n{log_path.read_text()}")
+
+
+@pytest.fixture(scope="session")
+def server(tiny_weights, tmp_path_factory):
+    root = tmp_path_factory.mktemp("server")
+    process, url = start_server(tiny_weights, root / "data", root / "server.log")
+    with httpx.Client(timeout=300) as client:
+        yield RunningServer(url=url, data_dir=root / "data", log_path=root / "server.log", client=client)
+    process.terminate()
+    process.wait(timeout=30)

@@ -10,7 +10,7 @@ import time
 import PIL.Image
 
 from pipelines import EditCall
-from server.errors import InputError
+from server.errors import InferenceError, InputError
 from server.inputs import load_images, short
 from server.schemas import (
     MAX_REFERENCE_IMAGES,
@@ -109,7 +109,10 @@ async def run_edit(state, profile: str, body: _EditInputCommon, base_url: str, r
         on_step=on_step,
     )
     log.info("request %s: %s %dx%d, %d reference(s), seed %d", request_id, profile, width, height, len(images), seed)
-    result = await state.worker.run(call)
+    try:
+        result = await state.worker.run(call)
+    except Exception as exc:
+        raise InferenceError(f"{type(exc).__name__}: {exc}") from exc
     files = await asyncio.to_thread(state.outputs.save, result.images, body.output_format, base_url, body.sync_mode)
     timings = {"fetch_inputs": fetched - started, **result.timings, "total": time.perf_counter() - started}
     return EditOutput(

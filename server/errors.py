@@ -21,11 +21,21 @@ class InputError(Exception):
             self.detail["input"] = input_value
 
 
+class InferenceError(Exception):
+    """The model failed on a request that was valid (out of memory, say): a 500 naming the cause."""
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InputError)
     async def _input_error(request: Request, exc: InputError) -> JSONResponse:
         return JSONResponse({"detail": [exc.detail]}, status_code=exc.status)
 
+    @app.exception_handler(InferenceError)
+    async def _inference_error(request: Request, exc: InferenceError) -> JSONResponse:
+        log.error("inference failed for %s: %s", request.url.path, exc, exc_info=exc.__cause__)
+        return JSONResponse({"detail": f"Inference failed: {exc}"}, status_code=500)
+
+    # Last resort, for faults outside the model. Starlette sends this response, then re-raises to the server.
     @app.exception_handler(Exception)
     async def _server_fault(request: Request, exc: Exception) -> JSONResponse:
         log.exception("request to %s failed", request.url.path)

@@ -86,6 +86,7 @@ class Flux2Editor:
         self.load_seconds = load_seconds
         self.device = pipe._execution_device
         self.dtype = pipe.transformer.dtype
+        self._capabilities = self._describe()
 
     @property
     def size_multiple(self) -> int:
@@ -102,6 +103,9 @@ class Flux2Editor:
 
     def capabilities(self) -> dict:
         """What this loaded model can and can't do, stated plainly for /health and for response notices."""
+        return self._capabilities
+
+    def _describe(self) -> dict:
         adapters_dir = self.weights_dir / "loras"
         return {
             "device": str(self.device),

@@ -109,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level")
     serve.set_defaults(func=cmd_serve)
 
-    weights = commands.add_parser("weights", help="weights on disk").add_subparsers(dest="weights_command", required=True)
+    weights = commands.add_parser("weights", help="weights on disk").add_subparsers(
+        dest="weights_command", required=True
+    )
     tiny = weights.add_parser("tiny", help="build the tiny random-weight FLUX.2 into DIR")
     tiny.add_argument("directory", type=Path)
     tiny.set_defaults(func=cmd_weights_tiny)

@@ -10,8 +10,8 @@ import time
 import PIL.Image
 
 from pipelines import EditCall
-from server.errors import InferenceError, InputError
-from server.inputs import load_images, short
+from server.errors import InferenceError
+from server.inputs import load_images, url_error
 from server.schemas import (
     MAX_REFERENCE_IMAGES,
     MAX_SIDE,
@@ -64,12 +64,11 @@ def notices_for(body: _EditInputCommon, profile: str, capabilities: dict) -> lis
         )
     if body.enable_prompt_expansion and not capabilities["prompt_expansion"]:
         notices.append("Prompt expansion is not available on this server: the prompt was used as given.")
-    if isinstance(body, Flux2EditInput) and body.acceleration != Acceleration.none:
-        if not capabilities["acceleration"][body.acceleration.value]:
-            notices.append(
-                f"Acceleration {body.acceleration.value!r} is not available on this server yet: "
-                "the image was generated without acceleration."
-            )
+    level = body.acceleration.value if isinstance(body, Flux2EditInput) else Acceleration.none.value
+    if level != Acceleration.none.value and not capabilities["acceleration"][level]:
+        notices.append(
+            f"Acceleration {level!r} is not available on this server yet: the image was generated without acceleration."
+        )
     info = capabilities["profiles"][profile]
     if info["distilled_adapter"] and not info["distilled_adapter_loaded"]:
         notices.append(
@@ -88,7 +87,7 @@ async def run_edit(state, profile: str, body: _EditInputCommon, base_url: str, r
     for index, image in enumerate(images):
         problem = editor.reference_problem(image)
         if problem:
-            raise InputError(["image_urls", index], problem, "invalid_image", short(urls[index]))
+            raise url_error(index, urls[index], problem, "invalid_image")
     width, height = output_size(body.image_size, images[0], editor.size_multiple)
     seed = body.seed if body.seed is not None else _seeds.randrange(2**32)
     fetched = time.perf_counter()
@@ -123,5 +122,3 @@ async def run_edit(state, profile: str, body: _EditInputCommon, base_url: str, r
         prompt=body.prompt,
         notices=notices_for(body, profile, editor.capabilities()),
     )
-
-

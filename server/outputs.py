@@ -28,7 +28,9 @@ class OutputStore:
         self.files_dir = data_dir / "files"
         self.files_dir.mkdir(parents=True, exist_ok=True)
 
-    def save(self, images: list[PIL.Image.Image], output_format: str, base_url: str, sync_mode: bool) -> list[ImageFile]:
+    def save(
+        self, images: list[PIL.Image.Image], output_format: str, base_url: str, sync_mode: bool
+    ) -> list[ImageFile]:
         """Encode each image; with `sync_mode` return data URIs and write nothing."""
         files = []
         for image in images:

@@ -13,6 +13,7 @@ from server.cli import ensure_tiny
 from tests.conftest import free_port
 from weights.verify import verify
 
+
 def test_ensure_tiny_builds_once_then_reuses(tmp_path):
     directory = tmp_path / "tiny"
     assert ensure_tiny(directory) == directory and verify(directory).ok
@@ -23,6 +24,7 @@ def test_ensure_tiny_builds_once_then_reuses(tmp_path):
     (directory / "vae" / "config.json").unlink()
     ensure_tiny(directory)  # a damaged cache is rebuilt
     assert verify(directory).ok
+
 
 def test_serve_tiny_from_a_cold_cache(tmp_path):
     port = free_port()

@@ -76,10 +76,13 @@ def test_num_images(server, num_images):
     assert len({p.tobytes() for p in pixels}) == num_images  # each image its own noise
 
 
-@pytest.mark.parametrize(("fmt", "pil_format", "mime"), [("png", "PNG", "image/png"), ("jpeg", "JPEG", "image/jpeg"), ("webp", "WEBP", "image/webp")])
+@pytest.mark.parametrize(
+    ("fmt", "pil_format", "mime"),
+    [("png", "PNG", "image/png"), ("jpeg", "JPEG", "image/jpeg"), ("webp", "WEBP", "image/webp")],
+)
 def test_output_format(server, fmt, pil_format, mime):
     out = server.post("fal-ai/flux-2/flash/edit", body(output_format=fmt)).json()
-    data, image = server.fetch_image(out["images"][0])
+    _, image = server.fetch_image(out["images"][0])
     assert image.format == pil_format and out["images"][0]["content_type"] == mime
     assert out["images"][0]["file_name"].endswith("." + fmt)
 

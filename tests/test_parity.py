@@ -33,7 +33,13 @@ def plain_diffusers(tiny_weights):
 
 
 CASES = [
-    ("fal-ai/flux-2/edit", {"num_inference_steps": 6, "image_size": {"width": 512, "height": 640}}, 6, None, (512, 640)),
+    (
+        "fal-ai/flux-2/edit",
+        {"num_inference_steps": 6, "image_size": {"width": 512, "height": 640}},
+        6,
+        None,
+        (512, 640),
+    ),
     ("fal-ai/flux-2/edit", {"num_inference_steps": 4}, 4, None, (512, 768)),  # size from the 64x96 input
     ("fal-ai/flux-2/turbo/edit", {"image_size": "square"}, 8, TURBO_SIGMAS, (512, 512)),
     ("fal-ai/flux-2/flash/edit", {"image_size": "landscape_16_9", "num_images": 2}, 4, FLASH_SIGMAS, (1024, 576)),

@@ -84,7 +84,9 @@ def in_process_server(tiny_weights, tmp_path):
     """The same app, run by uvicorn on loopback in this process, so a test can inject a fault into the model."""
     settings = Settings(data_dir=tmp_path / "data")
     port = free_port()
-    config = uvicorn.Config(create_app(settings, tiny_weights, tiny=True), host="127.0.0.1", port=port, log_level="warning")
+    config = uvicorn.Config(
+        create_app(settings, tiny_weights, tiny=True), host="127.0.0.1", port=port, log_level="warning"
+    )
     uv = uvicorn.Server(config)
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()

@@ -55,7 +55,9 @@ def test_missing_required_fields(server, missing):
 
 
 def test_not_json_at_all(server):
-    response = server.client.post(f"{server.url}/fal-ai/flux-2/edit", content=b"{nope", headers={"content-type": "application/json"})
+    response = server.client.post(
+        f"{server.url}/fal-ai/flux-2/edit", content=b"{nope", headers={"content-type": "application/json"}
+    )
     assert response.status_code == 422
     assert response.json()["detail"][0]["type"] == "json_invalid"
 

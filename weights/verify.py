@@ -70,7 +70,9 @@ def safetensors_tensor_names(path: Path) -> set[str]:
     end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
     data_size = size - 8 - header_len
     if end != data_size:
-        raise ValueError(f"{path} is truncated or corrupt: its header describes {end} bytes of tensors, the file holds {data_size}")
+        raise ValueError(
+            f"{path} is truncated or corrupt: its header describes {end} bytes of tensors, the file holds {data_size}"
+        )
     return set(tensors)
 
 
@@ -97,7 +99,9 @@ def _check_weights(component: Component, directory: Path, report: Report) -> Non
                 continue
             missing = [k for k, s in weight_map.items() if s == shard and k not in names]
             if missing:
-                report.fail(component.name, f"{shard_path} lacks {len(missing)} tensor(s) its index lists, e.g. {missing[0]}")
+                report.fail(
+                    component.name, f"{shard_path} lacks {len(missing)} tensor(s) its index lists, e.g. {missing[0]}"
+                )
     elif single_path.is_file():
         try:
             safetensors_tensor_names(single_path)
@@ -121,18 +125,30 @@ def verify(directory: str | Path) -> Report:
         report.components[component.name] = "ok"
         listed = (index or {}).get(component.name)
         if index is not None and (not isinstance(listed, list) or len(listed) != 2):
-            report.fail(component.name, f"not listed in model_index.json as [library, class]")
+            report.fail(component.name, "not listed in model_index.json as [library, class]")
         elif index is not None and listed[1] != component.class_name:
-            report.fail(component.name, f"model_index.json names class {listed[1]!r}, expected {component.class_name!r}")
+            report.fail(
+                component.name, f"model_index.json names class {listed[1]!r}, expected {component.class_name!r}"
+            )
         component_dir = directory / component.name
         if not component_dir.is_dir():
             report.fail(component.name, f"missing directory {component_dir}")
             continue
         config = _read_json(component_dir / component.config_file, report, component.name)
-        if config is not None and component.library == "diffusers" and config.get("_class_name") != component.class_name:
+        if (
+            config is not None
+            and component.library == "diffusers"
+            and config.get("_class_name") != component.class_name
+        ):
             report.fail(component.name, f"{component.config_file} names class {config.get('_class_name')!r}")
-        if config is not None and component.name == "text_encoder" and component.class_name not in config.get("architectures", []):
-            report.fail(component.name, f"config.json architectures {config.get('architectures')} lack {component.class_name}")
+        if (
+            config is not None
+            and component.name == "text_encoder"
+            and component.class_name not in config.get("architectures", [])
+        ):
+            report.fail(
+                component.name, f"config.json architectures {config.get('architectures')} lack {component.class_name}"
+            )
         if component.name == "tokenizer" and not any((component_dir / f).is_file() for f in TOKENIZER_FILES):
             report.fail(component.name, f"no vocabulary: none of {', '.join(TOKENIZER_FILES)} in {component_dir}")
         if component.weights_prefix:

@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 StepCallback = Callable[[int, int], None]  # (step done, 1-based; total steps)
 
 
+class Cancelled(Exception):
+    """Raised out of the denoising loop when `EditCall.should_cancel` says so; the model is free again."""
+
+
 @dataclass
 class EditCall:
     """One request to the model, in model terms (already validated and decoded by the caller)."""
@@ -38,6 +42,7 @@ class EditCall:
     seed: int = 0
     num_images: int = 1
     on_step: StepCallback | None = None
+    should_cancel: Callable[[], bool] | None = None  # polled after every step
 
 
 @dataclass
@@ -141,6 +146,8 @@ class Flux2Editor:
         def on_step_end(pipe, i, t, callback_kwargs):
             if call.on_step is not None:
                 call.on_step(i + 1, steps)
+            if call.should_cancel is not None and call.should_cancel():
+                raise Cancelled(f"cancelled after step {i + 1}/{steps}")
             return {}
 
         started = time.perf_counter()

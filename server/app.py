@@ -13,9 +13,12 @@ from fastapi.staticfiles import StaticFiles
 
 from pipelines import load_editor
 from server.config import Settings
+from server.dispatcher import Dispatcher
 from server.errors import install_error_handlers
 from server.outputs import OutputStore
-from server.routes import edit, health
+from server.queue_store import RequestStore
+from server.routes import edit, health, queue
+from server.routes.queue import queue_host_routing
 from server.worker import InferenceWorker
 
 log = logging.getLogger(__name__)
@@ -33,10 +36,20 @@ def create_app(settings: Settings, weights_dir: Path, tiny: bool = False) -> Fas
         for feature in ("safety_checker", "prompt_expansion"):
             if not caps[feature]:
                 log.warning("%s is not available on this server: requests asking for it say so in 'notices'", feature)
+        store = RequestStore(settings.data_dir / "queue.sqlite3")
+        requeued = store.requeue_interrupted()
+        if requeued:
+            log.warning("re-queued %d request(s) left running by the previous server", requeued)
         async with httpx.AsyncClient(follow_redirects=True, timeout=settings.fetch_timeout_s) as client:
             app.state.http = client
+            app.state.store = store
+            app.state.dispatcher = Dispatcher(store, app.state)
+            dispatching = asyncio.create_task(app.state.dispatcher.run_forever(), name="dispatcher")
             yield
-        app.state.worker.shutdown()
+            # Stop taking queued work; a request still running stays IN_PROGRESS and runs again at the next start.
+            dispatching.cancel()
+            app.state.worker.shutdown()
+            store.close()
 
     app = FastAPI(
         title="flux2-server",
@@ -50,5 +63,7 @@ def create_app(settings: Settings, weights_dir: Path, tiny: bool = False) -> Fas
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(edit.router)
+    app.include_router(queue.router)
+    app.add_middleware(queue_host_routing)
     app.mount("/files", StaticFiles(directory=outputs.files_dir), name="files")
     return app

@@ -69,7 +69,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("error: a GPU is present but no weights were given: pass --weights DIR (or --tiny)", file=sys.stderr)
         return 2
     app = create_app(settings, weights_dir, tiny=tiny)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        ssl_certfile=settings.ssl_certfile,
+        ssl_keyfile=settings.ssl_keyfile,
+    )
+    return 0
+
+
+def cmd_tls(args: argparse.Namespace) -> int:
+    from server.tls import make_certificates
+
+    paths = make_certificates(args.hosts, args.out)
+    print(f"CA certificate (give it to clients, e.g. SSL_CERT_FILE): {paths['ca']}")
+    print(f"serve with: flux2-server serve --ssl-certfile {paths['cert']} --ssl-keyfile {paths['key']}")
     return 0
 
 
@@ -106,8 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--public-url", help="base URL of output files (default: the URL requests came in on)")
     serve.add_argument("--device", help="torch device, e.g. cuda:1 (default: CUDA when present, else CPU)")
     serve.add_argument("--dtype", help="torch dtype, e.g. bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
+    serve.add_argument("--ssl-certfile", type=Path, help="serve https with this certificate (see `tls`)")
+    serve.add_argument("--ssl-keyfile", type=Path, help="the certificate's private key")
     serve.add_argument("--log-level")
     serve.set_defaults(func=cmd_serve)
+
+    tls = commands.add_parser("tls", help="make a local CA and a server certificate for HOST(s) and queue.HOST")
+    tls.add_argument("hosts", nargs="+", metavar="HOST", help="names or IP addresses clients will use")
+    tls.add_argument("--out", type=Path, default=Path("tls"), help="directory for ca.pem, server.pem, server-key.pem")
+    tls.set_defaults(func=cmd_tls)
 
     weights = commands.add_parser("weights", help="weights on disk").add_subparsers(
         dest="weights_command", required=True

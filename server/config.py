@@ -20,4 +20,6 @@ class Settings(BaseSettings):
     dtype: str | None = None  # e.g. "bfloat16"; default bf16 on CUDA, fp32 on CPU
     fetch_timeout_s: float = 30.0  # per input image URL
     max_input_image_bytes: int = 64 * 1024 * 1024
+    ssl_certfile: Path | None = None  # with ssl_keyfile: serve https (fal's Python client speaks only https)
+    ssl_keyfile: Path | None = None
     log_level: str = "info"

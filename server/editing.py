@@ -6,10 +6,11 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable
 
 import PIL.Image
 
-from pipelines import EditCall
+from pipelines import Cancelled, EditCall
 from server.errors import InferenceError
 from server.inputs import load_images, url_error
 from server.schemas import (
@@ -78,9 +79,27 @@ def notices_for(body: _EditInputCommon, profile: str, capabilities: dict) -> lis
     return notices
 
 
-async def run_edit(state, profile: str, body: _EditInputCommon, base_url: str, request_id: str) -> EditOutput:
-    """Run one edit request end to end. `state` holds the app's worker, output store, HTTP client and settings."""
+async def run_edit(
+    state,
+    profile: str,
+    body: _EditInputCommon,
+    base_url: str,
+    request_id: str,
+    on_log: Callable[[str], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> EditOutput:
+    """Run one edit request end to end. `state` holds the app's worker, output store, HTTP client and settings.
+
+    Progress lines (one per denoising step) go to the log and to `on_log`; `should_cancel` is polled after each
+    step, and a cancelled run raises `pipelines.Cancelled`.
+    """
     started = time.perf_counter()
+
+    def progress(message: str) -> None:
+        log.info("request %s: %s", request_id, message)
+        if on_log is not None:
+            on_log(message)
+
     editor = state.worker.editor
     urls = body.image_urls[:MAX_REFERENCE_IMAGES]
     images = await load_images(state.http, urls, state.settings.max_input_image_bytes)
@@ -92,9 +111,6 @@ async def run_edit(state, profile: str, body: _EditInputCommon, base_url: str, r
     seed = body.seed if body.seed is not None else _seeds.randrange(2**32)
     fetched = time.perf_counter()
 
-    def on_step(step: int, total: int) -> None:
-        log.info("request %s: step %d/%d", request_id, step, total)
-
     call = EditCall(
         images=images,
         prompt=body.prompt,
@@ -105,11 +121,14 @@ async def run_edit(state, profile: str, body: _EditInputCommon, base_url: str, r
         guidance_scale=body.guidance_scale,
         seed=seed,
         num_images=body.num_images,
-        on_step=on_step,
+        on_step=lambda step, total: progress(f"step {step}/{total}"),
+        should_cancel=should_cancel,
     )
-    log.info("request %s: %s %dx%d, %d reference(s), seed %d", request_id, profile, width, height, len(images), seed)
+    progress(f"{profile} {width}x{height}, {len(images)} reference(s), seed {seed}")
     try:
         result = await state.worker.run(call)
+    except Cancelled:
+        raise
     except Exception as exc:
         raise InferenceError(f"{type(exc).__name__}: {exc}") from exc
     files = await asyncio.to_thread(state.outputs.save, result.images, body.output_format, base_url, body.sync_mode)

@@ -129,3 +129,39 @@ class EditOutput(BaseModel):
         description="Not in fal's schema: what this server did differently from what was asked, and why "
         "(features not available on this server). Empty when everything asked for was done.",
     )
+
+
+class QueueSubmitted(BaseModel):
+    """fal's answer to a queue submit."""
+
+    request_id: str
+    response_url: str
+    status_url: str
+    cancel_url: str
+    queue_position: int
+
+
+class LogEntry(BaseModel):
+    message: str
+    level: str
+    source: str
+    timestamp: str
+
+
+class QueueStatus(BaseModel):
+    """fal's request status. `logs` is null unless asked for with `?logs=1`."""
+
+    status: Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
+    request_id: str
+    response_url: str
+    status_url: str
+    cancel_url: str
+    queue_position: int | None = None
+    logs: list[LogEntry] | None = None
+    metrics: dict[str, float] | None = None
+    error: str | None = None
+    error_type: str | None = None
+
+
+class CancelAnswer(BaseModel):
+    status: Literal["CANCELLATION_REQUESTED", "ALREADY_COMPLETED"]

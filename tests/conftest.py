@@ -74,7 +74,7 @@ class RunningServer:
         return data, decode(data)
 
 
-def start_server(weights: Path, data_dir: Path, log_path: Path, *extra: str):
+def start_server(weights: Path, data_dir: Path, log_path: Path, *extra: str, scheme: str = "http", verify=True):
     port = free_port()
     log_file = log_path.open("w")
     process = subprocess.Popen(
@@ -84,13 +84,13 @@ def start_server(weights: Path, data_dir: Path, log_path: Path, *extra: str):
         stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    url = f"{scheme}://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()}")
         try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+            if httpx.get(f"{url}/health", timeout=1, verify=verify).status_code == 200:
                 return process, url
         except httpx.HTTPError:
             pass

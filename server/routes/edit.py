@@ -1,27 +1,13 @@
 """fal's synchronous edit endpoints: POST /fal-ai/flux-2/edit, /fal-ai/flux-2/turbo/edit, /fal-ai/flux-2/flash/edit."""
 
 import uuid
-from dataclasses import dataclass
 
 from fastapi import APIRouter, Request, Response
 
 from server.editing import run_edit
-from server.schemas import EditOutput, Flux2EditInput, Flux2FastEditInput
+from server.endpoints import ENDPOINTS, Endpoint
+from server.schemas import EditOutput
 
-
-@dataclass(frozen=True)
-class Endpoint:
-    endpoint_id: str  # fal's model id, also the route path
-    input_model: type
-    profile: str  # key into pipelines.PROFILES
-    summary: str
-
-
-ENDPOINTS = (
-    Endpoint("fal-ai/flux-2/edit", Flux2EditInput, "edit", "FLUX.2 [dev] edit: full quality, configurable steps"),
-    Endpoint("fal-ai/flux-2/turbo/edit", Flux2FastEditInput, "turbo", "FLUX.2 [dev] Turbo edit: 8 steps"),
-    Endpoint("fal-ai/flux-2/flash/edit", Flux2FastEditInput, "flash", "FLUX.2 [dev] Flash edit: 4 steps"),
-)
 
 router = APIRouter(tags=["edit"])
 

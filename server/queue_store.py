@@ -1,0 +1,173 @@
+"""Queued requests, their status, logs and results, persisted in SQLite under the data directory.
+
+Every accepted request is a row before its submit call answers, so a crash loses nothing: at start-up, rows left
+IN_PROGRESS by a killed server go back to IN_QUEUE and run again. sqlite3 is the standard library's; one
+connection is shared by the event loop and the inference thread (which appends step logs) behind a lock.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+PRIORITIES = {"normal": 0, "low": 1}  # fal's X-Fal-Queue-Priority values, in the order they are served
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,   -- arrival order
+    id TEXT UNIQUE NOT NULL,
+    endpoint_id TEXT NOT NULL,
+    input TEXT NOT NULL,                     -- the validated input, as JSON
+    priority INTEGER NOT NULL,
+    status TEXT NOT NULL,                    -- IN_QUEUE, IN_PROGRESS, COMPLETED
+    queue_url TEXT NOT NULL,                 -- base of this request's status/result/cancel URLs
+    files_url TEXT NOT NULL,                 -- base of its output file URLs
+    webhook_url TEXT,
+    start_deadline REAL,                     -- X-Fal-Request-Timeout: fail if not started by then
+    created_at REAL NOT NULL,
+    started_at REAL,
+    completed_at REAL,
+    status_code INTEGER,                     -- HTTP status of the result
+    result TEXT,                             -- the result body, as JSON (output or fal error shape)
+    error TEXT,
+    error_type TEXT,
+    metrics TEXT
+);
+CREATE INDEX IF NOT EXISTS queued ON requests (status, priority, seq);
+CREATE TABLE IF NOT EXISTS logs (
+    request_id TEXT NOT NULL,
+    at REAL NOT NULL,
+    level TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS logs_by_request ON logs (request_id, at);
+"""
+
+
+@dataclass
+class QueuedRequest:
+    seq: int
+    id: str
+    endpoint_id: str
+    input: str
+    priority: int
+    status: str
+    queue_url: str
+    files_url: str
+    webhook_url: str | None
+    start_deadline: float | None
+    created_at: float
+    started_at: float | None
+    completed_at: float | None
+    status_code: int | None
+    result: str | None
+    error: str | None
+    error_type: str | None
+    metrics: str | None
+
+    @property
+    def base_url(self) -> str:
+        """`{queue}/fal-ai/flux-2/requests/{id}`: the response URL; status and cancel hang below it."""
+        return f"{self.queue_url}/requests/{self.id}"
+
+
+class RequestStore:
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # an answered submit survives power loss, not only a crash
+        self._db.executescript(SCHEMA)
+
+    def _one(self, sql: str, *args) -> QueuedRequest | None:
+        with self._lock:
+            row = self._db.execute(sql, args).fetchone()
+        return QueuedRequest(**dict(row)) if row else None
+
+    def _write(self, sql: str, *args) -> int:
+        with self._lock:
+            return self._db.execute(sql, args).rowcount
+
+    def requeue_interrupted(self) -> int:
+        """Put requests a stopped server left running back in the queue; returns how many."""
+        return self._write("UPDATE requests SET status='IN_QUEUE', started_at=NULL WHERE status='IN_PROGRESS'")
+
+    def add(self, request_id: str, endpoint_id: str, input_json: str, priority: int, queue_url: str,
+            files_url: str, webhook_url: str | None, start_timeout_s: float | None) -> None:  # fmt: skip
+        now = time.time()
+        deadline = now + start_timeout_s if start_timeout_s else None
+        self._write(
+            "INSERT INTO requests (id, endpoint_id, input, priority, status, queue_url, files_url, webhook_url,"
+            " start_deadline, created_at) VALUES (?, ?, ?, ?, 'IN_QUEUE', ?, ?, ?, ?, ?)",
+            request_id, endpoint_id, input_json, priority, queue_url, files_url, webhook_url, deadline, now,
+        )  # fmt: skip
+
+    def get(self, request_id: str) -> QueuedRequest | None:
+        return self._one("SELECT * FROM requests WHERE id = ?", request_id)
+
+    def next_queued(self) -> QueuedRequest | None:
+        return self._one("SELECT * FROM requests WHERE status='IN_QUEUE' ORDER BY priority, seq LIMIT 1")
+
+    def position(self, request: QueuedRequest) -> int:
+        """How many queued requests will be served before this one."""
+        with self._lock:
+            (count,) = self._db.execute(
+                "SELECT COUNT(*) FROM requests WHERE status='IN_QUEUE' AND (priority < ? OR (priority = ? AND seq < ?))",
+                (request.priority, request.priority, request.seq),
+            ).fetchone()
+        return count
+
+    def queued_count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM requests WHERE status='IN_QUEUE'").fetchone()[0]
+
+    def mark_started(self, request_id: str) -> bool:
+        """IN_QUEUE -> IN_PROGRESS; False if it is no longer queued (cancelled meanwhile)."""
+        return bool(
+            self._write(
+                "UPDATE requests SET status='IN_PROGRESS', started_at=? WHERE id=? AND status='IN_QUEUE'",
+                time.time(), request_id,
+            )  # fmt: skip
+        )
+
+    def complete(self, request_id: str, status_code: int, result: dict, error: str | None = None,
+                 error_type: str | None = None, metrics: dict | None = None, only_if_queued: bool = False) -> bool:  # fmt: skip
+        """Record the outcome; with `only_if_queued`, only if the request has not started (a queued cancel)."""
+        condition = "status='IN_QUEUE'" if only_if_queued else "status!='COMPLETED'"
+        return bool(
+            self._write(
+                f"UPDATE requests SET status='COMPLETED', completed_at=?, status_code=?, result=?, error=?,"
+                f" error_type=?, metrics=? WHERE id=? AND {condition}",
+                time.time(), status_code, json.dumps(result), error, error_type, json.dumps(metrics or {}), request_id,
+            )  # fmt: skip
+        )
+
+    def log(self, request_id: str, message: str, level: str = "INFO") -> None:
+        self._write("INSERT INTO logs (request_id, at, level, message) VALUES (?, ?, ?, ?)",
+                    request_id, time.time(), level, message)  # fmt: skip
+
+    def logs(self, request_id: str) -> list[dict]:
+        """fal's log objects: message, level, source, timestamp (ISO 8601, UTC)."""
+        with self._lock:
+            rows = self._db.execute("SELECT at, level, message FROM logs WHERE request_id=? ORDER BY at", (request_id,))
+            rows = rows.fetchall()
+        return [
+            {
+                "message": row["message"],
+                "level": row["level"],
+                "source": "USER",
+                "timestamp": datetime.fromtimestamp(row["at"], UTC).isoformat(timespec="milliseconds"),
+            }
+            for row in rows
+        ]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

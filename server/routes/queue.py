@@ -1,0 +1,157 @@
+"""fal's queue API under /queue (or on a `queue.` host): submit, status, status stream, result, cancel.
+
+URLs follow fal: submit is `POST {queue}/fal-ai/flux-2/edit` (turbo, flash alike); a request then lives at
+`{queue}/fal-ai/flux-2/requests/{id}` with `/status`, `/status/stream` and `/cancel` below it. fal's clients also
+build those paths with the endpoint's own path (`.../fal-ai/flux-2/edit/requests/{id}`); both forms are served.
+"""
+
+import asyncio
+import json
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Header, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from server.endpoints import APP_PATH, ENDPOINTS, Endpoint
+from server.errors import InputError
+from server.queue_store import PRIORITIES, QueuedRequest
+from server.schemas import CancelAnswer, QueueStatus, QueueSubmitted
+
+router = APIRouter(prefix="/queue", tags=["queue"])
+STREAM_POLL_S = 0.1
+
+QUEUE_HOST_FLAG = "flux2.queue_host"
+
+
+def queue_host_routing(app):
+    """ASGI middleware: a request to a `queue.<host>` name for a fal path is a queue request (fal's layout)."""
+
+    async def middleware(scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/fal-ai/"):
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            if host.startswith("queue."):
+                scope = {**scope, "path": "/queue" + scope["path"], QUEUE_HOST_FLAG: True}
+        await app(scope, receive, send)
+
+    return middleware
+
+
+def _queue_url(request: Request) -> str:
+    origin = str(request.base_url).rstrip("/")
+    return f"{origin}/{APP_PATH}" if request.scope.get(QUEUE_HOST_FLAG) else f"{origin}/queue/{APP_PATH}"
+
+
+def _add_submit_route(endpoint: Endpoint) -> None:
+    async def submit(
+        body: endpoint.input_model,
+        request: Request,
+        fal_webhook: Annotated[str | None, Query(description="URL to POST the result to when done")] = None,
+        x_fal_queue_priority: Annotated[str, Header(description="normal or low")] = "normal",
+        x_fal_request_timeout: Annotated[float | None, Header(gt=0, description="seconds to start within")] = None,
+    ) -> QueueSubmitted:
+        if x_fal_queue_priority not in PRIORITIES:
+            raise InputError(["X-Fal-Queue-Priority"], "Priority must be 'normal' or 'low'.", "enum", x_fal_queue_priority)
+        state = request.app.state
+        request_id = str(uuid.uuid4())
+        state.store.add(
+            request_id,
+            endpoint.endpoint_id,
+            body.model_dump_json(exclude_unset=True),
+            PRIORITIES[x_fal_queue_priority],
+            _queue_url(request),
+            state.settings.public_url or str(request.base_url),
+            fal_webhook,
+            x_fal_request_timeout,
+        )
+        state.dispatcher.notify()
+        queued = state.store.get(request_id)
+        return QueueSubmitted(
+            request_id=request_id,
+            response_url=queued.base_url,
+            status_url=queued.base_url + "/status",
+            cancel_url=queued.base_url + "/cancel",
+            queue_position=state.store.position(queued),
+        )
+
+    submit.__name__ = f"submit_{endpoint.profile}"
+    router.add_api_route("/" + endpoint.endpoint_id, submit, methods=["POST"], summary=f"Queue: {endpoint.summary}")
+
+
+def _get(request: Request, request_id: str) -> QueuedRequest:
+    queued = request.app.state.store.get(request_id)
+    if queued is None:
+        raise HTTPException(404, f"Request {request_id} not found")
+    return queued
+
+
+def status_of(request: Request, queued: QueuedRequest, with_logs: bool) -> QueueStatus:
+    store = request.app.state.store
+    urls = {"response_url": queued.base_url, "status_url": queued.base_url + "/status",
+            "cancel_url": queued.base_url + "/cancel"}  # fmt: skip
+    logs = store.logs(queued.id) if with_logs else None
+    if queued.status == "IN_QUEUE":
+        return QueueStatus(status="IN_QUEUE", request_id=queued.id, queue_position=store.position(queued), **urls)
+    if queued.status == "IN_PROGRESS":
+        return QueueStatus(status="IN_PROGRESS", request_id=queued.id, logs=logs, **urls)
+    return QueueStatus(status="COMPLETED", request_id=queued.id, logs=logs, metrics=json.loads(queued.metrics or "{}"),
+                       error=queued.error, error_type=queued.error_type, **urls)  # fmt: skip
+
+
+async def status(request: Request, request_id: str, logs: bool = False) -> QueueStatus:
+    return status_of(request, _get(request, request_id), logs)
+
+
+async def status_stream(request: Request, request_id: str, logs: bool = True) -> StreamingResponse:
+    """Server-sent events: one `data:` event per change of status (or new log line), ending at COMPLETED."""
+    _get(request, request_id)
+
+    async def events():
+        last = None
+        while True:
+            current = status_of(request, _get(request, request_id), logs)
+            payload = current.model_dump_json()
+            if payload != last:
+                yield f"data: {payload}\n\n"
+                last = payload
+            if current.status == "COMPLETED" or await request.is_disconnected():
+                return
+            await asyncio.sleep(STREAM_POLL_S)
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def result(request: Request, request_id: str) -> JSONResponse:
+    queued = _get(request, request_id)
+    if queued.status != "COMPLETED":
+        return JSONResponse({"detail": "Request is still in progress"}, status_code=400)
+    return JSONResponse(json.loads(queued.result), status_code=queued.status_code,
+                        headers={"x-fal-request-id": queued.id})  # fmt: skip
+
+
+async def cancel(request: Request, request_id: str) -> JSONResponse:
+    """A queued request is cancelled at once; a running one stops at its next denoising step."""
+    state = request.app.state
+    queued = _get(request, request_id)
+    message = "Request was cancelled"
+    if queued.status == "IN_QUEUE" and state.store.complete(
+        request_id, 400, {"detail": message}, message, "request_cancelled", only_if_queued=True
+    ):
+        state.store.log(request_id, message, "WARNING")
+    elif state.store.get(request_id).status == "IN_PROGRESS":
+        state.dispatcher.cancel_requested.add(request_id)
+    else:
+        return JSONResponse(CancelAnswer(status="ALREADY_COMPLETED").model_dump(), status_code=400)
+    return JSONResponse(CancelAnswer(status="CANCELLATION_REQUESTED").model_dump(), status_code=202)
+
+
+for _endpoint in ENDPOINTS:
+    _add_submit_route(_endpoint)
+
+for _app_path in (APP_PATH, *(e.endpoint_id for e in ENDPOINTS)):
+    _canonical = _app_path == APP_PATH  # the other forms work the same but are left out of /openapi.json
+    _base = f"/{_app_path}/requests/{{request_id}}"
+    router.add_api_route(_base + "/status", status, methods=["GET"], include_in_schema=_canonical)
+    router.add_api_route(_base + "/status/stream", status_stream, methods=["GET"], include_in_schema=_canonical)
+    router.add_api_route(_base + "/cancel", cancel, methods=["PUT"], include_in_schema=_canonical)
+    router.add_api_route(_base, result, methods=["GET"], include_in_schema=_canonical)

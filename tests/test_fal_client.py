@@ -1,0 +1,76 @@
+"""fal's own Python client, unmodified, against the server over TLS with a locally made CA."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from server.tls import make_certificates
+from tests.conftest import data_uri, decode, image_bytes, start_server
+
+SCRIPT = Path(__file__).with_name("fal_client_script.py")
+
+
+@pytest.fixture(scope="module")
+def tls_server(tiny_weights, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tls")
+    paths = make_certificates(["127.0.0.1", "localhost"], root / "tls")
+    process, url = start_server(
+        tiny_weights, root / "data", root / "server.log",
+        "--ssl-certfile", str(paths["cert"]), "--ssl-keyfile", str(paths["key"]),
+        scheme="https", verify=str(paths["ca"]),
+    )  # fmt: skip
+    yield url, paths["ca"]
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_fal_client_python(tls_server):
+    url, ca = tls_server
+    host = url.removeprefix("https://")
+    env = {
+        **os.environ,
+        "FAL_RUN_HOST": host,
+        "FAL_QUEUE_RUN_HOST": f"{host}/queue",
+        "FAL_KEY": "not-checked-yet",
+        "SSL_CERT_FILE": str(ca),
+    }
+    ran = subprocess.run(
+        [sys.executable, str(SCRIPT), data_uri(image_bytes(96, 96))],
+        env=env, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    out = json.loads(ran.stdout)
+
+    def pixels(result):
+        image = result["images"][0]
+        assert image["url"].startswith(url + "/files/")
+        return np.asarray(decode(httpx.get(image["url"], verify=str(ca)).content))
+
+    # subscribe: queue updates with per-step logs, then the result
+    assert pixels(out["subscribe"]).shape == (512, 512, 3)
+    assert out["subscribe_updates"][-1]["type"] == "Completed"
+    final_logs = out["subscribe_updates"][-1]["logs"]
+    assert [m for m in final_logs if m.startswith("step ")] == [f"step {i}/6" for i in range(1, 7)]
+
+    # submit + status events + result, status by id
+    assert out["status_types"][-1] == "Completed"
+    assert out["status_by_id"] == "Completed"
+    assert out["result"]["seed"] == 5 and len(out["result"]["images"]) == 1
+
+    # cancel: a queued request at once, a running one at its next step
+    assert out["cancelled_queued"] == {"error": "Request was cancelled", "error_type": "request_cancelled",
+                                       "status_code": 400, "steps_logged": 0}  # fmt: skip
+    running = out["cancelled_running"]
+    assert running["error_type"] == "request_cancelled" and 0 < running["steps_logged"] < 50
+
+    # run (sync endpoint) and the async client
+    assert np.array_equal(pixels(out["run"]), pixels(out["async_subscribe"]))  # same seed, same profile
+    assert np.array_equal(pixels(out["run"]), pixels(out["async_get"]))

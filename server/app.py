@@ -46,8 +46,10 @@ def create_app(settings: Settings, weights_dir: Path, tiny: bool = False) -> Fas
             app.state.dispatcher = Dispatcher(store, app.state)
             dispatching = asyncio.create_task(app.state.dispatcher.run_forever(), name="dispatcher")
             yield
-            # Stop taking queued work; a request still running stays IN_PROGRESS and runs again at the next start.
-            dispatching.cancel()
+            # Stop taking queued work; a request still running stops at its next step, stays IN_PROGRESS and
+            # runs again at the next start.
+            app.state.dispatcher.stop()
+            await dispatching
             app.state.worker.shutdown()
             store.close()
 

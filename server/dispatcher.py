@@ -23,13 +23,20 @@ class Dispatcher:
         self.state = state
         self.cancel_requested: set[str] = set()  # running requests to stop at their next step
         self._wakeup = asyncio.Event()
+        self.stopping = False
+
+    def stop(self) -> None:
+        """Take no more work and stop the running request at its next step; it stays IN_PROGRESS in the store,
+        so the next start re-queues it."""
+        self.stopping = True
+        self._wakeup.set()
 
     def notify(self) -> None:
         """Something was queued."""
         self._wakeup.set()
 
     async def run_forever(self) -> None:
-        while True:
+        while not self.stopping:
             request = self.store.next_queued()
             if request is None:
                 self._wakeup.clear()
@@ -60,11 +67,14 @@ class Dispatcher:
                 request.files_url,
                 request.id,
                 on_log=lambda message: self.store.log(request.id, message),
-                should_cancel=lambda: request.id in self.cancel_requested,
+                should_cancel=lambda: self.stopping or request.id in self.cancel_requested,
             )
         except InputError as exc:
             self.store.complete(request.id, exc.status, {"detail": [exc.detail]}, exc.detail["msg"], exc.detail["type"])
         except Cancelled:
+            if self.stopping:
+                log.info("request %s interrupted by shutdown: it runs again at the next start", request.id)
+                return
             self.store.log(request.id, CANCELLED, "WARNING")
             self.store.complete(request.id, 400, {"detail": CANCELLED}, CANCELLED, "request_cancelled")
         except InferenceError as exc:

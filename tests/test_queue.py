@@ -1,0 +1,172 @@
+"""The queue API over plain HTTP: shapes, path forms, priorities, SSE, timeouts, and persistence across SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import data_uri, image_bytes, start_server
+
+REF = data_uri(image_bytes(96, 96))
+QUICK = {"prompt": "p", "image_urls": [REF], "image_size": "square", "seed": 1}
+SLOW = {"prompt": "p", "image_urls": [REF], "image_size": "square_hd", "num_inference_steps": 40, "seed": 2}
+
+
+def submit(client: httpx.Client, base: str, endpoint: str, body: dict, **kwargs) -> dict:
+    response = client.post(f"{base}/queue/{endpoint}", json=body, **kwargs)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def wait_done(client: httpx.Client, handle: dict, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = client.get(handle["status_url"], params={"logs": 1}).json()
+        if status["status"] == "COMPLETED":
+            return status
+        time.sleep(0.05)
+    raise AssertionError(f"{handle['request_id']} did not complete")
+
+
+def test_submit_status_result_shapes(server):
+    c = server.client
+    handle = submit(c, server.url, "fal-ai/flux-2/turbo/edit", QUICK)
+    assert set(handle) == {"request_id", "response_url", "status_url", "cancel_url", "queue_position"}
+    assert handle["response_url"] == f"{server.url}/queue/fal-ai/flux-2/requests/{handle['request_id']}"
+    assert handle["status_url"] == handle["response_url"] + "/status"
+    done = wait_done(c, handle)
+    assert done["metrics"]["inference_time"] > 0 and done["error"] is None
+    steps = [log for log in done["logs"] if log["message"].startswith("step ")]
+    assert [log["message"] for log in steps] == [f"step {i}/8" for i in range(1, 9)]
+    assert all(log["timestamp"].endswith("+00:00") and log["level"] == "INFO" for log in steps)
+    assert c.get(handle["status_url"]).json()["logs"] is None  # logs only when asked for
+    result = c.get(handle["response_url"])
+    assert result.status_code == 200 and result.headers["x-fal-request-id"] == handle["request_id"]
+    assert result.json()["seed"] == 1 and result.json()["images"][0]["width"] == 512
+    # the endpoint-path form that fal's clients also build
+    other_form = f"{server.url}/queue/fal-ai/flux-2/turbo/edit/requests/{handle['request_id']}"
+    assert c.get(other_form).json() == result.json()
+    assert c.get(other_form + "/status").json()["status"] == "COMPLETED"
+
+
+def test_unknown_and_invalid(server):
+    c = server.client
+    assert c.get(f"{server.url}/queue/fal-ai/flux-2/requests/nope/status").status_code == 404
+    assert c.get(f"{server.url}/queue/fal-ai/flux-2/requests/nope").status_code == 404
+    assert c.put(f"{server.url}/queue/fal-ai/flux-2/requests/nope/cancel").status_code == 404
+    bad = c.post(f"{server.url}/queue/fal-ai/flux-2/edit", json={**QUICK, "num_images": 9})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "num_images"]
+    bad = c.post(f"{server.url}/queue/fal-ai/flux-2/edit", json=QUICK, headers={"X-Fal-Queue-Priority": "urgent"})
+    assert bad.status_code == 422
+
+
+def test_a_failed_request_reports_fal_errors(server):
+    c = server.client
+    handle = submit(c, server.url, "fal-ai/flux-2/flash/edit", {**QUICK, "image_urls": ["data:image/png;base64,AAAA"]})
+    done = wait_done(c, handle)
+    assert done["error_type"] == "image_load_error"
+    result = c.get(handle["response_url"])
+    assert result.status_code == 422 and result.json()["detail"][0]["loc"] == ["body", "image_urls", 0]
+
+
+def test_priority_then_arrival_order_and_positions(server):
+    c = server.client
+    blocker = submit(c, server.url, "fal-ai/flux-2/edit", SLOW)
+    order = ["low-1", "normal-1", "low-2", "normal-2"]
+    handles = {}
+    for name in order:
+        priority = name.split("-")[0]
+        handles[name] = submit(c, server.url, "fal-ai/flux-2/flash/edit", QUICK, headers={"X-Fal-Queue-Priority": priority})
+    positions = {n: c.get(h["status_url"]).json().get("queue_position") for n, h in handles.items()}
+    assert positions == {"normal-1": 0, "normal-2": 1, "low-1": 2, "low-2": 3}
+    result = c.get(handles["low-2"]["response_url"])
+    assert result.status_code == 400 and result.json()["detail"] == "Request is still in progress"
+    started = {}
+    for name, handle in handles.items():
+        logs = wait_done(c, handle)["logs"]
+        started[name] = logs[0]["timestamp"]
+    wait_done(c, blocker)
+    assert sorted(started, key=started.get) == ["normal-1", "normal-2", "low-1", "low-2"]
+
+
+def test_status_stream_is_server_sent_events_ending_at_completion(server):
+    c = server.client
+    handle = submit(c, server.url, "fal-ai/flux-2/turbo/edit", QUICK)
+    events = []
+    with c.stream("GET", handle["status_url"] + "/stream", params={"logs": 1}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line.removeprefix("data: ")))
+    assert events[-1]["status"] == "COMPLETED"
+    assert {e["status"] for e in events} <= {"IN_QUEUE", "IN_PROGRESS", "COMPLETED"}
+    assert sum(log["message"].startswith("step ") for log in events[-1]["logs"]) == 8
+
+
+def test_queue_host_routing(server):
+    c = server.client
+    port = server.url.rsplit(":", 1)[1]
+    response = c.post(f"{server.url}/fal-ai/flux-2/flash/edit", json=QUICK, headers={"Host": f"queue.localhost:{port}"})
+    handle = response.json()
+    assert handle["status_url"].startswith(f"http://queue.localhost:{port}/fal-ai/flux-2/requests/")
+    status_path = handle["status_url"].split(port, 1)[1]
+    status = c.get(server.url + status_path, headers={"Host": f"queue.localhost:{port}"})
+    assert status.json()["request_id"] == handle["request_id"]
+
+
+def test_request_timeout_header_fails_a_request_that_waited_too_long(server):
+    c = server.client
+    blocker = submit(c, server.url, "fal-ai/flux-2/edit", SLOW)
+    late = submit(c, server.url, "fal-ai/flux-2/flash/edit", QUICK, headers={"X-Fal-Request-Timeout": "0.2"})
+    done = wait_done(c, late)
+    assert done["error_type"] == "request_timeout"
+    assert c.get(late["response_url"]).status_code == 504
+    wait_done(c, blocker)
+
+
+def test_cancel(server):
+    c = server.client
+    running = submit(c, server.url, "fal-ai/flux-2/edit", SLOW)
+    queued = submit(c, server.url, "fal-ai/flux-2/flash/edit", QUICK)
+    while c.get(running["status_url"]).json()["status"] != "IN_PROGRESS":
+        time.sleep(0.02)
+    assert c.put(queued["cancel_url"]).status_code == 202
+    assert c.get(queued["status_url"]).json()["error_type"] == "request_cancelled"  # at once
+    cancel = c.put(running["cancel_url"])
+    assert cancel.status_code == 202 and cancel.json() == {"status": "CANCELLATION_REQUESTED"}
+    done = wait_done(c, running)
+    assert done["error_type"] == "request_cancelled"
+    assert sum(log["message"].startswith("step ") for log in done["logs"]) < 40
+    assert c.put(running["cancel_url"]).json() == {"status": "ALREADY_COMPLETED"}
+    # the model is free again
+    assert wait_done(c, submit(c, server.url, "fal-ai/flux-2/flash/edit", QUICK))["error"] is None
+
+
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM])
+def test_nothing_accepted_is_lost_when_the_server_stops(tiny_weights, tmp_path, stop):
+    data, log = tmp_path / "data", tmp_path / "server.log"
+    process, url = start_server(tiny_weights, data, log)
+    with httpx.Client(timeout=60) as c:
+        running = submit(c, url, "fal-ai/flux-2/edit", {**SLOW, "num_inference_steps": 50})
+        queued = [submit(c, url, "fal-ai/flux-2/flash/edit", {**QUICK, "seed": i}) for i in range(3)]
+        while c.get(running["status_url"]).json()["status"] != "IN_PROGRESS":
+            time.sleep(0.02)
+    process.send_signal(stop)
+    process.wait(timeout=60)
+
+    process, url = start_server(tiny_weights, data, tmp_path / "restarted.log")
+    try:
+        with httpx.Client(timeout=60) as c:
+            for handle in [running, *queued]:
+                request_id = handle["request_id"]
+                done = wait_done(c, {**handle, "status_url": f"{url}/queue/fal-ai/flux-2/requests/{request_id}/status"})
+                assert done["error"] is None, done
+                assert c.get(f"{url}/queue/fal-ai/flux-2/requests/{request_id}").status_code == 200
+        assert "re-queued 1 request(s)" in (tmp_path / "restarted.log").read_text()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -8,10 +8,11 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from pipelines import load_editor
+from server.auth import require_key
 from server.config import Settings
 from server.dispatcher import Dispatcher
 from server.errors import install_error_handlers
@@ -64,8 +65,11 @@ def create_app(settings: Settings, weights_dir: Path, tiny: bool = False) -> Fas
     app.state.tiny = tiny
     install_error_handlers(app)
     app.include_router(health.router)
-    app.include_router(edit.router)
-    app.include_router(queue.router)
+    app.state.api_keys = settings.keys()
+    if not app.state.api_keys:
+        log.warning("no API keys configured: the API is open to anyone who can reach this port")
+    app.include_router(edit.router, dependencies=[Depends(require_key)])
+    app.include_router(queue.router, dependencies=[Depends(require_key)])
     app.add_middleware(queue_host_routing)
     app.mount("/files", StaticFiles(directory=outputs.files_dir), name="files")
     return app

@@ -124,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", help="torch dtype, e.g. bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
     serve.add_argument("--ssl-certfile", type=Path, help="serve https with this certificate (see `tls`)")
     serve.add_argument("--ssl-keyfile", type=Path, help="the certificate's private key")
+    serve.add_argument("--api-keys-file", type=Path, help="require one of these keys (one per line) on API routes")
     serve.add_argument("--log-level")
     serve.set_defaults(func=cmd_serve)
 

@@ -22,4 +22,14 @@ class Settings(BaseSettings):
     max_input_image_bytes: int = 64 * 1024 * 1024
     ssl_certfile: Path | None = None  # with ssl_keyfile: serve https (fal's Python client speaks only https)
     ssl_keyfile: Path | None = None
+    api_keys: str | None = None  # comma-separated; set: every API route needs `Authorization: Key <key>`
+    api_keys_file: Path | None = None  # one key per line (keeps keys out of the environment and `ps`)
     log_level: str = "info"
+
+    def keys(self) -> list[str]:
+        from server.auth import parse_keys
+
+        keys = parse_keys(self.api_keys)
+        if self.api_keys_file is not None:
+            keys += parse_keys(",".join(self.api_keys_file.read_text().splitlines()))
+        return keys

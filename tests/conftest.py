@@ -74,7 +74,7 @@ class RunningServer:
         return data, decode(data)
 
 
-def start_server(weights: Path, data_dir: Path, log_path: Path, *extra: str, scheme: str = "http", verify=True):
+def start_server(weights: Path, data_dir: Path, log_path: Path, *extra: str, scheme: str = "http", verify=True, env=None):
     port = free_port()
     log_file = log_path.open("w")
     process = subprocess.Popen(
@@ -82,7 +82,7 @@ def start_server(weights: Path, data_dir: Path, log_path: Path, *extra: str, sch
          "--data-dir", str(data_dir), *extra],
         stdout=log_file,
         stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )  # fmt: skip
     url = f"{scheme}://127.0.0.1:{port}"
     deadline = time.monotonic() + 120

@@ -25,7 +25,7 @@ def tls_server(tiny_weights, tmp_path_factory):
     process, url = start_server(
         tiny_weights, root / "data", root / "server.log",
         "--ssl-certfile", str(paths["cert"]), "--ssl-keyfile", str(paths["key"]),
-        scheme="https", verify=str(paths["ca"]),
+        scheme="https", verify=str(paths["ca"]), env={"FLUX2_API_KEYS": "studio-secret"},
     )  # fmt: skip
     yield url, paths["ca"]
     process.terminate()
@@ -39,7 +39,7 @@ def test_fal_client_python(tls_server):
         **os.environ,
         "FAL_RUN_HOST": host,
         "FAL_QUEUE_RUN_HOST": f"{host}/queue",
-        "FAL_KEY": "not-checked-yet",
+        "FAL_KEY": "studio-secret",  # sent as `Authorization: Key studio-secret`
         "SSL_CERT_FILE": str(ca),
     }
     ran = subprocess.run(

@@ -20,6 +20,7 @@ from server.outputs import OutputStore
 from server.queue_store import RequestStore
 from server.routes import edit, health, queue
 from server.routes.queue import queue_host_routing
+from server.webhooks import WebhookSender
 from server.worker import InferenceWorker
 
 log = logging.getLogger(__name__)
@@ -44,13 +45,15 @@ def create_app(settings: Settings, weights_dir: Path, tiny: bool = False) -> Fas
         async with httpx.AsyncClient(follow_redirects=True, timeout=settings.fetch_timeout_s) as client:
             app.state.http = client
             app.state.store = store
-            app.state.dispatcher = Dispatcher(store, app.state)
+            webhooks = WebhookSender(client, settings.webhook_backoff_s)
+            app.state.dispatcher = Dispatcher(store, app.state, webhooks)
             dispatching = asyncio.create_task(app.state.dispatcher.run_forever(), name="dispatcher")
             yield
             # Stop taking queued work; a request still running stops at its next step, stays IN_PROGRESS and
             # runs again at the next start.
             app.state.dispatcher.stop()
             await dispatching
+            await webhooks.close()
             app.state.worker.shutdown()
             store.close()
 

@@ -133,14 +133,10 @@ async def cancel(request: Request, request_id: str) -> JSONResponse:
     """A queued request is cancelled at once; a running one stops at its next denoising step."""
     state = request.app.state
     queued = _get(request, request_id)
-    message = "Request was cancelled"
-    if queued.status == "IN_QUEUE" and state.store.complete(
-        request_id, 400, {"detail": message}, message, "request_cancelled", only_if_queued=True
-    ):
-        state.store.log(request_id, message, "WARNING")
-    elif state.store.get(request_id).status == "IN_PROGRESS":
+    cancelled_in_queue = queued.status == "IN_QUEUE" and state.dispatcher.cancel_queued(queued)
+    if not cancelled_in_queue and state.store.get(request_id).status == "IN_PROGRESS":
         state.dispatcher.cancel_requested.add(request_id)
-    else:
+    elif not cancelled_in_queue:
         return JSONResponse(CancelAnswer(status="ALREADY_COMPLETED").model_dump(), status_code=400)
     return JSONResponse(CancelAnswer(status="CANCELLATION_REQUESTED").model_dump(), status_code=202)
 

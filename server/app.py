@@ -18,7 +18,8 @@ from server.dispatcher import Dispatcher
 from server.errors import install_error_handlers
 from server.outputs import OutputStore
 from server.queue_store import RequestStore
-from server.routes import edit, health, queue
+from server.proxy import fal_proxy
+from server.routes import edit, health, queue, storage
 from server.routes.queue import queue_host_routing
 from server.webhooks import WebhookSender
 from server.worker import InferenceWorker
@@ -73,6 +74,10 @@ def create_app(settings: Settings, weights_dir: Path, tiny: bool = False) -> Fas
         log.warning("no API keys configured: the API is open to anyone who can reach this port")
     app.include_router(edit.router, dependencies=[Depends(require_key)])
     app.include_router(queue.router, dependencies=[Depends(require_key)])
+    app.state.pending_uploads = {}
+    app.include_router(storage.initiate_router)
+    app.include_router(storage.upload_router)
     app.add_middleware(queue_host_routing)
+    app.add_middleware(fal_proxy)  # outermost: a proxied request is rewritten before any other routing
     app.mount("/files", StaticFiles(directory=outputs.files_dir), name="files")
     return app

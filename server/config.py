@@ -20,6 +20,7 @@ class Settings(BaseSettings):
     dtype: str | None = None  # e.g. "bfloat16"; default bf16 on CUDA, fp32 on CPU
     fetch_timeout_s: float = 30.0  # per input image URL
     max_input_image_bytes: int = 64 * 1024 * 1024
+    max_upload_bytes: int = 256 * 1024 * 1024  # a file uploaded through the storage emulation
     ssl_certfile: Path | None = None  # with ssl_keyfile: serve https (fal's Python client speaks only https)
     ssl_keyfile: Path | None = None
     api_keys: str | None = None  # comma-separated; set: every API route needs `Authorization: Key <key>`

@@ -18,6 +18,7 @@ from server.dispatcher import Dispatcher
 from server.errors import install_error_handlers
 from server.outputs import OutputStore
 from server.queue_store import RequestStore
+from server.retention import run_retention
 from server.proxy import fal_proxy
 from server.routes import edit, health, queue, storage
 from server.routes.queue import queue_host_routing
@@ -49,7 +50,12 @@ def create_app(settings: Settings, weights_dir: Path, tiny: bool = False) -> Fas
             webhooks = WebhookSender(client, settings.webhook_backoff_s)
             app.state.dispatcher = Dispatcher(store, app.state, webhooks)
             dispatching = asyncio.create_task(app.state.dispatcher.run_forever(), name="dispatcher")
+            retention = asyncio.create_task(
+                run_retention(store, outputs.files_dir, settings.retention_s, settings.retention_sweep_every_s),
+                name="retention",
+            )
             yield
+            retention.cancel()
             # Stop taking queued work; a request still running stops at its next step, stays IN_PROGRESS and
             # runs again at the next start.
             app.state.dispatcher.stop()

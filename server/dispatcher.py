@@ -64,7 +64,9 @@ class Dispatcher:
                 await self._run(request)
             except Exception:  # a fault in the bookkeeping itself: record it, keep serving the queue
                 log.exception("request %s failed outside the model", request.id)
-                self.finish(request, 500, {"detail": "Internal server error"}, "Internal server error", "internal_error")
+                self.finish(
+                    request, 500, {"detail": "Internal server error"}, "Internal server error", "internal_error"
+                )
 
     async def _run(self, request: QueuedRequest) -> None:
         if request.start_deadline and time.time() > request.start_deadline:

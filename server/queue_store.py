@@ -133,7 +133,8 @@ class RequestStore:
         return bool(
             self._write(
                 "UPDATE requests SET status='IN_PROGRESS', started_at=? WHERE id=? AND status='IN_QUEUE'",
-                time.time(), request_id,
+                time.time(),
+                request_id,
             )  # fmt: skip
         )
 
@@ -145,7 +146,13 @@ class RequestStore:
             self._write(
                 f"UPDATE requests SET status='COMPLETED', completed_at=?, status_code=?, result=?, error=?,"
                 f" error_type=?, metrics=? WHERE id=? AND {condition}",
-                time.time(), status_code, json.dumps(result), error, error_type, json.dumps(metrics or {}), request_id,
+                time.time(),
+                status_code,
+                json.dumps(result),
+                error,
+                error_type,
+                json.dumps(metrics or {}),
+                request_id,
             )  # fmt: skip
         )
 
@@ -167,6 +174,21 @@ class RequestStore:
             }
             for row in rows
         ]
+
+    def expired(self, completed_before: float) -> list[QueuedRequest]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM requests WHERE status='COMPLETED' AND completed_at < ?", (completed_before,)
+            ).fetchall()
+        return [QueuedRequest(**dict(row)) for row in rows]
+
+    def delete(self, request_ids: list[str]) -> None:
+        with self._lock:
+            self._db.execute("BEGIN")
+            for request_id in request_ids:
+                self._db.execute("DELETE FROM logs WHERE request_id=?", (request_id,))
+                self._db.execute("DELETE FROM requests WHERE id=?", (request_id,))
+            self._db.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:

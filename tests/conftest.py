@@ -74,7 +74,9 @@ class RunningServer:
         return data, decode(data)
 
 
-def start_server(weights: Path, data_dir: Path, log_path: Path, *extra: str, scheme: str = "http", verify=True, env=None):
+def start_server(
+    weights: Path, data_dir: Path, log_path: Path, *extra: str, scheme: str = "http", verify=True, env=None
+):
     port = free_port()
     log_file = log_path.open("w")
     process = subprocess.Popen(

@@ -43,7 +43,9 @@ def test_api_routes_refuse_without_a_valid_key(keyed_server, method, path, autho
 @pytest.mark.parametrize("key", ["first-key", "second-key", "env-key"])
 def test_a_configured_key_is_accepted(keyed_server, key):
     url, _ = keyed_server
-    response = httpx.post(url + "/fal-ai/flux-2/flash/edit", json=BODY, headers={"Authorization": f"Key {key}"}, timeout=60)
+    response = httpx.post(
+        url + "/fal-ai/flux-2/flash/edit", json=BODY, headers={"Authorization": f"Key {key}"}, timeout=60
+    )
     assert response.status_code == 200
 
 

@@ -80,7 +80,9 @@ def test_priority_then_arrival_order_and_positions(server):
     handles = {}
     for name in order:
         priority = name.split("-")[0]
-        handles[name] = submit(c, server.url, "fal-ai/flux-2/flash/edit", QUICK, headers={"X-Fal-Queue-Priority": priority})
+        handles[name] = submit(
+            c, server.url, "fal-ai/flux-2/flash/edit", QUICK, headers={"X-Fal-Queue-Priority": priority}
+        )
     positions = {n: c.get(h["status_url"]).json().get("queue_position") for n, h in handles.items()}
     assert positions == {"normal-1": 0, "normal-2": 1, "low-1": 2, "low-2": 3}
     result = c.get(handles["low-2"]["response_url"])
@@ -167,6 +169,27 @@ def test_nothing_accepted_is_lost_when_the_server_stops(tiny_weights, tmp_path, 
                 assert done["error"] is None, done
                 assert c.get(f"{url}/queue/fal-ai/flux-2/requests/{request_id}").status_code == 200
         assert "re-queued 1 request(s)" in (tmp_path / "restarted.log").read_text()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_retention_removes_old_requests_and_their_files(tiny_weights, tmp_path):
+    data = tmp_path / "data"
+    env = {"FLUX2_RETENTION_S": "2", "FLUX2_RETENTION_SWEEP_EVERY_S": "0.2"}
+    process, url = start_server(tiny_weights, data, tmp_path / "log", env=env)
+    try:
+        with httpx.Client(timeout=60) as c:
+            handle = submit(c, url, "fal-ai/flux-2/flash/edit", QUICK)
+            wait_done(c, handle)
+            file_url = c.get(handle["response_url"]).json()["images"][0]["url"]
+            assert c.get(file_url).status_code == 200
+            deadline = time.monotonic() + 30
+            while c.get(handle["response_url"]).status_code != 404:
+                assert time.monotonic() < deadline, "not cleaned up"
+                time.sleep(0.2)
+            assert c.get(file_url).status_code == 404
+            assert not list((data / "files").glob("*.png"))
     finally:
         process.terminate()
         process.wait(timeout=30)

@@ -51,7 +51,9 @@ def _add_submit_route(endpoint: Endpoint) -> None:
         x_fal_request_timeout: Annotated[float | None, Header(gt=0, description="seconds to start within")] = None,
     ) -> QueueSubmitted:
         if x_fal_queue_priority not in PRIORITIES:
-            raise InputError(["X-Fal-Queue-Priority"], "Priority must be 'normal' or 'low'.", "enum", x_fal_queue_priority)
+            raise InputError(
+                ["X-Fal-Queue-Priority"], "Priority must be 'normal' or 'low'.", "enum", x_fal_queue_priority
+            )
         state = request.app.state
         request_id = str(uuid.uuid4())
         state.store.add(

@@ -17,9 +17,9 @@ from server.config import Settings
 from server.dispatcher import Dispatcher
 from server.errors import install_error_handlers
 from server.outputs import OutputStore
+from server.proxy import fal_proxy
 from server.queue_store import RequestStore
 from server.retention import run_retention
-from server.proxy import fal_proxy
 from server.routes import edit, health, queue, storage
 from server.routes.queue import queue_host_routing
 from server.webhooks import WebhookSender

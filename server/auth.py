@@ -22,5 +22,6 @@ async def require_key(request: Request) -> None:
     for key in keys:
         matched |= hmac.compare_digest(given.strip().encode(), key.encode())
     if scheme.lower() != "key" or not matched:
-        raise HTTPException(401, "Missing or invalid API key: send 'Authorization: Key <key>'",
-                            headers={"WWW-Authenticate": "Key"})  # fmt: skip
+        raise HTTPException(
+            401, "Missing or invalid API key: send 'Authorization: Key <key>'", headers={"WWW-Authenticate": "Key"}
+        )

@@ -33,8 +33,16 @@ class Dispatcher:
         self.stopping = True
         self._wakeup.set()
 
-    def finish(self, request: QueuedRequest, status_code: int, result: dict, error: str | None = None,
-               error_type: str | None = None, metrics: dict | None = None, only_if_queued: bool = False) -> bool:  # fmt: skip
+    def finish(
+        self,
+        request: QueuedRequest,
+        status_code: int,
+        result: dict,
+        error: str | None = None,
+        error_type: str | None = None,
+        metrics: dict | None = None,
+        only_if_queued: bool = False,
+    ) -> bool:
         """Record a request's outcome and send its webhook; False if it had already finished (or started, with
         `only_if_queued`)."""
         if not self.store.complete(request.id, status_code, result, error, error_type, metrics, only_if_queued):

@@ -43,8 +43,9 @@ def fal_proxy(app):
         if mapped is None:
             problem = f"x-fal-target-url {target!r} is not served here" if target else "missing x-fal-target-url"
             body = json.dumps({"detail": problem}).encode()
-            await send({"type": "http.response.start", "status": 412,
-                        "headers": [(b"content-type", b"application/json")]})  # fmt: skip
+            await send(
+                {"type": "http.response.start", "status": 412, "headers": [(b"content-type", b"application/json")]}
+            )
             await send({"type": "http.response.body", "body": body})
             return
         path, query = mapped

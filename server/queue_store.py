@@ -99,15 +99,32 @@ class RequestStore:
         """Put requests a stopped server left running back in the queue; returns how many."""
         return self._write("UPDATE requests SET status='IN_QUEUE', started_at=NULL WHERE status='IN_PROGRESS'")
 
-    def add(self, request_id: str, endpoint_id: str, input_json: str, priority: int, queue_url: str,
-            files_url: str, webhook_url: str | None, start_timeout_s: float | None) -> None:  # fmt: skip
+    def add(
+        self,
+        request_id: str,
+        endpoint_id: str,
+        input_json: str,
+        priority: int,
+        queue_url: str,
+        files_url: str,
+        webhook_url: str | None,
+        start_timeout_s: float | None,
+    ) -> None:
         now = time.time()
         deadline = now + start_timeout_s if start_timeout_s else None
         self._write(
             "INSERT INTO requests (id, endpoint_id, input, priority, status, queue_url, files_url, webhook_url,"
             " start_deadline, created_at) VALUES (?, ?, ?, ?, 'IN_QUEUE', ?, ?, ?, ?, ?)",
-            request_id, endpoint_id, input_json, priority, queue_url, files_url, webhook_url, deadline, now,
-        )  # fmt: skip
+            request_id,
+            endpoint_id,
+            input_json,
+            priority,
+            queue_url,
+            files_url,
+            webhook_url,
+            deadline,
+            now,
+        )
 
     def get(self, request_id: str) -> QueuedRequest | None:
         return self._one("SELECT * FROM requests WHERE id = ?", request_id)
@@ -135,11 +152,19 @@ class RequestStore:
                 "UPDATE requests SET status='IN_PROGRESS', started_at=? WHERE id=? AND status='IN_QUEUE'",
                 time.time(),
                 request_id,
-            )  # fmt: skip
+            )
         )
 
-    def complete(self, request_id: str, status_code: int, result: dict, error: str | None = None,
-                 error_type: str | None = None, metrics: dict | None = None, only_if_queued: bool = False) -> bool:  # fmt: skip
+    def complete(
+        self,
+        request_id: str,
+        status_code: int,
+        result: dict,
+        error: str | None = None,
+        error_type: str | None = None,
+        metrics: dict | None = None,
+        only_if_queued: bool = False,
+    ) -> bool:
         """Record the outcome; with `only_if_queued`, only if the request has not started (a queued cancel)."""
         condition = "status='IN_QUEUE'" if only_if_queued else "status!='COMPLETED'"
         return bool(
@@ -153,12 +178,17 @@ class RequestStore:
                 error_type,
                 json.dumps(metrics or {}),
                 request_id,
-            )  # fmt: skip
+            )
         )
 
     def log(self, request_id: str, message: str, level: str = "INFO") -> None:
-        self._write("INSERT INTO logs (request_id, at, level, message) VALUES (?, ?, ?, ?)",
-                    request_id, time.time(), level, message)  # fmt: skip
+        self._write(
+            "INSERT INTO logs (request_id, at, level, message) VALUES (?, ?, ?, ?)",
+            request_id,
+            time.time(),
+            level,
+            message,
+        )
 
     def logs(self, request_id: str) -> list[dict]:
         """fal's log objects: message, level, source, timestamp (ISO 8601, UTC)."""

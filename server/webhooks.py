@@ -49,8 +49,14 @@ class WebhookSender:
                 problem = f"HTTP {response.status_code}"
             except httpx.HTTPError as exc:
                 problem = f"{type(exc).__name__}: {exc}"
-            log.warning("webhook for %s to %s failed (attempt %d/%d): %s", payload["request_id"], url, attempt,
-                        ATTEMPTS, problem)  # fmt: skip
+            log.warning(
+                "webhook for %s to %s failed (attempt %d/%d): %s",
+                payload["request_id"],
+                url,
+                attempt,
+                ATTEMPTS,
+                problem,
+            )
             if attempt < ATTEMPTS:
                 await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
         log.error("webhook for %s to %s abandoned after %d attempts", payload["request_id"], url, ATTEMPTS)

@@ -41,8 +41,12 @@ for name, h in (("cancelled_queued", queued), ("cancelled_running", slow)):
         h.get()
         out[name] = {"error": None}
     except fal_client.client.FalClientHTTPError as exc:
-        out[name] = {"error": final.error, "error_type": final.error_type, "status_code": exc.status_code,
-                     "steps_logged": sum("step" in log["message"] for log in final.logs)}  # fmt: skip
+        out[name] = {
+            "error": final.error,
+            "error_type": final.error_type,
+            "status_code": exc.status_code,
+            "steps_logged": sum("step" in log["message"] for log in final.logs),
+        }
 
 out["run"] = fal_client.run("fal-ai/flux-2/flash/edit", arguments=args)
 

@@ -14,8 +14,14 @@ BODY = {"prompt": "p", "image_urls": [data_uri(image_bytes(96, 96))], "image_siz
 def keyed_server(tiny_weights, tmp_path_factory):
     root = tmp_path_factory.mktemp("keyed")
     (root / "keys").write_text("first-key\nsecond-key\n")
-    process, url = start_server(tiny_weights, root / "data", root / "log", "--api-keys-file", str(root / "keys"),
-                                env={"FLUX2_API_KEYS": "env-key"})  # fmt: skip
+    process, url = start_server(
+        tiny_weights,
+        root / "data",
+        root / "log",
+        "--api-keys-file",
+        str(root / "keys"),
+        env={"FLUX2_API_KEYS": "env-key"},
+    )
     yield url, root / "log"
     process.terminate()
     process.wait(timeout=30)

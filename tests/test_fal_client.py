@@ -23,10 +23,17 @@ def tls_server(tiny_weights, tmp_path_factory):
     root = tmp_path_factory.mktemp("tls")
     paths = make_certificates(["127.0.0.1", "localhost"], root / "tls")
     process, url = start_server(
-        tiny_weights, root / "data", root / "server.log",
-        "--ssl-certfile", str(paths["cert"]), "--ssl-keyfile", str(paths["key"]),
-        scheme="https", verify=str(paths["ca"]), env={"FLUX2_API_KEYS": "studio-secret"},
-    )  # fmt: skip
+        tiny_weights,
+        root / "data",
+        root / "server.log",
+        "--ssl-certfile",
+        str(paths["cert"]),
+        "--ssl-keyfile",
+        str(paths["key"]),
+        scheme="https",
+        verify=str(paths["ca"]),
+        env={"FLUX2_API_KEYS": "studio-secret"},
+    )
     yield url, paths["ca"]
     process.terminate()
     process.wait(timeout=30)
@@ -44,8 +51,12 @@ def test_fal_client_python(tls_server):
     }
     ran = subprocess.run(
         [sys.executable, str(SCRIPT), data_uri(image_bytes(96, 96))],
-        env=env, capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert ran.returncode == 0, ran.stderr
     out = json.loads(ran.stdout)
 
@@ -66,8 +77,12 @@ def test_fal_client_python(tls_server):
     assert out["result"]["seed"] == 5 and len(out["result"]["images"]) == 1
 
     # cancel: a queued request at once, a running one at its next step
-    assert out["cancelled_queued"] == {"error": "Request was cancelled", "error_type": "request_cancelled",
-                                       "status_code": 400, "steps_logged": 0}  # fmt: skip
+    assert out["cancelled_queued"] == {
+        "error": "Request was cancelled",
+        "error_type": "request_cancelled",
+        "status_code": 400,
+        "steps_logged": 0,
+    }
     running = out["cancelled_running"]
     assert running["error_type"] == "request_cancelled" and 0 < running["steps_logged"] < 50
 

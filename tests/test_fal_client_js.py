@@ -32,14 +32,17 @@ def keyed_server(tiny_weights, tmp_path_factory):
 
 
 def test_fal_client_js_through_the_proxy(keyed_server, tmp_path):
-    url, root = keyed_server
+    url, _ = keyed_server
     reference = image_bytes(96, 96, seed=21)
     (tmp_path / "input.png").write_bytes(reference)
     ran = subprocess.run(
         ["node", str(JS_DIR / "fal_client_test.mjs"), f"{url}/api/fal/proxy", str(tmp_path / "input.png")],
         env={**os.environ, "FAL_KEY": "js-key"},
-        capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert ran.returncode == 0, ran.stderr + ran.stdout
     out = json.loads(ran.stdout)
 
@@ -85,8 +88,9 @@ def test_upload_urls_are_one_time_and_size_limited(keyed_server):
 def test_multipart_upload(keyed_server):
     url, _ = keyed_server
     headers = {"Authorization": "Key js-key"}
-    target = httpx.post(f"{url}/storage/upload/initiate-multipart", json={"content_type": "image/png"},
-                        headers=headers).json()  # fmt: skip
+    target = httpx.post(
+        f"{url}/storage/upload/initiate-multipart", json={"content_type": "image/png"}, headers=headers
+    ).json()
     parts = [httpx.put(f"{target['upload_url']}/{n}", content=chunk).json() for n, chunk in [(1, b"ab"), (2, b"cd")]]
     done = httpx.post(f"{target['upload_url']}/complete", json={"parts": parts})
     assert done.status_code == 200

@@ -49,8 +49,13 @@ CASES = [
 @pytest.mark.parametrize(("endpoint", "fields", "steps", "sigmas", "size"), CASES)
 def test_server_matches_plain_diffusers(server, plain_diffusers, endpoint, fields, steps, sigmas, size):
     refs = [image_bytes(64, 96, seed=3), image_bytes(80, 80, seed=4)]
-    request = {"prompt": "Make it snow", "image_urls": [data_uri(r) for r in refs], "seed": 1234,
-               "guidance_scale": 3.5, **fields}  # fmt: skip
+    request = {
+        "prompt": "Make it snow",
+        "image_urls": [data_uri(r) for r in refs],
+        "seed": 1234,
+        "guidance_scale": 3.5,
+        **fields,
+    }
     response = server.post(endpoint, request)
     assert response.status_code == 200, response.text
     served = [np.asarray(server.fetch_image(i)[1]) for i in response.json()["images"]]

@@ -54,8 +54,9 @@ def fast_retry_server(tiny_weights, tmp_path_factory):
 
 def test_webhook_retried_until_delivered(fast_retry_server):
     receiver = Receiver(failures=2)
-    handle = httpx.post(f"{fast_retry_server}/queue/fal-ai/flux-2/flash/edit", params={"fal_webhook": receiver.url},
-                        json=BODY).json()  # fmt: skip
+    handle = httpx.post(
+        f"{fast_retry_server}/queue/fal-ai/flux-2/flash/edit", params={"fal_webhook": receiver.url}, json=BODY
+    ).json()
     attempts = receiver.wait_for(3)
     assert len(attempts) == 3 and attempts[0] == attempts[2]
     payload = attempts[-1]

@@ -26,9 +26,18 @@ TEXT_LAYERS = 30  # the pipeline reads hidden states (10, 20, 30)
 LATENT_CHANNELS = 4
 
 SPECIAL_TOKENS = [
-    "<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
-    "[IMG]", "[IMG_BREAK]", "[IMG_END]",
-]  # fmt: skip
+    "<unk>",
+    "<s>",
+    "</s>",
+    "<pad>",
+    "[INST]",
+    "[/INST]",
+    "[SYSTEM_PROMPT]",
+    "[/SYSTEM_PROMPT]",
+    "[IMG]",
+    "[IMG_BREAK]",
+    "[IMG_END]",
+]
 
 # Mistral-Small-3.1's message format, reduced to what Flux2Pipeline sends: a system message, user turns whose
 # content is a list of text/image parts, and (for prompt expansion) the assistant's reply.

@@ -8,7 +8,6 @@ from server.editing import run_edit
 from server.endpoints import ENDPOINTS, Endpoint
 from server.schemas import EditOutput
 
-
 router = APIRouter(tags=["edit"])
 
 

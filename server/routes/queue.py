@@ -89,15 +89,25 @@ def _get(request: Request, request_id: str) -> QueuedRequest:
 
 def status_of(request: Request, queued: QueuedRequest, with_logs: bool) -> QueueStatus:
     store = request.app.state.store
-    urls = {"response_url": queued.base_url, "status_url": queued.base_url + "/status",
-            "cancel_url": queued.base_url + "/cancel"}  # fmt: skip
+    urls = {
+        "response_url": queued.base_url,
+        "status_url": queued.base_url + "/status",
+        "cancel_url": queued.base_url + "/cancel",
+    }
     logs = store.logs(queued.id) if with_logs else None
     if queued.status == "IN_QUEUE":
         return QueueStatus(status="IN_QUEUE", request_id=queued.id, queue_position=store.position(queued), **urls)
     if queued.status == "IN_PROGRESS":
         return QueueStatus(status="IN_PROGRESS", request_id=queued.id, logs=logs, **urls)
-    return QueueStatus(status="COMPLETED", request_id=queued.id, logs=logs, metrics=json.loads(queued.metrics or "{}"),
-                       error=queued.error, error_type=queued.error_type, **urls)  # fmt: skip
+    return QueueStatus(
+        status="COMPLETED",
+        request_id=queued.id,
+        logs=logs,
+        metrics=json.loads(queued.metrics or "{}"),
+        error=queued.error,
+        error_type=queued.error_type,
+        **urls,
+    )
 
 
 async def status(request: Request, request_id: str, logs: bool = False) -> QueueStatus:
@@ -127,8 +137,9 @@ async def result(request: Request, request_id: str) -> JSONResponse:
     queued = _get(request, request_id)
     if queued.status != "COMPLETED":
         return JSONResponse({"detail": "Request is still in progress"}, status_code=400)
-    return JSONResponse(json.loads(queued.result), status_code=queued.status_code,
-                        headers={"x-fal-request-id": queued.id})  # fmt: skip
+    return JSONResponse(
+        json.loads(queued.result), status_code=queued.status_code, headers={"x-fal-request-id": queued.id}
+    )
 
 
 async def cancel(request: Request, request_id: str) -> JSONResponse:

@@ -35,7 +35,7 @@ class UploadTarget(BaseModel):
 
 
 class MultipartPart(BaseModel):
-    partNumber: int  # noqa: N815 (fal's field name)
+    partNumber: int
     etag: str
 
 

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import httpx
 from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from pipelines import load_editor
-from server.auth import require_key
+from server.auth import parse_keys, require_key
 from server.config import Settings
 from server.dispatcher import Dispatcher
 from server.errors import install_error_handlers
@@ -84,6 +85,15 @@ def create_app(settings: Settings, weights_dir: Path, tiny: bool = False) -> Fas
     app.include_router(storage.initiate_router)
     app.include_router(storage.upload_router)
     app.add_middleware(queue_host_routing)
-    app.add_middleware(fal_proxy)  # outermost: a proxied request is rewritten before any other routing
+    app.add_middleware(fal_proxy)  # a proxied request is rewritten before any other routing
+    origins = parse_keys(settings.cors_origins)
+    if origins:  # outermost, so browsers' preflight requests are answered before the proxy looks at them
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["x-fal-request-id"],
+        )
     app.mount("/files", StaticFiles(directory=outputs.files_dir), name="files")
     return app

@@ -8,6 +8,7 @@ from fastapi import HTTPException, Request
 
 
 def parse_keys(value: str | None) -> list[str]:
+    """Items of a comma-separated setting (API keys, CORS origins), blanks dropped."""
     return [k.strip() for k in (value or "").split(",") if k.strip()]
 
 

@@ -50,6 +50,11 @@ for name, h in (("cancelled_queued", queued), ("cancelled_running", slow)):
 
 out["run"] = fal_client.run("fal-ai/flux-2/flash/edit", arguments=args)
 
+# fal_client's uploads go to fal's own hosts; a local file travels as a data URI instead (tens of MB here)
+big = fal_client.encode_file(sys.argv[2])
+out["large_data_uri_chars"] = len(big)
+out["large"] = fal_client.subscribe("fal-ai/flux-2/flash/edit", arguments={**args, "image_urls": [big]})
+
 
 async def async_calls():
     client = fal_client.AsyncClient()

@@ -39,7 +39,7 @@ def tls_server(tiny_weights, tmp_path_factory):
     process.wait(timeout=30)
 
 
-def test_fal_client_python(tls_server):
+def test_fal_client_python(tls_server, tmp_path):
     url, ca = tls_server
     host = url.removeprefix("https://")
     env = {
@@ -49,8 +49,10 @@ def test_fal_client_python(tls_server):
         "FAL_KEY": "studio-secret",  # sent as `Authorization: Key studio-secret`
         "SSL_CERT_FILE": str(ca),
     }
+    big = tmp_path / "large.png"
+    big.write_bytes(image_bytes(2900, 2900, seed=8))  # incompressible noise: about 25 MB of PNG
     ran = subprocess.run(
-        [sys.executable, str(SCRIPT), data_uri(image_bytes(96, 96))],
+        [sys.executable, str(SCRIPT), data_uri(image_bytes(96, 96)), str(big)],
         env=env,
         capture_output=True,
         text=True,
@@ -89,3 +91,7 @@ def test_fal_client_python(tls_server):
     # run (sync endpoint) and the async client
     assert np.array_equal(pixels(out["run"]), pixels(out["async_subscribe"]))  # same seed, same profile
     assert np.array_equal(pixels(out["run"]), pixels(out["async_get"]))
+
+    # a large local file as a data URI through the real client
+    assert out["large_data_uri_chars"] > 30_000_000
+    assert pixels(out["large"]).shape == (512, 512, 3)

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def keyed_server(tiny_weights, tmp_path_factory):
     root = tmp_path_factory.mktemp("js")
-    process, url = start_server(tiny_weights, root / "data", root / "log", env={"FLUX2_API_KEYS": "js-key"})
+    env = {"FLUX2_API_KEYS": "js-key", "FLUX2_CORS_ORIGINS": "http://studio.example"}
+    process, url = start_server(tiny_weights, root / "data", root / "log", env=env)
     yield url, root
     process.terminate()
     process.wait(timeout=30)
@@ -95,3 +96,20 @@ def test_multipart_upload(keyed_server):
     done = httpx.post(f"{target['upload_url']}/complete", json={"parts": parts})
     assert done.status_code == 200
     assert httpx.get(target["file_url"]).content == b"abcd"
+
+
+def test_cors_for_browser_pages_on_allowed_origins_only(keyed_server, server):
+    url, _ = keyed_server
+    preflight = {
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type,x-fal-target-url",
+    }
+    allowed = httpx.options(f"{url}/api/fal/proxy", headers={"Origin": "http://studio.example", **preflight})
+    assert allowed.status_code == 200
+    assert allowed.headers["access-control-allow-origin"] == "http://studio.example"
+    assert "x-fal-target-url" in allowed.headers["access-control-allow-headers"].lower()
+    other = httpx.options(f"{url}/api/fal/proxy", headers={"Origin": "http://elsewhere.example", **preflight})
+    assert "access-control-allow-origin" not in other.headers
+    # closed by default: the shared test server has no CORS origins configured
+    closed = server.client.get(f"{server.url}/health", headers={"Origin": "http://studio.example"})
+    assert "access-control-allow-origin" not in closed.headers

@@ -193,3 +193,23 @@ def test_retention_removes_old_requests_and_their_files(tiny_weights, tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_twenty_requests_at_once_all_complete_in_priority_then_arrival_order(server):
+    c = server.client
+    blocker = submit(c, server.url, "fal-ai/flux-2/edit", SLOW)
+    names = [f"{'low' if i % 3 == 0 else 'normal'}-{i:02d}" for i in range(20)]
+    handles = {
+        name: submit(
+            c, server.url, "fal-ai/flux-2/flash/edit", {**QUICK, "seed": i},
+            headers={"X-Fal-Queue-Priority": name.split("-")[0]},
+        )
+        for i, name in enumerate(names)
+    }
+    started = {name: wait_done(c, handle)["logs"][0]["timestamp"] for name, handle in handles.items()}
+    wait_done(c, blocker)
+    expected = sorted(names, key=lambda n: (n.startswith("low"), n))  # normal first, then by arrival
+    assert sorted(names, key=started.get) == expected
+    results = [c.get(h["response_url"]) for h in handles.values()]
+    assert all(r.status_code == 200 for r in results)
+    assert len({r.json()["images"][0]["url"] for r in results}) == 20

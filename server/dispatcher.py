@@ -51,11 +51,15 @@ class Dispatcher:
             self.webhooks.send(request.webhook_url, webhook_payload(request.id, status_code, result, error))
         return True
 
-    def cancel_queued(self, request: QueuedRequest) -> bool:
-        if not self.finish(request, 400, {"detail": CANCELLED}, CANCELLED, "request_cancelled", only_if_queued=True):
-            return False
-        self.store.log(request.id, CANCELLED, "WARNING")
-        return True
+    def cancel(self, request: QueuedRequest) -> bool:
+        """Cancel a queued request at once, or ask a running one to stop at its next step; False if finished."""
+        if self.finish(request, 400, {"detail": CANCELLED}, CANCELLED, "request_cancelled", only_if_queued=True):
+            self.store.log(request.id, CANCELLED, "WARNING")
+            return True
+        if self.store.get(request.id).status == "IN_PROGRESS":
+            self.cancel_requested.add(request.id)
+            return True
+        return False
 
     def notify(self) -> None:
         """Something was queued."""

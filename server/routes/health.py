@@ -11,6 +11,7 @@ async def health(request: Request) -> dict:
     return {
         "status": "ok",
         "tiny_model": state.tiny,
-        "waiting": state.worker.waiting,
+        "waiting": state.worker.waiting,  # edits submitted to the model and not finished, the running one included
+        "queued": state.store.queued_count(),  # queue requests not started yet
         "capabilities": state.worker.editor.capabilities(),
     }

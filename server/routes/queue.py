@@ -144,12 +144,7 @@ async def result(request: Request, request_id: str) -> JSONResponse:
 
 async def cancel(request: Request, request_id: str) -> JSONResponse:
     """A queued request is cancelled at once; a running one stops at its next denoising step."""
-    state = request.app.state
-    queued = _get(request, request_id)
-    cancelled_in_queue = queued.status == "IN_QUEUE" and state.dispatcher.cancel_queued(queued)
-    if not cancelled_in_queue and state.store.get(request_id).status == "IN_PROGRESS":
-        state.dispatcher.cancel_requested.add(request_id)
-    elif not cancelled_in_queue:
+    if not request.app.state.dispatcher.cancel(_get(request, request_id)):
         return JSONResponse(CancelAnswer(status="ALREADY_COMPLETED").model_dump(), status_code=400)
     return JSONResponse(CancelAnswer(status="CANCELLATION_REQUESTED").model_dump(), status_code=202)
 

@@ -201,7 +201,10 @@ def test_twenty_requests_at_once_all_complete_in_priority_then_arrival_order(ser
     names = [f"{'low' if i % 3 == 0 else 'normal'}-{i:02d}" for i in range(20)]
     handles = {
         name: submit(
-            c, server.url, "fal-ai/flux-2/flash/edit", {**QUICK, "seed": i},
+            c,
+            server.url,
+            "fal-ai/flux-2/flash/edit",
+            {**QUICK, "seed": i},
             headers={"X-Fal-Queue-Priority": name.split("-")[0]},
         )
         for i, name in enumerate(names)

@@ -131,8 +131,10 @@ async def run_edit(
         raise
     except Exception as exc:
         raise InferenceError(f"{type(exc).__name__}: {exc}") from exc
+    encoding = time.perf_counter()
     files = await asyncio.to_thread(state.outputs.save, result.images, body.output_format, base_url, body.sync_mode)
-    timings = {"fetch_inputs": fetched - started, **result.timings, "total": time.perf_counter() - started}
+    done = time.perf_counter()
+    timings = {"fetch_inputs": fetched - started, **result.timings, "encode": done - encoding, "total": done - started}
     return EditOutput(
         images=files,
         timings=timings,

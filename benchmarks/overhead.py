@@ -23,12 +23,9 @@ import io
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +33,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import PIL.Image
+
+from benchmarks.loopback import start_server
 
 POLL_INTERVAL_S = 0.1  # fal_client's DEFAULT_QUEUE_POLL_INTERVAL: what a fal client sees
 GOALS = {"overhead_share_max": 0.02, "status_p99_max_s": 0.050}
@@ -61,43 +60,6 @@ def timed(fn, repeats: int) -> list[tuple[float, dict | None]]:
         timings = fn()
         out.append((time.perf_counter() - started, timings))
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(weights: Path, data_dir: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "server.cli",
-            "serve",
-            "--weights",
-            str(weights),
-            "--port",
-            str(port),
-            "--data-dir",
-            str(data_dir),
-            "--log-level",
-            "warning",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("server did not start")
 
 
 def device_name() -> str:
@@ -146,10 +108,10 @@ def run(repeats: int, steps: int, size: int, status_polls: int, weights: Path | 
         images=[reference], prompt=body["prompt"], width=size, height=size, num_inference_steps=steps, seed=1
     )
     direct = [wall for wall, _ in timed(lambda: editor.edit(call), repeats)]
-    del editor
+    editor = None  # free the in-process model before the server process loads its own
 
     with tempfile.TemporaryDirectory() as data_dir:
-        process, url = start_server(weights, Path(data_dir))
+        process, url = start_server(weights, Path(data_dir), Path(data_dir) / "server.log")
         try:
             with httpx.Client(timeout=600) as client:
 

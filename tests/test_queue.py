@@ -44,6 +44,7 @@ def test_submit_status_result_shapes(server):
     assert [log["message"] for log in steps] == [f"step {i}/8" for i in range(1, 9)]
     assert all(log["timestamp"].endswith("+00:00") and log["level"] == "INFO" for log in steps)
     assert c.get(handle["status_url"]).json()["logs"] is None  # logs only when asked for
+    assert c.get(handle["status_url"]).status_code == 200  # fal: 202 until COMPLETED, then 200
     result = c.get(handle["response_url"])
     assert result.status_code == 200 and result.headers["x-fal-request-id"] == handle["request_id"]
     assert result.json()["seed"] == 1 and result.json()["images"][0]["width"] == 512
@@ -83,6 +84,7 @@ def test_priority_then_arrival_order_and_positions(server):
         handles[name] = submit(
             c, server.url, "fal-ai/flux-2/flash/edit", QUICK, headers={"X-Fal-Queue-Priority": priority}
         )
+    assert c.get(handles["low-2"]["status_url"]).status_code == 202
     positions = {n: c.get(h["status_url"]).json().get("queue_position") for n, h in handles.items()}
     assert positions == {"normal-1": 0, "normal-2": 1, "low-1": 2, "low-2": 3}
     result = c.get(handles["low-2"]["response_url"])

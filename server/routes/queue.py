@@ -110,8 +110,10 @@ def status_of(request: Request, queued: QueuedRequest, with_logs: bool) -> Queue
     )
 
 
-async def status(request: Request, request_id: str, logs: bool = False) -> QueueStatus:
-    return status_of(request, _get(request, request_id), logs)
+async def status(request: Request, request_id: str, logs: bool = False) -> JSONResponse:
+    """fal answers 202 while a request is queued or running and 200 once it is COMPLETED."""
+    current = status_of(request, _get(request, request_id), logs)
+    return JSONResponse(current.model_dump(mode="json"), status_code=200 if current.status == "COMPLETED" else 202)
 
 
 async def status_stream(request: Request, request_id: str, logs: bool = True) -> StreamingResponse:
@@ -155,7 +157,9 @@ for _endpoint in ENDPOINTS:
 for _app_path in (APP_PATH, *(e.endpoint_id for e in ENDPOINTS)):
     _canonical = _app_path == APP_PATH  # the other forms work the same but are left out of /openapi.json
     _base = f"/{_app_path}/requests/{{request_id}}"
-    router.add_api_route(_base + "/status", status, methods=["GET"], include_in_schema=_canonical)
+    router.add_api_route(
+        _base + "/status", status, methods=["GET"], response_model=QueueStatus, include_in_schema=_canonical
+    )
     router.add_api_route(_base + "/status/stream", status_stream, methods=["GET"], include_in_schema=_canonical)
     router.add_api_route(_base + "/cancel", cancel, methods=["PUT"], include_in_schema=_canonical)
     router.add_api_route(_base, result, methods=["GET"], include_in_schema=_canonical)

@@ -109,3 +109,15 @@ def test_serve_refuses_an_unusable_weights_directory(broken):
     )
     assert result.returncode == 2
     assert "text_encoder: missing directory" in result.stderr
+
+
+@pytest.mark.parametrize(("tokenizer_class", "ok"), [("PreTrainedTokenizerFast", True), ("CLIPTokenizer", False)])
+def test_verify_accepts_the_tokenizer_saved_alone(broken, tokenizer_class, ok):
+    index_path = broken / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["tokenizer"] = ["transformers", tokenizer_class]
+    index_path.write_text(json.dumps(index))
+    report = verify(broken)
+    assert report.ok is ok
+    if not ok:
+        assert "CLIPTokenizer" in report.components["tokenizer"]

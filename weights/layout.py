@@ -5,7 +5,7 @@
     model_index.json                      {"_class_name": "Flux2Pipeline", "<component>": [library, class], ...}
     scheduler/scheduler_config.json
     text_encoder/config.json + model*.safetensors            (transformers, Mistral3ForConditionalGeneration)
-    tokenizer/tokenizer_config.json + tokenizer.json, ...    (transformers, PixtralProcessor)
+    tokenizer/tokenizer_config.json + tokenizer.json, ...    (transformers, PixtralProcessor or its tokenizer)
     transformer/config.json + diffusion_pytorch_model*.safetensors
     vae/config.json + diffusion_pytorch_model*.safetensors
 """
@@ -25,12 +25,25 @@ class Component:
     class_name: str
     config_file: str | None  # the JSON file that describes the component
     weights_prefix: str | None  # stem of its safetensors file(s); None when the component has no weights
+    also_accepted: tuple[str, ...] = ()  # other classes model_index.json may name for it
+
+    @property
+    def accepted(self) -> tuple[str, ...]:
+        return (self.class_name, *self.also_accepted)
 
 
 COMPONENTS: tuple[Component, ...] = (
     Component("scheduler", "diffusers", "FlowMatchEulerDiscreteScheduler", "scheduler_config.json", None),
     Component("text_encoder", "transformers", "Mistral3ForConditionalGeneration", "config.json", "model"),
-    Component("tokenizer", "transformers", "PixtralProcessor", "tokenizer_config.json", None),
+    # Saved as the full processor, or (as some diffusers exports do) as its tokenizer alone; both load.
+    Component(
+        "tokenizer",
+        "transformers",
+        "PixtralProcessor",
+        "tokenizer_config.json",
+        None,
+        also_accepted=("PreTrainedTokenizerFast", "TokenizersBackend"),
+    ),
     Component("transformer", "diffusers", "Flux2Transformer2DModel", "config.json", "diffusion_pytorch_model"),
     Component("vae", "diffusers", "AutoencoderKLFlux2", "config.json", "diffusion_pytorch_model"),
 )

@@ -126,9 +126,9 @@ def verify(directory: str | Path) -> Report:
         listed = (index or {}).get(component.name)
         if index is not None and (not isinstance(listed, list) or len(listed) != 2):
             report.fail(component.name, "not listed in model_index.json as [library, class]")
-        elif index is not None and listed[1] != component.class_name:
+        elif index is not None and listed[1] not in component.accepted:
             report.fail(
-                component.name, f"model_index.json names class {listed[1]!r}, expected {component.class_name!r}"
+                component.name, f"model_index.json names class {listed[1]!r}, expected one of {component.accepted}"
             )
         component_dir = directory / component.name
         if not component_dir.is_dir():

@@ -27,7 +27,6 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = None  # one key per line (keeps keys out of the environment and `ps`)
     cors_origins: str | None = None  # comma-separated origins allowed to call from a browser; none: CORS closed
     retention_s: float = 7 * 24 * 3600  # finished queue requests, their logs and files are kept this long
-    cors_origins: str | None = None  # comma-separated origins allowed to call from a browser; none: CORS closed
     retention_sweep_every_s: float = 600.0
     webhook_backoff_s: float = 1.0  # first retry delay of a failed webhook; doubles each attempt (6 attempts)
     log_level: str = "info"

@@ -71,9 +71,10 @@ class QueuedRequest:
     metrics: str | None
 
     @property
-    def base_url(self) -> str:
-        """`{queue}/fal-ai/flux-2/requests/{id}`: the response URL; status and cancel hang below it."""
-        return f"{self.queue_url}/requests/{self.id}"
+    def urls(self) -> dict[str, str]:
+        """fal's response_url (`{queue}/fal-ai/flux-2/requests/{id}`), with status_url and cancel_url below it."""
+        base = f"{self.queue_url}/requests/{self.id}"
+        return {"response_url": base, "status_url": base + "/status", "cancel_url": base + "/cancel"}
 
 
 class RequestStore:

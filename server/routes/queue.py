@@ -8,13 +8,12 @@ build those paths with the endpoint's own path (`.../fal-ai/flux-2/edit/requests
 import asyncio
 import json
 import uuid
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.endpoints import APP_PATH, ENDPOINTS, Endpoint
-from server.errors import InputError
 from server.queue_store import PRIORITIES, QueuedRequest
 from server.schemas import CancelAnswer, QueueStatus, QueueSubmitted
 
@@ -47,13 +46,9 @@ def _add_submit_route(endpoint: Endpoint) -> None:
         body: endpoint.input_model,
         request: Request,
         fal_webhook: Annotated[str | None, Query(description="URL to POST the result to when done")] = None,
-        x_fal_queue_priority: Annotated[str, Header(description="normal or low")] = "normal",
+        x_fal_queue_priority: Annotated[Literal["normal", "low"], Header(description="serve order")] = "normal",
         x_fal_request_timeout: Annotated[float | None, Header(gt=0, description="seconds to start within")] = None,
     ) -> QueueSubmitted:
-        if x_fal_queue_priority not in PRIORITIES:
-            raise InputError(
-                ["X-Fal-Queue-Priority"], "Priority must be 'normal' or 'low'.", "enum", x_fal_queue_priority
-            )
         state = request.app.state
         request_id = str(uuid.uuid4())
         state.store.add(
@@ -68,13 +63,7 @@ def _add_submit_route(endpoint: Endpoint) -> None:
         )
         state.dispatcher.notify()
         queued = state.store.get(request_id)
-        return QueueSubmitted(
-            request_id=request_id,
-            response_url=queued.base_url,
-            status_url=queued.base_url + "/status",
-            cancel_url=queued.base_url + "/cancel",
-            queue_position=state.store.position(queued),
-        )
+        return QueueSubmitted(request_id=request_id, queue_position=state.store.position(queued), **queued.urls)
 
     submit.__name__ = f"submit_{endpoint.profile}"
     router.add_api_route("/" + endpoint.endpoint_id, submit, methods=["POST"], summary=f"Queue: {endpoint.summary}")
@@ -89,11 +78,7 @@ def _get(request: Request, request_id: str) -> QueuedRequest:
 
 def status_of(request: Request, queued: QueuedRequest, with_logs: bool) -> QueueStatus:
     store = request.app.state.store
-    urls = {
-        "response_url": queued.base_url,
-        "status_url": queued.base_url + "/status",
-        "cancel_url": queued.base_url + "/cancel",
-    }
+    urls = queued.urls
     logs = store.logs(queued.id) if with_logs else None
     if queued.status == "IN_QUEUE":
         return QueueStatus(status="IN_QUEUE", request_id=queued.id, queue_position=store.position(queued), **urls)

@@ -6,7 +6,6 @@ This is the only module that talks to diffusers. It never reaches a hub: compone
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import time
@@ -17,11 +16,14 @@ from pathlib import Path
 import PIL.Image
 import torch
 
+from pipelines.expansion import expand_prompt
+from pipelines.pixtral import pixtral_processor_class
 from pipelines.profiles import PROFILES
 
 log = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, int], None]  # (step done, 1-based; total steps)
+IMAGE_PROCESSOR_CONFIG = "preprocessor_config.json"  # beside the tokenizer when tokenizer/ is a full processor
 
 
 class Cancelled(Exception):
@@ -43,13 +45,17 @@ class EditCall:
     num_images: int = 1
     on_step: StepCallback | None = None
     should_cancel: Callable[[], bool] | None = None  # polled after every step
+    expand_prompt: bool = False  # let the text encoder rewrite the prompt first (pipelines.expansion)
+    on_message: Callable[[str], None] | None = None  # what the model did that the caller should log
 
 
 @dataclass
 class EditResult:
     images: list[PIL.Image.Image]
     steps: int  # denoising steps actually run
+    prompt: str  # the prompt the images were generated from (the expanded one when expansion ran)
     timings: dict[str, float] = field(default_factory=dict)
+    notices: list[str] = field(default_factory=list)  # what was asked and done differently, in plain words
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -65,20 +71,18 @@ def pick_dtype(device: torch.device, requested: str | None = None) -> torch.dtyp
 
 
 def load_tokenizer(directory: Path):
-    """The `tokenizer` component: PixtralProcessor, or its tokenizer alone where the processor can't be built.
+    """The `tokenizer` component: transformers' PixtralProcessor (tokenizer + Pixtral image processor).
 
-    transformers 5 builds PixtralProcessor only with torchvision installed (the CUDA image has it; the CPU
-    torch wheel used for tests has no matching torchvision). Encoding a text prompt uses only the processor's
-    tokenizer and chat template, which give the same token ids on their own; the processor's image path is
-    needed for prompt expansion with reference images only.
+    One code path on CPU and GPU: `PixtralProcessor.from_pretrained` (see `pipelines.pixtral` for how it is
+    imported without torchvision). A directory saved as the tokenizer alone (some diffusers exports) has no
+    image processor configuration; it loads as that tokenizer, which encodes prompts to the same token ids, and
+    prompt expansion (which shows the reference images to the text encoder) is reported unavailable.
     """
-    if importlib.util.find_spec("torchvision") is not None:
-        from transformers import AutoProcessor
-
-        return AutoProcessor.from_pretrained(directory, local_files_only=True)
+    if (directory / IMAGE_PROCESSOR_CONFIG).is_file():
+        return pixtral_processor_class().from_pretrained(directory, local_files_only=True)
     from transformers import AutoTokenizer
 
-    log.info("torchvision is not installed: loading the tokenizer of %s without its image processor", directory)
+    log.warning("%s has no %s: loading its tokenizer alone (no prompt expansion)", directory, IMAGE_PROCESSOR_CONFIG)
     return AutoTokenizer.from_pretrained(directory, local_files_only=True)
 
 
@@ -129,7 +133,7 @@ class Flux2Editor:
             },
             "acceleration": {"available": ["none"], "regular": False, "high": False},
             "safety_checker": False,
-            "prompt_expansion": False,
+            "prompt_expansion": hasattr(self.pipe.tokenizer, "image_processor"),
         }
 
     def edit(self, call: EditCall) -> EditResult:
@@ -151,9 +155,20 @@ class Flux2Editor:
             return {}
 
         started = time.perf_counter()
+        prompt, notices, timings = call.prompt, [], {}
+        if call.expand_prompt and self._capabilities["prompt_expansion"]:
+            prompt = expand_prompt(self.pipe, call.prompt, call.images, call.seed)
+            timings["prompt_expansion"] = time.perf_counter() - started
+            if prompt:
+                say(call, f"prompt expanded to: {prompt!r}")
+            else:
+                prompt = call.prompt
+                notices.append("Prompt expansion produced no text: the prompt was used as given.")
+                say(call, "prompt expansion produced no text: using the prompt as given")
+        denoising = time.perf_counter()
         output = self.pipe(
             image=call.images,
-            prompt=call.prompt,
+            prompt=prompt,
             height=gen_h,
             width=gen_w,
             num_inference_steps=steps,
@@ -164,9 +179,17 @@ class Flux2Editor:
             callback_on_step_end=on_step_end,
             output_type="pil",
         )
-        inference = time.perf_counter() - started
+        timings["inference"] = time.perf_counter() - denoising
         images = [center_crop(img, call.width, call.height) for img in output.images]
-        return EditResult(images=images, steps=steps, timings={"inference": inference})
+        return EditResult(images=images, steps=steps, prompt=prompt, timings=timings, notices=notices)
+
+
+def say(call: EditCall, message: str) -> None:
+    """Tell the caller (who logs it with the request's id), or the log when nobody is listening."""
+    if call.on_message is not None:
+        call.on_message(message)
+    else:
+        log.info(message)
 
 
 def center_crop(image: PIL.Image.Image, width: int, height: int) -> PIL.Image.Image:

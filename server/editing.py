@@ -123,6 +123,8 @@ async def run_edit(
         num_images=body.num_images,
         on_step=lambda step, total: progress(f"step {step}/{total}"),
         should_cancel=should_cancel,
+        expand_prompt=body.enable_prompt_expansion,
+        on_message=progress,
     )
     progress(f"{profile} {width}x{height}, {len(images)} reference(s), seed {seed}")
     try:
@@ -140,6 +142,6 @@ async def run_edit(
         timings=timings,
         seed=seed,
         has_nsfw_concepts=[None] * len(files),
-        prompt=body.prompt,
-        notices=notices_for(body, profile, editor.capabilities()),
+        prompt=result.prompt,
+        notices=notices_for(body, profile, editor.capabilities()) + result.notices,
     )

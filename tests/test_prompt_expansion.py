@@ -1,0 +1,88 @@
+"""Prompt expansion on the tiny model: its text is gibberish, the mechanics are diffusers' caption upsampling.
+
+The tiny text encoder is a real Mistral3ForConditionalGeneration (with a Pixtral vision tower) behind a real
+PixtralProcessor, so the reference images reach it as [IMG] patch tokens, and generation samples real tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import shutil
+
+from pipelines.editor import EditCall, load_editor
+from pipelines.expansion import expand_prompt
+from tests.conftest import data_uri, decode, image_bytes
+from tests.test_queue import submit, wait_done
+
+REF = data_uri(image_bytes(96, 96, seed=7))
+EXPAND = {"prompt": "Make it snow", "image_urls": [REF], "image_size": "square", "enable_prompt_expansion": True}
+
+
+@pytest.fixture(scope="module")
+def editor(tiny_weights):
+    return load_editor(tiny_weights, device="cpu")
+
+
+def test_expansion_is_a_function_of_prompt_and_seed(editor):
+    refs = [decode(image_bytes(96, 96, seed=7)).convert("RGB")]
+    first = expand_prompt(editor.pipe, "Make it snow", refs, seed=1)
+    assert first and first != "Make it snow"
+    assert expand_prompt(editor.pipe, "Make it snow", refs, seed=1) == first  # deterministic per seed
+    assert expand_prompt(editor.pipe, "Make it snow", refs, seed=2) != first
+
+
+def test_the_text_encoder_sees_every_reference(editor, monkeypatch):
+    """Two references reach generate() as one concatenated image (diffusers' rule) and its [IMG] tokens."""
+    seen = {}
+    generate = editor.pipe.text_encoder.generate
+
+    def spy(**inputs):
+        seen.update(inputs)
+        return generate(**inputs)
+
+    monkeypatch.setattr(editor.pipe.text_encoder, "generate", spy)
+    refs = [decode(image_bytes(96, 96, seed=7)).convert("RGB"), decode(image_bytes(64, 128, seed=8)).convert("RGB")]
+    expand_prompt(editor.pipe, "Make it snow", refs, seed=1)
+    image_tokens = (seen["input_ids"] == editor.pipe.tokenizer.image_token_id).sum().item()
+    height, width = seen["image_sizes"][0].tolist()
+    patch = editor.pipe.tokenizer.patch_size * editor.pipe.tokenizer.spatial_merge_size
+    assert seen["pixel_values"].shape[:2] == (1, 3)
+    assert image_tokens == (height // patch) * (width // patch) > 0
+
+
+def test_the_processor_is_the_real_one(editor):
+    processor = editor.pipe.tokenizer
+    assert type(processor).__name__ == "PixtralProcessor"
+    assert type(processor.image_processor).__name__.startswith("PixtralImageProcessor")
+    assert editor.capabilities()["prompt_expansion"] is True
+
+
+def test_response_prompt_is_the_expanded_one_and_logs_show_it(server):
+    out = server.post("fal-ai/flux-2/turbo/edit", {**EXPAND, "seed": 1}).json()
+    again = server.post("fal-ai/flux-2/turbo/edit", {**EXPAND, "seed": 1}).json()
+    other = server.post("fal-ai/flux-2/turbo/edit", {**EXPAND, "seed": 2}).json()
+    plain = server.post("fal-ai/flux-2/turbo/edit", {**EXPAND, "seed": 1, "enable_prompt_expansion": False}).json()
+    assert out["prompt"] != "Make it snow" and out["prompt"].strip()
+    assert again["prompt"] == out["prompt"]
+    assert server.fetch_image(again["images"][0])[0] == server.fetch_image(out["images"][0])[0]
+    assert other["prompt"] != out["prompt"]
+    assert plain["prompt"] == "Make it snow"
+    assert server.fetch_image(plain["images"][0])[0] != server.fetch_image(out["images"][0])[0]
+    assert not any("expansion" in n.lower() for n in out["notices"])
+    assert "prompt_expansion" in out["timings"]
+    assert f"prompt expanded to: {out['prompt']!r}" in server.log()
+
+    done = wait_done(server.client, submit(server.client, server.url, "fal-ai/flux-2/turbo/edit", {**EXPAND, "seed": 1}))
+    assert f"prompt expanded to: {out['prompt']!r}" in [log["message"] for log in done["logs"]]
+
+
+def test_a_tokenizer_saved_alone_loads_and_says_expansion_is_unavailable(tiny_weights, tmp_path):
+    weights = shutil.copytree(tiny_weights, tmp_path / "weights")
+    (weights / "tokenizer" / "preprocessor_config.json").unlink()
+    (weights / "tokenizer" / "processor_config.json").unlink()
+    editor = load_editor(weights, device="cpu")
+    assert editor.capabilities()["prompt_expansion"] is False
+    refs = [decode(image_bytes(96, 96, seed=7)).convert("RGB")]
+    result = editor.edit(EditCall(refs, "Make it snow", 64, 64, profile="flash", expand_prompt=True, seed=1))
+    assert result.prompt == "Make it snow"

@@ -19,7 +19,7 @@ from server.dispatcher import Dispatcher
 from server.errors import install_error_handlers
 from server.outputs import OutputStore
 from server.proxy import fal_proxy
-from server.queue_store import RequestStore
+from server.queue_backend import open_queue
 from server.retention import run_retention
 from server.routes import edit, health, queue, storage
 from server.routes.queue import queue_host_routing
@@ -41,7 +41,7 @@ def create_app(settings: Settings, weights_dir: Path, tiny: bool = False) -> Fas
         for feature in ("safety_checker", "prompt_expansion"):
             if not caps[feature]:
                 log.warning("%s is not available on this server: requests asking for it say so in 'notices'", feature)
-        store = RequestStore(settings.data_dir / "queue.sqlite3")
+        store = open_queue(settings.queue, settings.data_dir, settings.retention_s)
         requeued = store.requeue_interrupted()
         if requeued:
             log.warning("re-queued %d request(s) left running by the previous server", requeued)

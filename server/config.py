@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     retention_sweep_every_s: float = 600.0
     webhook_backoff_s: float = 1.0  # first retry delay of a failed webhook; doubles each attempt (6 attempts)
     log_level: str = "info"
+    queue: str | None = None  # redis://host:port/db: API front-end over a shared Redis queue; None: embedded SQLite
 
     def keys(self) -> list[str]:
         from server.auth import parse_keys

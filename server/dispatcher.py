@@ -1,4 +1,8 @@
-"""Runs queued requests one at a time, in order of priority then arrival, and records their outcome."""
+"""Runs queued requests one at a time, in order of priority then arrival, and records their outcome.
+
+The same logic serves both deployments: inside `flux2-server serve` over the embedded SQLite queue, and inside
+each `flux2-server worker` over Redis. It talks to the queue only through `server.queue_backend.QueueBackend`.
+"""
 
 from __future__ import annotations
 
@@ -8,28 +12,30 @@ import time
 
 from pipelines import Cancelled
 from server.editing import run_edit
-from server.endpoints import BY_ID
+from server.endpoints import BY_ID, ENDPOINTS
 from server.errors import InferenceError, InputError
-from server.queue_store import QueuedRequest, RequestStore
+from server.queue_backend import QueueBackend, QueuedRequest
 from server.webhooks import WebhookSender, webhook_payload
 
 log = logging.getLogger(__name__)
 
 CANCELLED = "Request was cancelled"
+IDLE_RECHECK_S = 1.0  # an idle dispatcher looks at the queue at least this often (e.g. for abandoned requests)
 
 
 class Dispatcher:
-    def __init__(self, store: RequestStore, state, webhooks: WebhookSender):
+    def __init__(self, store: QueueBackend, state, webhooks: WebhookSender, profiles: list[str] | None = None):
         self.store = store
         self.state = state
         self.webhooks = webhooks
-        self.cancel_requested: set[str] = set()  # running requests to stop at their next step
+        # the endpoints this dispatcher takes requests for: those whose profile its model runs (default: all)
+        self.endpoint_ids = [e.endpoint_id for e in ENDPOINTS if profiles is None or e.profile in profiles]
         self._wakeup = asyncio.Event()
         self.stopping = False
 
     def stop(self) -> None:
-        """Take no more work and stop the running request at its next step; it stays IN_PROGRESS in the store,
-        so the next start re-queues it."""
+        """Take no more work and stop the running request at its next step; the queue gets it back
+        (`QueueBackend.release`) to run again."""
         self.stopping = True
         self._wakeup.set()
 
@@ -57,7 +63,7 @@ class Dispatcher:
             self.store.log(request.id, CANCELLED, "WARNING")
             return True
         if self.store.get(request.id).status == "IN_PROGRESS":
-            self.cancel_requested.add(request.id)
+            self.store.request_cancel(request.id)
             return True
         return False
 
@@ -67,10 +73,10 @@ class Dispatcher:
 
     async def run_forever(self) -> None:
         while not self.stopping:
-            request = self.store.next_queued()
+            self._wakeup.clear()
+            request = self.store.claim(self.endpoint_ids)
             if request is None:
-                self._wakeup.clear()
-                await self._wakeup.wait()
+                await self.store.wait_for_work(self._wakeup, IDLE_RECHECK_S)
                 continue
             try:
                 await self._run(request)
@@ -81,12 +87,11 @@ class Dispatcher:
                 )
 
     async def _run(self, request: QueuedRequest) -> None:
-        if request.start_deadline and time.time() > request.start_deadline:
+        """Run a claimed (IN_PROGRESS) request."""
+        if request.start_deadline and request.started_at > request.start_deadline:
             message = "Request timed out before processing started (X-Fal-Request-Timeout)"
-            self.finish(request, 504, {"detail": message}, message, "request_timeout", only_if_queued=True)
+            self.finish(request, 504, {"detail": message}, message, "request_timeout")
             return
-        if not self.store.mark_started(request.id):
-            return  # cancelled between the queue read and now
         endpoint = BY_ID[request.endpoint_id]
         body = endpoint.input_model.model_validate_json(request.input)
         started = time.perf_counter()
@@ -98,13 +103,14 @@ class Dispatcher:
                 request.files_url,
                 request.id,
                 on_log=lambda message: self.store.log(request.id, message),
-                should_cancel=lambda: self.stopping or request.id in self.cancel_requested,
+                should_cancel=lambda: self.stopping or self.store.cancel_requested(request.id),
             )
         except InputError as exc:
             self.finish(request, exc.status, {"detail": [exc.detail]}, exc.detail["msg"], exc.detail["type"])
         except Cancelled:
             if self.stopping:
-                log.info("request %s interrupted by shutdown: it runs again at the next start", request.id)
+                log.info("request %s interrupted by shutdown: it goes back to the queue", request.id)
+                self.store.release(request.id)
                 return
             self.store.log(request.id, CANCELLED, "WARNING")
             self.finish(request, 400, {"detail": CANCELLED}, CANCELLED, "request_cancelled")
@@ -113,5 +119,3 @@ class Dispatcher:
         else:
             metrics = {"inference_time": time.perf_counter() - started}
             self.finish(request, 200, output.model_dump(mode="json"), metrics=metrics)
-        finally:
-            self.cancel_requested.discard(request.id)

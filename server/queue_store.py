@@ -1,5 +1,7 @@
 """Queued requests, their status, logs and results, persisted in SQLite under the data directory.
 
+The default `QueueBackend` (see `server.queue_backend`): one process accepts requests and runs them.
+
 Every accepted request is a row before its submit call answers, so a crash loses nothing: at start-up, rows left
 IN_PROGRESS by a killed server go back to IN_QUEUE and run again. sqlite3 is the standard library's; one
 connection is shared by the event loop and the inference thread (which appends step logs) behind a lock.
@@ -7,15 +9,16 @@ connection is shared by the event loop and the inference thread (which appends s
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Collection
 from datetime import UTC, datetime
 from pathlib import Path
 
-PRIORITIES = {"normal": 0, "low": 1}  # fal's X-Fal-Queue-Priority values, in the order they are served
+from server.queue_backend import PRIORITIES, QueuedRequest  # noqa: F401 (imported from here by others)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
@@ -49,35 +52,9 @@ CREATE INDEX IF NOT EXISTS logs_by_request ON logs (request_id, at);
 """
 
 
-@dataclass
-class QueuedRequest:
-    seq: int
-    id: str
-    endpoint_id: str
-    input: str
-    priority: int
-    status: str
-    queue_url: str
-    files_url: str
-    webhook_url: str | None
-    start_deadline: float | None
-    created_at: float
-    started_at: float | None
-    completed_at: float | None
-    status_code: int | None
-    result: str | None
-    error: str | None
-    error_type: str | None
-    metrics: str | None
-
-    @property
-    def urls(self) -> dict[str, str]:
-        """fal's response_url (`{queue}/fal-ai/flux-2/requests/{id}`), with status_url and cancel_url below it."""
-        base = f"{self.queue_url}/requests/{self.id}"
-        return {"response_url": base, "status_url": base + "/status", "cancel_url": base + "/cancel"}
-
-
 class RequestStore:
+    distributed = False  # this process runs what it queues
+
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -89,11 +66,13 @@ class RequestStore:
         # that too, while per-step log lines don't wait on the disk.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        self._cancel_requested: set[str] = set()  # running requests to stop at their next step (this process)
+        self._workers: dict[str, tuple[float, dict]] = {}  # worker id -> (expires, info)
 
     def _one(self, sql: str, *args) -> QueuedRequest | None:
         with self._lock:
             row = self._db.execute(sql, args).fetchone()
-        return QueuedRequest(**dict(row)) if row else None
+        return QueuedRequest.from_mapping(dict(row)) if row else None
 
     def _write(self, sql: str, *args) -> int:
         with self._lock:
@@ -146,6 +125,42 @@ class RequestStore:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM requests WHERE status='IN_QUEUE'").fetchone()[0]
 
+    def claim(self, endpoint_ids: Collection[str]) -> QueuedRequest | None:
+        """The next queued request for one of `endpoint_ids`, marked IN_PROGRESS."""
+        marks = ",".join("?" * len(endpoint_ids))
+        while True:
+            request = self._one(
+                f"SELECT * FROM requests WHERE status='IN_QUEUE' AND endpoint_id IN ({marks})"
+                " ORDER BY priority, seq LIMIT 1",
+                *endpoint_ids,
+            )
+            if request is None or self.mark_started(request.id):
+                return self.get(request.id) if request else None
+
+    async def wait_for_work(self, wakeup: asyncio.Event, timeout_s: float) -> None:
+        """Submits to this process set `wakeup` (Dispatcher.notify)."""
+        try:
+            await asyncio.wait_for(wakeup.wait(), timeout_s)
+        except TimeoutError:
+            pass
+
+    def release(self, request_id: str) -> None:
+        """Left IN_PROGRESS: this process is the only one that runs requests, and `requeue_interrupted` puts it
+        back in the queue at its next start (as after a crash)."""
+
+    def request_cancel(self, request_id: str) -> None:
+        self._cancel_requested.add(request_id)
+
+    def cancel_requested(self, request_id: str) -> bool:
+        return request_id in self._cancel_requested
+
+    def heartbeat(self, worker_id: str, info: dict, ttl_s: float) -> None:
+        self._workers[worker_id] = (time.time() + ttl_s, info)
+
+    def workers(self) -> list[dict]:
+        now = time.time()
+        return [{"id": wid, **info} for wid, (expires, info) in self._workers.items() if expires > now]
+
     def mark_started(self, request_id: str) -> bool:
         """IN_QUEUE -> IN_PROGRESS; False if it is no longer queued (cancelled meanwhile)."""
         return bool(
@@ -168,6 +183,8 @@ class RequestStore:
     ) -> bool:
         """Record the outcome; with `only_if_queued`, only if the request has not started (a queued cancel)."""
         condition = "status='IN_QUEUE'" if only_if_queued else "status!='COMPLETED'"
+        if not only_if_queued:
+            self._cancel_requested.discard(request_id)
         return bool(
             self._write(
                 f"UPDATE requests SET status='COMPLETED', completed_at=?, status_code=?, result=?, error=?,"
@@ -211,7 +228,7 @@ class RequestStore:
             rows = self._db.execute(
                 "SELECT * FROM requests WHERE status='COMPLETED' AND completed_at < ?", (completed_before,)
             ).fetchall()
-        return [QueuedRequest(**dict(row)) for row in rows]
+        return [QueuedRequest.from_mapping(dict(row)) for row in rows]
 
     def delete(self, request_ids: list[str]) -> None:
         with self._lock:
@@ -220,6 +237,11 @@ class RequestStore:
                 self._db.execute("DELETE FROM logs WHERE request_id=?", (request_id,))
                 self._db.execute("DELETE FROM requests WHERE id=?", (request_id,))
             self._db.execute("COMMIT")
+
+    def purge(self, completed_before: float) -> int:
+        expired = [r.id for r in self.expired(completed_before)]
+        self.delete(expired)
+        return len(expired)
 
     def close(self) -> None:
         with self._lock:

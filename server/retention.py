@@ -11,23 +11,22 @@ import logging
 import time
 from pathlib import Path
 
-from server.queue_store import RequestStore
+from server.queue_backend import QueueBackend
 
 log = logging.getLogger(__name__)
 
 
-def sweep(store: RequestStore, files_dir: Path, max_age_s: float) -> tuple[int, int]:
+def sweep(store: QueueBackend, files_dir: Path, max_age_s: float) -> tuple[int, int]:
     """Delete what is older than `max_age_s`; returns (requests, files) removed."""
     cutoff = time.time() - max_age_s
-    expired = [r.id for r in store.expired(cutoff)]
-    store.delete(expired)
+    requests = store.purge(cutoff)
     old_files = [f for f in files_dir.iterdir() if f.is_file() and f.stat().st_mtime < cutoff]
     for path in old_files:
         path.unlink(missing_ok=True)
-    return len(expired), len(old_files)
+    return requests, len(old_files)
 
 
-async def run_retention(store: RequestStore, files_dir: Path, max_age_s: float, every_s: float) -> None:
+async def run_retention(store: QueueBackend, files_dir: Path, max_age_s: float, every_s: float) -> None:
     while True:
         requests, files = await asyncio.to_thread(sweep, store, files_dir, max_age_s)
         if requests or files:

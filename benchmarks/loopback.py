@@ -47,7 +47,7 @@ def start_server(
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()}")
         try:
-            if httpx.get(f"{url}/health", timeout=1, verify=verify).status_code == 200:
+            if httpx.get(f"{url}/ready", timeout=1, verify=verify).status_code == 200:  # the model is loaded
                 return process, url
         except httpx.HTTPError:
             pass

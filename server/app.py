@@ -17,11 +17,13 @@ from server.auth import parse_keys, require_key
 from server.config import Settings
 from server.dispatcher import Dispatcher
 from server.errors import install_error_handlers
+from server.logs import request_ids
+from server.metrics import Metrics
 from server.outputs import OutputStore
 from server.proxy import fal_proxy
 from server.queue_backend import open_queue
 from server.retention import run_retention
-from server.routes import edit, health, queue, storage
+from server.routes import edit, health, metrics, openapi, queue, storage
 from server.routes.queue import queue_host_routing
 from server.webhooks import WebhookSender
 from server.worker import InferenceWorker
@@ -30,17 +32,29 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings, weights_dir: Path, tiny: bool = False) -> FastAPI:
-    """An app serving the FLUX.2 weights in `weights_dir`; the model loads at start-up, before requests."""
+    """An app serving the FLUX.2 weights in `weights_dir`; the model loads in the background at start-up."""
     outputs = OutputStore(settings.data_dir)
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        editor = await asyncio.to_thread(load_editor, weights_dir, settings.device, settings.dtype)
-        app.state.worker = InferenceWorker(editor)
+    async def load_model(state) -> None:
+        """Load the model in the background: /health answers meanwhile, /ready once this is done; requests that
+        arrive meanwhile wait for it (`state.model_loaded`)."""
+        try:
+            editor = await asyncio.to_thread(load_editor, weights_dir, settings.device, settings.dtype)
+        except Exception as exc:
+            log.exception("the model failed to load from %s: /health and /ready answer 503", weights_dir)
+            state.model_error = f"{type(exc).__name__}: {exc}"
+            return
+        state.worker = InferenceWorker(editor)
         caps = editor.capabilities()
         for feature in ("safety_checker", "prompt_expansion"):
             if not caps[feature]:
                 log.warning("%s is not available on this server: requests asking for it say so in 'notices'", feature)
+        state.model_loaded.set()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.model_loaded, app.state.model_error = asyncio.Event(), None
+        loading = asyncio.create_task(load_model(app.state), name="load-model")
         store = open_queue(settings.queue, settings.data_dir, settings.retention_s)
         requeued = store.requeue_interrupted()
         if requeued:
@@ -60,9 +74,13 @@ def create_app(settings: Settings, weights_dir: Path, tiny: bool = False) -> Fas
             # Stop taking queued work; a request still running stops at its next step, stays IN_PROGRESS and
             # runs again at the next start.
             app.state.dispatcher.stop()
-            await dispatching
+            if not app.state.model_loaded.is_set():  # still loading (or failed): nothing runs, nothing to wait for
+                dispatching.cancel()
+            await asyncio.gather(dispatching, return_exceptions=True)
             await webhooks.close()
-            app.state.worker.shutdown()
+            await loading
+            if app.state.model_loaded.is_set():
+                app.state.worker.shutdown()
             store.close()
 
     app = FastAPI(
@@ -70,12 +88,18 @@ def create_app(settings: Settings, weights_dir: Path, tiny: bool = False) -> Fas
         summary="FLUX.2 [dev] image editing behind fal.ai's HTTP API, on your own GPU.",
         version="0.1.0",
         lifespan=lifespan,
+        openapi_url=None,  # served by routes/openapi.py, which also answers fal's `?endpoint_id=`
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.outputs = outputs
     app.state.tiny = tiny
+    app.state.metrics = Metrics(app.state)
     install_error_handlers(app)
     app.include_router(health.router)
+    app.include_router(metrics.router)
+    app.include_router(openapi.router)
     app.state.api_keys = settings.keys()
     if not app.state.api_keys:
         log.warning("no API keys configured: the API is open to anyone who can reach this port")
@@ -86,6 +110,7 @@ def create_app(settings: Settings, weights_dir: Path, tiny: bool = False) -> Fas
     app.include_router(storage.upload_router)
     app.add_middleware(queue_host_routing)
     app.add_middleware(fal_proxy)  # a proxied request is rewritten before any other routing
+    app.add_middleware(request_ids)
     origins = parse_keys(settings.cors_origins)
     if origins:  # outermost, so browsers' preflight requests are answered before the proxy looks at them
         app.add_middleware(

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import hmac
 
-from fastapi import HTTPException, Request
+from fastapi import HTTPException, Request, Security
+from fastapi.security import APIKeyHeader
+
+# Declares the header in /openapi.json (scheme "apiKeyAuth", as fal names it); the check itself is require_key's.
+api_key_header = APIKeyHeader(
+    name="Authorization",
+    scheme_name="apiKeyAuth",
+    description="'Key <key>' (fal's header); needed only when the server has API keys configured.",
+    auto_error=False,
+)
 
 
 def parse_keys(value: str | None) -> list[str]:
@@ -12,7 +21,7 @@ def parse_keys(value: str | None) -> list[str]:
     return [k.strip() for k in (value or "").split(",") if k.strip()]
 
 
-async def require_key(request: Request) -> None:
+async def require_key(request: Request, _declared: str | None = Security(api_key_header)) -> None:
     """FastAPI dependency. With no keys configured the server is open (and said so at start-up)."""
     keys: list[str] = request.app.state.api_keys
     if not keys:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import logging.config
 import os
 import shutil
 import sys
@@ -45,11 +46,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from server.app import create_app
     from server.config import Settings
+    from server.logs import logging_config
     from weights.verify import verify
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # air-gapped: nothing is ever fetched from a hub
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     settings = Settings(**overrides)
+    logging.config.dictConfig(logging_config(settings.log_format, settings.log_level))
+    if settings.log_format == "json":  # one JSON object per line: no progress bars while loading either
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
     if settings.weights is not None:
         report = verify(settings.weights)
         if not report.ok:
@@ -73,6 +82,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         app,
         host=settings.host,
         port=settings.port,
+        log_config=logging_config(settings.log_format, settings.log_level),
         log_level=settings.log_level,
         ssl_certfile=settings.ssl_certfile,
         ssl_keyfile=settings.ssl_keyfile,
@@ -126,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ssl-keyfile", type=Path, help="the certificate's private key")
     serve.add_argument("--api-keys-file", type=Path, help="require one of these keys (one per line) on API routes")
     serve.add_argument("--log-level")
+    serve.add_argument("--log-format", choices=["text", "json"], help="log lines as text (default) or JSON")
     serve.set_defaults(func=cmd_serve)
 
     tls = commands.add_parser("tls", help="make a local CA and a server certificate for HOST(s) and queue.HOST")

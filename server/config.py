@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -31,6 +32,7 @@ class Settings(BaseSettings):
     webhook_backoff_s: float = 1.0  # first retry delay of a failed webhook; doubles each attempt (6 attempts)
     log_level: str = "info"
     queue: str | None = None  # redis://host:port/db: API front-end over a shared Redis queue; None: embedded SQLite
+    log_format: Literal["text", "json"] = "text"  # json: one JSON object per line (time, level, request_id, ...)
 
     def keys(self) -> list[str]:
         from server.auth import parse_keys

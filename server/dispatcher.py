@@ -14,6 +14,7 @@ from pipelines import Cancelled
 from server.editing import run_edit
 from server.endpoints import BY_ID, ENDPOINTS
 from server.errors import InferenceError, InputError
+from server.logs import request_id_var
 from server.queue_backend import QueueBackend, QueuedRequest
 from server.webhooks import WebhookSender, webhook_payload
 
@@ -53,6 +54,8 @@ class Dispatcher:
         `only_if_queued`)."""
         if not self.store.complete(request.id, status_code, result, error, error_type, metrics, only_if_queued):
             return False
+        outcome = "ok" if status_code == 200 else error_type or f"http_{status_code}"
+        self.state.metrics.job_finished(request.endpoint_id, "queue", outcome, time.time() - request.created_at)
         if request.webhook_url:
             self.webhooks.send(request.webhook_url, webhook_payload(request.id, status_code, result, error))
         return True
@@ -72,6 +75,7 @@ class Dispatcher:
         self._wakeup.set()
 
     async def run_forever(self) -> None:
+        await self.state.model_loaded.wait()  # queued requests wait (in the store) while the model loads
         while not self.stopping:
             self._wakeup.clear()
             request = self.store.claim(self.endpoint_ids)
@@ -88,6 +92,7 @@ class Dispatcher:
 
     async def _run(self, request: QueuedRequest) -> None:
         """Run a claimed (IN_PROGRESS) request."""
+        request_id_var.set(request.id)
         if request.start_deadline and request.started_at > request.start_deadline:
             message = "Request timed out before processing started (X-Fal-Request-Timeout)"
             self.finish(request, 504, {"detail": message}, message, "request_timeout")

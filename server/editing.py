@@ -110,6 +110,11 @@ async def run_edit(
     width, height = output_size(body.image_size, images[0], editor.size_multiple)
     seed = body.seed if body.seed is not None else _seeds.randrange(2**32)
     fetched = time.perf_counter()
+    step_clock = state.metrics.step_clock(profile)  # step latency for /metrics
+
+    def on_step(step: int, total: int) -> None:
+        step_clock.tick()
+        progress(f"step {step}/{total}")
 
     call = EditCall(
         images=images,
@@ -121,7 +126,7 @@ async def run_edit(
         guidance_scale=body.guidance_scale,
         seed=seed,
         num_images=body.num_images,
-        on_step=lambda step, total: progress(f"step {step}/{total}"),
+        on_step=on_step,
         should_cancel=should_cancel,
         expand_prompt=body.enable_prompt_expansion,
         on_message=progress,

@@ -163,5 +163,11 @@ class QueueStatus(BaseModel):
     error_type: str | None = None
 
 
+class Message(BaseModel):
+    """fal's error shape for errors that are not about one input field."""
+
+    detail: str
+
+
 class CancelAnswer(BaseModel):
     status: Literal["CANCELLATION_REQUESTED", "ALREADY_COMPLETED"]

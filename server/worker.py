@@ -7,6 +7,7 @@ one running wait in the executor's FIFO queue.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from concurrent.futures import ThreadPoolExecutor
 
 from pipelines import EditCall, EditResult, Flux2Editor
@@ -21,7 +22,9 @@ class InferenceWorker:
     async def run(self, call: EditCall) -> EditResult:
         self.waiting += 1
         try:
-            return await asyncio.wrap_future(self._executor.submit(self.editor.edit, call))
+            # the call's context (its request id, for log lines) goes with it into the inference thread
+            context = contextvars.copy_context()
+            return await asyncio.wrap_future(self._executor.submit(context.run, self.editor.edit, call))
         finally:
             self.waiting -= 1
 

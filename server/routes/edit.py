@@ -1,22 +1,52 @@
 """fal's synchronous edit endpoints: POST /fal-ai/flux-2/edit, /fal-ai/flux-2/turbo/edit, /fal-ai/flux-2/flash/edit."""
 
+import time
 import uuid
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, HTTPException, Request, Response
 
 from server.editing import run_edit
 from server.endpoints import ENDPOINTS, Endpoint
-from server.schemas import EditOutput
+from server.errors import InferenceError, InputError
+from server.logs import request_id_var
+from server.schemas import EditOutput, Message
 
 router = APIRouter(tags=["edit"])
 
 
+async def wait_for_model(state) -> None:
+    """Requests that arrive while the model loads wait for it; if loading failed, they get a 503 saying why."""
+    if not state.model_loaded.is_set() and state.model_error is None:
+        await state.model_loaded.wait()
+    if state.model_error is not None:
+        raise HTTPException(503, f"The model failed to load: {state.model_error}")
+
+
 def _add_route(endpoint: Endpoint) -> None:
     async def handler(body: endpoint.input_model, request: Request, response: Response) -> EditOutput:
+        state = request.app.state
         request_id = str(uuid.uuid4())
+        request_id_var.set(request_id)
         response.headers["x-fal-request-id"] = request_id
-        base_url = request.app.state.settings.public_url or str(request.base_url)
-        return await run_edit(request.app.state, endpoint.profile, body, base_url, request_id)
+        base_url = state.settings.public_url or str(request.base_url)
+        started = time.perf_counter()
+        outcome = "internal_error"
+        try:
+            await wait_for_model(state)
+            output = await run_edit(state, endpoint.profile, body, base_url, request_id)
+            outcome = "ok"
+            return output
+        except InputError as exc:
+            outcome = exc.detail["type"]
+            raise
+        except InferenceError:
+            outcome = "inference_error"
+            raise
+        except HTTPException as exc:
+            outcome = f"http_{exc.status_code}"
+            raise
+        finally:
+            state.metrics.job_finished(endpoint.endpoint_id, "sync", outcome, time.perf_counter() - started)
 
     handler.__name__ = endpoint.profile + "_edit"
     router.add_api_route(
@@ -24,6 +54,7 @@ def _add_route(endpoint: Endpoint) -> None:
         handler,
         methods=["POST"],
         response_model=EditOutput,
+        responses={500: {"model": Message, "description": "The model failed"}, 503: {"model": Message}},
         summary=endpoint.summary,
         operation_id=endpoint.endpoint_id.replace("/", "_").replace("-", "_"),
     )

@@ -14,13 +14,19 @@ from fastapi import APIRouter, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.endpoints import APP_PATH, ENDPOINTS, Endpoint
+from server.logs import request_id_var
 from server.queue_store import PRIORITIES, QueuedRequest
-from server.schemas import CancelAnswer, QueueStatus, QueueSubmitted
+from server.schemas import CancelAnswer, EditOutput, Message, QueueStatus, QueueSubmitted
 
 router = APIRouter(prefix="/queue", tags=["queue"])
 STREAM_POLL_S = 0.1
 
 QUEUE_HOST_FLAG = "flux2.queue_host"
+NOT_FOUND = {404: {"model": Message, "description": "Unknown request id"}}
+STREAM_RESPONSE = {
+    "description": "Server-sent events: `data: <QueueStatus as JSON>` per change, ending at COMPLETED",
+    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+}
 
 
 def queue_host_routing(app):
@@ -51,6 +57,7 @@ def _add_submit_route(endpoint: Endpoint) -> None:
     ) -> QueueSubmitted:
         state = request.app.state
         request_id = str(uuid.uuid4())
+        request_id_var.set(request_id)
         state.store.add(
             request_id,
             endpoint.endpoint_id,
@@ -143,8 +150,38 @@ for _app_path in (APP_PATH, *(e.endpoint_id for e in ENDPOINTS)):
     _canonical = _app_path == APP_PATH  # the other forms work the same but are left out of /openapi.json
     _base = f"/{_app_path}/requests/{{request_id}}"
     router.add_api_route(
-        _base + "/status", status, methods=["GET"], response_model=QueueStatus, include_in_schema=_canonical
+        _base + "/status",
+        status,
+        methods=["GET"],
+        response_model=QueueStatus,
+        responses={202: {"model": QueueStatus, "description": "IN_QUEUE or IN_PROGRESS"}, **NOT_FOUND},
+        include_in_schema=_canonical,
     )
-    router.add_api_route(_base + "/status/stream", status_stream, methods=["GET"], include_in_schema=_canonical)
-    router.add_api_route(_base + "/cancel", cancel, methods=["PUT"], include_in_schema=_canonical)
-    router.add_api_route(_base, result, methods=["GET"], include_in_schema=_canonical)
+    router.add_api_route(
+        _base + "/status/stream",
+        status_stream,
+        methods=["GET"],
+        response_class=StreamingResponse,
+        responses={200: STREAM_RESPONSE, **NOT_FOUND},
+        include_in_schema=_canonical,
+    )
+    router.add_api_route(
+        _base + "/cancel",
+        cancel,
+        methods=["PUT"],
+        status_code=202,
+        response_model=CancelAnswer,
+        responses={400: {"model": CancelAnswer, "description": "ALREADY_COMPLETED"}, **NOT_FOUND},
+        include_in_schema=_canonical,
+    )
+    router.add_api_route(
+        _base,
+        result,
+        methods=["GET"],
+        response_model=EditOutput,
+        responses={
+            400: {"model": Message, "description": "still in progress, or the request's own failure"},
+            **NOT_FOUND,
+        },
+        include_in_schema=_canonical,
+    )

@@ -1,0 +1,113 @@
+"""Prometheus metrics (prometheus-client), one registry per app, served at GET /metrics.
+
+Counted as they happen: finished requests by endpoint, mode (sync or queue) and outcome; end-to-end latency
+(a queued request from submit to result, a sync one from its body being read to its answer); the time of each
+denoising step. Read at scrape time from the app's own objects: queue depth (`store.queued_count()`), model calls
+waiting (`worker.waiting`), whether the model is loaded, and, when the model is on a CUDA device, that device's
+memory (allocated and reserved by torch, free and total on the device).
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+# Seconds. Steps of FLUX.2 [dev] run ~0.1 s (H100, 1 MP) to minutes (the tiny model on a CPU is ~0.05 s).
+STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+REQUEST_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
+
+
+class Metrics:
+    def __init__(self, state):
+        self.registry = CollectorRegistry()
+        self.jobs = Counter(
+            "flux2_jobs",
+            "Requests finished, by endpoint, mode (sync or queue) and outcome (ok, or the error type).",
+            ["endpoint", "mode", "outcome"],
+            registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            "flux2_request_seconds",
+            "End-to-end latency of finished requests: queue mode from submit to result, sync mode the call.",
+            ["endpoint", "mode"],
+            buckets=REQUEST_BUCKETS,
+            registry=self.registry,
+        )
+        self.step_seconds = Histogram(
+            "flux2_step_seconds",
+            "Time of one denoising step (interval between consecutive steps; step 1, which includes prompt "
+            "encoding, is not observed).",
+            ["profile"],
+            buckets=STEP_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(LiveState(state))
+
+    def job_finished(self, endpoint: str, mode: str, outcome: str, seconds: float) -> None:
+        self.jobs.labels(endpoint, mode, outcome).inc()
+        self.request_seconds.labels(endpoint, mode).observe(seconds)
+
+    def step_clock(self, profile: str) -> StepClock:
+        return StepClock(self.step_seconds.labels(profile))
+
+
+class StepClock:
+    """Observes the interval between consecutive `tick()`s (called from the model's step callback)."""
+
+    def __init__(self, histogram):
+        self._histogram = histogram
+        self._last: float | None = None
+
+    def tick(self) -> None:
+        now = time.perf_counter()
+        if self._last is not None:
+            self._histogram.observe(now - self._last)
+        self._last = now
+
+
+class LiveState:
+    """A custom collector: values read from the app at scrape time rather than kept up to date by hand."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def collect(self):
+        state = self.state
+        store = getattr(state, "store", None)
+        if store is not None:
+            yield _gauge("flux2_queue_depth", "Queued requests not started yet.", store.queued_count())
+        loaded = state.model_loaded.is_set()
+        yield _gauge("flux2_model_loaded", "1 once the model is loaded and serving, else 0.", int(loaded))
+        if not loaded:
+            return
+        yield _gauge(
+            "flux2_model_calls_waiting",
+            "Edits handed to the model and not finished, the running one included.",
+            state.worker.waiting,
+        )
+        device = state.worker.editor.device
+        if device.type == "cuda":
+            yield from _cuda_memory(device)
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
+def _cuda_memory(device):
+    import torch
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(index)
+    values = {
+        "allocated": ("Bytes of tensors torch holds on the device.", torch.cuda.memory_allocated(index)),
+        "reserved": ("Bytes torch's caching allocator holds on the device.", torch.cuda.memory_reserved(index)),
+        "free": ("Bytes free on the device (all processes).", free),
+        "total": ("Bytes of memory on the device.", total),
+    }
+    for kind, (documentation, value) in values.items():
+        family = GaugeMetricFamily(f"flux2_gpu_memory_{kind}_bytes", documentation, labels=["device"])
+        family.add_metric([f"cuda:{index}"], value)
+        yield family

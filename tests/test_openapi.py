@@ -1,0 +1,108 @@
+"""/openapi.json documents every route with its schemas; `?endpoint_id=` answers fal's per-endpoint queue document."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.app import create_app
+from server.config import Settings
+from server.endpoints import ENDPOINTS
+
+
+def _resolve_all(value, schemas: dict) -> None:
+    """Every $ref in `value` names a schema the document has."""
+    if isinstance(value, dict):
+        ref = value.get("$ref")
+        if ref is not None:
+            assert ref.removeprefix("#/components/schemas/") in schemas, ref
+        for item in value.values():
+            _resolve_all(item, schemas)
+    elif isinstance(value, list):
+        for item in value:
+            _resolve_all(item, schemas)
+
+
+def test_every_route_is_documented_with_its_schemas(tiny_weights, tmp_path):
+    spec = create_app(Settings(data_dir=tmp_path), tiny_weights, tiny=True).openapi()
+    expected = {
+        "/health",
+        "/ready",
+        "/metrics",
+        *(f"/{e.endpoint_id}" for e in ENDPOINTS),
+        *(f"/queue/{e.endpoint_id}" for e in ENDPOINTS),
+        "/queue/fal-ai/flux-2/requests/{request_id}",
+        "/queue/fal-ai/flux-2/requests/{request_id}/status",
+        "/queue/fal-ai/flux-2/requests/{request_id}/status/stream",
+        "/queue/fal-ai/flux-2/requests/{request_id}/cancel",
+        "/storage/upload/initiate",
+        "/storage/upload/initiate-multipart",
+    }
+    assert expected <= set(spec["paths"])
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            success = {code: r for code, r in operation["responses"].items() if code.startswith("2")}
+            assert success, f"{method} {path} has no success response"
+            for code, response in success.items():
+                content = response.get("content")
+                assert content, f"{method} {path} {code} documents no body"
+                assert all(media.get("schema") for media in content.values()), (method, path, code)
+            if method == "post" and path.endswith("/edit"):
+                body = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+                assert body.endswith(("Flux2EditInput", "Flux2FastEditInput"))
+    _resolve_all(spec["paths"], spec["components"]["schemas"])
+    assert spec["components"]["securitySchemes"]["apiKeyAuth"] == {
+        "type": "apiKey",
+        "in": "header",
+        "name": "Authorization",
+        "description": "'Key <key>' (fal's header); needed only when the server has API keys configured.",
+    }
+    result = spec["paths"]["/queue/fal-ai/flux-2/requests/{request_id}"]["get"]["responses"]["200"]
+    assert result["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/EditOutput"}
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS, ids=lambda e: e.profile)
+def test_per_endpoint_document_like_fals(server, endpoint):
+    eid = endpoint.endpoint_id
+    response = server.client.get(f"{server.url}/openapi.json", params={"endpoint_id": eid})
+    assert response.status_code == 200
+    spec = response.json()
+    assert spec["info"]["title"] == f"Queue OpenAPI for {eid}"
+    assert spec["info"]["x-fal-metadata"]["endpointId"] == eid
+    assert spec["servers"] == [{"url": f"{server.url}/queue"}]
+    request = f"/{eid}/requests/{{request_id}}"
+    assert set(spec["paths"]) == {
+        f"/{eid}",
+        request,
+        request + "/status",
+        request + "/status/stream",
+        request + "/cancel",
+    }
+    schemas = spec["components"]["schemas"]
+    _resolve_all(spec["paths"], schemas)
+    body = spec["paths"][f"/{eid}"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    model = schemas[body.rsplit("/", 1)[1]]
+    assert model["required"] == ["prompt", "image_urls"]
+    assert model["properties"]["guidance_scale"]["maximum"] == 20
+    if endpoint.profile == "edit":
+        assert model["properties"]["num_inference_steps"] == {
+            "type": "integer",
+            "maximum": 50,
+            "minimum": 4,
+            "default": 28,
+            "title": "Num Inference Steps",
+            "description": "The number of inference steps to perform.",
+        }
+        assert "Flux2FastEditInput" not in schemas
+    else:
+        assert "num_inference_steps" not in model["properties"] and "Flux2EditInput" not in schemas
+    result = spec["paths"][request]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert result == {"$ref": "#/components/schemas/EditOutput"}
+    assert spec["paths"][request + "/status"]["get"]["security"] == [{"apiKeyAuth": []}]
+    assert spec["components"]["securitySchemes"]["apiKeyAuth"]["name"] == "Authorization"
+    assert "Health" not in schemas  # only what this endpoint's operations use
+
+
+def test_unknown_endpoint_id_is_a_404_naming_the_served_ones(server):
+    response = server.client.get(f"{server.url}/openapi.json", params={"endpoint_id": "fal-ai/flux/dev"})
+    assert response.status_code == 404
+    assert "fal-ai/flux-2/turbo/edit" in response.json()["detail"]

@@ -1,6 +1,6 @@
-"""`flux2-server`: serve the API, build the tiny model, verify a weights directory.
+"""`flux2-server`: serve the API, edit once, import/verify/build weights, check the machine (doctor), make TLS files.
 
-argparse (standard library) is enough for three subcommands; it keeps the dependency list to the design's.
+argparse (standard library) is enough for a handful of subcommands; the longer ones live in server/commands/.
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from server.commands import doctor as doctor_command
+from server.commands import edit as edit_command
+from server.commands import weights as weights_commands
 from weights.layout import TINY_MARKER
 
 TINY_CACHE_VERSION = "v1"  # bump when weights.tiny changes what it builds
@@ -106,18 +109,6 @@ def cmd_weights_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_weights_verify(args: argparse.Namespace) -> int:
-    from weights.verify import verify
-
-    report = verify(args.directory)
-    for component, state in report.components.items():
-        print(f"{component:14} {state}")
-    for problem in report.problems:
-        print(f"problem: {problem}")
-    print("OK" if report.ok else f"NOT USABLE: {len(report.problems)} problem(s)")
-    return 0 if report.ok else 1
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flux2-server", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -150,9 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = weights.add_parser("tiny", help="build the tiny random-weight FLUX.2 into DIR")
     tiny.add_argument("directory", type=Path)
     tiny.set_defaults(func=cmd_weights_tiny)
-    verify = weights.add_parser("verify", help="check a weights directory and name what is missing or corrupt")
-    verify.add_argument("directory", type=Path)
-    verify.set_defaults(func=cmd_weights_verify)
+    weights_commands.add_parsers(weights)
+    edit_command.add_parser(commands)
+    doctor_command.add_parser(commands)
     return parser
 
 

@@ -1,0 +1,162 @@
+"""`flux2-server edit` (local and --url), `weights import` from a Hugging Face cache, `weights verify`, `doctor`."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import data_uri, decode, image_bytes
+from weights.verify import verify
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ref") / "reference.png"
+    path.write_bytes(image_bytes(96, 96, seed=21))
+    return path
+
+
+def test_edit_locally_matches_the_server_pixel_for_pixel(server, tiny_weights, reference, tmp_path):
+    out = tmp_path / "out.png"
+    local = cli(
+        "edit", str(reference), "--prompt", "a red hat", "--endpoint", "flash", "--seed", "5",
+        "--image-size", "square", "--weights", str(tiny_weights), "-o", str(out),
+    )  # fmt: skip
+    assert local.returncode == 0, local.stderr
+    assert "4/4" in local.stderr  # the step bar reached the last step
+    assert "seed 5, 512x512, 4 steps" in local.stdout and str(out) in local.stdout
+    served = server.post(
+        "fal-ai/flux-2/flash/edit",
+        {"prompt": "a red hat", "image_urls": [data_uri(reference.read_bytes())], "seed": 5, "image_size": "square"},
+    ).json()
+    _, expected = server.fetch_image(served["images"][0])
+    assert np.array_equal(np.asarray(decode(out.read_bytes())), np.asarray(expected))
+
+
+def test_edit_against_a_server_follows_its_steps(server, reference, tmp_path):
+    out = tmp_path / "remote.jpg"
+    remote = cli(
+        "edit", str(reference), "--prompt", "p", "--endpoint", "turbo", "--seed", "9", "--image-size", "512x640",
+        "--num-images", "2", "--url", server.url, "-o", str(out),
+    )  # fmt: skip
+    assert remote.returncode == 0, remote.stderr
+    assert "8/8" in remote.stderr and "queued at position" in remote.stderr
+    assert "seed 9" in remote.stdout
+    for path in (tmp_path / "remote-1.jpg", tmp_path / "remote-2.jpg"):
+        image = decode(path.read_bytes())
+        assert image.format == "JPEG" and image.size == (512, 640)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--steps", "3"], "num_inference_steps: Input should be greater than or equal to 4"),
+        (["--endpoint", "turbo", "--steps", "10"], "--steps is for the base edit endpoint only"),
+        (["--image-size", "100x100"], "image_size"),
+        (["-o", "out.gif"], "-o must end in one of"),
+    ],
+)
+def test_edit_refuses_bad_input_with_the_apis_own_ranges(reference, args, message):
+    result = cli("edit", str(reference), "--prompt", "p", "--url", "http://127.0.0.1:9", *args)
+    assert result.returncode != 0 and message in result.stderr
+
+
+def fake_hf_cache(source: Path, root: Path) -> Path:
+    """`source` laid out as the Hugging Face cache does: files in blobs/ named by checksum, symlinked from
+    snapshots/<revision>/ (sha256 for LFS files, git blob sha1 for the rest); plus files outside the layout."""
+    repo = root / "models--black-forest-labs--FLUX.2-dev"
+    snapshot = repo / "snapshots" / "0123abcd"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    extra = {"README.md": b"# FLUX.2 [dev]\n", "flux2-dev.safetensors": b"single-file checkpoint, not copied"}
+    files = {p.relative_to(source): p.read_bytes() for p in source.rglob("*") if p.is_file()}
+    for relative, data in [*files.items(), *((Path(k), v) for k, v in extra.items())]:
+        if relative.suffix == ".safetensors":  # stored in LFS
+            name = hashlib.sha256(data).hexdigest()
+        else:
+            name = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        blob = repo / "blobs" / name
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = snapshot / relative
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    return repo
+
+
+def test_weights_import_from_a_hugging_face_cache(tiny_weights, tmp_path):
+    repo = fake_hf_cache(tiny_weights, tmp_path / "usb")
+    dest = tmp_path / "models" / "FLUX.2-dev"
+    result = cli("weights", "import", str(repo), str(dest))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert verify(dest).ok
+    assert not (dest / "flux2-dev.safetensors").exists() and not (dest / "README.md").exists()
+    assert "left out (not part of the diffusers layout): README.md, flux2-dev.safetensors" in result.stdout
+    copied = [p for p in dest.rglob("*") if p.is_file() and p.name != "SHA256SUMS"]
+    assert all(not p.is_symlink() for p in copied)
+    assert f"copied {len(copied)} files; {len(copied)} matched the snapshot's checksums" in result.stdout
+    sums = dict(line.split("  ")[::-1] for line in (dest / "SHA256SUMS").read_text().splitlines())
+    assert set(sums) == {str(p.relative_to(dest)) for p in copied}
+    for relative, digest in sums.items():
+        assert hashlib.sha256((dest / relative).read_bytes()).hexdigest() == digest
+    assert "transformer" in result.stdout and "OK" in result.stdout.splitlines()[-1]
+
+
+def test_weights_import_stops_at_a_corrupt_blob(tiny_weights, tmp_path):
+    repo = fake_hf_cache(tiny_weights, tmp_path / "usb")
+    weights = (repo / "snapshots" / "0123abcd" / "vae" / "diffusion_pytorch_model.safetensors").resolve()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit at the end: same size, different bytes
+    weights.write_bytes(bytes(data))
+    dest = tmp_path / "dest"
+    result = cli("weights", "import", str(repo / "snapshots" / "0123abcd"), str(dest))
+    assert result.returncode == 1
+    assert "checksum mismatch: vae/diffusion_pytorch_model.safetensors: sha256 is" in result.stdout
+    assert not (dest / "vae" / "diffusion_pytorch_model.safetensors").exists()
+
+
+def test_weights_verify_prints_components_and_profiles(tiny_weights, tmp_path):
+    weights = tmp_path / "w"
+    shutil.copytree(tiny_weights, weights)
+    before = cli("weights", "verify", str(weights))
+    assert before.returncode == 0, before.stdout
+    rows = {line.split()[0]: line for line in before.stdout.splitlines() if line.strip()}
+    assert rows["vae"].split()[1] == "ok"
+    assert "none needed" in rows["edit"]
+    assert "'turbo' not on disk (loras/turbo/): runs the base weights on its 8-step schedule" in rows["turbo"]
+    (weights / "loras" / "turbo").mkdir(parents=True)
+    after = cli("weights", "verify", str(weights))
+    assert "'turbo' on disk" in {line.split()[0]: line for line in after.stdout.splitlines() if line.strip()}["flash"]
+
+
+def test_doctor_reports_the_machine(tiny_weights):
+    result = cli("doctor", "--weights", str(tiny_weights))
+    assert result.returncode == 0, result.stderr
+    rows = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in result.stdout.splitlines() if line.strip())
+    for name in ("python", "torch", "diffusers", "transformers", "NVIDIA driver", "system memory", "memory mode"):
+        assert name in rows, result.stdout
+    assert rows["torch"].startswith("2.13.0")
+    assert rows["weights"].endswith(": ok")
+    import torch
+
+    if not torch.cuda.is_available():
+        assert "none visible to torch" in rows["GPU"]

@@ -23,7 +23,7 @@ from server.outputs import OutputStore
 from server.proxy import fal_proxy
 from server.queue_backend import open_queue
 from server.retention import run_retention
-from server.routes import edit, health, metrics, openapi, queue, storage
+from server.routes import edit, health, metrics, openapi, playground, queue, storage
 from server.routes.queue import queue_host_routing
 from server.webhooks import WebhookSender
 from server.worker import InferenceWorker
@@ -100,6 +100,7 @@ def create_app(settings: Settings, weights_dir: Path, tiny: bool = False) -> Fas
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(openapi.router)
+    app.include_router(playground.router)
     app.state.api_keys = settings.keys()
     if not app.state.api_keys:
         log.warning("no API keys configured: the API is open to anyone who can reach this port")
@@ -121,4 +122,5 @@ def create_app(settings: Settings, weights_dir: Path, tiny: bool = False) -> Fas
             expose_headers=["x-fal-request-id"],
         )
     app.mount("/files", StaticFiles(directory=outputs.files_dir), name="files")
+    app.mount("/static", playground.static_files, name="static")
     return app

@@ -1,0 +1,120 @@
+"""The playground at / in headless Chromium: form from the schema, uploads (picker and drag-drop), a queued run with
+live step progress, the result shown with its seed, a validation error shown at its field, and snippets.
+
+Set FLUX2_PLAYGROUND_SCREENSHOT=path to keep the screenshot (docs/playground.png is made this way)."""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import image_bytes
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+playwright = pytest.importorskip("playwright.sync_api", reason="needs the playwright package (test extra)")
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (.ci/run installs it)")
+
+DROP = """([name, b64]) => {
+  const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  const transfer = new DataTransfer();
+  transfer.items.add(new File([bytes], name, { type: "image/png" }));
+  document.querySelector("#dropzone").dispatchEvent(new DragEvent("drop", { dataTransfer: transfer, bubbles: true }));
+}"""
+RECORD_STATUS = """() => {
+  window.statusTexts = [];
+  new MutationObserver(() => window.statusTexts.push(document.querySelector("#status-text").textContent))
+    .observe(document.querySelector("#status-text"), { childList: true, characterData: true, subtree: true });
+}"""
+
+
+@pytest.fixture
+def page(server):
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
+        )
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        outside = []  # every request the page makes must go to this server (air-gapped)
+        page.on(
+            "request", lambda r: None if r.url.startswith((server.url, "blob:", "data:")) else outside.append(r.url)
+        )
+        yield page
+        browser.close()
+        assert not outside, f"the playground reached outside the server: {outside}"
+
+
+def test_playground_end_to_end(server, page, tmp_path):
+    picked = tmp_path / "picked.png"
+    picked.write_bytes(image_bytes(128, 96, seed=5))
+    page.goto(server.url + "/?endpoint_id=fal-ai/flux-2/flash/edit")
+    page.wait_for_selector("body[data-ready=true]")
+
+    # the form comes from the endpoint's schema: flash has no steps field; ranges and defaults are shown
+    assert page.locator("#fields [data-field=num_inference_steps]").count() == 0
+    assert "0–20, default 2.5" in page.locator("[data-field=guidance_scale] .name").inner_text()
+    page.select_option("#endpoint", "fal-ai/flux-2/edit")
+    page.wait_for_selector("[data-field=num_inference_steps]")
+    assert "4–50, default 28" in page.locator("[data-field=num_inference_steps] .name").inner_text()
+    assert page.input_value("#f-num_inference_steps") == "28"
+
+    # two references: one through the file picker, one dropped; both uploaded through the storage emulation
+    page.set_input_files("#files", str(picked))
+    page.evaluate(DROP, ["dropped.png", base64.b64encode(image_bytes(96, 96, seed=6)).decode()])
+    page.wait_for_function("document.querySelectorAll('#thumbs li.uploaded').length === 2")
+
+    page.fill("#f-prompt", "Make the sky purple")
+    page.fill("#f-seed", "7")
+    page.fill("#f-num_inference_steps", "30")
+    page.select_option("#f-image_size", "square_hd")
+    page.evaluate(RECORD_STATUS)
+    page.click("#submit")
+    page.wait_for_selector(".result img", timeout=240_000)
+    page.wait_for_function("document.querySelector('.result img').naturalWidth === 1024", timeout=60_000)
+    texts = page.evaluate("window.statusTexts")
+    assert any(t.startswith("Running: step ") and t.endswith(" of 30") for t in texts), texts  # live progress
+    assert page.locator("#status-text").inner_text() == "Completed"
+    assert page.locator("#log li", has_text="step 30/30").count() == 1
+    meta = page.locator(".result .meta").inner_text()
+    assert "seed 7" in meta and "fal-ai/flux-2/edit" in meta and "inference" in meta
+    download = page.locator(".result figcaption a")
+    assert download.get_attribute("href").startswith(server.url + "/files/") and download.get_attribute("download")
+
+    # snippets point at this server with the form's input
+    curl = page.locator("#snippet").inner_text()
+    assert f"curl -X POST {server.url}/fal-ai/flux-2/edit" in curl and '"num_inference_steps":30' in curl
+    assert f"{server.url}/files/upload-" in curl
+    page.click("[data-snippet=python]")
+    python = page.locator("#snippet").inner_text()
+    host = server.url.removeprefix("http://")
+    assert f'os.environ["FAL_QUEUE_RUN_HOST"] = "{host}/queue"' in python and '"seed": 7' in python
+    page.click("[data-snippet=js]")
+    assert f'proxyUrl: "{server.url}/api/fal/proxy"' in page.locator("#snippet").inner_text()
+    page.click("[data-snippet=curl]")
+
+    screenshot = tmp_path / "playground.png"
+    page.screenshot(path=str(screenshot), full_page=True)
+    assert screenshot.stat().st_size > 10_000
+    if os.environ.get("FLUX2_PLAYGROUND_SCREENSHOT"):
+        shutil.copy(screenshot, os.environ["FLUX2_PLAYGROUND_SCREENSHOT"])
+
+    # a value out of range: the server's 422, in plain words at the field
+    page.fill("#f-guidance_scale", "25")
+    page.click("#submit")
+    error = page.locator("[data-error-for=guidance_scale]")
+    error.wait_for(state="visible")
+    assert "less than or equal to 20" in error.inner_text()
+    assert page.locator("[data-field=guidance_scale]").get_attribute("class") == "field invalid"
+    assert "The server refused the request (422)" in page.locator("#banner").inner_text()
+    assert page.locator(".result").count() == 1  # nothing new was run
+
+
+def test_playground_assets_are_served_without_a_key(server):
+    for path, kind in (("/", "text/html"), ("/static/playground.js", "javascript"), ("/static/playground.css", "css")):
+        response = server.client.get(server.url + path)
+        assert response.status_code == 200 and kind in response.headers["content-type"]
+    assert "cdn" not in server.client.get(server.url + "/").text.lower()

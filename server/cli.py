@@ -43,6 +43,20 @@ def ensure_tiny(directory: Path | None = None) -> Path:
     return directory
 
 
+def route_library_logs(json_lines: bool) -> None:
+    """diffusers' and transformers' messages and Python warnings go through our handler (one format, with request
+    ids) instead of their own stderr handlers; with JSON lines, their progress bars are off too."""
+    import diffusers
+    import transformers
+
+    logging.captureWarnings(True)
+    for library in (diffusers.utils.logging, transformers.utils.logging):
+        library.disable_default_handler()
+        library.enable_propagation()
+        if json_lines:
+            library.disable_progress_bar()
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
@@ -56,12 +70,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     settings = Settings(**overrides)
     logging.config.dictConfig(logging_config(settings.log_format, settings.log_level))
-    if settings.log_format == "json":  # one JSON object per line: no progress bars while loading either
-        import diffusers
-        import transformers
-
-        diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.disable_progress_bar()
+    route_library_logs(json_lines=settings.log_format == "json")
     if settings.weights is not None:
         report = verify(settings.weights)
         if not report.ok:

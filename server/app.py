@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -17,11 +18,13 @@ from server.auth import parse_keys, require_key
 from server.config import Settings
 from server.dispatcher import Dispatcher
 from server.errors import install_error_handlers
+from server.file_storage import open_storage
 from server.outputs import OutputStore
 from server.proxy import fal_proxy
 from server.queue_backend import open_queue
+from server.queue_worker import advertise, new_worker_id, served_profiles, worker_info
 from server.retention import run_retention
-from server.routes import edit, health, queue, storage
+from server.routes import edit, files, health, queue, storage
 from server.routes.queue import queue_host_routing
 from server.webhooks import WebhookSender
 from server.worker import InferenceWorker
@@ -29,40 +32,69 @@ from server.worker import InferenceWorker
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, weights_dir: Path, tiny: bool = False) -> FastAPI:
-    """An app serving the FLUX.2 weights in `weights_dir`; the model loads at start-up, before requests."""
-    outputs = OutputStore(settings.data_dir)
+def create_app(settings: Settings, weights_dir: Path | None, tiny: bool = False) -> FastAPI:
+    """An app serving the FLUX.2 weights in `weights_dir`; the model loads at start-up, before requests.
+
+    With `weights_dir=None` (and a shared queue, `settings.queue`), the app is an API front-end only: it loads no
+    model, queues every request, and `flux2-server worker` processes run them.
+    """
+    outputs = OutputStore(settings.data_dir, open_storage(settings.storage, settings.data_dir, settings.retention_s))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        editor = await asyncio.to_thread(load_editor, weights_dir, settings.device, settings.dtype)
-        app.state.worker = InferenceWorker(editor)
-        caps = editor.capabilities()
-        for feature in ("safety_checker", "prompt_expansion"):
-            if not caps[feature]:
-                log.warning("%s is not available on this server: requests asking for it say so in 'notices'", feature)
-        store = open_queue(settings.queue, settings.data_dir, settings.retention_s)
-        requeued = store.requeue_interrupted()
-        if requeued:
-            log.warning("re-queued %d request(s) left running by the previous server", requeued)
+        worker_id = new_worker_id()
+        store = open_queue(
+            settings.queue,
+            settings.data_dir,
+            settings.retention_s,
+            visibility_timeout_s=settings.queue_visibility_timeout_s,
+            consumer=worker_id,
+        )
+        app.state.store = store
+        app.state.worker = None
+        if weights_dir is not None:
+            editor = await asyncio.to_thread(load_editor, weights_dir, settings.device, settings.dtype)
+            app.state.worker = InferenceWorker(editor)
+            caps = editor.capabilities()
+            for feature in ("safety_checker", "prompt_expansion"):
+                if not caps[feature]:
+                    log.warning(
+                        "%s is not available on this server: requests asking for it say so in 'notices'", feature
+                    )
+            requeued = store.requeue_interrupted()
+            if requeued:
+                log.warning("re-queued %d request(s) left running by the previous server", requeued)
+        else:
+            log.info(
+                "API front-end only: requests are queued on %s for `flux2-server worker` processes", settings.queue
+            )
         async with httpx.AsyncClient(follow_redirects=True, timeout=settings.fetch_timeout_s) as client:
             app.state.http = client
-            app.state.store = store
             webhooks = WebhookSender(client, settings.webhook_backoff_s)
-            app.state.dispatcher = Dispatcher(store, app.state, webhooks)
-            dispatching = asyncio.create_task(app.state.dispatcher.run_forever(), name="dispatcher")
-            retention = asyncio.create_task(
-                run_retention(store, outputs.files_dir, settings.retention_s, settings.retention_sweep_every_s),
-                name="retention",
-            )
+            profiles = served_profiles(settings)
+            app.state.dispatcher = Dispatcher(store, app.state, webhooks, profiles)
+            tasks = [
+                asyncio.create_task(
+                    run_retention(store, outputs.storage, settings.retention_s, settings.retention_sweep_every_s),
+                    name="retention",
+                )
+            ]
+            if app.state.worker is not None:
+                started, worker = time.time(), app.state.worker
+                dispatching = asyncio.create_task(app.state.dispatcher.run_forever(), name="dispatcher")
+                info = lambda: worker_info(worker, profiles, started)  # noqa: E731
+                ttl = settings.worker_heartbeat_ttl_s
+                tasks.append(asyncio.create_task(advertise(store, worker_id, info, ttl), name="heartbeat"))
             yield
-            retention.cancel()
-            # Stop taking queued work; a request still running stops at its next step, stays IN_PROGRESS and
-            # runs again at the next start.
-            app.state.dispatcher.stop()
-            await dispatching
+            for task in tasks:
+                task.cancel()
+            if app.state.worker is not None:
+                # Stop taking queued work; a request still running stops at its next step and goes back to the
+                # queue (with SQLite: stays IN_PROGRESS and runs again at the next start).
+                app.state.dispatcher.stop()
+                await dispatching
+                app.state.worker.shutdown()
             await webhooks.close()
-            app.state.worker.shutdown()
             store.close()
 
     app = FastAPI(
@@ -95,5 +127,8 @@ def create_app(settings: Settings, weights_dir: Path, tiny: bool = False) -> Fas
             allow_headers=["*"],
             expose_headers=["x-fal-request-id"],
         )
-    app.mount("/files", StaticFiles(directory=outputs.files_dir), name="files")
+    if outputs.files_dir is not None:
+        app.mount("/files", StaticFiles(directory=outputs.files_dir), name="files")
+    else:
+        app.include_router(files.router)  # files in a bucket, streamed through this server
     return app

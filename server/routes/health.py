@@ -8,10 +8,13 @@ router = APIRouter(tags=["health"])
 @router.get("/health")
 async def health(request: Request) -> dict:
     state = request.app.state
+    local = state.worker  # None on an API front-end, whose requests run on `flux2-server worker` processes
     return {
         "status": "ok",
         "tiny_model": state.tiny,
-        "waiting": state.worker.waiting,  # edits submitted to the model and not finished, the running one included
-        "queued": state.store.queued_count(),  # queue requests not started yet
-        "capabilities": state.worker.editor.capabilities(),
+        # edits submitted to this process's model and not finished, the running one included
+        "waiting": local.waiting if local else None,
+        "queued": state.store.queued_count(),  # queue requests not started yet (all workers' queue)
+        "workers": state.store.workers(),  # live workers, each as it advertises itself (heartbeat not expired)
+        "capabilities": local.editor.capabilities() if local else None,
     }

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -179,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="flux2-scale-bench-") as tmp:
         work = Path(tmp)
         weights = build_tiny(work / "tiny")
+        load_before = os.getloadavg()
         results = run(weights, args.jobs, args.stream_steps, work)
+        load_after = os.getloadavg()
     report = {
         "benchmark": "scale-out queue overhead (CPU, tiny model, loopback)",
         "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.scale_out", *sys.argv[1:]]),
@@ -198,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         "note": "Status streams poll the queue every 0.1 s (server/routes/queue.py STREAM_POLL_S), which bounds "
         "stream latency and adds to end to end. The machine is shared with other work, so absolute figures are "
         "noisy; the differences between the two deployments are what this measures.",
+        "load_average_1_5_15_min": {"before": load_before, "after": load_after, "cores": os.cpu_count()},
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,6 @@ import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import httpx
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
@@ -19,6 +18,7 @@ from server.config import Settings
 from server.dispatcher import Dispatcher
 from server.errors import install_error_handlers
 from server.file_storage import open_storage
+from server.outbound import outbound_client
 from server.outputs import OutputStore
 from server.proxy import fal_proxy
 from server.queue_backend import open_queue
@@ -68,7 +68,7 @@ def create_app(settings: Settings, weights_dir: Path | None, tiny: bool = False)
             log.info(
                 "API front-end only: requests are queued on %s for `flux2-server worker` processes", settings.queue
             )
-        async with httpx.AsyncClient(follow_redirects=True, timeout=settings.fetch_timeout_s) as client:
+        async with outbound_client(settings) as client:
             app.state.http = client
             webhooks = WebhookSender(client, settings.webhook_backoff_s)
             profiles = served_profiles(settings)

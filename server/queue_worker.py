@@ -17,12 +17,11 @@ import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
-import httpx
-
 from pipelines import PROFILES, load_editor
 from server.config import Settings
 from server.dispatcher import Dispatcher
 from server.file_storage import open_storage
+from server.outbound import outbound_client
 from server.outputs import OutputStore
 from server.queue_backend import QueueBackend, open_queue
 from server.webhooks import WebhookSender
@@ -82,7 +81,7 @@ async def run_worker(settings: Settings, weights_dir: Path, tiny: bool) -> None:
     editor = await asyncio.to_thread(load_editor, weights_dir, settings.device, settings.dtype)
     worker = InferenceWorker(editor)
     started = time.time()
-    async with httpx.AsyncClient(follow_redirects=True, timeout=settings.fetch_timeout_s) as client:
+    async with outbound_client(settings) as client:
         state = SimpleNamespace(
             worker=worker,
             http=client,

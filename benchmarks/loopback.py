@@ -19,8 +19,9 @@ def free_port() -> int:
 
 
 def start_server(
-    weights: Path, data_dir: Path, log_path: Path, *extra: str, scheme: str = "http", verify=True, env=None
+    weights: Path | None, data_dir: Path, log_path: Path, *extra: str, scheme: str = "http", verify=True, env=None
 ):
+    """`flux2-server serve` on a free port; `weights=None` serves the API alone (pass `--queue redis://...`)."""
     port = free_port()
     log_file = log_path.open("w")
     process = subprocess.Popen(
@@ -29,8 +30,7 @@ def start_server(
             "-m",
             "server.cli",
             "serve",
-            "--weights",
-            str(weights),
+            *(["--weights", str(weights)] if weights is not None else []),
             "--port",
             str(port),
             "--data-dir",
@@ -54,3 +54,48 @@ def start_server(
         time.sleep(0.2)
     process.kill()
     raise RuntimeError(f"server did not start:\n{log_path.read_text()}")
+
+
+def start_worker(weights: Path, queue: str, data_dir: Path, log_path: Path, *extra: str, env=None):
+    """`flux2-server worker` on the shared queue; returns once it has loaded its model and takes requests."""
+    log_file = log_path.open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "worker", "--queue", queue, "--weights", str(weights)]
+        + ["--data-dir", str(data_dir), *extra],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"worker exited with {process.returncode}:\n{log_path.read_text()}")
+        if " serving " in log_path.read_text():
+            return process
+        time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"worker did not start:\n{log_path.read_text()}")
+
+
+def start_redis(directory: Path):
+    """A private redis-server on a free loopback port (Debian's `redis-server` package); returns (process, URL)."""
+    port = free_port()
+    directory.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory), "--save", ""]
+        + ["--appendonly", "no"],
+        stdout=(directory / "redis.log").open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    import redis
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            redis.Redis.from_url(url).ping()
+            return process, url
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError("redis-server did not start")

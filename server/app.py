@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import httpx
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
@@ -17,13 +17,16 @@ from server.auth import parse_keys, require_key
 from server.config import Settings
 from server.dispatcher import Dispatcher
 from server.errors import install_error_handlers
+from server.file_storage import open_storage
 from server.logs import request_ids
 from server.metrics import Metrics
+from server.outbound import outbound_client
 from server.outputs import OutputStore
 from server.proxy import fal_proxy
 from server.queue_backend import open_queue
+from server.queue_worker import advertise, new_worker_id, served_profiles, worker_info
 from server.retention import run_retention
-from server.routes import edit, health, metrics, openapi, playground, queue, storage
+from server.routes import edit, files, health, metrics, openapi, playground, queue, storage
 from server.routes.queue import queue_host_routing
 from server.webhooks import WebhookSender
 from server.worker import InferenceWorker
@@ -31,9 +34,13 @@ from server.worker import InferenceWorker
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, weights_dir: Path, tiny: bool = False) -> FastAPI:
-    """An app serving the FLUX.2 weights in `weights_dir`; the model loads in the background at start-up."""
-    outputs = OutputStore(settings.data_dir)
+def create_app(settings: Settings, weights_dir: Path | None, tiny: bool = False) -> FastAPI:
+    """An app serving the FLUX.2 weights in `weights_dir`; the model loads in the background at start-up.
+
+    With `weights_dir=None` (and a shared queue, `settings.queue`), the app is an API front-end only: it loads no
+    model, queues every request, and `flux2-server worker` processes run them.
+    """
+    outputs = OutputStore(settings.data_dir, open_storage(settings.storage, settings.data_dir, settings.retention_s))
 
     async def load_model(state) -> None:
         """Load the model in the background: /health answers meanwhile, /ready once this is done; requests that
@@ -51,35 +58,65 @@ def create_app(settings: Settings, weights_dir: Path, tiny: bool = False) -> Fas
                 log.warning("%s is not available on this server: requests asking for it say so in 'notices'", feature)
         state.model_loaded.set()
 
+    async def advertise_when_loaded(state, store, worker_id: str, profiles) -> None:
+        await state.model_loaded.wait()
+        started, worker = time.time(), state.worker
+        info = lambda: worker_info(worker, profiles, started)
+        await advertise(store, worker_id, info, settings.worker_heartbeat_ttl_s)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.model_loaded, app.state.model_error = asyncio.Event(), None
-        loading = asyncio.create_task(load_model(app.state), name="load-model")
-        store = open_queue(settings.queue, settings.data_dir, settings.retention_s)
-        requeued = store.requeue_interrupted()
-        if requeued:
-            log.warning("re-queued %d request(s) left running by the previous server", requeued)
-        async with httpx.AsyncClient(follow_redirects=True, timeout=settings.fetch_timeout_s) as client:
-            app.state.http = client
-            app.state.store = store
-            webhooks = WebhookSender(client, settings.webhook_backoff_s)
-            app.state.dispatcher = Dispatcher(store, app.state, webhooks)
-            dispatching = asyncio.create_task(app.state.dispatcher.run_forever(), name="dispatcher")
-            retention = asyncio.create_task(
-                run_retention(store, outputs.files_dir, settings.retention_s, settings.retention_sweep_every_s),
-                name="retention",
+        app.state.worker = None
+        worker_id = new_worker_id()
+        store = open_queue(
+            settings.queue,
+            settings.data_dir,
+            settings.retention_s,
+            visibility_timeout_s=settings.queue_visibility_timeout_s,
+            consumer=worker_id,
+        )
+        app.state.store = store
+        loading = None
+        if weights_dir is not None:
+            loading = asyncio.create_task(load_model(app.state), name="load-model")
+            requeued = store.requeue_interrupted()
+            if requeued:
+                log.warning("re-queued %d request(s) left running by the previous server", requeued)
+        else:
+            log.info(
+                "API front-end only: requests are queued on %s for `flux2-server worker` processes", settings.queue
             )
+        async with outbound_client(settings) as client:
+            app.state.http = client
+            webhooks = WebhookSender(client, settings.webhook_backoff_s)
+            profiles = served_profiles(settings)
+            app.state.dispatcher = Dispatcher(store, app.state, webhooks, profiles)
+            tasks = [
+                asyncio.create_task(
+                    run_retention(store, outputs.storage, settings.retention_s, settings.retention_sweep_every_s),
+                    name="retention",
+                )
+            ]
+            dispatching = None
+            if weights_dir is not None:  # the dispatcher and the heartbeat wait for the model to load
+                dispatching = asyncio.create_task(app.state.dispatcher.run_forever(), name="dispatcher")
+                heartbeat = advertise_when_loaded(app.state, store, worker_id, profiles)
+                tasks.append(asyncio.create_task(heartbeat, name="heartbeat"))
             yield
-            retention.cancel()
-            # Stop taking queued work; a request still running stops at its next step, stays IN_PROGRESS and
-            # runs again at the next start.
-            app.state.dispatcher.stop()
-            if not app.state.model_loaded.is_set():  # still loading (or failed): nothing runs, nothing to wait for
-                dispatching.cancel()
-            await asyncio.gather(dispatching, return_exceptions=True)
+            for task in tasks:
+                task.cancel()
+            if dispatching is not None:
+                # Stop taking queued work; a request still running stops at its next step and goes back to the
+                # queue (with SQLite: stays IN_PROGRESS and runs again at the next start).
+                app.state.dispatcher.stop()
+                if not app.state.model_loaded.is_set():  # still loading (or failed): nothing runs
+                    dispatching.cancel()
+                await asyncio.gather(dispatching, return_exceptions=True)
             await webhooks.close()
-            await loading
-            if app.state.model_loaded.is_set():
+            if loading is not None:
+                await loading
+            if app.state.worker is not None:
                 app.state.worker.shutdown()
             store.close()
 
@@ -95,6 +132,7 @@ def create_app(settings: Settings, weights_dir: Path, tiny: bool = False) -> Fas
     app.state.settings = settings
     app.state.outputs = outputs
     app.state.tiny = tiny
+    app.state.front_end = weights_dir is None  # an API front-end: queue workers run the model
     app.state.metrics = Metrics(app.state)
     install_error_handlers(app)
     app.include_router(health.router)
@@ -121,6 +159,9 @@ def create_app(settings: Settings, weights_dir: Path, tiny: bool = False) -> Fas
             allow_headers=["*"],
             expose_headers=["x-fal-request-id"],
         )
-    app.mount("/files", StaticFiles(directory=outputs.files_dir), name="files")
+    if outputs.files_dir is not None:
+        app.mount("/files", StaticFiles(directory=outputs.files_dir), name="files")
+    else:
+        app.include_router(files.router)  # files in a bucket, streamed through this server
     app.mount("/static", playground.static_files, name="static")
     return app

@@ -1,4 +1,5 @@
-"""`flux2-server`: serve the API, edit once, import/verify/build weights, check the machine (doctor), make TLS files.
+"""`flux2-server`: serve the API, run a queue worker, edit once, import/verify/build weights, check the machine
+(doctor), make TLS files.
 
 argparse (standard library) is enough for a handful of subcommands; the longer ones live in server/commands/.
 """
@@ -57,20 +58,12 @@ def route_library_logs(json_lines: bool) -> None:
             library.disable_progress_bar()
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def resolve_weights(settings) -> tuple[Path | None, bool] | int:
+    """(weights directory, tiny) from --weights / --tiny; an exit status where they are unusable."""
     import torch
-    import uvicorn
 
-    from server.app import create_app
-    from server.config import Settings
-    from server.logs import logging_config
     from weights.verify import verify
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # air-gapped: nothing is ever fetched from a hub
-    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
-    settings = Settings(**overrides)
-    logging.config.dictConfig(logging_config(settings.log_format, settings.log_level))
-    route_library_logs(json_lines=settings.log_format == "json")
     if settings.weights is not None:
         report = verify(settings.weights)
         if not report.ok:
@@ -78,17 +71,51 @@ def cmd_serve(args: argparse.Namespace) -> int:
             for problem in report.problems:
                 print(f"  - {problem}", file=sys.stderr)
             return 2
-        weights_dir = settings.weights
-        tiny = (weights_dir / TINY_MARKER).is_file()
-    elif settings.tiny or not torch.cuda.is_available():
-        weights_dir, tiny = ensure_tiny(), True
+        return settings.weights, (settings.weights / TINY_MARKER).is_file()
+    if settings.tiny or not torch.cuda.is_available():
+        weights_dir = ensure_tiny()
         logging.getLogger("flux2").warning(
             "serving the TINY random-weight model from %s: outputs are noise. Pass --weights DIR for FLUX.2 [dev].",
             weights_dir,
         )
+        return weights_dir, True
+    print("error: a GPU is present but no weights were given: pass --weights DIR (or --tiny)", file=sys.stderr)
+    return 2
+
+
+def settings_from(args: argparse.Namespace):
+    from server.config import Settings
+    from server.logs import logging_config
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # air-gapped: nothing is ever fetched from a hub
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    if getattr(args, "gpu", None) is not None:
+        overrides["device"] = f"cuda:{args.gpu}"
+    settings = Settings(**overrides)
+    logging.config.dictConfig(logging_config(settings.log_format, settings.log_level))
+    route_library_logs(json_lines=settings.log_format == "json")
+    return settings
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import create_app
+    from server.logs import logging_config
+
+    settings = settings_from(args)
+    if (
+        settings.queue
+        and settings.queue.startswith(("redis", "unix"))
+        and settings.weights is None
+        and not settings.tiny
+    ):
+        weights_dir, tiny = None, False  # the API tier alone: `flux2-server worker` processes run the model
     else:
-        print("error: a GPU is present but no weights were given: pass --weights DIR (or --tiny)", file=sys.stderr)
-        return 2
+        resolved = resolve_weights(settings)
+        if isinstance(resolved, int):
+            return resolved
+        weights_dir, tiny = resolved
     app = create_app(settings, weights_dir, tiny=tiny)
     uvicorn.run(
         app,
@@ -99,6 +126,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ssl_certfile=settings.ssl_certfile,
         ssl_keyfile=settings.ssl_keyfile,
     )
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from server.queue_worker import run_worker
+
+    settings = settings_from(args)
+    if not settings.queue:
+        print("error: a worker needs the shared queue: pass --queue redis://HOST:PORT/DB", file=sys.stderr)
+        return 2
+    resolved = resolve_weights(settings)
+    if isinstance(resolved, int):
+        return resolved
+    asyncio.run(run_worker(settings, *resolved))
     return 0
 
 
@@ -137,7 +180,27 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-keys-file", type=Path, help="require one of these keys (one per line) on API routes")
     serve.add_argument("--log-level")
     serve.add_argument("--log-format", choices=["text", "json"], help="log lines as text (default) or JSON")
+    serve.add_argument(
+        "--queue",
+        help="redis://HOST:PORT/DB: share this queue with other front-ends and `worker` processes; without "
+        "--weights/--tiny, serve the API alone (default: the embedded SQLite queue, running the model here)",
+    )
+    serve.add_argument("--profiles", help="comma-separated profiles the local model serves (default: all)")
     serve.set_defaults(func=cmd_serve)
+
+    worker = commands.add_parser("worker", help="run one GPU's model on requests from a shared queue")
+    worker.add_argument("--queue", required=True, help="redis://HOST:PORT/DB, as given to the front-ends")
+    source = worker.add_mutually_exclusive_group()
+    source.add_argument("--weights", type=Path, help="FLUX.2 [dev] directory in diffusers layout")
+    source.add_argument("--tiny", action="store_true", default=None, help="run the tiny random-weight model")
+    worker.add_argument("--gpu", type=int, help="CUDA device index (same as --device cuda:N)")
+    worker.add_argument("--device", help="torch device (default: CUDA when present, else CPU)")
+    worker.add_argument("--dtype", help="torch dtype, e.g. bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
+    worker.add_argument("--profiles", help="comma-separated profiles to take requests for (default: all)")
+    worker.add_argument("--data-dir", type=Path, help="where output files are written, as the front-ends serve it")
+    worker.add_argument("--log-level")
+    worker.add_argument("--log-format", choices=["text", "json"], help="log lines as text (default) or JSON")
+    worker.set_defaults(func=cmd_worker)
 
     tls = commands.add_parser("tls", help="make a local CA and a server certificate for HOST(s) and queue.HOST")
     tls.add_argument("hosts", nargs="+", metavar="HOST", help="names or IP addresses clients will use")

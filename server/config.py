@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from pydantic import field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -31,8 +32,22 @@ class Settings(BaseSettings):
     retention_sweep_every_s: float = 600.0
     webhook_backoff_s: float = 1.0  # first retry delay of a failed webhook; doubles each attempt (6 attempts)
     log_level: str = "info"
-    queue: str | None = None  # redis://host:port/db: API front-end over a shared Redis queue; None: embedded SQLite
     log_format: Literal["text", "json"] = "text"  # json: one JSON object per line (time, level, request_id, ...)
+    # The queue: None (default) is the embedded SQLite queue under data_dir; redis://host:port/db is a Redis shared
+    # by API front-ends (`serve --queue`) and GPU workers (`worker --queue`).
+    queue: str | None = None
+    queue_visibility_timeout_s: float = 30.0  # a worker silent this long has died: its request runs elsewhere
+    worker_heartbeat_ttl_s: float = 10.0  # a worker missing from /health this long after its last heartbeat is gone
+    # Output files: None (default) is <data_dir>/files; file:///DIR a directory shared by all processes;
+    # s3://bucket/prefix?endpoint_url=...&urls=presigned|proxy an S3-compatible bucket (see server/file_storage.py)
+    storage: str | None = None
+    profiles: str | None = None  # comma-separated profiles this process's model serves (default: all)
+
+    @field_validator("weights", "queue", "storage", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value):
+        """FLUX2_WEIGHTS="" unsets what an image's environment sets (an API front-end loads no model)."""
+        return None if value == "" else value
 
     def keys(self) -> list[str]:
         from server.auth import parse_keys

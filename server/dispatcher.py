@@ -78,9 +78,14 @@ class Dispatcher:
         await self.state.model_loaded.wait()  # queued requests wait (in the store) while the model loads
         while not self.stopping:
             self._wakeup.clear()
-            request = self.store.claim(self.endpoint_ids)
-            if request is None:
-                await self.store.wait_for_work(self._wakeup, IDLE_RECHECK_S)
+            try:
+                request = self.store.claim(self.endpoint_ids)
+                if request is None:
+                    await self.store.wait_for_work(self._wakeup, IDLE_RECHECK_S)
+                    continue
+            except Exception:  # the queue unreachable for a while (a Redis restart): keep trying
+                log.exception("could not read the queue; trying again in %.0f s", IDLE_RECHECK_S)
+                await asyncio.sleep(IDLE_RECHECK_S)
                 continue
             try:
                 await self._run(request)

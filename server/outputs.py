@@ -1,4 +1,4 @@
-"""Output images: encode in the requested format, then store under the data directory or inline as data URIs."""
+"""Output images: encode in the requested format, then keep them in the file storage or inline as data URIs."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import PIL.Image
 
+from server.file_storage import FileStorage, LocalStorage
 from server.schemas import ImageFile
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -22,11 +23,11 @@ def encode(image: PIL.Image.Image, output_format: str) -> bytes:
 
 
 class OutputStore:
-    """Writes output files to `<data_dir>/files`, served by the app under /files/."""
+    """Writes output files to the file storage (default `<data_dir>/files`, served by the app under /files/)."""
 
-    def __init__(self, data_dir: Path):
-        self.files_dir = data_dir / "files"
-        self.files_dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, data_dir: Path, storage: FileStorage | None = None):
+        self.storage = storage or LocalStorage(data_dir / "files")
+        self.files_dir = self.storage.local_dir  # None where the files are not on this machine's disk
 
     def save(
         self, images: list[PIL.Image.Image], output_format: str, base_url: str, sync_mode: bool
@@ -40,8 +41,8 @@ class OutputStore:
             if sync_mode:
                 url = f"data:{content_type};base64,{base64.b64encode(data).decode()}"
             else:
-                (self.files_dir / name).write_bytes(data)
-                url = f"{base_url.rstrip('/')}/files/{name}"
+                self.storage.put(name, data, content_type)
+                url = self.storage.url(name, base_url)
             files.append(
                 ImageFile(
                     url=url,

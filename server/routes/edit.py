@@ -9,6 +9,7 @@ from server.editing import run_edit
 from server.endpoints import ENDPOINTS, Endpoint
 from server.errors import InferenceError, InputError
 from server.logs import request_id_var
+from server.routes.queue import enqueue, result_response, wait_completed
 from server.schemas import EditOutput, Message
 
 router = APIRouter(tags=["edit"])
@@ -25,6 +26,8 @@ async def wait_for_model(state) -> None:
 def _add_route(endpoint: Endpoint) -> None:
     async def handler(body: endpoint.input_model, request: Request, response: Response) -> EditOutput:
         state = request.app.state
+        if state.front_end:  # an API front-end: the request runs on a queue worker
+            return result_response(await wait_completed(request, enqueue(request, endpoint, body).id))
         request_id = str(uuid.uuid4())
         request_id_var.set(request_id)
         response.headers["x-fal-request-id"] = request_id

@@ -9,12 +9,13 @@ router = APIRouter(tags=["health"])
 
 class Health(BaseModel):
     status: str = Field(description="'ok' while the process serves; 'error' once the model failed to load (503).")
-    model: str = Field(description="'loading', 'loaded' or 'failed'.")
+    model: str = Field(description="'loading', 'loaded', 'failed', or 'none' on an API front-end (workers run it).")
     error: str | None = Field(None, description="Why the model failed to load.")
     tiny_model: bool = Field(description="Whether this is the tiny random-weight model (its images are noise).")
     queued: int = Field(description="Queue requests not started yet.")
     waiting: int | None = Field(None, description="Edits handed to the model and not finished (once loaded).")
     capabilities: dict | None = Field(None, description="What the loaded model can and can't do (once loaded).")
+    workers: list[dict] = Field(description="Live queue workers, as each advertises itself (heartbeat not expired).")
 
 
 class Readiness(BaseModel):
@@ -24,6 +25,8 @@ class Readiness(BaseModel):
 
 
 def model_state(state) -> str:
+    if state.front_end:
+        return "none"
     if state.model_loaded.is_set():
         return "loaded"
     return "failed" if state.model_error else "loading"
@@ -40,6 +43,7 @@ async def health(request: Request) -> JSONResponse:
         error=state.model_error,
         tiny_model=state.tiny,
         queued=state.store.queued_count(),
+        workers=state.store.workers(),
     )
     if model == "loaded":
         answer.waiting = state.worker.waiting  # edits submitted to the model and not finished, running included
@@ -49,8 +53,9 @@ async def health(request: Request) -> JSONResponse:
 
 @router.get("/ready", response_model=Readiness, responses={503: {"model": Readiness, "description": "Not ready"}})
 async def ready(request: Request) -> JSONResponse:
-    """Readiness: 200 once the model is loaded and requests run; 503 while it loads (or if loading failed)."""
+    """Readiness: 200 once the model is loaded and requests run (an API front-end: at once, it only queues); 503
+    while it loads (or if loading failed)."""
     state = request.app.state
     model = model_state(state)
-    answer = Readiness(ready=model == "loaded", model=model, error=state.model_error)
+    answer = Readiness(ready=model in ("loaded", "none"), model=model, error=state.model_error)
     return JSONResponse(answer.model_dump(), status_code=200 if answer.ready else 503)

@@ -47,6 +47,41 @@ def _queue_url(request: Request) -> str:
     return f"{origin}/{APP_PATH}" if request.scope.get(QUEUE_HOST_FLAG) else f"{origin}/queue/{APP_PATH}"
 
 
+def enqueue(
+    request: Request,
+    endpoint: Endpoint,
+    body,
+    webhook_url: str | None = None,
+    priority: str = "normal",
+    start_timeout_s: float | None = None,
+) -> QueuedRequest:
+    """Accept a request into the queue (durably) and wake the local dispatcher, if any."""
+    state = request.app.state
+    request_id = str(uuid.uuid4())
+    request_id_var.set(request_id)
+    state.store.add(
+        request_id,
+        endpoint.endpoint_id,
+        body.model_dump_json(exclude_unset=True),
+        PRIORITIES[priority],
+        _queue_url(request),
+        state.settings.public_url or str(request.base_url),
+        webhook_url,
+        start_timeout_s,
+    )
+    state.dispatcher.notify()
+    return state.store.get(request_id)
+
+
+async def wait_completed(request: Request, request_id: str, poll_s: float = STREAM_POLL_S / 2) -> QueuedRequest:
+    """Wait for a queued request to complete, wherever it runs."""
+    while True:
+        queued = request.app.state.store.get(request_id)
+        if queued.status == "COMPLETED":
+            return queued
+        await asyncio.sleep(poll_s)
+
+
 def _add_submit_route(endpoint: Endpoint) -> None:
     async def submit(
         body: endpoint.input_model,
@@ -55,22 +90,9 @@ def _add_submit_route(endpoint: Endpoint) -> None:
         x_fal_queue_priority: Annotated[Literal["normal", "low"], Header(description="serve order")] = "normal",
         x_fal_request_timeout: Annotated[float | None, Header(gt=0, description="seconds to start within")] = None,
     ) -> QueueSubmitted:
-        state = request.app.state
-        request_id = str(uuid.uuid4())
-        request_id_var.set(request_id)
-        state.store.add(
-            request_id,
-            endpoint.endpoint_id,
-            body.model_dump_json(exclude_unset=True),
-            PRIORITIES[x_fal_queue_priority],
-            _queue_url(request),
-            state.settings.public_url or str(request.base_url),
-            fal_webhook,
-            x_fal_request_timeout,
-        )
-        state.dispatcher.notify()
-        queued = state.store.get(request_id)
-        return QueueSubmitted(request_id=request_id, queue_position=state.store.position(queued), **queued.urls)
+        queued = enqueue(request, endpoint, body, fal_webhook, x_fal_queue_priority, x_fal_request_timeout)
+        position = request.app.state.store.position(queued)
+        return QueueSubmitted(request_id=queued.id, queue_position=position, **queued.urls)
 
     submit.__name__ = f"submit_{endpoint.profile}"
     router.add_api_route("/" + endpoint.endpoint_id, submit, methods=["POST"], summary=f"Queue: {endpoint.summary}")
@@ -127,13 +149,17 @@ async def status_stream(request: Request, request_id: str, logs: bool = True) ->
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
+def result_response(queued: QueuedRequest) -> JSONResponse:
+    return JSONResponse(
+        json.loads(queued.result), status_code=queued.status_code, headers={"x-fal-request-id": queued.id}
+    )
+
+
 async def result(request: Request, request_id: str) -> JSONResponse:
     queued = _get(request, request_id)
     if queued.status != "COMPLETED":
         return JSONResponse({"detail": "Request is still in progress"}, status_code=400)
-    return JSONResponse(
-        json.loads(queued.result), status_code=queued.status_code, headers={"x-fal-request-id": queued.id}
-    )
+    return result_response(queued)
 
 
 async def cancel(request: Request, request_id: str) -> JSONResponse:

@@ -11,9 +11,9 @@ import mimetypes
 import secrets
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
 from server.auth import require_key
@@ -45,7 +45,8 @@ class CompleteMultipart(BaseModel):
 
 @dataclass
 class PendingUpload:
-    path: Path
+    name: str  # in the file storage (server/file_storage.py)
+    content_type: str
     expires: float
     parts: dict[int, bytes] = field(default_factory=dict)
 
@@ -62,10 +63,14 @@ def _initiate(request: Request, body: InitiateUpload, kind: str) -> UploadTarget
     token = secrets.token_urlsafe(24)
     extension = mimetypes.guess_extension(body.content_type.split(";")[0].strip()) or ".bin"
     name = f"upload-{secrets.token_hex(16)}{extension}"
-    pending[token] = PendingUpload(request.app.state.outputs.files_dir / name, now + UPLOAD_TTL_S)
+    pending[token] = PendingUpload(name, body.content_type, now + UPLOAD_TTL_S)
     base = str(request.base_url).rstrip("/")
-    files_base = (request.app.state.settings.public_url or base).rstrip("/")
-    return UploadTarget(upload_url=f"{base}/storage/upload/{kind}/{token}", file_url=f"{files_base}/files/{name}")
+    file_url = request.app.state.outputs.storage.url(name, request.app.state.settings.public_url or base)
+    return UploadTarget(upload_url=f"{base}/storage/upload/{kind}/{token}", file_url=file_url)
+
+
+async def _store(request: Request, upload: PendingUpload, data: bytes) -> None:
+    await run_in_threadpool(request.app.state.outputs.storage.put, upload.name, data, upload.content_type)
 
 
 @initiate_router.post("/initiate")
@@ -98,7 +103,7 @@ async def _read_limited(request: Request) -> bytes:
 @upload_router.put("/put/{token}")
 async def put(request: Request, token: str) -> dict:
     upload = _claim(request, token)
-    upload.path.write_bytes(await _read_limited(request))
+    await _store(request, upload, await _read_limited(request))
     del _pending(request)[token]
     return {}
 
@@ -118,6 +123,6 @@ async def complete_multipart(request: Request, token: str, body: CompleteMultipa
     numbers = [p.partNumber for p in body.parts]
     if sorted(numbers) != sorted(upload.parts) or not numbers:
         raise HTTPException(422, f"Parts {numbers} do not match the parts uploaded {sorted(upload.parts)}")
-    upload.path.write_bytes(b"".join(upload.parts[n] for n in sorted(numbers)))
+    await _store(request, upload, b"".join(upload.parts[n] for n in sorted(numbers)))
     del _pending(request)[token]
     return {}

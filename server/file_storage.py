@@ -1,0 +1,132 @@
+"""Where output files (and files uploaded through the storage emulation) are kept, configured by one URL.
+
+- none (default): `<data_dir>/files` on this machine, served by this server under /files/.
+- `file:///mnt/flux2-files`: a directory shared by every front-end and worker (NFS, a mounted volume), served
+  by each front-end under /files/.
+- `s3://bucket/prefix?endpoint_url=http://minio:9000&region=us-east-1&urls=presigned`: an S3-compatible bucket
+  (AWS S3, MinIO, Ceph RGW...) through boto3, credentials from boto3's usual chain (AWS_ACCESS_KEY_ID... or
+  ~/.aws). `urls=presigned` (default) returns presigned GET URLs valid for the retention period (at most 7 days,
+  SigV4's limit), fetched straight from the bucket; `urls=proxy` returns `{public_url}/files/NAME`, which the
+  front-ends stream from the bucket (for clients that can't reach the bucket).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+from urllib.parse import parse_qs, urlsplit
+
+MAX_PRESIGN_S = 7 * 24 * 3600  # SigV4 presigned URLs live at most a week
+
+
+@runtime_checkable
+class FileStorage(Protocol):
+    local_dir: Path | None  # set: the files are this directory's, served under /files/ as static files
+
+    def put(self, name: str, data: bytes, content_type: str) -> None: ...
+
+    def url(self, name: str, base_url: str) -> str:
+        """The URL a client fetches the file from; `base_url` is the front-end's public URL."""
+
+    def get(self, name: str) -> tuple[bytes, str] | None:
+        """(bytes, content type), or None if there is no such file."""
+
+    def sweep(self, older_than: float) -> int:
+        """Delete files last written before this time; returns how many."""
+
+
+class LocalStorage:
+    def __init__(self, directory: Path):
+        self.local_dir = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def put(self, name: str, data: bytes, content_type: str) -> None:
+        (self.local_dir / name).write_bytes(data)
+
+    def url(self, name: str, base_url: str) -> str:
+        return f"{base_url.rstrip('/')}/files/{name}"
+
+    def get(self, name: str) -> tuple[bytes, str] | None:
+        import mimetypes
+
+        path = self.local_dir / name
+        if "/" in name or not path.is_file():
+            return None
+        return path.read_bytes(), mimetypes.guess_type(name)[0] or "application/octet-stream"
+
+    def sweep(self, older_than: float) -> int:
+        old = [f for f in self.local_dir.iterdir() if f.is_file() and f.stat().st_mtime < older_than]
+        for path in old:
+            path.unlink(missing_ok=True)
+        return len(old)
+
+
+class S3Storage:
+    local_dir = None
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        urls: str = "presigned",
+        presign_expires_s: float = MAX_PRESIGN_S,
+    ):
+        import boto3
+        from botocore.config import Config
+
+        if urls not in ("presigned", "proxy"):
+            raise ValueError(f"urls={urls!r}: use presigned or proxy")
+        self.bucket, self.prefix, self.urls = bucket, prefix.strip("/"), urls
+        self.presign_expires_s = int(min(presign_expires_s, MAX_PRESIGN_S))
+        self.client = boto3.client(
+            "s3", endpoint_url=endpoint_url, region_name=region, config=Config(signature_version="s3v4")
+        )
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def put(self, name: str, data: bytes, content_type: str) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._key(name), Body=data, ContentType=content_type)
+
+    def url(self, name: str, base_url: str) -> str:
+        if self.urls == "proxy":
+            return f"{base_url.rstrip('/')}/files/{name}"
+        return self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self._key(name)}, ExpiresIn=self.presign_expires_s
+        )
+
+    def get(self, name: str) -> tuple[bytes, str] | None:
+        try:
+            reply = self.client.get_object(Bucket=self.bucket, Key=self._key(name))
+        except self.client.exceptions.NoSuchKey:
+            return None
+        return reply["Body"].read(), reply.get("ContentType") or "application/octet-stream"
+
+    def sweep(self, older_than: float) -> int:
+        removed = 0
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=f"{self.prefix}/" if self.prefix else ""
+        )
+        for page in pages:
+            old = [{"Key": o["Key"]} for o in page.get("Contents", []) if o["LastModified"].timestamp() < older_than]
+            if old:
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": old, "Quiet": True})
+                removed += len(old)
+        return removed
+
+
+def open_storage(url: str | None, data_dir: Path, retention_s: float) -> FileStorage:
+    if not url:
+        return LocalStorage(data_dir / "files")
+    parts = urlsplit(url)
+    if parts.scheme == "file":
+        return LocalStorage(Path(parts.path))
+    if parts.scheme == "s3":
+        options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        unknown = set(options) - {"endpoint_url", "region", "urls"}
+        if unknown:
+            raise ValueError(f"unknown storage option(s) {sorted(unknown)} in {url!r}")
+        return S3Storage(parts.netloc, parts.path, presign_expires_s=retention_s, **options)
+    raise ValueError(f"unknown storage URL {url!r}: use file:///DIR or s3://BUCKET/PREFIX?endpoint_url=...")

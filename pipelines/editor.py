@@ -16,9 +16,11 @@ from pathlib import Path
 import PIL.Image
 import torch
 
+from pipelines.adapters import AdapterSwitch, load_adapters
 from pipelines.expansion import expand_prompt
 from pipelines.pixtral import pixtral_processor_class
 from pipelines.profiles import PROFILES
+from weights.layout import ADAPTERS
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +91,11 @@ def load_tokenizer(directory: Path):
 class Flux2Editor:
     """Holds a loaded `Flux2Pipeline` and runs `EditCall`s on it. Not thread-safe: one caller at a time."""
 
-    def __init__(self, pipe, weights_dir: Path, load_seconds: float):
+    def __init__(self, pipe, weights_dir: Path, load_seconds: float, adapters: dict[str, Path] | None = None):
         self.pipe = pipe
         self.weights_dir = weights_dir
         self.load_seconds = load_seconds
+        self.adapters = AdapterSwitch(pipe, adapters or {})
         self.device = pipe._execution_device
         self.dtype = pipe.transformer.dtype
         self._capabilities = self._describe()
@@ -115,7 +118,6 @@ class Flux2Editor:
         return self._capabilities
 
     def _describe(self) -> dict:
-        adapters_dir = self.weights_dir / "loras"
         return {
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
@@ -126,8 +128,8 @@ class Flux2Editor:
                     "steps": len(p.sigmas) if p.sigmas else "4-50 (default 28)",
                     "sigmas": list(p.sigmas) if p.sigmas else None,
                     "distilled_adapter": p.adapter,
-                    "distilled_adapter_on_disk": bool(p.adapter) and (adapters_dir / p.adapter).is_dir(),
-                    "distilled_adapter_loaded": False,
+                    "distilled_adapter_file": str(ADAPTERS[p.adapter].path(self.weights_dir)) if p.adapter else None,
+                    "distilled_adapter_loaded": p.adapter in self.adapters.loaded,
                 }
                 for name, p in PROFILES.items()
             },
@@ -165,6 +167,9 @@ class Flux2Editor:
                 prompt = call.prompt
                 notices.append("Prompt expansion produced no text: the prompt was used as given.")
                 say(call, "prompt expansion produced no text: using the prompt as given")
+        # The profile's distilled adapter when loaded, else the base weights (the server decides whether a
+        # distilled profile may run undistilled; see server.editing).
+        self.adapters.use(profile.adapter if profile.adapter in self.adapters.loaded else None)
         denoising = time.perf_counter()
         output = self.pipe(
             image=call.images,
@@ -232,8 +237,9 @@ def load_editor(weights_dir: str | Path, device: str | None = None, dtype: str |
     torch_dtype = pick_dtype(torch_device, dtype)
     started = time.perf_counter()
     pipe = Flux2Pipeline(**load_components(weights_dir, torch_dtype))
+    adapters = load_adapters(pipe, weights_dir)
     pipe.to(torch_device)
     pipe.set_progress_bar_config(disable=True)
     load_seconds = time.perf_counter() - started
     log.info("loaded %s on %s (%s) in %.1f s", weights_dir, torch_device, torch_dtype, load_seconds)
-    return Flux2Editor(pipe, weights_dir, load_seconds)
+    return Flux2Editor(pipe, weights_dir, load_seconds, adapters)

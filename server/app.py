@@ -61,6 +61,18 @@ def create_app(settings: Settings, weights_dir: Path | None, tiny: bool = False)
                     log.warning(
                         "%s is not available on this server: requests asking for it say so in 'notices'", feature
                     )
+            for name, info in caps["profiles"].items():
+                if info["distilled_adapter"] and not info["distilled_adapter_loaded"]:
+                    if settings.allow_undistilled:
+                        log.warning(
+                            "%s: distilled adapter missing (%s); running it on the BASE weights at %s steps, as "
+                            "allowed by --allow-undistilled / FLUX2_ALLOW_UNDISTILLED",
+                            name,
+                            info["distilled_adapter_file"],
+                            info["steps"],
+                        )
+                    else:
+                        log.warning("%s: answers 503: missing %s", name, info["distilled_adapter_file"])
             requeued = store.requeue_interrupted()
             if requeued:
                 log.warning("re-queued %d request(s) left running by the previous server", requeued)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from weights.layout import TINY_MARKER
 
-TINY_CACHE_VERSION = "v1"  # bump when weights.tiny changes what it builds
+TINY_CACHE_VERSION = "v2"  # bump when weights.tiny changes what it builds
 
 
 def tiny_cache_dir() -> Path:
@@ -139,9 +139,19 @@ def cmd_weights_tiny(args: argparse.Namespace) -> int:
 def cmd_weights_verify(args: argparse.Namespace) -> int:
     from weights.verify import verify
 
+    from pipelines.profiles import PROFILES
+
     report = verify(args.directory)
     for component, state in report.components.items():
         print(f"{component:14} {state}")
+    for adapter, state in report.adapters.items():
+        print(f"{'loras/' + adapter:14} {state}")
+    for name, profile in PROFILES.items():
+        if profile.adapter is None or report.adapters.get(profile.adapter) == "ok":
+            can = "can run" + (f" (distilled adapter {profile.adapter!r})" if profile.adapter else "")
+        else:
+            can = f"can't run: {report.adapters[profile.adapter]} (or serve with --allow-undistilled)"
+        print(f"profile {name:6} {can}")
     for problem in report.problems:
         print(f"problem: {problem}")
     print("OK" if report.ok else f"NOT USABLE: {len(report.problems)} problem(s)")
@@ -172,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--weights/--tiny, serve the API alone (default: the embedded SQLite queue, running the model here)",
     )
     serve.add_argument("--profiles", help="comma-separated profiles the local model serves (default: all)")
+    serve.add_argument(
+        "--allow-undistilled",
+        action="store_true",
+        default=None,
+        help="run turbo/flash on the base weights when their distilled adapter is missing (else they answer 503)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     worker = commands.add_parser("worker", help="run one GPU's model on requests from a shared queue")

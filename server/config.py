@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     # Output files: None (default) is <data_dir>/files; file:///DIR a directory shared by all processes;
     # s3://bucket/prefix?endpoint_url=...&urls=presigned|proxy an S3-compatible bucket (see server/file_storage.py)
     storage: str | None = None
+    # Run turbo/flash on the base weights at their reduced step counts when their distilled adapter is missing
+    # (logged at start-up, stated in /health and every such response's notices). Off: those endpoints answer 503.
+    allow_undistilled: bool = False
     profiles: str | None = None  # comma-separated profiles this process's model serves (default: all)
 
     @field_validator("weights", "queue", "storage", mode="before")

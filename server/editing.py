@@ -11,7 +11,7 @@ from collections.abc import Callable
 import PIL.Image
 
 from pipelines import Cancelled, EditCall
-from server.errors import InferenceError
+from server.errors import InferenceError, Unavailable
 from server.inputs import load_images, url_error
 from server.schemas import (
     MAX_REFERENCE_IMAGES,
@@ -53,6 +53,30 @@ def output_size(image_size: ImageSize | ImageSizeName | None, first: PIL.Image.I
     return size_from_reference(first.width, first.height, multiple)
 
 
+def undistilled(profile: str, capabilities: dict) -> bool:
+    """Whether this profile is made for a distilled adapter that is not loaded."""
+    info = capabilities["profiles"][profile]
+    return bool(info["distilled_adapter"]) and not info["distilled_adapter_loaded"]
+
+
+def unavailable_reason(settings, profile: str, body: _EditInputCommon, capabilities: dict) -> str | None:
+    """Why this server refuses the request as configured (the endpoint answers 503), or None."""
+    if undistilled(profile, capabilities) and not settings.allow_undistilled:
+        info = capabilities["profiles"][profile]
+        return (
+            f"The {profile} profile needs its distilled {info['distilled_adapter']!r} adapter, which is not on this "
+            f"server: missing file {info['distilled_adapter_file']}. Place it there, or start the server with "
+            "--allow-undistilled (FLUX2_ALLOW_UNDISTILLED=1) to run this profile on the base weights."
+        )
+    return None
+
+
+def check_available(state, profile: str, body: _EditInputCommon) -> None:
+    reason = unavailable_reason(state.settings, profile, body, state.worker.editor.capabilities())
+    if reason:
+        raise Unavailable(reason)
+
+
 def notices_for(body: _EditInputCommon, profile: str, capabilities: dict) -> list[str]:
     """Plain statements of what was asked for and not done, because this server can't do it yet."""
     notices = []
@@ -70,11 +94,11 @@ def notices_for(body: _EditInputCommon, profile: str, capabilities: dict) -> lis
         notices.append(
             f"Acceleration {level!r} is not available on this server yet: the image was generated without acceleration."
         )
-    info = capabilities["profiles"][profile]
-    if info["distilled_adapter"] and not info["distilled_adapter_loaded"]:
+    if undistilled(profile, capabilities):  # served only when the operator allowed it
+        info = capabilities["profiles"][profile]
         notices.append(
             f"No distilled {info['distilled_adapter']!r} adapter is loaded: the {profile} profile ran the base "
-            f"FLUX.2 [dev] weights on its {info['steps']}-step schedule."
+            f"FLUX.2 [dev] weights on its {info['steps']}-step schedule (allowed by FLUX2_ALLOW_UNDISTILLED)."
         )
     return notices
 
@@ -101,6 +125,7 @@ async def run_edit(
             on_log(message)
 
     editor = state.worker.editor
+    check_available(state, profile, body)
     urls = body.image_urls[:MAX_REFERENCE_IMAGES]
     images = await load_images(state.http, urls, state.settings.max_input_image_bytes)
     for index, image in enumerate(images):

@@ -17,4 +17,5 @@ async def health(request: Request) -> dict:
         "queued": state.store.queued_count(),  # queue requests not started yet (all workers' queue)
         "workers": state.store.workers(),  # live workers, each as it advertises itself (heartbeat not expired)
         "capabilities": local.editor.capabilities() if local else None,
+        "allow_undistilled": state.settings.allow_undistilled,  # distilled profiles may run on base weights
     }

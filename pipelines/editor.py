@@ -20,6 +20,7 @@ from pipelines.adapters import AdapterSwitch, load_adapters
 from pipelines.expansion import expand_prompt
 from pipelines.pixtral import pixtral_processor_class
 from pipelines.profiles import PROFILES
+from pipelines.safety import DEFAULT_THRESHOLD, SafetyChecker, withheld
 from weights.layout import ADAPTERS
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class EditCall:
     should_cancel: Callable[[], bool] | None = None  # polled after every step
     expand_prompt: bool = False  # let the text encoder rewrite the prompt first (pipelines.expansion)
     on_message: Callable[[str], None] | None = None  # what the model did that the caller should log
+    check_safety: bool = False  # run the safety checker on each output (needs one loaded)
 
 
 @dataclass
@@ -58,6 +60,7 @@ class EditResult:
     prompt: str  # the prompt the images were generated from (the expanded one when expansion ran)
     timings: dict[str, float] = field(default_factory=dict)
     notices: list[str] = field(default_factory=list)  # what was asked and done differently, in plain words
+    has_nsfw_concepts: list[bool] | None = None  # the safety checker's verdicts; None when it did not run
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -91,8 +94,16 @@ def load_tokenizer(directory: Path):
 class Flux2Editor:
     """Holds a loaded `Flux2Pipeline` and runs `EditCall`s on it. Not thread-safe: one caller at a time."""
 
-    def __init__(self, pipe, weights_dir: Path, load_seconds: float, adapters: dict[str, Path] | None = None):
+    def __init__(
+        self,
+        pipe,
+        weights_dir: Path,
+        load_seconds: float,
+        adapters: dict[str, Path] | None = None,
+        safety: SafetyChecker | None = None,
+    ):
         self.pipe = pipe
+        self.safety = safety
         self.weights_dir = weights_dir
         self.load_seconds = load_seconds
         self.adapters = AdapterSwitch(pipe, adapters or {})
@@ -134,7 +145,9 @@ class Flux2Editor:
                 for name, p in PROFILES.items()
             },
             "acceleration": {"available": ["none"], "regular": False, "high": False},
-            "safety_checker": False,
+            "safety_checker": self.safety is not None,
+            "safety_checker_model": str(self.safety.directory) if self.safety else None,
+            "safety_threshold": self.safety.threshold if self.safety else None,
             "prompt_expansion": hasattr(self.pipe.tokenizer, "image_processor"),
         }
 
@@ -186,7 +199,25 @@ class Flux2Editor:
         )
         timings["inference"] = time.perf_counter() - denoising
         images = [center_crop(img, call.width, call.height) for img in output.images]
-        return EditResult(images=images, steps=steps, prompt=prompt, timings=timings, notices=notices)
+        verdicts = None
+        if call.check_safety:
+            if self.safety is None:
+                raise RuntimeError("the safety checker was asked for, and none is loaded")
+            checking = time.perf_counter()
+            verdicts, probabilities = self.safety.verdicts(images)
+            timings["safety_checker"] = time.perf_counter() - checking
+            for index, (flagged, p) in enumerate(zip(verdicts, probabilities)):
+                verdict = "flagged NSFW, withheld" if flagged else "ok"
+                say(call, f"safety checker: image {index}: P(nsfw) = {p:.6f}, threshold {self.safety.threshold}: {verdict}")
+                if flagged:
+                    log.warning("image %d flagged NSFW (P = %.6f): withheld (black image of the same size)", index, p)
+                    images[index] = withheld(images[index])
+                    notices.append(
+                        f"Image {index + 1} was flagged by the safety checker and withheld: it is a black image."
+                    )
+        return EditResult(
+            images=images, steps=steps, prompt=prompt, timings=timings, notices=notices, has_nsfw_concepts=verdicts
+        )
 
 
 def say(call: EditCall, message: str) -> None:
@@ -228,8 +259,15 @@ def load_components(weights_dir: Path, dtype: torch.dtype) -> dict:
     }
 
 
-def load_editor(weights_dir: str | Path, device: str | None = None, dtype: str | None = None) -> Flux2Editor:
-    """Load FLUX.2 from a local diffusers-layout directory onto `device` (CUDA when present, else CPU)."""
+def load_editor(
+    weights_dir: str | Path,
+    device: str | None = None,
+    dtype: str | None = None,
+    safety_checker: str | Path | None = None,
+    safety_threshold: float = DEFAULT_THRESHOLD,
+) -> Flux2Editor:
+    """Load FLUX.2 from a local diffusers-layout directory onto `device` (CUDA when present, else CPU), and the
+    safety checker from `safety_checker` (an image-classification model directory) when given."""
     from diffusers import Flux2Pipeline
 
     weights_dir = Path(weights_dir).resolve()
@@ -242,4 +280,5 @@ def load_editor(weights_dir: str | Path, device: str | None = None, dtype: str |
     pipe.set_progress_bar_config(disable=True)
     load_seconds = time.perf_counter() - started
     log.info("loaded %s on %s (%s) in %.1f s", weights_dir, torch_device, torch_dtype, load_seconds)
-    return Flux2Editor(pipe, weights_dir, load_seconds, adapters)
+    safety = SafetyChecker(safety_checker, torch_device, torch_dtype, safety_threshold) if safety_checker else None
+    return Flux2Editor(pipe, weights_dir, load_seconds, adapters, safety)

@@ -12,12 +12,12 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
-from pipelines import load_editor
 from server.auth import parse_keys, require_key
 from server.config import Settings
 from server.dispatcher import Dispatcher
 from server.errors import install_error_handlers
 from server.file_storage import open_storage
+from server.model import load_model
 from server.outbound import outbound_client
 from server.outputs import OutputStore
 from server.proxy import fal_proxy
@@ -53,26 +53,7 @@ def create_app(settings: Settings, weights_dir: Path | None, tiny: bool = False)
         app.state.store = store
         app.state.worker = None
         if weights_dir is not None:
-            editor = await asyncio.to_thread(load_editor, weights_dir, settings.device, settings.dtype)
-            app.state.worker = InferenceWorker(editor)
-            caps = editor.capabilities()
-            for feature in ("safety_checker", "prompt_expansion"):
-                if not caps[feature]:
-                    log.warning(
-                        "%s is not available on this server: requests asking for it say so in 'notices'", feature
-                    )
-            for name, info in caps["profiles"].items():
-                if info["distilled_adapter"] and not info["distilled_adapter_loaded"]:
-                    if settings.allow_undistilled:
-                        log.warning(
-                            "%s: distilled adapter missing (%s); running it on the BASE weights at %s steps, as "
-                            "allowed by --allow-undistilled / FLUX2_ALLOW_UNDISTILLED",
-                            name,
-                            info["distilled_adapter_file"],
-                            info["steps"],
-                        )
-                    else:
-                        log.warning("%s: answers 503: missing %s", name, info["distilled_adapter_file"])
+            app.state.worker = InferenceWorker(await asyncio.to_thread(load_model, settings, weights_dir))
             requeued = store.requeue_interrupted()
             if requeued:
                 log.warning("re-queued %d request(s) left running by the previous server", requeued)

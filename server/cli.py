@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from weights.layout import TINY_MARKER
+from weights.layout import SAFETY_CHECKER_DIR, TINY_MARKER
 
 TINY_CACHE_VERSION = "v2"  # bump when weights.tiny changes what it builds
 
@@ -152,6 +152,12 @@ def cmd_weights_verify(args: argparse.Namespace) -> int:
         else:
             can = f"can't run: {report.adapters[profile.adapter]} (or serve with --allow-undistilled)"
         print(f"profile {name:6} {can}")
+    checker = Path(args.directory) / SAFETY_CHECKER_DIR
+    if (checker / "config.json").is_file():
+        print(f"safety checker {checker}")
+    else:
+        print(f"safety checker none at {checker}: enable_safety_checker requests answer 503 unless FLUX2_SAFETY_CHECKER")
+        print("               points at one or the checker is turned off (--disable-safety-checker)")
     for problem in report.problems:
         print(f"problem: {problem}")
     print("OK" if report.ok else f"NOT USABLE: {len(report.problems)} problem(s)")
@@ -187,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="run turbo/flash on the base weights when their distilled adapter is missing (else they answer 503)",
+    )
+    serve.add_argument("--safety-checker", type=Path, help="NSFW image classifier directory (default WEIGHTS/safety_checker)")
+    serve.add_argument("--safety-threshold", type=float, help="flag an image when P(nsfw) >= this (default 0.5)")
+    serve.add_argument(
+        "--disable-safety-checker",
+        action="store_true",
+        default=None,
+        help="turn the checker off: outputs unchecked, has_nsfw_concepts false, a notice says so",
     )
     serve.set_defaults(func=cmd_serve)
 

@@ -61,6 +61,13 @@ def undistilled(profile: str, capabilities: dict) -> bool:
 
 def unavailable_reason(settings, profile: str, body: _EditInputCommon, capabilities: dict) -> str | None:
     """Why this server refuses the request as configured (the endpoint answers 503), or None."""
+    if body.enable_safety_checker and not capabilities["safety_checker"] and not settings.disable_safety_checker:
+        return (
+            "enable_safety_checker is true, and this server has no safety checker: no image classifier at "
+            f"{settings.safety_checker or '<weights>/safety_checker'} (FLUX2_SAFETY_CHECKER). Send "
+            "enable_safety_checker: false, or ask the operator to install a checker or turn it off "
+            "(FLUX2_DISABLE_SAFETY_CHECKER=1)."
+        )
     if undistilled(profile, capabilities) and not settings.allow_undistilled:
         info = capabilities["profiles"][profile]
         return (
@@ -77,15 +84,15 @@ def check_available(state, profile: str, body: _EditInputCommon) -> None:
         raise Unavailable(reason)
 
 
-def notices_for(body: _EditInputCommon, profile: str, capabilities: dict) -> list[str]:
-    """Plain statements of what was asked for and not done, because this server can't do it yet."""
+def notices_for(body: _EditInputCommon, profile: str, capabilities: dict, settings) -> list[str]:
+    """Plain statements of what was asked for and not done, because this server can't or won't do it."""
     notices = []
     if len(body.image_urls) > MAX_REFERENCE_IMAGES:
         notices.append(f"Only the first {MAX_REFERENCE_IMAGES} of {len(body.image_urls)} image_urls were used.")
-    if body.enable_safety_checker and not capabilities["safety_checker"]:
+    if body.enable_safety_checker and settings.disable_safety_checker:
         notices.append(
-            "The safety checker is not available on this server: the images were not checked, "
-            "so has_nsfw_concepts is null."
+            "The safety checker is turned off on this server by its operator: the images were not checked "
+            "(has_nsfw_concepts is false for each)."
         )
     if body.enable_prompt_expansion and not capabilities["prompt_expansion"]:
         notices.append("Prompt expansion is not available on this server: the prompt was used as given.")
@@ -150,6 +157,7 @@ async def run_edit(
         should_cancel=should_cancel,
         expand_prompt=body.enable_prompt_expansion,
         on_message=progress,
+        check_safety=body.enable_safety_checker and not state.settings.disable_safety_checker,
     )
     progress(f"{profile} {width}x{height}, {len(images)} reference(s), seed {seed}")
     try:
@@ -166,7 +174,9 @@ async def run_edit(
         images=files,
         timings=timings,
         seed=seed,
-        has_nsfw_concepts=[None] * len(files),
+        # The checker's verdicts; false where it did not run (the caller turned it off, or the operator did, which
+        # the notices say): fal's field is a list of booleans.
+        has_nsfw_concepts=result.has_nsfw_concepts or [False] * len(files),
         prompt=result.prompt,
-        notices=notices_for(body, profile, editor.capabilities()) + result.notices,
+        notices=notices_for(body, profile, editor.capabilities(), state.settings) + result.notices,
     )

@@ -9,6 +9,7 @@
     transformer/config.json + diffusion_pytorch_model*.safetensors
     vae/config.json + diffusion_pytorch_model*.safetensors
     loras/<adapter>/<file>.safetensors                       (optional distilled LoRAs in diffusers format)
+    safety_checker/config.json + model.safetensors, ...      (optional NSFW image classifier, transformers)
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class Adapter:
 
 
 LORAS_DIR = "loras"
+SAFETY_CHECKER_DIR = "safety_checker"  # the default place of the checker (pipelines.safety)
 ADAPTERS: dict[str, Adapter] = {
     # fal's 8-step distillation LoRA for FLUX.2 [dev]. File name as its model card's "Usage" loads it
     # (huggingface.co/fal/FLUX.2-dev-Turbo, README.md: pipe.load_lora_weights("fal/FLUX.2-dev-Turbo",

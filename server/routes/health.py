@@ -18,4 +18,5 @@ async def health(request: Request) -> dict:
         "workers": state.store.workers(),  # live workers, each as it advertises itself (heartbeat not expired)
         "capabilities": local.editor.capabilities() if local else None,
         "allow_undistilled": state.settings.allow_undistilled,  # distilled profiles may run on base weights
+        "safety_checker_disabled": state.settings.disable_safety_checker,  # turned off by the operator
     }

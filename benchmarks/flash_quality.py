@@ -110,7 +110,11 @@ def run(weights: Path | None, images_dir: Path | None, n_images: int, n_prompts:
         }
         for name in CANDIDATES
     }
-    results["turbo"] = {"sigmas": list(TURBO_SIGMAS), "steps": 8, "seconds_per_image_median": statistics.median(seconds["turbo"])}
+    results["turbo"] = {
+        "sigmas": list(TURBO_SIGMAS),
+        "steps": 8,
+        "seconds_per_image_median": statistics.median(seconds["turbo"]),
+    }
     tiny = weights.joinpath("TINY_MODEL.json").is_file()
     return {
         "benchmark": "flash schedules vs turbo (PSNR against turbo's 8 steps, same model, seeds and inputs)",

@@ -208,7 +208,10 @@ class Flux2Editor:
             timings["safety_checker"] = time.perf_counter() - checking
             for index, (flagged, p) in enumerate(zip(verdicts, probabilities)):
                 verdict = "flagged NSFW, withheld" if flagged else "ok"
-                say(call, f"safety checker: image {index}: P(nsfw) = {p:.6f}, threshold {self.safety.threshold}: {verdict}")
+                say(
+                    call,
+                    f"safety checker: image {index}: P(nsfw) = {p:.6f}, threshold {self.safety.threshold}: {verdict}",
+                )
                 if flagged:
                     log.warning("image %d flagged NSFW (P = %.6f): withheld (black image of the same size)", index, p)
                     images[index] = withheld(images[index])

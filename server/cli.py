@@ -137,9 +137,8 @@ def cmd_weights_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_weights_verify(args: argparse.Namespace) -> int:
-    from weights.verify import verify
-
     from pipelines.profiles import PROFILES
+    from weights.verify import verify
 
     report = verify(args.directory)
     for component, state in report.components.items():
@@ -156,7 +155,9 @@ def cmd_weights_verify(args: argparse.Namespace) -> int:
     if (checker / "config.json").is_file():
         print(f"safety checker {checker}")
     else:
-        print(f"safety checker none at {checker}: enable_safety_checker requests answer 503 unless FLUX2_SAFETY_CHECKER")
+        print(
+            f"safety checker none at {checker}: enable_safety_checker requests answer 503 unless FLUX2_SAFETY_CHECKER"
+        )
         print("               points at one or the checker is turned off (--disable-safety-checker)")
     for problem in report.problems:
         print(f"problem: {problem}")
@@ -194,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="run turbo/flash on the base weights when their distilled adapter is missing (else they answer 503)",
     )
-    serve.add_argument("--safety-checker", type=Path, help="NSFW image classifier directory (default WEIGHTS/safety_checker)")
+    serve.add_argument(
+        "--safety-checker", type=Path, help="NSFW image classifier directory (default WEIGHTS/safety_checker)"
+    )
     serve.add_argument("--safety-threshold", type=float, help="flag an image when P(nsfw) >= this (default 0.5)")
     serve.add_argument(
         "--disable-safety-checker",

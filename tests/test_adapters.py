@@ -43,7 +43,9 @@ def undistilled_weights(tiny_weights, tmp_path_factory):
 
 
 def test_switching_profiles_back_and_forth_equals_fresh_loads(tiny_weights, undistilled_weights):
-    fresh = {p: np.asarray(load_editor(tiny_weights, "cpu").edit(call(p)).images[0]) for p in ("edit", "turbo", "flash")}
+    fresh = {
+        p: np.asarray(load_editor(tiny_weights, "cpu").edit(call(p)).images[0]) for p in ("edit", "turbo", "flash")
+    }
     base_on_turbo_schedule = np.asarray(load_editor(undistilled_weights, "cpu").edit(call("turbo")).images[0])
     assert not np.array_equal(fresh["turbo"], base_on_turbo_schedule)  # the adapter is really applied
 

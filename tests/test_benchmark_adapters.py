@@ -28,7 +28,17 @@ def test_adapters_benchmark_measures_switching_and_exactness(tmp_path):
 def test_flash_quality_benchmark_runs_and_says_tiny_results_mean_nothing(tmp_path):
     out = tmp_path / "flash.json"
     ran = run_benchmark(
-        "benchmarks.flash_quality", "--n-images", "1", "--prompts", "1", "--seeds", "1", "--size", "64", "--out", str(out)
+        "benchmarks.flash_quality",
+        "--n-images",
+        "1",
+        "--prompts",
+        "1",
+        "--seeds",
+        "1",
+        "--size",
+        "64",
+        "--out",
+        str(out),
     )
     assert ran.returncode == 0, ran.stderr
     report = json.loads(out.read_text())

@@ -254,9 +254,13 @@ def _save_turbo_lora(transformer, directory: Path, seed: int) -> None:
 
     from weights.layout import ADAPTERS
 
-    targets = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear) and "transformer_blocks" in n]
+    targets = [
+        n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear) and "transformer_blocks" in n
+    ]
     torch.manual_seed(seed + 1)
-    transformer.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=targets, init_lora_weights=False))
+    transformer.add_adapter(
+        LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=targets, init_lora_weights=False)
+    )
     adapter = ADAPTERS["turbo"]
     Flux2Pipeline.save_lora_weights(
         adapter.path(directory).parent,

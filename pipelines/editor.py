@@ -16,9 +16,12 @@ from pathlib import Path
 import PIL.Image
 import torch
 
+from pipelines.adapters import AdapterSwitch, load_adapters
 from pipelines.expansion import expand_prompt
 from pipelines.pixtral import pixtral_processor_class
 from pipelines.profiles import PROFILES
+from pipelines.safety import DEFAULT_THRESHOLD, SafetyChecker, withheld
+from weights.layout import ADAPTERS
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,7 @@ class EditCall:
     should_cancel: Callable[[], bool] | None = None  # polled after every step
     expand_prompt: bool = False  # let the text encoder rewrite the prompt first (pipelines.expansion)
     on_message: Callable[[str], None] | None = None  # what the model did that the caller should log
+    check_safety: bool = False  # run the safety checker on each output (needs one loaded)
 
 
 @dataclass
@@ -56,6 +60,7 @@ class EditResult:
     prompt: str  # the prompt the images were generated from (the expanded one when expansion ran)
     timings: dict[str, float] = field(default_factory=dict)
     notices: list[str] = field(default_factory=list)  # what was asked and done differently, in plain words
+    has_nsfw_concepts: list[bool] | None = None  # the safety checker's verdicts; None when it did not run
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -89,10 +94,19 @@ def load_tokenizer(directory: Path):
 class Flux2Editor:
     """Holds a loaded `Flux2Pipeline` and runs `EditCall`s on it. Not thread-safe: one caller at a time."""
 
-    def __init__(self, pipe, weights_dir: Path, load_seconds: float):
+    def __init__(
+        self,
+        pipe,
+        weights_dir: Path,
+        load_seconds: float,
+        adapters: dict[str, Path] | None = None,
+        safety: SafetyChecker | None = None,
+    ):
         self.pipe = pipe
+        self.safety = safety
         self.weights_dir = weights_dir
         self.load_seconds = load_seconds
+        self.adapters = AdapterSwitch(pipe, adapters or {})
         self.device = pipe._execution_device
         self.dtype = pipe.transformer.dtype
         self._capabilities = self._describe()
@@ -115,7 +129,6 @@ class Flux2Editor:
         return self._capabilities
 
     def _describe(self) -> dict:
-        adapters_dir = self.weights_dir / "loras"
         return {
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
@@ -126,13 +139,15 @@ class Flux2Editor:
                     "steps": len(p.sigmas) if p.sigmas else "4-50 (default 28)",
                     "sigmas": list(p.sigmas) if p.sigmas else None,
                     "distilled_adapter": p.adapter,
-                    "distilled_adapter_on_disk": bool(p.adapter) and (adapters_dir / p.adapter).is_dir(),
-                    "distilled_adapter_loaded": False,
+                    "distilled_adapter_file": str(ADAPTERS[p.adapter].path(self.weights_dir)) if p.adapter else None,
+                    "distilled_adapter_loaded": p.adapter in self.adapters.loaded,
                 }
                 for name, p in PROFILES.items()
             },
             "acceleration": {"available": ["none"], "regular": False, "high": False},
-            "safety_checker": False,
+            "safety_checker": self.safety is not None,
+            "safety_checker_model": str(self.safety.directory) if self.safety else None,
+            "safety_threshold": self.safety.threshold if self.safety else None,
             "prompt_expansion": hasattr(self.pipe.tokenizer, "image_processor"),
         }
 
@@ -165,6 +180,9 @@ class Flux2Editor:
                 prompt = call.prompt
                 notices.append("Prompt expansion produced no text: the prompt was used as given.")
                 say(call, "prompt expansion produced no text: using the prompt as given")
+        # The profile's distilled adapter when loaded, else the base weights (the server decides whether a
+        # distilled profile may run undistilled; see server.editing).
+        self.adapters.use(profile.adapter if profile.adapter in self.adapters.loaded else None)
         denoising = time.perf_counter()
         output = self.pipe(
             image=call.images,
@@ -181,7 +199,28 @@ class Flux2Editor:
         )
         timings["inference"] = time.perf_counter() - denoising
         images = [center_crop(img, call.width, call.height) for img in output.images]
-        return EditResult(images=images, steps=steps, prompt=prompt, timings=timings, notices=notices)
+        verdicts = None
+        if call.check_safety:
+            if self.safety is None:
+                raise RuntimeError("the safety checker was asked for, and none is loaded")
+            checking = time.perf_counter()
+            verdicts, probabilities = self.safety.verdicts(images)
+            timings["safety_checker"] = time.perf_counter() - checking
+            for index, (flagged, p) in enumerate(zip(verdicts, probabilities)):
+                verdict = "flagged NSFW, withheld" if flagged else "ok"
+                say(
+                    call,
+                    f"safety checker: image {index}: P(nsfw) = {p:.6f}, threshold {self.safety.threshold}: {verdict}",
+                )
+                if flagged:
+                    log.warning("image %d flagged NSFW (P = %.6f): withheld (black image of the same size)", index, p)
+                    images[index] = withheld(images[index])
+                    notices.append(
+                        f"Image {index + 1} was flagged by the safety checker and withheld: it is a black image."
+                    )
+        return EditResult(
+            images=images, steps=steps, prompt=prompt, timings=timings, notices=notices, has_nsfw_concepts=verdicts
+        )
 
 
 def say(call: EditCall, message: str) -> None:
@@ -223,8 +262,15 @@ def load_components(weights_dir: Path, dtype: torch.dtype) -> dict:
     }
 
 
-def load_editor(weights_dir: str | Path, device: str | None = None, dtype: str | None = None) -> Flux2Editor:
-    """Load FLUX.2 from a local diffusers-layout directory onto `device` (CUDA when present, else CPU)."""
+def load_editor(
+    weights_dir: str | Path,
+    device: str | None = None,
+    dtype: str | None = None,
+    safety_checker: str | Path | None = None,
+    safety_threshold: float = DEFAULT_THRESHOLD,
+) -> Flux2Editor:
+    """Load FLUX.2 from a local diffusers-layout directory onto `device` (CUDA when present, else CPU), and the
+    safety checker from `safety_checker` (an image-classification model directory) when given."""
     from diffusers import Flux2Pipeline
 
     weights_dir = Path(weights_dir).resolve()
@@ -232,8 +278,10 @@ def load_editor(weights_dir: str | Path, device: str | None = None, dtype: str |
     torch_dtype = pick_dtype(torch_device, dtype)
     started = time.perf_counter()
     pipe = Flux2Pipeline(**load_components(weights_dir, torch_dtype))
+    adapters = load_adapters(pipe, weights_dir)
     pipe.to(torch_device)
     pipe.set_progress_bar_config(disable=True)
     load_seconds = time.perf_counter() - started
     log.info("loaded %s on %s (%s) in %.1f s", weights_dir, torch_device, torch_dtype, load_seconds)
-    return Flux2Editor(pipe, weights_dir, load_seconds)
+    safety = SafetyChecker(safety_checker, torch_device, torch_dtype, safety_threshold) if safety_checker else None
+    return Flux2Editor(pipe, weights_dir, load_seconds, adapters, safety)

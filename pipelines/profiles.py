@@ -8,15 +8,16 @@ scheduler's own shifted schedule.
 - turbo: 8 steps on the pre-shifted schedule published with fal's FLUX.2-dev-Turbo distillation LoRA
   (huggingface.co/fal/FLUX.2-dev-Turbo, model card "Usage": TURBO_SIGMAS). 8 is the step count that adapter was
   distilled for, so it is the count this profile keeps when the adapter is present.
-- flash: 4 steps, every other point of the turbo schedule starting at 1.0. Halving the turbo schedule keeps
-  the noise levels the distilled adapter was trained on while halving the cost; it is the fewest-step profile
-  we can justify without a flash adapter of its own. (The quality of 4 vs 8 steps is to be measured on real
-  weights; see README "Profiles".)
+- flash: the same distilled weights, 4 steps, every other point of the turbo schedule starting at 1.0. Halving
+  the turbo schedule keeps noise levels the distilled adapter was trained on while halving the cost; it is the
+  fewest-step profile we can justify without a flash adapter of its own. Its quality against turbo has NOT been
+  measured yet: `benchmarks/flash_quality.py` measures this and other 2-4-step candidates against turbo on real
+  weights (PSNR, same inputs and seeds) and should decide this schedule.
 
-Distilled weights: `adapter` names the LoRA a profile is distilled for (looked for under
-`<weights>/loras/<adapter>/`). Loading and fusing it is the next step (issue "Turbo and flash as real distilled
-profiles"); until then the profile runs the base weights at its reduced schedule and says so
-(`Flux2Editor.capabilities()` and every response's notices).
+Distilled weights: `adapter` names the LoRA a profile is distilled for (`weights.layout.ADAPTERS`: the file
+under `<weights>/loras/<adapter>/`), loaded once and enabled per request by `pipelines.adapters`. When it is
+missing the server answers 503 for the profile, unless the operator allows running it on the base weights
+(`server.editing.unavailable_reason`).
 
 Acceleration (`none`/`regular`/`high`, base only) selects a cache hook in the fast-path issue; until then
 every level runs uncached and the server says so.

@@ -12,7 +12,6 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
-from pipelines import load_editor
 from server.auth import parse_keys, require_key
 from server.config import Settings
 from server.dispatcher import Dispatcher
@@ -20,6 +19,7 @@ from server.errors import install_error_handlers
 from server.file_storage import open_storage
 from server.logs import request_ids
 from server.metrics import Metrics
+from server.model import load_model
 from server.outbound import outbound_client
 from server.outputs import OutputStore
 from server.proxy import fal_proxy
@@ -42,20 +42,16 @@ def create_app(settings: Settings, weights_dir: Path | None, tiny: bool = False)
     """
     outputs = OutputStore(settings.data_dir, open_storage(settings.storage, settings.data_dir, settings.retention_s))
 
-    async def load_model(state) -> None:
+    async def load_in_background(state) -> None:
         """Load the model in the background: /health answers meanwhile, /ready once this is done; requests that
         arrive meanwhile wait for it (`state.model_loaded`)."""
         try:
-            editor = await asyncio.to_thread(load_editor, weights_dir, settings.device, settings.dtype)
+            editor = await asyncio.to_thread(load_model, settings, weights_dir)
         except Exception as exc:
             log.exception("the model failed to load from %s: /health and /ready answer 503", weights_dir)
             state.model_error = f"{type(exc).__name__}: {exc}"
             return
         state.worker = InferenceWorker(editor)
-        caps = editor.capabilities()
-        for feature in ("safety_checker", "prompt_expansion"):
-            if not caps[feature]:
-                log.warning("%s is not available on this server: requests asking for it say so in 'notices'", feature)
         state.model_loaded.set()
 
     async def advertise_when_loaded(state, store, worker_id: str, profiles) -> None:
@@ -79,7 +75,7 @@ def create_app(settings: Settings, weights_dir: Path | None, tiny: bool = False)
         app.state.store = store
         loading = None
         if weights_dir is not None:
-            loading = asyncio.create_task(load_model(app.state), name="load-model")
+            loading = asyncio.create_task(load_in_background(app.state), name="load-model")
             requeued = store.requeue_interrupted()
             if requeued:
                 log.warning("re-queued %d request(s) left running by the previous server", requeued)

@@ -18,9 +18,9 @@ from pathlib import Path
 from server.commands import doctor as doctor_command
 from server.commands import edit as edit_command
 from server.commands import weights as weights_commands
-from weights.layout import TINY_MARKER
+from weights.layout import SAFETY_CHECKER_DIR, TINY_MARKER
 
-TINY_CACHE_VERSION = "v1"  # bump when weights.tiny changes what it builds
+TINY_CACHE_VERSION = "v2"  # bump when weights.tiny changes what it builds
 
 
 def tiny_cache_dir() -> Path:
@@ -161,6 +161,35 @@ def cmd_weights_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_weights_verify(args: argparse.Namespace) -> int:
+    from pipelines.profiles import PROFILES
+    from weights.verify import verify
+
+    report = verify(args.directory)
+    for component, state in report.components.items():
+        print(f"{component:14} {state}")
+    for adapter, state in report.adapters.items():
+        print(f"{'loras/' + adapter:14} {state}")
+    for name, profile in PROFILES.items():
+        if profile.adapter is None or report.adapters.get(profile.adapter) == "ok":
+            can = "can run" + (f" (distilled adapter {profile.adapter!r})" if profile.adapter else "")
+        else:
+            can = f"can't run: {report.adapters[profile.adapter]} (or serve with --allow-undistilled)"
+        print(f"profile {name:6} {can}")
+    checker = Path(args.directory) / SAFETY_CHECKER_DIR
+    if (checker / "config.json").is_file():
+        print(f"safety checker {checker}")
+    else:
+        print(
+            f"safety checker none at {checker}: enable_safety_checker requests answer 503 unless FLUX2_SAFETY_CHECKER"
+        )
+        print("               points at one or the checker is turned off (--disable-safety-checker)")
+    for problem in report.problems:
+        print(f"problem: {problem}")
+    print("OK" if report.ok else f"NOT USABLE: {len(report.problems)} problem(s)")
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flux2-server", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -186,6 +215,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--weights/--tiny, serve the API alone (default: the embedded SQLite queue, running the model here)",
     )
     serve.add_argument("--profiles", help="comma-separated profiles the local model serves (default: all)")
+    serve.add_argument(
+        "--allow-undistilled",
+        action="store_true",
+        default=None,
+        help="run turbo/flash on the base weights when their distilled adapter is missing (else they answer 503)",
+    )
+    serve.add_argument(
+        "--safety-checker", type=Path, help="NSFW image classifier directory (default WEIGHTS/safety_checker)"
+    )
+    serve.add_argument("--safety-threshold", type=float, help="flag an image when P(nsfw) >= this (default 0.5)")
+    serve.add_argument(
+        "--disable-safety-checker",
+        action="store_true",
+        default=None,
+        help="turn the checker off: outputs unchecked, has_nsfw_concepts false, a notice says so",
+    )
     serve.set_defaults(func=cmd_serve)
 
     worker = commands.add_parser("worker", help="run one GPU's model on requests from a shared queue")

@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from weights.layout import SAFETY_CHECKER_DIR
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FLUX2_")
@@ -41,6 +43,9 @@ class Settings(BaseSettings):
     # Output files: None (default) is <data_dir>/files; file:///DIR a directory shared by all processes;
     # s3://bucket/prefix?endpoint_url=...&urls=presigned|proxy an S3-compatible bucket (see server/file_storage.py)
     storage: str | None = None
+    # Run turbo/flash on the base weights at their reduced step counts when their distilled adapter is missing
+    # (logged at start-up, stated in /health and every such response's notices). Off: those endpoints answer 503.
+    allow_undistilled: bool = False
     profiles: str | None = None  # comma-separated profiles this process's model serves (default: all)
 
     @field_validator("weights", "queue", "storage", mode="before")
@@ -48,6 +53,22 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value):
         """FLUX2_WEIGHTS="" unsets what an image's environment sets (an API front-end loads no model)."""
         return None if value == "" else value
+
+    # An image-classification model directory with an "nsfw" label (pipelines.safety); default
+    # <weights>/safety_checker when present. None there: requests with enable_safety_checker answer 503 ...
+    safety_checker: Path | None = None
+    safety_threshold: float = 0.5  # flagged when the classifier's P(nsfw) >= this
+    # ... unless the operator turns the checker off: then they are served unchecked, has_nsfw_concepts false.
+    disable_safety_checker: bool = False
+
+    def safety_checker_dir(self, weights_dir: Path) -> Path | None:
+        """The checker to load: the configured one, else <weights>/safety_checker if present; None if off."""
+        if self.disable_safety_checker:
+            return None
+        if self.safety_checker is not None:
+            return self.safety_checker
+        default = Path(weights_dir) / SAFETY_CHECKER_DIR
+        return default if default.is_dir() else None
 
     def keys(self) -> list[str]:
         from server.auth import parse_keys

@@ -13,7 +13,7 @@ import time
 from pipelines import Cancelled
 from server.editing import run_edit
 from server.endpoints import BY_ID, ENDPOINTS
-from server.errors import InferenceError, InputError
+from server.errors import InferenceError, InputError, Unavailable
 from server.logs import request_id_var
 from server.queue_backend import QueueBackend, QueuedRequest
 from server.webhooks import WebhookSender, webhook_payload
@@ -124,6 +124,8 @@ class Dispatcher:
                 return
             self.store.log(request.id, CANCELLED, "WARNING")
             self.finish(request, 400, {"detail": CANCELLED}, CANCELLED, "request_cancelled")
+        except Unavailable as exc:  # queued under another configuration, then refused by this one
+            self.finish(request, 503, {"detail": str(exc)}, str(exc), "unavailable")
         except InferenceError as exc:
             self.finish(request, 500, {"detail": f"Inference failed: {exc}"}, str(exc), "inference_error")
         else:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import PIL.Image
 
 from pipelines import Cancelled, EditCall
-from server.errors import InferenceError
+from server.errors import InferenceError, Unavailable
 from server.inputs import load_images, url_error
 from server.schemas import (
     MAX_REFERENCE_IMAGES,
@@ -53,15 +53,46 @@ def output_size(image_size: ImageSize | ImageSizeName | None, first: PIL.Image.I
     return size_from_reference(first.width, first.height, multiple)
 
 
-def notices_for(body: _EditInputCommon, profile: str, capabilities: dict) -> list[str]:
-    """Plain statements of what was asked for and not done, because this server can't do it yet."""
+def undistilled(profile: str, capabilities: dict) -> bool:
+    """Whether this profile is made for a distilled adapter that is not loaded."""
+    info = capabilities["profiles"][profile]
+    return bool(info["distilled_adapter"]) and not info["distilled_adapter_loaded"]
+
+
+def unavailable_reason(settings, profile: str, body: _EditInputCommon, capabilities: dict) -> str | None:
+    """Why this server refuses the request as configured (the endpoint answers 503), or None."""
+    if body.enable_safety_checker and not capabilities["safety_checker"] and not settings.disable_safety_checker:
+        return (
+            "enable_safety_checker is true, and this server has no safety checker: no image classifier at "
+            f"{settings.safety_checker or '<weights>/safety_checker'} (FLUX2_SAFETY_CHECKER). Send "
+            "enable_safety_checker: false, or ask the operator to install a checker or turn it off "
+            "(FLUX2_DISABLE_SAFETY_CHECKER=1)."
+        )
+    if undistilled(profile, capabilities) and not settings.allow_undistilled:
+        info = capabilities["profiles"][profile]
+        return (
+            f"The {profile} profile needs its distilled {info['distilled_adapter']!r} adapter, which is not on this "
+            f"server: missing file {info['distilled_adapter_file']}. Place it there, or start the server with "
+            "--allow-undistilled (FLUX2_ALLOW_UNDISTILLED=1) to run this profile on the base weights."
+        )
+    return None
+
+
+def check_available(state, profile: str, body: _EditInputCommon) -> None:
+    reason = unavailable_reason(state.settings, profile, body, state.worker.editor.capabilities())
+    if reason:
+        raise Unavailable(reason)
+
+
+def notices_for(body: _EditInputCommon, profile: str, capabilities: dict, settings) -> list[str]:
+    """Plain statements of what was asked for and not done, because this server can't or won't do it."""
     notices = []
     if len(body.image_urls) > MAX_REFERENCE_IMAGES:
         notices.append(f"Only the first {MAX_REFERENCE_IMAGES} of {len(body.image_urls)} image_urls were used.")
-    if body.enable_safety_checker and not capabilities["safety_checker"]:
+    if body.enable_safety_checker and settings.disable_safety_checker:
         notices.append(
-            "The safety checker is not available on this server: the images were not checked, "
-            "so has_nsfw_concepts is null."
+            "The safety checker is turned off on this server by its operator: the images were not checked "
+            "(has_nsfw_concepts is false for each)."
         )
     if body.enable_prompt_expansion and not capabilities["prompt_expansion"]:
         notices.append("Prompt expansion is not available on this server: the prompt was used as given.")
@@ -70,11 +101,11 @@ def notices_for(body: _EditInputCommon, profile: str, capabilities: dict) -> lis
         notices.append(
             f"Acceleration {level!r} is not available on this server yet: the image was generated without acceleration."
         )
-    info = capabilities["profiles"][profile]
-    if info["distilled_adapter"] and not info["distilled_adapter_loaded"]:
+    if undistilled(profile, capabilities):  # served only when the operator allowed it
+        info = capabilities["profiles"][profile]
         notices.append(
             f"No distilled {info['distilled_adapter']!r} adapter is loaded: the {profile} profile ran the base "
-            f"FLUX.2 [dev] weights on its {info['steps']}-step schedule."
+            f"FLUX.2 [dev] weights on its {info['steps']}-step schedule (allowed by FLUX2_ALLOW_UNDISTILLED)."
         )
     return notices
 
@@ -101,6 +132,7 @@ async def run_edit(
             on_log(message)
 
     editor = state.worker.editor
+    check_available(state, profile, body)
     urls = body.image_urls[:MAX_REFERENCE_IMAGES]
     images = await load_images(state.http, urls, state.settings.max_input_image_bytes)
     for index, image in enumerate(images):
@@ -130,6 +162,7 @@ async def run_edit(
         should_cancel=should_cancel,
         expand_prompt=body.enable_prompt_expansion,
         on_message=progress,
+        check_safety=body.enable_safety_checker and not state.settings.disable_safety_checker,
     )
     progress(f"{profile} {width}x{height}, {len(images)} reference(s), seed {seed}")
     try:
@@ -146,7 +179,9 @@ async def run_edit(
         images=files,
         timings=timings,
         seed=seed,
-        has_nsfw_concepts=[None] * len(files),
+        # The checker's verdicts; false where it did not run (the caller turned it off, or the operator did, which
+        # the notices say): fal's field is a list of booleans.
+        has_nsfw_concepts=result.has_nsfw_concepts or [False] * len(files),
         prompt=result.prompt,
-        notices=notices_for(body, profile, editor.capabilities()) + result.notices,
+        notices=notices_for(body, profile, editor.capabilities(), state.settings) + result.notices,
     )

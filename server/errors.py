@@ -21,6 +21,10 @@ class InputError(Exception):
             self.detail["input"] = input_value
 
 
+class Unavailable(Exception):
+    """This server can't serve the request as configured (a missing adapter, say): a 503 saying what is missing."""
+
+
 class InferenceError(Exception):
     """The model failed on a request that was valid (out of memory, say): a 500 naming the cause."""
 
@@ -29,6 +33,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InputError)
     async def _input_error(request: Request, exc: InputError) -> JSONResponse:
         return JSONResponse({"detail": [exc.detail]}, status_code=exc.status)
+
+    @app.exception_handler(Unavailable)
+    async def _unavailable(request: Request, exc: Unavailable) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=503)
 
     @app.exception_handler(InferenceError)
     async def _inference_error(request: Request, exc: InferenceError) -> JSONResponse:

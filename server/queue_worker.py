@@ -17,11 +17,12 @@ import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
-from pipelines import PROFILES, load_editor
+from pipelines import PROFILES
 from server.config import Settings
 from server.dispatcher import Dispatcher
 from server.file_storage import open_storage
 from server.metrics import Metrics
+from server.model import load_model
 from server.outbound import outbound_client
 from server.outputs import OutputStore
 from server.queue_backend import QueueBackend, open_queue
@@ -79,7 +80,7 @@ async def run_worker(settings: Settings, weights_dir: Path, tiny: bool) -> None:
         visibility_timeout_s=settings.queue_visibility_timeout_s,
         consumer=worker_id,
     )
-    editor = await asyncio.to_thread(load_editor, weights_dir, settings.device, settings.dtype)
+    editor = await asyncio.to_thread(load_model, settings, weights_dir)
     worker = InferenceWorker(editor)
     started = time.time()
     async with outbound_client(settings) as client:

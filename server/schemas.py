@@ -120,8 +120,9 @@ class EditOutput(BaseModel):
     images: list[ImageFile] = Field(description="The edited images.")
     timings: dict[str, float] = Field(description="Seconds spent per stage.")
     seed: int = Field(description="The seed used: the one in the input, or the random one drawn for it.")
-    has_nsfw_concepts: list[bool | None] = Field(
-        description="Whether each image contains NSFW concepts; null where no safety checker ran."
+    has_nsfw_concepts: list[bool] = Field(
+        description="Whether each image contains NSFW concepts (a flagged image is withheld: black). False where "
+        "the checker did not run: enable_safety_checker false, or the operator turned it off (see notices)."
     )
     prompt: str = Field(description="The prompt used for generating the image.")
     notices: list[str] = Field(

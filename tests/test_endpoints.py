@@ -41,7 +41,7 @@ def test_each_endpoint_edits_with_1_to_4_references(server, endpoint, n_refs):
         "height": 512,
     }
     assert out["seed"] == 7 and out["prompt"] == "Change the weather to winter"
-    assert set(out["timings"]) == {"fetch_inputs", "inference", "encode", "total"}
+    assert set(out["timings"]) == {"fetch_inputs", "inference", "safety_checker", "encode", "total"}
     assert (n_refs == 5) == any("first 4 of 5" in n for n in out["notices"])
     assert len(steps_logged(server, response.headers["x-fal-request-id"])) == STEPS[endpoint]
 

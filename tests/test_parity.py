@@ -19,8 +19,7 @@ TURBO_SIGMAS = [1.0, 0.6509, 0.4374, 0.2932, 0.1893, 0.1108, 0.0495, 0.00031]
 FLASH_SIGMAS = [1.0, 0.4374, 0.1893, 0.0495]
 
 
-@pytest.fixture(scope="module")
-def plain_diffusers(tiny_weights):
+def plain_pipeline(tiny_weights) -> Flux2Pipeline:
     pipe = Flux2Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(tiny_weights, subfolder="scheduler"),
         vae=AutoencoderKLFlux2.from_pretrained(tiny_weights, subfolder="vae"),
@@ -30,6 +29,14 @@ def plain_diffusers(tiny_weights):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="module")
+def plain_diffusers(tiny_weights):
+    """{"base": FLUX.2 as loaded, "turbo": FLUX.2 with the turbo LoRA loaded as its model card does}."""
+    turbo = plain_pipeline(tiny_weights)
+    turbo.load_lora_weights(tiny_weights / "loras" / "turbo", weight_name="flux.2-turbo-lora.safetensors")
+    return {"base": plain_pipeline(tiny_weights), "turbo": turbo}
 
 
 CASES = [
@@ -60,7 +67,8 @@ def test_server_matches_plain_diffusers(server, plain_diffusers, endpoint, field
     assert response.status_code == 200, response.text
     served = [np.asarray(server.fetch_image(i)[1]) for i in response.json()["images"]]
 
-    expected = plain_diffusers(
+    pipe = plain_diffusers["base" if sigmas is None else "turbo"]  # turbo and flash run the distilled adapter
+    expected = pipe(
         image=[decode(r).convert("RGB") for r in refs],
         prompt="Make it snow",
         width=size[0],

@@ -6,9 +6,9 @@ PixtralProcessor, so the reference images reach it as [IMG] patch tokens, and ge
 
 from __future__ import annotations
 
-import pytest
-
 import shutil
+
+import pytest
 
 from pipelines.editor import EditCall, load_editor
 from pipelines.expansion import expand_prompt
@@ -73,7 +73,9 @@ def test_response_prompt_is_the_expanded_one_and_logs_show_it(server):
     assert "prompt_expansion" in out["timings"]
     assert f"prompt expanded to: {out['prompt']!r}" in server.log()
 
-    done = wait_done(server.client, submit(server.client, server.url, "fal-ai/flux-2/turbo/edit", {**EXPAND, "seed": 1}))
+    done = wait_done(
+        server.client, submit(server.client, server.url, "fal-ai/flux-2/turbo/edit", {**EXPAND, "seed": 1})
+    )
     assert f"prompt expanded to: {out['prompt']!r}" in [log["message"] for log in done["logs"]]
 
 

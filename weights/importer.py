@@ -8,7 +8,8 @@ symlinks into `../../blobs/<name>`, where the blob's name is its checksum: the s
 with that checksum; a mismatch stops the import, naming the file. Files with no reference checksum are copied and
 their sha256 recorded. Every copied file's sha256 goes into `<dest>/SHA256SUMS` (`sha256sum -c` format).
 
-Only the diffusers layout is copied (`model_index.json`, the component folders, and `loras/` if present): the
+Only the diffusers layout is copied (`model_index.json`, the component folders, `loras/` and `safety_checker/`
+if present): the
 repository's other files (e.g. the 64 GB single-file checkpoint `flux2-dev.safetensors`) are left out and listed.
 """
 
@@ -21,10 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from weights.layout import COMPONENTS, TINY_MARKER
+from weights.layout import COMPONENTS, LORAS_DIR, SAFETY_CHECKER_DIR, TINY_MARKER
 
 CHUNK = 8 * 1024 * 1024
-INCLUDED_DIRS = (*(c.name for c in COMPONENTS), "loras")
+INCLUDED_DIRS = (*(c.name for c in COMPONENTS), LORAS_DIR, SAFETY_CHECKER_DIR)  # the last two are optional
 INCLUDED_FILES = ("model_index.json", TINY_MARKER)  # the marker is only in the tiny model
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 SHA1 = re.compile(r"^[0-9a-f]{40}$")

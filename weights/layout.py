@@ -8,11 +8,14 @@
     tokenizer/tokenizer_config.json + tokenizer.json, ...    (transformers, PixtralProcessor or its tokenizer)
     transformer/config.json + diffusion_pytorch_model*.safetensors
     vae/config.json + diffusion_pytorch_model*.safetensors
+    loras/<adapter>/<file>.safetensors                       (optional distilled LoRAs in diffusers format)
+    safety_checker/config.json + model.safetensors, ...      (optional NSFW image classifier, transformers)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 PIPELINE_CLASS = "Flux2Pipeline"
 TINY_MARKER = "TINY_MODEL.json"  # beside model_index.json in the tiny model only, so a server can say it serves it
@@ -47,3 +50,23 @@ COMPONENTS: tuple[Component, ...] = (
     Component("transformer", "diffusers", "Flux2Transformer2DModel", "config.json", "diffusion_pytorch_model"),
     Component("vae", "diffusers", "AutoencoderKLFlux2", "config.json", "diffusion_pytorch_model"),
 )
+
+
+@dataclass(frozen=True)
+class Adapter:
+    name: str  # the directory under loras/, and the adapter's name once loaded
+    file: str  # its safetensors file, in diffusers' LoRA format (keys "transformer.<module>.lora_A/B.weight")
+    source: str  # where the operator gets it
+
+    def path(self, weights_dir: Path) -> Path:
+        return Path(weights_dir) / LORAS_DIR / self.name / self.file
+
+
+LORAS_DIR = "loras"
+SAFETY_CHECKER_DIR = "safety_checker"  # the default place of the checker (pipelines.safety)
+ADAPTERS: dict[str, Adapter] = {
+    # fal's 8-step distillation LoRA for FLUX.2 [dev]. File name as its model card's "Usage" loads it
+    # (huggingface.co/fal/FLUX.2-dev-Turbo, README.md: pipe.load_lora_weights("fal/FLUX.2-dev-Turbo",
+    # weight_name="flux.2-turbo-lora.safetensors")); its license is the FLUX [dev] non-commercial license.
+    "turbo": Adapter("turbo", "flux.2-turbo-lora.safetensors", "https://huggingface.co/fal/FLUX.2-dev-Turbo"),
+}

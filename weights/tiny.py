@@ -9,6 +9,8 @@ Constraints the configs keep from the real model:
   transformer's `joint_attention_dim` is 3 x the text hidden size;
 - the transformer's `in_channels` is 4 x the VAE's `latent_channels` (2x2 patchified latents);
 - the VAE has four blocks, so images are downsampled 8x as in the real VAE (outputs are multiples of 16 px);
+- a safety checker: a random ViT classifier with labels normal/nsfw under `safety_checker/`;
+- a turbo LoRA (random, rank 4) under `loras/turbo/` in diffusers' LoRA format, like fal's distilled adapter;
 - the tokenizer is byte-level BPE (as Mistral's tekken) with Mistral's special tokens and a chat template in
   the Mistral-Small-3.1 format, wrapped in a PixtralProcessor like the real `tokenizer/` component.
 """
@@ -200,7 +202,7 @@ def _scheduler():
 
 def build_tiny(directory: str | Path, seed: int = SEED) -> Path:
     """Build the tiny FLUX.2 into `directory` (created if needed) and return its path."""
-    from weights.layout import COMPONENTS, PIPELINE_CLASS, TINY_MARKER
+    from weights.layout import COMPONENTS, PIPELINE_CLASS, SAFETY_CHECKER_DIR, TINY_MARKER
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -220,6 +222,8 @@ def build_tiny(directory: str | Path, seed: int = SEED) -> Path:
         else:
             model.save_config(directory / name)
     _save_processor(directory / "tokenizer", tokenizer)
+    _save_turbo_lora(models["transformer"], directory, seed)
+    _save_safety_checker(directory / SAFETY_CHECKER_DIR, seed)
 
     import diffusers
 
@@ -230,6 +234,70 @@ def build_tiny(directory: str | Path, seed: int = SEED) -> Path:
         json.dumps({"description": "tiny random-weight FLUX.2 built by flux2-server", "seed": seed}, indent=2) + "\n"
     )
     return directory
+
+
+LORA_RANK = 4
+
+
+def _save_turbo_lora(transformer, directory: Path, seed: int) -> None:
+    """A random LoRA on the tiny transformer, saved where and how the real turbo adapter lives.
+
+    Built with peft (as diffusers' own LoRA training scripts build theirs) on every linear layer of the
+    transformer blocks, with non-zero random weights (`init_lora_weights=False`) so that it changes the output,
+    and saved with diffusers' `save_lora_weights` (keys `transformer.<module>.lora_A/B.weight`): the server
+    loads it through the same `load_lora_weights` path as fal's FLUX.2-dev-Turbo file. Call after the
+    transformer is saved: this adds the adapter to it in place.
+    """
+    from diffusers import Flux2Pipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from weights.layout import ADAPTERS
+
+    targets = [
+        n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear) and "transformer_blocks" in n
+    ]
+    torch.manual_seed(seed + 1)
+    transformer.add_adapter(
+        LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=targets, init_lora_weights=False)
+    )
+    adapter = ADAPTERS["turbo"]
+    Flux2Pipeline.save_lora_weights(
+        adapter.path(directory).parent,
+        transformer_lora_layers=get_peft_model_state_dict(transformer),
+        weight_name=adapter.file,
+    )
+
+
+NSFW_BIAS = -8.0
+
+
+def _save_safety_checker(directory: Path, seed: int) -> None:
+    """A tiny random NSFW classifier (ViT, labels normal/nsfw) in transformers' layout, where the checker lives.
+
+    Random weights give logits near zero; the nsfw logit's bias of -8 puts P(nsfw) near 3e-4, so at the default
+    threshold (0.5) the demo's outputs are shown, and tests force either verdict through the threshold. A real
+    checker (README "Safety checker") is the same kind of directory.
+    """
+    from transformers import ViTConfig, ViTForImageClassification
+    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+    torch.manual_seed(seed + 2)
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        id2label={0: "normal", 1: "nsfw"},
+        label2id={"normal": 0, "nsfw": 1},
+    )
+    model = ViTForImageClassification(config)
+    with torch.no_grad():
+        model.classifier.bias.copy_(torch.tensor([0.0, NSFW_BIAS]))
+    model.save_pretrained(directory, safe_serialization=True)
+    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(directory)
 
 
 def _randomize_vae_statistics(vae, seed: int) -> None:

@@ -12,7 +12,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from weights.layout import COMPONENTS, PIPELINE_CLASS, Component
+from weights.layout import ADAPTERS, COMPONENTS, PIPELINE_CLASS, Component
 
 TOKENIZER_FILES = ("tokenizer.json", "tekken.json")  # one of them holds the vocabulary
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -23,6 +23,8 @@ class Report:
     directory: Path
     problems: list[str] = field(default_factory=list)
     components: dict[str, str] = field(default_factory=dict)  # component -> "ok" or its first problem
+    # optional parts: adapter -> "ok", or "missing <path>" (not a problem: the profiles it serves can't run)
+    adapters: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -153,4 +155,21 @@ def verify(directory: str | Path) -> Report:
             report.fail(component.name, f"no vocabulary: none of {', '.join(TOKENIZER_FILES)} in {component_dir}")
         if component.weights_prefix:
             _check_weights(component, component_dir, report)
+    for adapter in ADAPTERS.values():
+        report.adapters[adapter.name] = _check_adapter(adapter.path(directory), report)
     return report
+
+
+def _check_adapter(path: Path, report: Report) -> str:
+    """An adapter may be absent; one that is present must be readable, else loading it would fail."""
+    if not path.is_file():
+        return f"missing {path}"
+    try:
+        names = safetensors_tensor_names(path)
+    except (OSError, ValueError) as exc:
+        report.fail(None, f"adapter {exc}")
+        return str(exc)
+    if not any(".lora_A." in name for name in names):
+        report.fail(None, f"adapter {path} holds no LoRA tensors (no '*.lora_A.*' keys)")
+        return "no LoRA tensors"
+    return "ok"

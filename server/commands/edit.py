@@ -72,8 +72,10 @@ def progress_bar(total: int | None = None):
 def edit_local(args: argparse.Namespace) -> int:
     import PIL.Image
 
-    from pipelines import EditCall, load_editor
-    from server.editing import notices_for, output_size
+    from pipelines import EditCall
+    from server.config import Settings
+    from server.editing import notices_for, output_size, unavailable_reason
+    from server.model import load_model
     from server.inputs import decode_image
     from server.outputs import encode
 
@@ -82,7 +84,12 @@ def edit_local(args: argparse.Namespace) -> int:
     if weights_dir is None:
         return 2
     print(f"loading {weights_dir} ...", file=sys.stderr)
-    editor = load_editor(weights_dir, args.device, args.dtype)
+    settings = Settings(**{k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v is not None})
+    editor = load_model(settings, weights_dir)  # as the server loads it: safety checker and adapters included
+    profile = BY_ID[ENDPOINTS[args.endpoint]].profile
+    refused = unavailable_reason(settings, profile, body, editor.capabilities())
+    if refused:
+        raise SystemExit(f"error: {refused}")
     images: list[PIL.Image.Image] = []
     for index, path in enumerate(args.images):
         image = decode_image(path.read_bytes(), str(path), index)
@@ -92,7 +99,6 @@ def edit_local(args: argparse.Namespace) -> int:
         images.append(image)
     width, height = output_size(body.image_size, images[0], editor.size_multiple)
     seed = body.seed if body.seed is not None else random.SystemRandom().randrange(2**32)
-    profile = BY_ID[ENDPOINTS[args.endpoint]].profile
     with progress_bar() as bar:
 
         def on_step(step: int, total: int) -> None:
@@ -111,6 +117,8 @@ def edit_local(args: argparse.Namespace) -> int:
                 seed=seed,
                 num_images=body.num_images,
                 on_step=on_step,
+                expand_prompt=body.enable_prompt_expansion,
+                check_safety=body.enable_safety_checker and not settings.disable_safety_checker,
             )
         )
     paths = output_paths(args.output, len(result.images))
@@ -118,7 +126,9 @@ def edit_local(args: argparse.Namespace) -> int:
         path.write_bytes(encode(image, body.output_format))
     timings = ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items())
     print(f"seed {seed}, {width}x{height}, {result.steps} steps, {timings}")
-    for notice in notices_for(body, profile, editor.capabilities()):
+    if result.has_nsfw_concepts is not None:
+        print(f"has_nsfw_concepts {result.has_nsfw_concepts}")
+    for notice in [*notices_for(body, profile, editor.capabilities(), settings), *result.notices]:
         print(f"notice: {notice}")
     for path in paths:
         print(path)

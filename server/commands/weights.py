@@ -1,52 +1,16 @@
-"""`flux2-server weights import SNAPSHOT DEST` and `weights verify DIR`: what is on disk, and what it can run."""
+"""`flux2-server weights import SNAPSHOT DEST` (then `weights verify DEST`, whose report is server.cli's)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from pipelines.profiles import PROFILES
-from weights.verify import Report, verify
-
-ADAPTERS_DIR = "loras"  # <weights>/loras/<adapter>/, where pipelines' profiles look for their distilled LoRA
-
-
-def profile_rows(directory: Path, report: Report) -> list[tuple[str, str, str]]:
-    """(profile, whether it can run, its distilled adapter's state) for each profile, from the files alone.
-
-    Every profile runs on the base weights; a profile made for a distilled LoRA says whether that LoRA is on
-    disk (the server loads what it finds; its /health says what it loaded)."""
-    rows = []
-    for name, profile in PROFILES.items():
-        runs = "yes" if report.ok else "no (base weights unusable)"
-        if profile.adapter is None:
-            adapter = "none needed"
-        elif (directory / ADAPTERS_DIR / profile.adapter).is_dir():
-            adapter = f"{profile.adapter!r} on disk"
-        else:
-            adapter = (
-                f"{profile.adapter!r} not on disk ({ADAPTERS_DIR}/{profile.adapter}/): runs the base weights "
-                f"on its {len(profile.sigmas)}-step schedule"
-            )
-        rows.append((name, runs, adapter))
-    return rows
-
-
-def table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
-    return "\n".join(lines)
-
 
 def print_report(directory: Path) -> bool:
-    report = verify(directory)
-    print(table(("component", "state"), list(report.components.items())))
-    print()
-    print(table(("profile", "runs", "distilled adapter"), profile_rows(directory, report)))
-    for problem in report.problems:
-        print(f"problem: {problem}")
-    print("OK" if report.ok else f"NOT USABLE: {len(report.problems)} problem(s)")
-    return report.ok
+    """`weights verify`'s report (components, adapters, which profiles can run, the safety checker)."""
+    from server.cli import cmd_weights_verify
+
+    return cmd_weights_verify(argparse.Namespace(directory=directory)) == 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -85,7 +49,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def add_parsers(weights: argparse._SubParsersAction) -> None:
     verify_parser = weights.add_parser(
-        "verify", help="check a weights directory: a table of components and of the profiles it can run"
+        "verify", help="check a weights directory: its components, adapters, and which profiles can run"
     )
     verify_parser.add_argument("directory", type=Path)
     verify_parser.set_defaults(func=cmd_verify)

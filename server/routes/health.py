@@ -16,6 +16,8 @@ class Health(BaseModel):
     waiting: int | None = Field(None, description="Edits handed to the model and not finished (once loaded).")
     capabilities: dict | None = Field(None, description="What the loaded model can and can't do (once loaded).")
     workers: list[dict] = Field(description="Live queue workers, as each advertises itself (heartbeat not expired).")
+    allow_undistilled: bool = Field(description="Whether distilled profiles may run on the base weights.")
+    safety_checker_disabled: bool = Field(description="Whether the operator turned the safety checker off.")
 
 
 class Readiness(BaseModel):
@@ -44,6 +46,8 @@ async def health(request: Request) -> JSONResponse:
         tiny_model=state.tiny,
         queued=state.store.queued_count(),
         workers=state.store.workers(),
+        allow_undistilled=state.settings.allow_undistilled,
+        safety_checker_disabled=state.settings.disable_safety_checker,
     )
     if model == "loaded":
         answer.waiting = state.worker.waiting  # edits submitted to the model and not finished, running included

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from server.editing import check_available
 from server.endpoints import APP_PATH, ENDPOINTS, Endpoint
 from server.logs import request_id_var
 from server.queue_store import PRIORITIES, QueuedRequest
@@ -57,6 +58,8 @@ def enqueue(
 ) -> QueuedRequest:
     """Accept a request into the queue (durably) and wake the local dispatcher, if any."""
     state = request.app.state
+    if state.worker is not None:  # refused now (503), rather than accepted and failed; a front-end leaves it to workers
+        check_available(state, endpoint.profile, body)
     request_id = str(uuid.uuid4())
     request_id_var.set(request_id)
     state.store.add(

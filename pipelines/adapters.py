@@ -1,0 +1,64 @@
+"""Distilled LoRA adapters (turbo) on the one loaded transformer, switched per request without copying it.
+
+Each adapter file found under `<weights>/loras/<name>/` (see `weights.layout.ADAPTERS`) is loaded once at
+start-up with diffusers' LoRA loader (`Flux2Pipeline.load_lora_weights`, peft underneath) as a named adapter,
+*unfused*: the base weights stay as they were loaded, and the adapter's low-rank matrices sit beside them.
+A request for a distilled profile enables its adapter; any other request disables adapters. Switching flips
+peft's per-layer flags: no weight is written, nothing is reloaded or copied.
+
+Why unfused (measured on the tiny model by `benchmarks/adapters.py`, results in `benchmarks/results/`):
+- enable/disable is bit-exact both ways: base output with the adapter disabled equals a fresh load of the base
+  weights, and adapter output equals a fresh `load_lora_weights`, pixel for pixel; a switch costs well under
+  a millisecond.
+- fuse/unfuse (`fuse_lora` then `unfuse_lora`) writes W += BA into the base weights and subtracts it back: the
+  base weights drift by rounding (the benchmark reports the drift; in bf16 it is larger), so after one turbo
+  request the base `edit` output would no longer equal a fresh load, and each switch rewrites every targeted
+  weight of the 32B transformer. Keeping a pristine copy to restore from would double that memory.
+The price of unfused is the adapter's extra low-rank matmuls on each distilled step; the benchmark measures
+it (unfused vs fused step time) so a GPU run can put a number on it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from weights.layout import ADAPTERS
+
+log = logging.getLogger(__name__)
+
+
+def load_adapters(pipe, weights_dir: Path) -> dict[str, Path]:
+    """Load every adapter present on disk into `pipe`, disabled; returns {name: file} of those loaded."""
+    loaded = {}
+    for adapter in ADAPTERS.values():
+        path = adapter.path(weights_dir)
+        if not path.is_file():
+            continue
+        pipe.load_lora_weights(path.parent, weight_name=path.name, adapter_name=adapter.name, local_files_only=True)
+        loaded[adapter.name] = path
+        log.info("loaded the %r adapter from %s (unfused; enabled per request)", adapter.name, path)
+    if loaded:
+        pipe.disable_lora()
+    return loaded
+
+
+class AdapterSwitch:
+    """Which adapter, if any, the transformer runs with. `use(None)` is the base weights."""
+
+    def __init__(self, pipe, loaded: dict[str, Path]):
+        self.pipe = pipe
+        self.loaded = loaded
+        self.active: str | None = None
+
+    def use(self, name: str | None) -> None:
+        if name is not None and name not in self.loaded:
+            raise ValueError(f"adapter {name!r} is not loaded")
+        if name == self.active:
+            return
+        if name is None:
+            self.pipe.disable_lora()
+        else:
+            self.pipe.set_adapters([name])
+            self.pipe.enable_lora()
+        self.active = name

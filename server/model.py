@@ -1,0 +1,53 @@
+"""The model as this process runs it: FLUX.2 loaded with the configured safety checker, and what it can't do said
+plainly at start-up. Shared by `serve` (server.app) and `worker` (server.queue_worker)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pipelines import Flux2Editor, load_editor
+from server.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+def load_model(settings: Settings, weights_dir: Path) -> Flux2Editor:
+    editor = load_editor(
+        weights_dir,
+        settings.device,
+        settings.dtype,
+        settings.safety_checker_dir(weights_dir),
+        settings.safety_threshold,
+    )
+    announce(editor.capabilities(), settings, weights_dir)
+    return editor
+
+
+def announce(caps: dict, settings: Settings, weights_dir: Path) -> None:
+    """Log what this server will refuse or do differently from fal, once, at start-up."""
+    if not caps["prompt_expansion"]:
+        log.warning("prompt expansion is not available on this server: requests asking for it say so in 'notices'")
+    if settings.disable_safety_checker:
+        log.warning(
+            "the safety checker is TURNED OFF by configuration: outputs are not checked; requests with "
+            "enable_safety_checker get has_nsfw_concepts false and a notice saying so"
+        )
+    elif not caps["safety_checker"]:
+        log.warning(
+            "NO SAFETY CHECKER: none at %s (set FLUX2_SAFETY_CHECKER=DIR): requests with enable_safety_checker "
+            "true (the default) answer 503; FLUX2_DISABLE_SAFETY_CHECKER=1 serves them unchecked",
+            settings.safety_checker or Path(weights_dir) / "safety_checker",
+        )
+    for name, info in caps["profiles"].items():
+        if info["distilled_adapter"] and not info["distilled_adapter_loaded"]:
+            if settings.allow_undistilled:
+                log.warning(
+                    "%s: distilled adapter missing (%s); running it on the BASE weights at %s steps, as allowed "
+                    "by --allow-undistilled / FLUX2_ALLOW_UNDISTILLED",
+                    name,
+                    info["distilled_adapter_file"],
+                    info["steps"],
+                )
+            else:
+                log.warning("%s: answers 503: missing %s", name, info["distilled_adapter_file"])

@@ -75,8 +75,8 @@ def edit_local(args: argparse.Namespace) -> int:
     from pipelines import EditCall
     from server.config import Settings
     from server.editing import notices_for, output_size, unavailable_reason
-    from server.model import load_model
     from server.inputs import decode_image
+    from server.model import load_model
     from server.outputs import encode
 
     body = input_body(args, [str(p) for p in args.images])

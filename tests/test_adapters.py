@@ -73,9 +73,12 @@ def serve_in_process(weights, settings: Settings):
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
-    while not uv.started and time.monotonic() < deadline:
+    url = f"http://127.0.0.1:{port}"
+    while time.monotonic() < deadline:  # the model loads in the background: wait until it serves
+        if uv.started and httpx.get(f"{url}/ready", timeout=5).status_code == 200:
+            break
         time.sleep(0.05)
-    return uv, thread, f"http://127.0.0.1:{port}"
+    return uv, thread, url
 
 
 def test_a_missing_adapter_is_a_503_naming_the_file(undistilled_weights, tmp_path, caplog):

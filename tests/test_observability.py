@@ -71,7 +71,7 @@ def slow_loading(monkeypatch):
     """The model load blocks until the test releases it (or raises what the test puts in `fail`)."""
     release = threading.Event()
     fail: list[Exception] = []
-    real_load = server.app.load_editor
+    real_load = server.app.load_model
 
     def load(*args, **kwargs):
         release.wait(60)
@@ -79,7 +79,7 @@ def slow_loading(monkeypatch):
             raise fail[0]
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(server.app, "load_editor", load)
+    monkeypatch.setattr(server.app, "load_model", load)
     return release, fail
 
 

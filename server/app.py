@@ -8,6 +8,7 @@ import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import PIL.Image
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
@@ -41,6 +42,8 @@ def create_app(settings: Settings, weights_dir: Path | None, tiny: bool = False)
     model, queues every request, and `flux2-server worker` processes run them.
     """
     outputs = OutputStore(settings.data_dir, open_storage(settings.storage, settings.data_dir, settings.retention_s))
+    # Pillow warns above this many pixels and refuses twice as many; inputs.decode_image refuses above it outright
+    PIL.Image.MAX_IMAGE_PIXELS = settings.max_input_pixels
 
     async def load_in_background(state) -> None:
         """Load the model in the background: /health answers meanwhile, /ready once this is done; requests that

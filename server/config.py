@@ -22,8 +22,13 @@ class Settings(BaseSettings):
     public_url: str | None = None  # base of output file URLs; default: the URL the request came in on
     device: str | None = None  # e.g. "cuda:1"; default CUDA when present, else CPU
     dtype: str | None = None  # e.g. "bfloat16"; default bf16 on CUDA, fp32 on CPU
-    fetch_timeout_s: float = 30.0  # per input image URL
-    max_input_image_bytes: int = 64 * 1024 * 1024
+    fetch_timeout_s: float = 30.0  # per input image URL, redirects and the whole body included
+    fetch_max_redirects: int = 5
+    # hosts (exact, or *.domain) and CIDR networks that image URLs and webhooks may reach even though they are
+    # loopback/private/link-local/...; e.g. "assets.studio.lan,10.20.0.0/16". Default: public addresses only.
+    fetch_allow: str | None = None
+    max_input_image_bytes: int = 64 * 1024 * 1024  # per input image, data URIs included
+    max_input_pixels: int = 64_000_000  # width x height, checked from the header before decoding
     max_upload_bytes: int = 256 * 1024 * 1024  # a file uploaded through the storage emulation
     ssl_certfile: Path | None = None  # with ssl_keyfile: serve https (fal's Python client speaks only https)
     ssl_keyfile: Path | None = None

@@ -12,7 +12,7 @@ import PIL.Image
 
 from pipelines import Cancelled, EditCall
 from server.errors import InferenceError, Unavailable
-from server.inputs import load_images, url_error
+from server.inputs import InputLimits, LocalFiles, load_images, url_error
 from server.schemas import (
     MAX_REFERENCE_IMAGES,
     MAX_SIDE,
@@ -134,7 +134,10 @@ async def run_edit(
     editor = state.worker.editor
     check_available(state, profile, body)
     urls = body.image_urls[:MAX_REFERENCE_IMAGES]
-    images = await load_images(state.http, urls, state.settings.max_input_image_bytes)
+    settings = state.settings
+    limits = InputLimits(settings.max_input_image_bytes, settings.max_input_pixels, settings.fetch_timeout_s)
+    local = LocalFiles(base_url, state.outputs.storage)
+    images, input_notices = await load_images(state.http, urls, limits, local)
     for index, image in enumerate(images):
         problem = editor.reference_problem(image)
         if problem:
@@ -183,5 +186,5 @@ async def run_edit(
         # the notices say): fal's field is a list of booleans.
         has_nsfw_concepts=result.has_nsfw_concepts or [False] * len(files),
         prompt=result.prompt,
-        notices=notices_for(body, profile, editor.capabilities(), state.settings) + result.notices,
+        notices=input_notices + notices_for(body, profile, editor.capabilities(), state.settings) + result.notices,
     )

@@ -1,7 +1,8 @@
 """fal's webhooks: when a queued request with `?fal_webhook=URL` completes, POST its outcome to URL.
 
 Delivery runs in background tasks with exponential backoff, so a slow or failing receiver never holds up the
-queue. The payload is fal's: request_id, gateway_request_id, status OK/ERROR, payload, error.
+queue. Deliveries go through the same SSRF guard as input images (server/net_guard.py): a webhook URL that resolves
+to a loopback/private/link-local/... address is not called unless FLUX2_FETCH_ALLOW allows it. The payload is fal's: request_id, gateway_request_id, status OK/ERROR, payload, error.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import asyncio
 import logging
 
 import httpx
+
+from server.net_guard import AddressRefused
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,9 @@ class WebhookSender:
                 problem = f"HTTP {response.status_code}"
             except httpx.HTTPError as exc:
                 problem = f"{type(exc).__name__}: {exc}"
+            except AddressRefused as exc:  # the SSRF guard: retrying can't help
+                log.error("webhook for %s to %s refused: %s", payload["request_id"], url, exc)
+                return
             log.warning(
                 "webhook for %s to %s failed (attempt %d/%d): %s",
                 payload["request_id"],

@@ -76,7 +76,7 @@ TEXT_BYTES = base64.b64encode(b"this is not an image").decode()
         (data_uri(image_bytes(1200, 100)), "invalid_image", "aspect ratio"),
         ("ftp://example.com/a.png", "invalid_url", "Unsupported URL scheme"),
         ("not a url", "invalid_url", "Unsupported URL scheme"),
-        ("http://127.0.0.1:1/unreachable.png", "file_download_error", "Failed to download"),
+        ("http://127.0.0.1:1/unreachable.png", "url_not_allowed", "loopback"),  # see tests/test_ssrf.py
     ],
 )
 def test_unusable_image_urls_name_the_url_and_why(server, url, error_type, message):

@@ -89,7 +89,14 @@ def _add_submit_route(endpoint: Endpoint) -> None:
     async def submit(
         body: endpoint.input_model,
         request: Request,
-        fal_webhook: Annotated[str | None, Query(description="URL to POST the result to when done")] = None,
+        fal_webhook: Annotated[
+            str | None,
+            Query(
+                pattern=r"^https?://[^/?#\s]+",
+                max_length=2048,
+                description="http(s) URL to POST the result to when done (public addresses, or FLUX2_FETCH_ALLOW)",
+            ),
+        ] = None,
         x_fal_queue_priority: Annotated[Literal["normal", "low"], Header(description="serve order")] = "normal",
         x_fal_request_timeout: Annotated[float | None, Header(gt=0, description="seconds to start within")] = None,
     ) -> QueueSubmitted:

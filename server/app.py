@@ -11,12 +11,13 @@ from pathlib import Path
 import PIL.Image
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.staticfiles import StaticFiles
 
 from server.auth import parse_keys, require_key
+from server.body_limit import fal_shaped_413
 from server.config import Settings
 from server.dispatcher import Dispatcher
 from server.errors import install_error_handlers
+from server.file_serving import OutputFiles
 from server.file_storage import open_storage
 from server.logs import request_ids
 from server.metrics import Metrics
@@ -26,6 +27,7 @@ from server.outputs import OutputStore
 from server.proxy import fal_proxy
 from server.queue_backend import open_queue
 from server.queue_worker import advertise, new_worker_id, served_profiles, worker_info
+from server.quotas import Quotas, enforce_rate_limit
 from server.retention import run_retention
 from server.routes import edit, files, health, metrics, openapi, playground, queue, storage
 from server.routes.queue import queue_host_routing
@@ -54,7 +56,7 @@ def create_app(settings: Settings, weights_dir: Path | None, tiny: bool = False)
             log.exception("the model failed to load from %s: /health and /ready answer 503", weights_dir)
             state.model_error = f"{type(exc).__name__}: {exc}"
             return
-        state.worker = InferenceWorker(editor)
+        state.worker = InferenceWorker(editor, settings.job_timeout_s)
         state.model_loaded.set()
 
     async def advertise_when_loaded(state, store, worker_id: str, profiles) -> None:
@@ -141,11 +143,15 @@ def create_app(settings: Settings, weights_dir: Path | None, tiny: bool = False)
     app.state.api_keys = settings.keys()
     if not app.state.api_keys:
         log.warning("no API keys configured: the API is open to anyone who can reach this port")
-    app.include_router(edit.router, dependencies=[Depends(require_key)])
-    app.include_router(queue.router, dependencies=[Depends(require_key)])
+    app.state.quotas = Quotas(settings.rate_limit, settings.max_pending_per_key)
+    guarded = {"dependencies": [Depends(require_key), Depends(enforce_rate_limit)]}
+    body_limit = {"max_body_size": settings.max_body_bytes}  # 413 beyond (server/body_limit.py)
+    app.include_router(edit.router, **guarded, **body_limit)
+    app.include_router(queue.router, **guarded, **body_limit)
     app.state.pending_uploads = {}
-    app.include_router(storage.initiate_router)
-    app.include_router(storage.upload_router)
+    app.include_router(storage.initiate_router, **guarded, **body_limit)
+    app.include_router(storage.upload_router, max_body_size=settings.max_upload_bytes)  # files: their own limit
+    app.add_middleware(fal_shaped_413)
     app.add_middleware(queue_host_routing)
     app.add_middleware(fal_proxy)  # a proxied request is rewritten before any other routing
     app.add_middleware(request_ids)
@@ -159,7 +165,7 @@ def create_app(settings: Settings, weights_dir: Path | None, tiny: bool = False)
             expose_headers=["x-fal-request-id"],
         )
     if outputs.files_dir is not None:
-        app.mount("/files", StaticFiles(directory=outputs.files_dir), name="files")
+        app.mount("/files", OutputFiles(directory=outputs.files_dir), name="files")
     else:
         app.include_router(files.router)  # files in a bucket, streamed through this server
     app.mount("/static", playground.static_files, name="static")

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     max_input_image_bytes: int = 64 * 1024 * 1024  # per input image, data URIs included
     max_input_pixels: int = 64_000_000  # width x height, checked from the header before decoding
     max_upload_bytes: int = 256 * 1024 * 1024  # a file uploaded through the storage emulation
+    max_body_bytes: int = 128 * 1024 * 1024  # any other request body (413 beyond; Content-Length or streamed)
+    rate_limit: str | None = None  # per API key (or client address), e.g. "20/second;600/minute"; none: no limit
+    max_pending_per_key: int | None = None  # sync edits in flight + queued requests not completed; none: no limit
     ssl_certfile: Path | None = None  # with ssl_keyfile: serve https (fal's Python client speaks only https)
     ssl_keyfile: Path | None = None
     api_keys: str | None = None  # comma-separated; set: every API route needs `Authorization: Key <key>`
@@ -38,6 +41,7 @@ class Settings(BaseSettings):
     retention_s: float = 7 * 24 * 3600  # finished queue requests, their logs and files are kept this long
     retention_sweep_every_s: float = 600.0
     webhook_backoff_s: float = 1.0  # first retry delay of a failed webhook; doubles each attempt (6 attempts)
+    job_timeout_s: float | None = 1800.0  # a job running longer is stopped at its next step and failed (504)
     log_level: str = "info"
     log_format: Literal["text", "json"] = "text"  # json: one JSON object per line (time, level, request_id, ...)
     # The queue: None (default) is the embedded SQLite queue under data_dir; redis://host:port/db is a Redis shared

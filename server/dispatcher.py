@@ -2,6 +2,11 @@
 
 The same logic serves both deployments: inside `flux2-server serve` over the embedded SQLite queue, and inside
 each `flux2-server worker` over Redis. It talks to the queue only through `server.queue_backend.QueueBackend`.
+
+A fault outside the model (anything but bad input, a cancel or an `InferenceError`) is treated as the worker
+failing on the request: it is logged, the dispatcher goes on, and the request is re-queued once. The queue counts
+every start (`attempts`), so a request that brings the whole process down (a segfault, the OOM killer) is failed
+when it is claimed a third time, instead of taking down every restart (or every worker) in turn.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from server.webhooks import WebhookSender, webhook_payload
 log = logging.getLogger(__name__)
 
 CANCELLED = "Request was cancelled"
+MAX_ATTEMPTS = 2  # the first run and one re-run after a worker failure
 IDLE_RECHECK_S = 1.0  # an idle dispatcher looks at the queue at least this often (e.g. for abandoned requests)
 
 
@@ -89,15 +95,34 @@ class Dispatcher:
                 continue
             try:
                 await self._run(request)
-            except Exception:  # a fault in the bookkeeping itself: record it, keep serving the queue
+            except Exception as exc:  # a fault outside the model: the worker failed on this request
                 log.exception("request %s failed outside the model", request.id)
-                self.finish(
-                    request, 500, {"detail": "Internal server error"}, "Internal server error", "internal_error"
-                )
+                self.crashed(request, f"{type(exc).__name__}: {exc}")
+
+    def crashed(self, request: QueuedRequest, cause: str) -> None:
+        """The worker failed while running `request`: re-queue it, or fail it once it has had MAX_ATTEMPTS."""
+        if (request.attempts or 0) < MAX_ATTEMPTS:
+            self.store.log(request.id, f"The worker failed ({cause}); the request was re-queued.", "WARNING")
+            log.warning("request %s re-queued after a worker failure: %s", request.id, cause)
+            self.store.release(request.id, attempt_failed=True)
+            return
+        message = f"The worker failed on this request {request.attempts} times ({cause}); it is not retried."
+        self.store.log(request.id, message, "ERROR")
+        log.error("request %s failed: %s", request.id, message)
+        self.finish(request, 500, {"detail": message}, message, "worker_crashed")
 
     async def _run(self, request: QueuedRequest) -> None:
         """Run a claimed (IN_PROGRESS) request."""
         request_id_var.set(request.id)
+        if (request.attempts or 0) > MAX_ATTEMPTS:  # started that often and never finished: it stops workers
+            message = (
+                f"The worker stopped while running this request {request.attempts - 1} times "
+                "(the process died or was stopped); it is not retried."
+            )
+            self.store.log(request.id, message, "ERROR")
+            log.error("request %s failed: %s", request.id, message)
+            self.finish(request, 500, {"detail": message}, message, "worker_crashed")
+            return
         if request.start_deadline and request.started_at > request.start_deadline:
             message = "Request timed out before processing started (X-Fal-Request-Timeout)"
             self.finish(request, 504, {"detail": message}, message, "request_timeout")
@@ -127,7 +152,8 @@ class Dispatcher:
         except Unavailable as exc:  # queued under another configuration, then refused by this one
             self.finish(request, 503, {"detail": str(exc)}, str(exc), "unavailable")
         except InferenceError as exc:
-            self.finish(request, 500, {"detail": f"Inference failed: {exc}"}, str(exc), "inference_error")
+            self.store.log(request.id, f"Inference failed: {exc}", "ERROR")
+            self.finish(request, exc.status, {"detail": f"Inference failed: {exc}"}, str(exc), exc.error_type)
         else:
             metrics = {"inference_time": time.perf_counter() - started}
             self.finish(request, 200, output.model_dump(mode="json"), metrics=metrics)

@@ -170,7 +170,7 @@ async def run_edit(
     progress(f"{profile} {width}x{height}, {len(images)} reference(s), seed {seed}")
     try:
         result = await state.worker.run(call)
-    except Cancelled:
+    except (Cancelled, InferenceError):
         raise
     except Exception as exc:
         raise InferenceError(f"{type(exc).__name__}: {exc}") from exc

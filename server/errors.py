@@ -26,7 +26,23 @@ class Unavailable(Exception):
 
 
 class InferenceError(Exception):
-    """The model failed on a request that was valid (out of memory, say): a 500 naming the cause."""
+    """The model failed on a request that was valid: a 500 naming the cause."""
+
+    status = 500
+    error_type = "inference_error"
+
+
+class OutOfMemory(InferenceError):
+    """The device ran out of memory on this request; the memory was released and the next request can run."""
+
+    error_type = "out_of_memory"
+
+
+class JobTimedOut(InferenceError):
+    """The job ran past FLUX2_JOB_TIMEOUT_S and was stopped at its next step."""
+
+    status = 504
+    error_type = "job_timeout"
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -41,7 +57,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InferenceError)
     async def _inference_error(request: Request, exc: InferenceError) -> JSONResponse:
         log.error("inference failed for %s: %s", request.url.path, exc, exc_info=exc.__cause__)
-        return JSONResponse({"detail": f"Inference failed: {exc}"}, status_code=500)
+        return JSONResponse({"detail": f"Inference failed: {exc}"}, status_code=exc.status)
 
     # Last resort, for faults outside the model. Starlette sends this response, then re-raises to the server.
     @app.exception_handler(Exception)

@@ -5,7 +5,9 @@ default: one process serves the API and runs the model) and `server.redis_queue.
 front-ends and GPU workers in separate processes, on separate machines). `open_queue` picks one from a URL.
 
 Lifecycle of a request: `add` (IN_QUEUE) -> `claim` by a dispatcher that can run its endpoint (IN_PROGRESS) ->
-`complete` (COMPLETED, exactly once). `release` gives a claimed request back when its dispatcher stops.
+`complete` (COMPLETED, exactly once). `release` gives a claimed request back when its dispatcher stops (or its
+worker failed on it). Every claim counts an attempt, so a request that brings its worker down every time is
+failed after `dispatcher.MAX_ATTEMPTS` starts instead of being run forever.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class QueuedRequest:
     error: str | None
     error_type: str | None
     metrics: str | None
+    attempts: int | None = 0  # times claimed; a claim given back by a graceful stop is not counted
 
     @property
     def urls(self) -> dict[str, str]:
@@ -49,7 +52,9 @@ class QueuedRequest:
     @classmethod
     def from_mapping(cls, values: dict) -> QueuedRequest:
         """From a row or record holding (at least) this class's fields; other keys are ignored."""
-        return cls(**{f.name: values.get(f.name) for f in fields(cls)})
+        request = cls(**{f.name: values.get(f.name) for f in fields(cls)})
+        request.attempts = int(request.attempts or 0)
+        return request
 
 
 @runtime_checkable
@@ -87,8 +92,9 @@ class QueueBackend(Protocol):
     async def wait_for_work(self, wakeup: asyncio.Event, timeout_s: float) -> None:
         """Return when work may have arrived, `wakeup` is set, or after `timeout_s`."""
 
-    def release(self, request_id: str) -> None:
-        """A claimed request was interrupted by its dispatcher stopping: it must run again."""
+    def release(self, request_id: str, attempt_failed: bool = False) -> None:
+        """A claimed request must run again: its dispatcher is stopping (the claim is not counted as an attempt), or
+        the worker failed while running it (`attempt_failed`: counted, see Dispatcher.crashed)."""
 
     def complete(
         self,

@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS requests (
     result TEXT,                             -- the result body, as JSON (output or fal error shape)
     error TEXT,
     error_type TEXT,
-    metrics TEXT
+    metrics TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0      -- times started; a start interrupted by a graceful stop is not counted
 );
 CREATE INDEX IF NOT EXISTS queued ON requests (status, priority, seq);
 CREATE TABLE IF NOT EXISTS logs (
@@ -66,6 +67,9 @@ class RequestStore:
         # that too, while per-step log lines don't wait on the disk.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        columns = {row["name"] for row in self._db.execute("PRAGMA table_info(requests)")}
+        if "attempts" not in columns:  # a queue written before attempts were counted
+            self._db.execute("ALTER TABLE requests ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
         self._cancel_requested: set[str] = set()  # running requests to stop at their next step (this process)
         self._workers: dict[str, tuple[float, dict]] = {}  # worker id -> (expires, info)
 
@@ -144,9 +148,17 @@ class RequestStore:
         except TimeoutError:
             pass
 
-    def release(self, request_id: str) -> None:
-        """Left IN_PROGRESS: this process is the only one that runs requests, and `requeue_interrupted` puts it
-        back in the queue at its next start (as after a crash)."""
+    def release(self, request_id: str, attempt_failed: bool = False) -> None:
+        """After a worker failure: back in the queue now, the attempt counted. At a graceful stop: left IN_PROGRESS
+        (this process is the only one that runs requests, and `requeue_interrupted` puts it back in the queue at
+        its next start, as after a crash) with the attempt not counted."""
+        if attempt_failed:
+            self._write(
+                "UPDATE requests SET status='IN_QUEUE', started_at=NULL WHERE id=? AND status='IN_PROGRESS'",
+                request_id,
+            )
+        else:
+            self._write("UPDATE requests SET attempts=MAX(attempts-1, 0) WHERE id=?", request_id)
 
     def request_cancel(self, request_id: str) -> None:
         self._cancel_requested.add(request_id)
@@ -165,7 +177,8 @@ class RequestStore:
         """IN_QUEUE -> IN_PROGRESS; False if it is no longer queued (cancelled meanwhile)."""
         return bool(
             self._write(
-                "UPDATE requests SET status='IN_PROGRESS', started_at=? WHERE id=? AND status='IN_QUEUE'",
+                "UPDATE requests SET status='IN_PROGRESS', started_at=?, attempts=attempts+1"
+                " WHERE id=? AND status='IN_QUEUE'",
                 time.time(),
                 request_id,
             )

@@ -81,7 +81,7 @@ async def run_worker(settings: Settings, weights_dir: Path, tiny: bool) -> None:
         consumer=worker_id,
     )
     editor = await asyncio.to_thread(load_model, settings, weights_dir)
-    worker = InferenceWorker(editor)
+    worker = InferenceWorker(editor, settings.job_timeout_s)
     started = time.time()
     async with outbound_client(settings) as client:
         state = SimpleNamespace(

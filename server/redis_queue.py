@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = "flux2:"
 GROUP = "workers"
-INT_FIELDS = {"seq", "priority", "status_code"}
+INT_FIELDS = {"seq", "priority", "status_code", "attempts"}
 FLOAT_FIELDS = {"start_deadline", "created_at", "started_at", "completed_at"}
 
 ADD = """
@@ -139,13 +139,15 @@ redis.call('DEL', KEYS[3])
 return 1
 """
 
-# KEYS: request hash; ARGV: consumer, idle (ms) to set, release (1/0). Touches a claimed entry (idle 0), or gives
-# it up (idle past the visibility timeout, so the next worker claims it at once), if this consumer still owns it.
+# KEYS: request hash; ARGV: consumer, idle (ms) to set, release (1/0), uncount the attempt (1/0). Touches a
+# claimed entry (idle 0), or gives it up (idle past the visibility timeout, so the next worker claims it at once),
+# if this consumer still owns it.
 TOUCH = """
 local r = redis.call('HMGET', KEYS[1], 'status', 'worker', 'stream', 'entry')
 if r[1] ~= 'IN_PROGRESS' or r[2] ~= ARGV[1] then return 0 end
 redis.call('XCLAIM', r[3], 'workers', ARGV[1], 0, r[4], 'IDLE', ARGV[2], 'JUSTID')
 if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'status', 'IN_QUEUE') end
+if ARGV[4] == '1' then redis.call('HINCRBY', KEYS[1], 'attempts', -1) end  -- a graceful stop: not an attempt
 return 1
 """
 
@@ -285,7 +287,7 @@ class RedisQueue:
         while not self._closing.wait(self.visibility_ms / 3000):
             for request_id in list(self._claimed):
                 try:
-                    self._touch(keys=[self._key(request_id)], args=[self.consumer, 0, 0])
+                    self._touch(keys=[self._key(request_id)], args=[self.consumer, 0, 0, 0])
                 except redis.RedisError as exc:
                     log.warning("could not renew the claim on request %s: %s", request_id, exc)
 
@@ -301,10 +303,12 @@ class RedisQueue:
         await asyncio.wait({reading, woken}, return_when=asyncio.FIRST_COMPLETED)
         woken.cancel()
 
-    def release(self, request_id: str) -> None:
-        """Hand an interrupted request straight to the next worker: its entry looks abandoned at once."""
+    def release(self, request_id: str, attempt_failed: bool = False) -> None:
+        """Hand an interrupted request straight to the next worker: its entry looks abandoned at once. A graceful
+        stop's claim is not counted as an attempt."""
         self._claimed.discard(request_id)
-        self._touch(keys=[self._key(request_id)], args=[self.consumer, self.visibility_ms + 1, 1])
+        uncount = 0 if attempt_failed else 1
+        self._touch(keys=[self._key(request_id)], args=[self.consumer, self.visibility_ms + 1, 1, uncount])
 
     def complete(
         self,

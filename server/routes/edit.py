@@ -9,6 +9,7 @@ from server.editing import run_edit
 from server.endpoints import ENDPOINTS, Endpoint
 from server.errors import InferenceError, InputError
 from server.logs import request_id_var
+from server.quotas import caller
 from server.routes.queue import enqueue, result_response, wait_completed
 from server.schemas import EditOutput, Message
 
@@ -36,14 +37,15 @@ def _add_route(endpoint: Endpoint) -> None:
         outcome = "internal_error"
         try:
             await wait_for_model(state)
-            output = await run_edit(state, endpoint.profile, body, base_url, request_id)
+            with state.quotas.slot(caller(request), request_id):
+                output = await run_edit(state, endpoint.profile, body, base_url, request_id)
             outcome = "ok"
             return output
         except InputError as exc:
             outcome = exc.detail["type"]
             raise
-        except InferenceError:
-            outcome = "inference_error"
+        except InferenceError as exc:
+            outcome = exc.error_type
             raise
         except HTTPException as exc:
             outcome = f"http_{exc.status_code}"

@@ -5,6 +5,8 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
+from server.file_serving import SAFE_HEADERS
+
 router = APIRouter(tags=["files"])
 
 
@@ -14,4 +16,4 @@ async def file(request: Request, name: str) -> Response:
     if found is None:
         raise HTTPException(404, "Not Found")
     data, content_type = found
-    return Response(data, media_type=content_type)
+    return Response(data, media_type=content_type, headers=SAFE_HEADERS)

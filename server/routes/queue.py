@@ -17,6 +17,7 @@ from server.editing import check_available
 from server.endpoints import APP_PATH, ENDPOINTS, Endpoint
 from server.logs import request_id_var
 from server.queue_store import PRIORITIES, QueuedRequest
+from server.quotas import caller
 from server.schemas import CancelAnswer, EditOutput, Message, QueueStatus, QueueSubmitted
 
 router = APIRouter(prefix="/queue", tags=["queue"])
@@ -62,6 +63,7 @@ def enqueue(
         check_available(state, endpoint.profile, body)
     request_id = str(uuid.uuid4())
     request_id_var.set(request_id)
+    state.quotas.claim(caller(request), request_id, state.store)  # counts until the queue has it COMPLETED
     state.store.add(
         request_id,
         endpoint.endpoint_id,

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from server.auth import require_key
 
 UPLOAD_TTL_S = 3600
+SERVED_TYPES = {"image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp", "image/tiff", "image/avif"}
 
 initiate_router = APIRouter(prefix="/storage/upload", tags=["storage"], dependencies=[Depends(require_key)])
 upload_router = APIRouter(prefix="/storage/upload", tags=["storage"])
@@ -61,7 +62,10 @@ def _initiate(request: Request, body: InitiateUpload, kind: str) -> UploadTarget
     for token in [t for t, u in pending.items() if u.expires < now]:
         del pending[token]
     token = secrets.token_urlsafe(24)
-    extension = mimetypes.guess_extension(body.content_type.split(";")[0].strip()) or ".bin"
+    content_type = body.content_type.split(";")[0].strip().lower()
+    # served back under /files/ on this server's origin: only raster image types keep their type; anything else
+    # (HTML, SVG, scripts...) is stored as .bin and served as application/octet-stream, never rendered as a page
+    extension = (mimetypes.guess_extension(content_type) if content_type in SERVED_TYPES else None) or ".bin"
     name = f"upload-{secrets.token_hex(16)}{extension}"
     pending[token] = PendingUpload(name, body.content_type, now + UPLOAD_TTL_S)
     base = str(request.base_url).rstrip("/")

@@ -1,0 +1,201 @@
+"""Bodies and files, keys and abuse: body and data-URI size limits, file serving that stays in its directory with
+honest content types, keys on every API route, per-key rate and concurrency limits (429), CORS closed by default."""
+
+from __future__ import annotations
+
+import socket
+import time
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from tests.conftest import data_uri, image_bytes, start_server
+
+SMALL = data_uri(image_bytes(96, 96))
+GOOD = {"prompt": "p", "image_urls": [SMALL], "image_size": "square", "seed": 1}
+SLOW = {**GOOD, "image_size": "square_hd", "num_inference_steps": 40}
+KEYS = ["key-one", "key-rate", "key-pending", "key-other"]
+
+
+def auth(key: str) -> dict:
+    return {"Authorization": f"Key {key}"}
+
+
+@pytest.fixture(scope="module")
+def limited(tiny_weights, tmp_path_factory):
+    root = tmp_path_factory.mktemp("limited")
+    env = {
+        "FLUX2_API_KEYS": ",".join(KEYS),
+        "FLUX2_MAX_BODY_BYTES": "300000",
+        "FLUX2_MAX_UPLOAD_BYTES": "600000",
+        "FLUX2_MAX_INPUT_IMAGE_BYTES": "100000",
+        "FLUX2_RATE_LIMIT": "20/minute",
+        "FLUX2_MAX_PENDING_PER_KEY": "2",
+    }
+    process, url = start_server(tiny_weights, root / "data", root / "log", env=env)
+    with httpx.Client(base_url=url, timeout=120) as client:
+        yield client
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_oversized_bodies_are_refused_with_413(limited):
+    big = {**GOOD, "prompt": "x" * 400_000}
+    declared = limited.post("/fal-ai/flux-2/flash/edit", json=big, headers=auth("key-one"))
+    assert declared.status_code == 413 and "detail" in declared.json()
+
+    def chunks():  # no Content-Length: counted as it streams
+        for _ in range(40):
+            yield b"x" * 10_000
+
+    streamed = limited.post(
+        "/queue/fal-ai/flux-2/flash/edit",
+        content=chunks(),
+        headers={**auth("key-one"), "content-type": "application/json"},
+    )
+    assert streamed.status_code == 413
+    assert limited.get("/health").status_code == 200
+
+
+def test_uploads_have_their_own_limit(limited):
+    target = limited.post(
+        "/storage/upload/initiate", json={"content_type": "image/png"}, headers=auth("key-one")
+    ).json()
+    path = urlsplit(target["upload_url"]).path
+    assert limited.put(path, content=b"x" * 500_000).status_code == 200  # over the body limit, under the upload one
+    target = limited.post(
+        "/storage/upload/initiate", json={"content_type": "image/png"}, headers=auth("key-one")
+    ).json()
+    assert limited.put(urlsplit(target["upload_url"]).path, content=b"x" * 700_000).status_code == 413
+
+
+def test_data_uri_over_the_image_limit_is_a_422(limited):
+    big = "data:image/bmp;base64," + "A" * 200_000  # 150 KB decoded: under the body limit, over the image limit
+    response = limited.post("/fal-ai/flux-2/flash/edit", json={**GOOD, "image_urls": [big]}, headers=auth("key-one"))
+    assert response.status_code == 422
+    [detail] = response.json()["detail"]
+    assert detail["loc"] == ["body", "image_urls", 0] and detail["type"] == "file_too_large"
+    assert "100000 bytes" in detail["msg"] and len(detail["input"]) < 200
+
+
+def test_every_api_route_needs_a_key(limited):
+    spec = limited.get("/openapi.json").json()  # the API's description is public, like fal's
+    open_paths = {"/health"}
+    checked = 0
+    for path, methods in spec["paths"].items():
+        for method in methods:
+            concrete = path.replace("{request_id}", "00000000-0000-0000-0000-000000000000")
+            concrete = concrete.replace("{token}", "not-a-token").replace("{part_number}", "1")
+            response = limited.request(method, concrete, json=GOOD)
+            if path in open_paths:
+                assert response.status_code == 200
+            elif "{token}" in path:  # one-time upload URLs: the unguessable token is the permission (presigned)
+                assert response.status_code in (404, 422)  # unknown token, or the completion body refused
+            else:
+                assert response.status_code == 401, (method, path, response.status_code)
+                assert response.headers["www-authenticate"] == "Key"
+                checked += 1
+    assert checked >= 10
+    # the same routes under the endpoint's own path, the queue host form and the proxy
+    assert limited.get("/queue/fal-ai/flux-2/edit/requests/x/status").status_code == 401
+    assert limited.post("/fal-ai/flux-2/edit", json=GOOD, headers={"host": "queue.localhost"}).status_code == 401
+    proxied = limited.post(
+        "/api/fal/proxy", json=GOOD, headers={"x-fal-target-url": "https://fal.run/fal-ai/flux-2/flash/edit"}
+    )
+    assert proxied.status_code == 401
+    assert limited.put("/storage/upload/put/not-a-token", content=b"x").status_code == 404  # the token is the key
+    assert limited.get("/docs").status_code == 200
+
+
+def test_rate_limit_per_key(limited):
+    status = "/queue/fal-ai/flux-2/requests/00000000-0000-0000-0000-000000000000/status"
+    codes = [limited.get(status, headers=auth("key-rate")).status_code for _ in range(20)]
+    assert codes == [404] * 20
+    refused = limited.get(status, headers=auth("key-rate"))
+    assert refused.status_code == 429
+    assert "20 per 1 minute" in refused.json()["detail"] and int(refused.headers["retry-after"]) >= 1
+    assert limited.get(status, headers=auth("key-other")).status_code == 404  # other keys are not affected
+
+
+def test_concurrency_limit_per_key(limited):
+    submit = "/queue/fal-ai/flux-2/edit"
+    first, second = (limited.post(submit, json=SLOW, headers=auth("key-pending")).json() for _ in range(2))
+    third = limited.post(submit, json=SLOW, headers=auth("key-pending"))
+    assert third.status_code == 429 and "at most 2 queued or running" in third.json()["detail"]
+    sync = limited.post("/fal-ai/flux-2/flash/edit", json=GOOD, headers=auth("key-pending"))
+    assert sync.status_code == 429
+    other = limited.post(submit, json=GOOD, headers=auth("key-other"))
+    assert other.status_code == 200
+    # a completed (here: cancelled) request frees its place
+    for handle in (first, second):
+        limited.put(urlsplit(handle["cancel_url"]).path, headers=auth("key-pending"))
+    for _ in range(12):  # slowly: status polls count against the key's rate limit (20/minute) too
+        time.sleep(1)
+        polled = limited.get(urlsplit(first["status_url"]).path, headers=auth("key-pending"))
+        if polled.json()["status"] == "COMPLETED":
+            break
+    assert polled.json()["status"] == "COMPLETED"
+    again = limited.post(submit, json=GOOD, headers=auth("key-pending"))
+    assert again.status_code == 200, again.text
+
+
+def raw_get(url: str, path: str) -> tuple[int, bytes]:
+    """A GET with the path exactly as given (httpx would normalise dot segments away)."""
+    host, port = urlsplit(url).hostname, urlsplit(url).port
+    with socket.create_connection((host, port), timeout=10) as conn:
+        conn.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+    return int(data.split(b" ", 2)[1]), data
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/files/../queue.sqlite3",
+        "/files/..%2fqueue.sqlite3",
+        "/files/%2e%2e/queue.sqlite3",
+        "/files/%2e%2e%2fqueue.sqlite3",
+        "/files/..%5cqueue.sqlite3",
+        "/files//etc/passwd",
+        "/files/%2fetc%2fpasswd",
+        "/files/../../../../etc/passwd",
+        "/files/",
+        "/files",
+    ],
+)
+def test_file_serving_stays_in_its_directory_and_lists_nothing(server, path):
+    status, data = raw_get(server.url, path)
+    assert status in (307, 400, 404), (path, status)
+    assert b"SQLite format" not in data and b"root:" not in data
+
+
+def test_served_files_have_their_type_and_uploads_cannot_be_pages(server):
+    out = server.post("fal-ai/flux-2/flash/edit", GOOD).json()["images"][0]
+    served = server.client.get(out["url"])
+    assert served.headers["content-type"] == "image/png"
+    assert served.headers["x-content-type-options"] == "nosniff"
+    assert "sandbox" in served.headers["content-security-policy"]
+    for content_type in ("text/html", "image/svg+xml", "application/javascript"):
+        target = server.client.post(
+            f"{server.url}/storage/upload/initiate", json={"content_type": content_type, "file_name": "x"}
+        ).json()
+        assert target["file_url"].endswith(".bin")
+        server.client.put(target["upload_url"], content=b"<script>alert(1)</script>")
+        page = server.client.get(target["file_url"])
+        assert page.status_code == 200 and page.headers["content-type"] == "application/octet-stream"
+        assert page.headers["x-content-type-options"] == "nosniff"
+
+
+def test_cors_is_closed_by_default(server):
+    origin = {"Origin": "https://evil.example"}
+    preflight = server.client.options(
+        f"{server.url}/fal-ai/flux-2/flash/edit",
+        headers={**origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"},
+    )
+    assert "access-control-allow-origin" not in preflight.headers
+    assert preflight.status_code in (404, 405)
+    answer = server.client.get(f"{server.url}/health", headers=origin)
+    assert "access-control-allow-origin" not in answer.headers

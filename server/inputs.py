@@ -124,7 +124,10 @@ async def download(client: httpx.AsyncClient, url: str, index: int, limits: Inpu
         raise url_error(index, url, f"URL not allowed: {exc}.", "url_not_allowed") from exc
     except httpx.TooManyRedirects as exc:
         raise url_error(
-            index, url, f"Failed to download the file: more than {client.max_redirects} redirects.", "file_download_error"
+            index,
+            url,
+            f"Failed to download the file: more than {client.max_redirects} redirects.",
+            "file_download_error",
         ) from exc
     except httpx.HTTPError as exc:
         raise url_error(
@@ -186,9 +189,7 @@ def decode_image(data: bytes, url: str, index: int, max_pixels: int) -> tuple[PI
                 )
             notice = None
             if getattr(image, "is_animated", False):
-                notice = (
-                    f"image_urls[{index}] is animated ({image.n_frames} frames): only its first frame was used."
-                )
+                notice = f"image_urls[{index}] is animated ({image.n_frames} frames): only its first frame was used."
                 image.seek(0)
             image.load()
             image = PIL.ImageOps.exif_transpose(image)

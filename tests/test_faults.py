@@ -60,7 +60,7 @@ def wait_done(client: httpx.Client, handle: dict, timeout: float = 180) -> dict:
 
 
 def test_cuda_out_of_memory_fails_that_request_frees_memory_and_the_next_succeeds(start_app, monkeypatch):
-    url, app = start_app()
+    url, _ = start_app()
     real_forward = Flux2Transformer2DModel.forward
     faults = [2]  # the next two transformer calls run out of memory
     held = []  # weak references to the tensors the failed jobs had
@@ -203,9 +203,9 @@ def test_a_request_that_kills_the_process_is_failed_after_two_starts(tiny_weight
             assert "2 times" in status["error"]
             assert client.get(f"/queue/fal-ai/flux-2/requests/{handle['request_id']}").status_code == 500
             quick = client.post("/queue/fal-ai/flux-2/flash/edit", json=GOOD).json()
-            assert wait_done(client, {**quick, "status_url": url + quick["status_url"].split(url, 1)[1]})[
-                "error"
-            ] is None
+            assert (
+                wait_done(client, {**quick, "status_url": url + quick["status_url"].split(url, 1)[1]})["error"] is None
+            )
     finally:
         process.terminate()
         process.wait(timeout=30)

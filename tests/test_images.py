@@ -128,7 +128,7 @@ def test_exif_orientation_applied():
     exif[0x0112] = 6  # stored rotated: display rotated 90 degrees clockwise
     upright, _ = decoded(encode(image, "JPEG", quality=95, exif=exif.tobytes()))
     assert upright.size == (60, 120)
-    r, g, b = upright.getpixel((50, 10))  # the marker is now at the top right
+    r, _, b = upright.getpixel((50, 10))  # the marker is now at the top right
     assert r > 200 and b < 60
 
 

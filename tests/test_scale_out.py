@@ -27,7 +27,14 @@ REF = data_uri(image_bytes(96, 96))
 QUICK = {"prompt": "p", "image_urls": [REF], "image_size": "square", "seed": 1}
 SLOW = {"prompt": "p", "image_urls": [REF], "image_size": "square", "num_inference_steps": 50, "seed": 2}
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-ENV = {"FLUX2_QUEUE_VISIBILITY_TIMEOUT_S": "3", "FLUX2_WORKER_HEARTBEAT_TTL_S": "2", **AWS}
+# Workers fetch inputs uploaded to another front-end over HTTP: on loopback here, so allowed past the SSRF guard
+# (a deployment allow-lists its front-ends' network, or gives them one FLUX2_PUBLIC_URL; see SECURITY.md).
+ENV = {
+    "FLUX2_QUEUE_VISIBILITY_TIMEOUT_S": "3",
+    "FLUX2_WORKER_HEARTBEAT_TTL_S": "2",
+    "FLUX2_FETCH_ALLOW": "127.0.0.1/32",
+    **AWS,
+}
 
 
 @dataclass

@@ -46,7 +46,12 @@ class Receiver:
 @pytest.fixture(scope="module")
 def fast_retry_server(tiny_weights, tmp_path_factory):
     root = tmp_path_factory.mktemp("webhooks")
-    process, url = start_server(tiny_weights, root / "data", root / "log", env={"FLUX2_WEBHOOK_BACKOFF_S": "0.1", "FLUX2_FETCH_ALLOW": "127.0.0.1/32"})
+    process, url = start_server(
+        tiny_weights,
+        root / "data",
+        root / "log",
+        env={"FLUX2_WEBHOOK_BACKOFF_S": "0.1", "FLUX2_FETCH_ALLOW": "127.0.0.1/32"},
+    )
     yield url
     process.terminate()
     process.wait(timeout=30)

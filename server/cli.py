@@ -20,7 +20,7 @@ from server.commands import edit as edit_command
 from server.commands import weights as weights_commands
 from weights.layout import SAFETY_CHECKER_DIR, TINY_MARKER
 
-TINY_CACHE_VERSION = "v2"  # bump when weights.tiny changes what it builds
+TINY_CACHE_VERSION = "v3"  # bump when weights.tiny changes what it builds
 
 
 def tiny_cache_dir() -> Path:

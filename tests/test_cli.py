@@ -46,7 +46,7 @@ def test_serve_tiny_from_a_cold_cache(tmp_path):
                 assert process.poll() is None, process.stdout.read()
                 time.sleep(0.2)
         assert health and health["tiny_model"] is True
-        assert verify(tmp_path / "cache" / "flux2-server" / "tiny-v2").ok
+        assert verify(tmp_path / "cache" / "flux2-server" / "tiny-v3").ok
     finally:
         process.terminate()
         output = process.communicate(timeout=30)[0]

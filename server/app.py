@@ -13,6 +13,7 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from server.auth import parse_keys, require_key
+from server.error_responses import GUARDED, TOO_LARGE
 from server.body_limit import fal_shaped_413
 from server.config import Settings
 from server.dispatcher import Dispatcher
@@ -144,13 +145,14 @@ def create_app(settings: Settings, weights_dir: Path | None, tiny: bool = False)
     if not app.state.api_keys:
         log.warning("no API keys configured: the API is open to anyone who can reach this port")
     app.state.quotas = Quotas(settings.rate_limit, settings.max_pending_per_key)
-    guarded = {"dependencies": [Depends(require_key), Depends(enforce_rate_limit)]}
+    guarded = {"dependencies": [Depends(require_key), Depends(enforce_rate_limit)], "responses": GUARDED}
     body_limit = {"max_body_size": settings.max_body_bytes}  # 413 beyond (server/body_limit.py)
     app.include_router(edit.router, **guarded, **body_limit)
     app.include_router(queue.router, **guarded, **body_limit)
     app.state.pending_uploads = {}
     app.include_router(storage.initiate_router, **guarded, **body_limit)
-    app.include_router(storage.upload_router, max_body_size=settings.max_upload_bytes)  # files: their own limit
+    # the files themselves: their own limit, and no key (the one-time URL is the permission)
+    app.include_router(storage.upload_router, max_body_size=settings.max_upload_bytes, responses=TOO_LARGE)
     app.add_middleware(fal_shaped_413)
     app.add_middleware(queue_host_routing)
     app.add_middleware(fal_proxy)  # a proxied request is rewritten before any other routing

@@ -10,7 +10,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 MIN_SIDE, MAX_SIDE = 512, 2048
 MAX_REFERENCE_IMAGES = 4
@@ -36,9 +36,14 @@ NAMED_SIZES: dict[ImageSizeName, tuple[int, int]] = {
 }
 
 
+# Input scalars are strict: a number field takes JSON numbers (an integer one, integers), a boolean field true or
+# false; pydantic's default coercions (0 or "yes" for true, false for 0, "2" for 2) would accept requests that the
+# schema in /openapi.json says are invalid. Enum and literal fields stay as they are (strings, as JSON has them).
+
+
 class ImageSize(BaseModel):
-    width: int = Field(512, ge=MIN_SIDE, le=MAX_SIDE, description="The width of the generated image.")
-    height: int = Field(512, ge=MIN_SIDE, le=MAX_SIDE, description="The height of the generated image.")
+    width: int = Field(512, strict=True, ge=MIN_SIDE, le=MAX_SIDE, description="The width of the generated image.")
+    height: int = Field(512, strict=True, ge=MIN_SIDE, le=MAX_SIDE, description="The height of the generated image.")
 
 
 class Acceleration(str, Enum):
@@ -60,23 +65,25 @@ class _EditInputCommon(BaseModel):
     )
     guidance_scale: float = Field(
         2.5,
+        strict=True,
         ge=0,
         le=20,
         description="Guidance Scale is a measure of how close you want the model to stick to your prompt.",
     )
     seed: int | None = Field(
         None,
+        strict=True,
         ge=0,
         le=2**64 - 1,
         description="The seed to use for the generation. If not provided, a random seed will be used.",
     )
-    num_images: int = Field(1, ge=1, le=4, description="The number of images to generate.")
-    enable_prompt_expansion: bool = Field(False, description="If set to true, the prompt will be expanded.")
-    sync_mode: bool = Field(
+    num_images: int = Field(1, strict=True, ge=1, le=4, description="The number of images to generate.")
+    enable_prompt_expansion: StrictBool = Field(False, description="If set to true, the prompt will be expanded.")
+    sync_mode: StrictBool = Field(
         False,
         description="If true, the media will be returned as a data URI and the output won't be stored.",
     )
-    enable_safety_checker: bool = Field(True, description="If set to true, the safety checker will be enabled.")
+    enable_safety_checker: StrictBool = Field(True, description="If set to true, the safety checker will be enabled.")
     output_format: OutputFormat = Field("png", description="The format of the generated image.")
     image_urls: list[str] = Field(
         min_length=1,
@@ -88,7 +95,9 @@ class _EditInputCommon(BaseModel):
 class Flux2EditInput(_EditInputCommon):
     """Input of fal-ai/flux-2/edit (full quality)."""
 
-    num_inference_steps: int = Field(28, ge=4, le=50, description="The number of inference steps to perform.")
+    num_inference_steps: int = Field(
+        28, strict=True, ge=4, le=50, description="The number of inference steps to perform."
+    )
     image_size: ImageSize | ImageSizeName | None = Field(
         None,
         description="The size of the generated image (512-2048 px a side). Not set: the first input image's size.",

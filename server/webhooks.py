@@ -2,7 +2,8 @@
 
 Delivery runs in background tasks with exponential backoff, so a slow or failing receiver never holds up the
 queue. Deliveries go through the same SSRF guard as input images (server/net_guard.py): a webhook URL that resolves
-to a loopback/private/link-local/... address is not called unless FLUX2_FETCH_ALLOW allows it. The payload is fal's: request_id, gateway_request_id, status OK/ERROR, payload, error.
+to a loopback/private/link-local/... address is not called unless FLUX2_FETCH_ALLOW allows it. The payload is
+fal's: request_id, gateway_request_id, status OK/ERROR, payload, error.
 """
 
 from __future__ import annotations

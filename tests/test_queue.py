@@ -128,8 +128,13 @@ def test_request_timeout_header_fails_a_request_that_waited_too_long(server):
     late = submit(c, server.url, "fal-ai/flux-2/flash/edit", QUICK, headers={"X-Fal-Request-Timeout": "0.2"})
     done = wait_done(c, late)
     assert done["error_type"] == "request_timeout"
-    assert c.get(late["response_url"]).status_code == 504
+    result = c.get(late["response_url"])
+    assert result.status_code == 504 and result.headers["x-fal-request-timeout-type"] == "user"  # as fal marks it
     wait_done(c, blocker)
+    # fal's minimum is over 0.1 s
+    too_short = {"X-Fal-Request-Timeout": "0.1"}
+    refused = c.post(f"{server.url}/queue/fal-ai/flux-2/flash/edit", json=QUICK, headers=too_short)
+    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["header", "x-fal-request-timeout"]
 
 
 def test_cancel(server):

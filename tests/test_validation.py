@@ -35,6 +35,13 @@ GOOD = {"prompt": "p", "image_urls": [data_uri(image_bytes(96, 96))], "image_siz
         ("fal-ai/flux-2/flash/edit", {"image_urls": []}, ["body", "image_urls"]),
         ("fal-ai/flux-2/flash/edit", {"image_urls": "https://example.com/a.png"}, ["body", "image_urls"]),
         ("fal-ai/flux-2/flash/edit", {"image_urls": [5]}, ["body", "image_urls", 0]),
+        # JSON types as the schema states them: no coercion of 0/"yes" to booleans, false or "2" to numbers
+        ("fal-ai/flux-2/flash/edit", {"enable_safety_checker": 0}, ["body", "enable_safety_checker"]),
+        ("fal-ai/flux-2/flash/edit", {"sync_mode": "yes"}, ["body", "sync_mode"]),
+        ("fal-ai/flux-2/flash/edit", {"seed": False}, ["body", "seed"]),
+        ("fal-ai/flux-2/edit", {"num_inference_steps": "8"}, ["body", "num_inference_steps"]),
+        ("fal-ai/flux-2/edit", {"guidance_scale": "2.5"}, ["body", "guidance_scale"]),
+        ("fal-ai/flux-2/flash/edit", {"image_size": {"width": 512.0, "height": 512}}, ["body", "image_size"]),
     ],
 )
 def test_invalid_fields_are_422_naming_the_field(server, endpoint, change, loc):

@@ -7,11 +7,12 @@ from fastapi import APIRouter, HTTPException, Request, Response
 
 from server.editing import run_edit
 from server.endpoints import ENDPOINTS, Endpoint
+from server.error_responses import MODEL_FAILED, TIMED_OUT, UNAVAILABLE
 from server.errors import InferenceError, InputError
 from server.logs import request_id_var
 from server.quotas import caller
 from server.routes.queue import enqueue, result_response, wait_completed
-from server.schemas import EditOutput, Message
+from server.schemas import EditOutput
 
 router = APIRouter(tags=["edit"])
 
@@ -59,7 +60,7 @@ def _add_route(endpoint: Endpoint) -> None:
         handler,
         methods=["POST"],
         response_model=EditOutput,
-        responses={500: {"model": Message, "description": "The model failed"}, 503: {"model": Message}},
+        responses={**MODEL_FAILED, **UNAVAILABLE, **TIMED_OUT},
         summary=endpoint.summary,
         operation_id=endpoint.endpoint_id.replace("/", "_").replace("-", "_"),
     )

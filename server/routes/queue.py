@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.editing import check_available
 from server.endpoints import APP_PATH, ENDPOINTS, Endpoint
+from server.error_responses import MODEL_FAILED, NOT_FOUND, TIMED_OUT, UNAVAILABLE
 from server.logs import request_id_var
 from server.queue_store import PRIORITIES, QueuedRequest
 from server.quotas import caller
@@ -24,10 +25,25 @@ router = APIRouter(prefix="/queue", tags=["queue"])
 STREAM_POLL_S = 0.1
 
 QUEUE_HOST_FLAG = "flux2.queue_host"
-NOT_FOUND = {404: {"model": Message, "description": "Unknown request id"}}
 STREAM_RESPONSE = {
     "description": "Server-sent events: `data: <QueueStatus as JSON>` per change, ending at COMPLETED",
-    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    # Before OpenAPI 3.2's itemSchema, an event stream's `schema` describes one event (as OpenAPI 3.2 spells out)
+    "content": {
+        "text/event-stream": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "event": {"type": "string"},
+                    "data": {
+                        "type": "string",
+                        "contentMediaType": "application/json",
+                        "contentSchema": {"$ref": "#/components/schemas/QueueStatus"},
+                    },
+                },
+                "required": ["data"],
+            }
+        }
+    },
 }
 
 
@@ -100,14 +116,22 @@ def _add_submit_route(endpoint: Endpoint) -> None:
             ),
         ] = None,
         x_fal_queue_priority: Annotated[Literal["normal", "low"], Header(description="serve order")] = "normal",
-        x_fal_request_timeout: Annotated[float | None, Header(gt=0, description="seconds to start within")] = None,
+        x_fal_request_timeout: Annotated[
+            float | None, Header(gt=0.1, description="seconds to start within (over 0.1, as on fal)")
+        ] = None,
     ) -> QueueSubmitted:
         queued = enqueue(request, endpoint, body, fal_webhook, x_fal_queue_priority, x_fal_request_timeout)
         position = request.app.state.store.position(queued)
         return QueueSubmitted(request_id=queued.id, queue_position=position, **queued.urls)
 
     submit.__name__ = f"submit_{endpoint.profile}"
-    router.add_api_route("/" + endpoint.endpoint_id, submit, methods=["POST"], summary=f"Queue: {endpoint.summary}")
+    router.add_api_route(
+        "/" + endpoint.endpoint_id,
+        submit,
+        methods=["POST"],
+        summary=f"Queue: {endpoint.summary}",
+        responses=UNAVAILABLE,
+    )
 
 
 def _get(request: Request, request_id: str) -> QueuedRequest:
@@ -162,9 +186,10 @@ async def status_stream(request: Request, request_id: str, logs: bool = True) ->
 
 
 def result_response(queued: QueuedRequest) -> JSONResponse:
-    return JSONResponse(
-        json.loads(queued.result), status_code=queued.status_code, headers={"x-fal-request-id": queued.id}
-    )
+    headers = {"x-fal-request-id": queued.id}
+    if queued.error_type == "request_timeout":
+        headers["x-fal-request-timeout-type"] = "user"  # fal's mark: the caller's own start deadline passed
+    return JSONResponse(json.loads(queued.result), status_code=queued.status_code, headers=headers)
 
 
 async def result(request: Request, request_id: str) -> JSONResponse:
@@ -220,6 +245,9 @@ for _app_path in (APP_PATH, *(e.endpoint_id for e in ENDPOINTS)):
         responses={
             400: {"model": Message, "description": "still in progress, or the request's own failure"},
             **NOT_FOUND,
+            **MODEL_FAILED,
+            **UNAVAILABLE,
+            **TIMED_OUT,
         },
         include_in_schema=_canonical,
     )

@@ -17,12 +17,14 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
 from server.auth import require_key
+from server.error_responses import NOT_FOUND, UNREADABLE_BODY
+from server.errors import InputError
 
 UPLOAD_TTL_S = 3600
 SERVED_TYPES = {"image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp", "image/tiff", "image/avif"}
 
 initiate_router = APIRouter(prefix="/storage/upload", tags=["storage"], dependencies=[Depends(require_key)])
-upload_router = APIRouter(prefix="/storage/upload", tags=["storage"])
+upload_router = APIRouter(prefix="/storage/upload", tags=["storage"], responses={**UNREADABLE_BODY, **NOT_FOUND})
 
 
 class InitiateUpload(BaseModel):
@@ -112,7 +114,7 @@ async def put(request: Request, token: str) -> dict:
     return {}
 
 
-@upload_router.put("/multipart/{token}/{part_number}")
+@upload_router.put("/multipart/{token}/{part_number:int}")
 async def put_part(request: Request, token: str, part_number: int) -> MultipartPart:
     upload = _claim(request, token)
     upload.parts[part_number] = await _read_limited(request)
@@ -126,7 +128,8 @@ async def complete_multipart(request: Request, token: str, body: CompleteMultipa
     upload = _claim(request, token)
     numbers = [p.partNumber for p in body.parts]
     if sorted(numbers) != sorted(upload.parts) or not numbers:
-        raise HTTPException(422, f"Parts {numbers} do not match the parts uploaded {sorted(upload.parts)}")
+        message = f"Parts {numbers} do not match the parts uploaded {sorted(upload.parts)}"
+        raise InputError(["parts"], message, "value_error")
     await _store(request, upload, b"".join(upload.parts[n] for n in sorted(numbers)))
     del _pending(request)[token]
     return {}

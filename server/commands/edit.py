@@ -92,7 +92,7 @@ def edit_local(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {refused}")
     images: list[PIL.Image.Image] = []
     for index, path in enumerate(args.images):
-        image = decode_image(path.read_bytes(), str(path), index)
+        image, _ = decode_image(path.read_bytes(), str(path), index, settings.max_input_pixels)
         problem = editor.reference_problem(image)
         if problem:
             raise SystemExit(f"error: {path}: {problem}")

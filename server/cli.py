@@ -231,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="turn the checker off: outputs unchecked, has_nsfw_concepts false, a notice says so",
     )
+    serve.add_argument(
+        "--no-supervise",
+        action="store_true",
+        help="run in this process; by default a supervisor process starts it again if it dies (FLUX2_SUPERVISE=0)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     worker = commands.add_parser("worker", help="run one GPU's model on requests from a shared queue")
@@ -245,6 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--data-dir", type=Path, help="where output files are written, as the front-ends serve it")
     worker.add_argument("--log-level")
     worker.add_argument("--log-format", choices=["text", "json"], help="log lines as text (default) or JSON")
+    worker.add_argument(
+        "--no-supervise",
+        action="store_true",
+        help="run in this process; by default a supervisor process starts it again if it dies (FLUX2_SUPERVISE=0)",
+    )
     worker.set_defaults(func=cmd_worker)
 
     tls = commands.add_parser("tls", help="make a local CA and a server certificate for HOST(s) and queue.HOST")
@@ -265,7 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from server import supervisor
+
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)  # usage errors and --help here, before any child starts
+    if supervisor.wanted(argv):
+        return supervisor.supervise(argv)  # `serve` and `worker` run in a child that is started again if it dies
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.func(args)
 

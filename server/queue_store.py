@@ -83,7 +83,12 @@ class RequestStore:
             return self._db.execute(sql, args).rowcount
 
     def requeue_interrupted(self) -> int:
-        """Put requests a stopped server left running back in the queue; returns how many."""
+        """Put requests a stopped server left running back in the queue, each with a log line saying so; returns
+        how many."""
+        with self._lock:
+            rows = self._db.execute("SELECT id FROM requests WHERE status='IN_PROGRESS'").fetchall()
+        for row in rows:
+            self.log(row["id"], "The server stopped while running this request; it was re-queued.", "WARNING")
         return self._write("UPDATE requests SET status='IN_QUEUE', started_at=NULL WHERE status='IN_PROGRESS'")
 
     def add(

@@ -5,10 +5,12 @@ the whole process on every start (failed after two, across restarts)."""
 from __future__ import annotations
 
 import gc
+import os
 import signal
 import threading
 import time
 import weakref
+from pathlib import Path
 
 import httpx
 import pytest
@@ -209,3 +211,56 @@ def test_a_request_that_kills_the_process_is_failed_after_two_starts(tiny_weight
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def supervised_child(supervisor_pid: int) -> int:
+    children = Path(f"/proc/{supervisor_pid}/task/{supervisor_pid}/children").read_text().split()
+    assert len(children) == 1, children
+    return int(children[0])
+
+
+def test_the_supervisor_restarts_a_crashed_server_and_the_running_request_finishes(tiny_weights, tmp_path):
+    """`serve` runs the server in a child process; SIGKILL on it (a segfault or the OOM killer, say) mid-job: the
+    supervisor starts a new one, which re-queues the request once and finishes it. SIGTERM on the supervisor then
+    stops both."""
+    process, url = start_server(tiny_weights, tmp_path / "data", tmp_path / "server.log")
+    try:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            handle = client.post("/queue/fal-ai/flux-2/edit", json=SLOW).json()
+            while client.get(handle["status_url"]).json()["status"] != "IN_PROGRESS":
+                time.sleep(0.02)
+            crashed = supervised_child(process.pid)
+            os.kill(crashed, signal.SIGKILL)
+            deadline = time.monotonic() + 300
+            while True:  # the port is closed while the new process loads the model
+                try:
+                    done = client.get(handle["status_url"], params={"logs": 1}).json()
+                except httpx.TransportError:
+                    done = {"status": "restarting"}
+                if done["status"] == "COMPLETED":
+                    break
+                assert time.monotonic() < deadline, done
+                time.sleep(0.1)
+            assert done["error"] is None, done
+            assert any("re-queued" in line["message"] for line in done["logs"]), done["logs"]
+            assert client.get(handle["response_url"]).status_code == 200
+            assert supervised_child(process.pid) != crashed and process.poll() is None
+            assert "starting it again" in (tmp_path / "server.log").read_text()
+        child = supervised_child(process.pid)
+        process.terminate()
+        assert process.wait(timeout=60) == -signal.SIGTERM  # as uvicorn ends after a graceful stop
+        assert not Path(f"/proc/{child}").exists()
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_a_killed_supervisor_takes_its_server_with_it(tiny_weights, tmp_path):
+    process, url = start_server(tiny_weights, tmp_path / "data", tmp_path / "server.log")
+    child = supervised_child(process.pid)
+    process.kill()
+    process.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{child}").exists() and Path(f"/proc/{child}/stat").read_text().split()[2] != "Z":
+        assert time.monotonic() < deadline, "the server process outlived its supervisor"
+        time.sleep(0.05)

@@ -61,7 +61,9 @@ class Cluster:
     def start_worker(self, name: str, *extra: str):
         log = self.root / f"{name}.log"
         self.logs.append(log)
-        env = {**ENV, "FLUX2_STORAGE": self.storage}
+        # unsupervised: a worker killed here stands for a machine gone for good (its pid is the worker's own);
+        # a supervised worker's restart is tested in test_faults.py
+        env = {**ENV, "FLUX2_STORAGE": self.storage, "FLUX2_SUPERVISE": "0"}
         worker = start_worker(self.weights, self.redis_url, self.root / name, log, *extra, env=env)
         self.workers.append(worker)
         return worker

@@ -1,0 +1,112 @@
+"""Keep `serve` and `worker` running: the command runs itself in a child process and starts it again if it dies.
+
+A crash that takes the whole process down (a segfault in a CUDA library, the kernel's OOM killer, a sticky CUDA
+error after which the process exits) would otherwise leave the port dead until someone restarts it. The
+supervisor notices the child's death, starts a new one, and the queue does the rest: the request that was running
+is re-queued once by the new process (its start is counted in the queue; a request that kills the process on
+every start is failed after two, see server/dispatcher.py).
+
+The supervisor itself imports no model code and does nothing else: it forwards SIGTERM/SIGINT to the child (a
+graceful stop re-queues the running request), exits with the child's status when the child stops on purpose
+(status 0, or 2 for a configuration error), and gives up after RESTART_LIMIT restarts within RESTART_WINDOW_S (a
+crash loop is an operator's problem, not something to hide). The child asks the kernel to kill it if the
+supervisor dies (PR_SET_PDEATHSIG), so no orphan keeps the GPU. `--no-supervise` (or FLUX2_SUPERVISE=0) runs the
+command in this process, for a process manager (systemd, Kubernetes, compose `restart:`) that restarts it itself.
+
+Standard library only (subprocess, signal): this is the job of a process manager, and the small part of one
+needed here is clearer written out than configured (supervisord or circus would be a second daemon to run).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+log = logging.getLogger("flux2.supervisor")
+
+CHILD_ENV = "FLUX2_SUPERVISED_CHILD"  # set in the child, so it runs the command instead of supervising again
+RESTART_LIMIT = 5
+RESTART_WINDOW_S = 300.0
+RESTART_DELAY_S = 1.0
+STOPPED_ON_PURPOSE = (0, 2)  # success, or a usage/configuration error: starting again would not help
+PR_SET_PDEATHSIG = 1
+
+
+def wanted(argv: list[str]) -> bool:
+    """Whether this invocation should supervise (it is `serve` or `worker`, not already the child, not opted out)."""
+    if os.environ.get(CHILD_ENV) == "1" or "--no-supervise" in argv:
+        return False
+    if os.environ.get("FLUX2_SUPERVISE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    command = next((a for a in argv if not a.startswith("-")), None)
+    return command in ("serve", "worker")
+
+
+def _die_with_parent() -> None:
+    """Runs in the child between fork and exec: the kernel sends SIGKILL when the supervisor dies."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass  # not Linux: the child may outlive a killed supervisor
+
+
+def describe(status: int) -> str:
+    return f"signal {signal.Signals(-status).name}" if status < 0 else f"exit status {status}"
+
+
+def supervise(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    command = [sys.executable, "-m", "server.cli", *argv]
+    env = {**os.environ, CHILD_ENV: "1"}
+    stopping: list[int] = []
+    child: subprocess.Popen | None = None
+
+    def forward(signum, _frame):
+        stopping.append(signum)
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    restarts: list[float] = []
+    while True:
+        # its own process group: a terminal's Ctrl-C reaches the supervisor, which forwards it once
+        child = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent, process_group=0)
+        log.info("server process %d started (supervised; --no-supervise to run without)", child.pid)
+        while True:
+            try:
+                status = child.wait()
+                break
+            except InterruptedError:
+                continue
+        if stopping or status in STOPPED_ON_PURPOSE:
+            return exit_as(status)
+        now = time.monotonic()
+        restarts = [t for t in restarts if now - t < RESTART_WINDOW_S] + [now]
+        if len(restarts) > RESTART_LIMIT:
+            log.error(
+                "server process %d died (%s), the %d. time in %.0f s: giving up",
+                child.pid,
+                describe(status),
+                len(restarts),
+                RESTART_WINDOW_S,
+            )
+            return 1
+        log.error("server process %d died (%s): starting it again", child.pid, describe(status))
+        time.sleep(RESTART_DELAY_S)
+        if stopping:
+            return exit_as(-stopping[0])
+
+
+def exit_as(status: int) -> int:
+    """End as the child ended, so whoever started the supervisor sees the same status: a signal (uvicorn re-raises
+    SIGTERM/SIGINT after its graceful shutdown) is raised here too, with its default action."""
+    if status < 0:
+        signal.signal(-status, signal.SIG_DFL)
+        os.kill(os.getpid(), -status)
+    return status

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import logging.config
 import os
 import signal
 import subprocess
@@ -59,8 +60,22 @@ def describe(status: int) -> str:
     return f"signal {signal.Signals(-status).name}" if status < 0 else f"exit status {status}"
 
 
+def log_format(argv: list[str]) -> str:
+    """The child's log format (--log-format, else FLUX2_LOG_FORMAT), so the supervisor's lines match its own."""
+    for flag, value in zip(argv, argv[1:]):
+        if flag == "--log-format":
+            return value
+    for arg in argv:
+        if arg.startswith("--log-format="):
+            return arg.partition("=")[2]
+    return os.environ.get("FLUX2_LOG_FORMAT", "text")
+
+
 def supervise(argv: list[str]) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from server.logs import LOG_FORMATS, logging_config
+
+    chosen = log_format(argv)  # an unknown one is the child's to refuse, with the settings' own error
+    logging.config.dictConfig(logging_config(chosen if chosen in LOG_FORMATS else "text", "info"))
     command = [sys.executable, "-m", "server.cli", *argv]
     env = {**os.environ, CHILD_ENV: "1"}
     stopping: list[int] = []

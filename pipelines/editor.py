@@ -20,6 +20,7 @@ from pipelines.adapters import AdapterSwitch, load_adapters
 from pipelines.expansion import expand_prompt
 from pipelines.pixtral import pixtral_processor_class
 from pipelines.profiles import PROFILES
+from pipelines.runtime import Runtime, RuntimeOptions, plan_runtime, timed_warm_up
 from pipelines.safety import DEFAULT_THRESHOLD, SafetyChecker, withheld
 from weights.layout import ADAPTERS
 
@@ -51,6 +52,7 @@ class EditCall:
     expand_prompt: bool = False  # let the text encoder rewrite the prompt first (pipelines.expansion)
     on_message: Callable[[str], None] | None = None  # what the model did that the caller should log
     check_safety: bool = False  # run the safety checker on each output (needs one loaded)
+    acceleration: str = "none"  # none | regular | high: a cache on the transformer (pipelines.acceleration)
 
 
 @dataclass
@@ -99,6 +101,7 @@ class Flux2Editor:
         pipe,
         weights_dir: Path,
         load_seconds: float,
+        runtime: Runtime,
         adapters: dict[str, Path] | None = None,
         safety: SafetyChecker | None = None,
     ):
@@ -107,6 +110,7 @@ class Flux2Editor:
         self.weights_dir = weights_dir
         self.load_seconds = load_seconds
         self.adapters = AdapterSwitch(pipe, adapters or {})
+        self.runtime = runtime  # memory mode, fast path, acceleration levels (pipelines.runtime)
         self.device = pipe._execution_device
         self.dtype = pipe.transformer.dtype
         self._capabilities = self._describe()
@@ -144,12 +148,22 @@ class Flux2Editor:
                 }
                 for name, p in PROFILES.items()
             },
-            "acceleration": {"available": ["none"], "regular": False, "high": False},
+            "acceleration": self.runtime.accelerator.describe(),
+            **self.runtime.describe(),
             "safety_checker": self.safety is not None,
             "safety_checker_model": str(self.safety.directory) if self.safety else None,
             "safety_threshold": self.safety.threshold if self.safety else None,
             "prompt_expansion": hasattr(self.pipe.tokenizer, "image_processor"),
         }
+
+    def warm_up(self) -> None:
+        """One call at the most common shape (1024 px, one 1024 px reference), so that compilation happens at
+        start-up rather than in the first request; its time is reported as compile_seconds."""
+        reference = PIL.Image.new("RGB", (1024, 1024), (128, 128, 128))
+        call = EditCall(images=[reference], prompt="warm-up", width=1024, height=1024, num_inference_steps=4)
+        self.runtime.compile_seconds = timed_warm_up(lambda: self.edit(call))
+        self._capabilities = self._describe()
+        log.info("compiled the transformer's blocks in %.1f s (warm-up call)", self.runtime.compile_seconds)
 
     def edit(self, call: EditCall) -> EditResult:
         profile = PROFILES[call.profile]
@@ -169,6 +183,8 @@ class Flux2Editor:
                 raise Cancelled(f"cancelled after step {i + 1}/{steps}")
             return {}
 
+        if call.acceleration != "none" and call.profile != "edit":
+            raise ValueError(f"acceleration applies to the base edit profile only, not {call.profile!r}")
         started = time.perf_counter()
         prompt, notices, timings = call.prompt, [], {}
         if call.expand_prompt and self._capabilities["prompt_expansion"]:
@@ -183,20 +199,26 @@ class Flux2Editor:
         # The profile's distilled adapter when loaded, else the base weights (the server decides whether a
         # distilled profile may run undistilled; see server.editing).
         self.adapters.use(profile.adapter if profile.adapter in self.adapters.loaded else None)
+        if call.acceleration != "none" and self.runtime.accelerator.skipped_steps(call.acceleration, steps) == []:
+            notices.append(
+                f"Acceleration {call.acceleration!r} skips no step of a {steps}-step run: the image was generated "
+                "without acceleration."
+            )
         denoising = time.perf_counter()
-        output = self.pipe(
-            image=call.images,
-            prompt=prompt,
-            height=gen_h,
-            width=gen_w,
-            num_inference_steps=steps,
-            sigmas=sigmas,
-            guidance_scale=call.guidance_scale,
-            num_images_per_prompt=call.num_images,
-            generator=torch.Generator("cpu").manual_seed(call.seed),
-            callback_on_step_end=on_step_end,
-            output_type="pil",
-        )
+        with self.runtime.accelerator.applied(self.pipe.transformer, call.acceleration, steps):
+            output = self.pipe(
+                image=call.images,
+                prompt=prompt,
+                height=gen_h,
+                width=gen_w,
+                num_inference_steps=steps,
+                sigmas=sigmas,
+                guidance_scale=call.guidance_scale,
+                num_images_per_prompt=call.num_images,
+                generator=torch.Generator("cpu").manual_seed(call.seed),
+                callback_on_step_end=on_step_end,
+                output_type="pil",
+            )
         timings["inference"] = time.perf_counter() - denoising
         images = [center_crop(img, call.width, call.height) for img in output.images]
         verdicts = None
@@ -268,20 +290,27 @@ def load_editor(
     dtype: str | None = None,
     safety_checker: str | Path | None = None,
     safety_threshold: float = DEFAULT_THRESHOLD,
+    options: RuntimeOptions | None = None,
 ) -> Flux2Editor:
-    """Load FLUX.2 from a local diffusers-layout directory onto `device` (CUDA when present, else CPU), and the
-    safety checker from `safety_checker` (an image-classification model directory) when given."""
+    """Load FLUX.2 from a local diffusers-layout directory onto `device` (CUDA when present, else CPU), placed
+    and set up as `options` say (memory mode, quantization, attention kernel, compile, acceleration levels), and
+    the safety checker from `safety_checker` (an image-classification model directory) when given."""
     from diffusers import Flux2Pipeline
 
     weights_dir = Path(weights_dir).resolve()
+    options = options or RuntimeOptions()
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(torch_device, dtype)
+    runtime = plan_runtime(options, weights_dir, device, torch_dtype)  # refuses what can't run, before loading
     started = time.perf_counter()
     pipe = Flux2Pipeline(**load_components(weights_dir, torch_dtype))
-    adapters = load_adapters(pipe, weights_dir)
-    pipe.to(torch_device)
+    adapters = load_adapters(pipe, weights_dir)  # before placement: LoRA layers are placed with the rest
+    runtime.apply(pipe)
     pipe.set_progress_bar_config(disable=True)
     load_seconds = time.perf_counter() - started
-    log.info("loaded %s on %s (%s) in %.1f s", weights_dir, torch_device, torch_dtype, load_seconds)
+    log.info("loaded %s (%s, %s) in %.1f s", weights_dir, runtime.plan.mode, torch_dtype, load_seconds)
     safety = SafetyChecker(safety_checker, torch_device, torch_dtype, safety_threshold) if safety_checker else None
-    return Flux2Editor(pipe, weights_dir, load_seconds, adapters, safety)
+    editor = Flux2Editor(pipe, weights_dir, load_seconds, runtime, adapters, safety)
+    if options.compile:
+        editor.warm_up()
+    return editor

@@ -116,6 +116,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if isinstance(resolved, int):
             return resolved
         weights_dir, tiny = resolved
+        problem = runtime_problem(settings, weights_dir)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
     app = create_app(settings, weights_dir, tiny=tiny)
     uvicorn.run(
         app,
@@ -141,8 +145,25 @@ def cmd_worker(args: argparse.Namespace) -> int:
     resolved = resolve_weights(settings)
     if isinstance(resolved, int):
         return resolved
+    problem = runtime_problem(settings, resolved[0])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     asyncio.run(run_worker(settings, *resolved))
     return 0
+
+
+def runtime_problem(settings, weights_dir: Path) -> str | None:
+    """Why the configured memory mode / fast path / acceleration can't run here, checked before loading."""
+    from pipelines.editor import pick_device, pick_dtype
+    from pipelines.runtime import plan_runtime
+
+    try:
+        dtype = pick_dtype(pick_device(settings.device), settings.dtype)
+        plan_runtime(settings.runtime_options(), weights_dir, settings.device, dtype)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def cmd_tls(args: argparse.Namespace) -> int:

@@ -79,6 +79,32 @@ class Settings(BaseSettings):
         default = Path(weights_dir) / SAFETY_CHECKER_DIR
         return default if default.is_dir() else None
 
+    # Speed and memory (pipelines.runtime): see README "Speed and memory".
+    memory_mode: str = "auto"  # auto | full | multi-gpu | offload-text-encoder | model-offload | group-offload
+    text_encoder_device: str | None = None  # e.g. cuda:1: the text encoder on a second GPU (multi-gpu)
+    quantization: str = "none"  # transformer weights: none | int8 | fp8 | int4 | auto
+    memory_reserve_gb: float = 10.0  # GPU memory kept for activations when `auto` chooses a mode
+    attention_backend: str | None = None  # a diffusers attention backend, e.g. _native_cudnn, flash, _flash_3
+    compile: bool = False  # regional torch.compile of the transformer (compiled at start-up)
+    compile_mode: str | None = None  # torch.compile mode, e.g. max-autotune-no-cudagraphs
+    acceleration_regular: str | None = None  # cache spec of acceleration "regular" (pipelines.acceleration)
+    acceleration_high: str | None = None  # cache spec of acceleration "high"
+
+    def runtime_options(self):
+        from pipelines.runtime import RuntimeOptions
+
+        return RuntimeOptions(
+            memory_mode=self.memory_mode,
+            text_encoder_device=self.text_encoder_device,
+            quantization=self.quantization,
+            memory_reserve_gb=self.memory_reserve_gb,
+            attention_backend=self.attention_backend,
+            compile=self.compile,
+            compile_mode=self.compile_mode,
+            acceleration_regular=self.acceleration_regular,
+            acceleration_high=self.acceleration_high,
+        )
+
     def keys(self) -> list[str]:
         from server.auth import parse_keys
 

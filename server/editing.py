@@ -99,7 +99,7 @@ def notices_for(body: _EditInputCommon, profile: str, capabilities: dict, settin
     level = body.acceleration.value if isinstance(body, Flux2EditInput) else Acceleration.none.value
     if level != Acceleration.none.value and not capabilities["acceleration"][level]:
         notices.append(
-            f"Acceleration {level!r} is not available on this server yet: the image was generated without acceleration."
+            f"Acceleration {level!r} is turned off on this server: the image was generated without acceleration."
         )
     if undistilled(profile, capabilities):  # served only when the operator allowed it
         info = capabilities["profiles"][profile]
@@ -161,6 +161,7 @@ async def run_edit(
         guidance_scale=body.guidance_scale,
         seed=seed,
         num_images=body.num_images,
+        acceleration=body.acceleration.value if isinstance(body, Flux2EditInput) else Acceleration.none.value,
         on_step=on_step,
         should_cancel=should_cancel,
         expand_prompt=body.enable_prompt_expansion,

@@ -19,6 +19,7 @@ def load_model(settings: Settings, weights_dir: Path) -> Flux2Editor:
         settings.dtype,
         settings.safety_checker_dir(weights_dir),
         settings.safety_threshold,
+        settings.runtime_options(),  # memory mode, quantization, fast path, acceleration levels
     )
     announce(editor.capabilities(), settings, weights_dir)
     return editor

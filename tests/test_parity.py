@@ -2,6 +2,8 @@
 
 The reference side is built here from diffusers' and transformers' own classes, not from pipelines/, so the
 test checks the server's whole path (profiles, sizes, schedule, generator, encoding) against plain diffusers.
+Acceleration `none` (or a level that skips no step at that step count) is the plain call; the cached levels are
+tested in test_acceleration.py.
 """
 
 from __future__ import annotations
@@ -42,12 +44,13 @@ def plain_diffusers(tiny_weights):
 CASES = [
     (
         "fal-ai/flux-2/edit",
-        {"num_inference_steps": 6, "image_size": {"width": 512, "height": 640}},
+        {"num_inference_steps": 6, "image_size": {"width": 512, "height": 640}, "acceleration": "none"},
         6,
         None,
         (512, 640),
     ),
-    ("fal-ai/flux-2/edit", {"num_inference_steps": 4}, 4, None, (512, 768)),  # size from the 64x96 input
+    # size from the 64x96 input; "high" skips no step at 4 steps, so it is the plain call too
+    ("fal-ai/flux-2/edit", {"num_inference_steps": 4, "acceleration": "high"}, 4, None, (512, 768)),
     ("fal-ai/flux-2/turbo/edit", {"image_size": "square"}, 8, TURBO_SIGMAS, (512, 512)),
     ("fal-ai/flux-2/flash/edit", {"image_size": "landscape_16_9", "num_images": 2}, 4, FLASH_SIGMAS, (1024, 576)),
 ]

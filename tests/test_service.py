@@ -23,7 +23,8 @@ def test_health_states_what_is_not_available(server):
     caps = health["capabilities"]
     assert caps["device"] == "cpu" and caps["dtype"] == "float32"
     assert caps["safety_checker"] is True and caps["prompt_expansion"] is True  # the tiny build has both
-    assert caps["acceleration"]["available"] == ["none"]
+    assert caps["acceleration"]["available"] == ["none", "regular", "high"]
+    assert caps["memory"]["mode"] == "full" and caps["memory"]["device"] == "cpu"
     assert caps["profiles"]["turbo"]["steps"] == 8 and caps["profiles"]["flash"]["steps"] == 4
     assert caps["profiles"]["turbo"]["distilled_adapter_loaded"] is True  # the tiny build has a turbo LoRA
     assert health["allow_undistilled"] is False
@@ -37,7 +38,7 @@ def test_notices_say_what_was_not_done(server):
     notices = " ".join(asked["notices"])
     assert "safety checker" not in notices  # it ran (tests/test_safety.py: when it can't or is turned off)
     assert "expansion" not in notices.lower()  # it ran
-    assert "Acceleration 'high'" in notices
+    assert "Acceleration 'high' skips no step of a 4-step run" in notices  # too few steps to cache any
     assert asked["has_nsfw_concepts"] == [False]  # the tiny checker's verdict at the default threshold
     assert asked["prompt"] not in ("", "p")  # the prompt actually used: the expanded one
 

@@ -1,0 +1,180 @@
+"""Memory modes: the chooser (a pure function of free GPU memory and component sizes), start-up refusals of
+modes this machine can't run, and every mode's mechanics on the tiny model on the CPU (the offload modes' hooks
+move weights CPU to CPU here; bit-identical output shows the placement changes nothing but where weights live).
+CUDA-only parts (streams, fp8, int4, real multi-GPU) are in test_gpu_fast_path.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from pipelines.editor import load_components
+from pipelines.memory import (
+    ComponentSizes,
+    GiB,
+    MemoryModeError,
+    MemoryPlan,
+    apply_memory_plan,
+    check_plan,
+    choose_memory_mode,
+    component_sizes,
+    resolve_plan,
+)
+
+# FLUX.2 [dev] in bf16: 32B-parameter transformer, 24B-parameter text encoder (Mistral Small 3.x), VAE ~84M.
+FLUX2_DEV = ComponentSizes(transformer=64 * GiB, text_encoder=48 * GiB, vae=int(0.16 * GiB))
+
+
+@pytest.mark.parametrize(
+    ("free_gib", "quantization", "mode", "quant", "device", "te_device"),
+    [
+        ([], "none", "full", "none", "cpu", None),
+        ([141], "none", "full", "none", "cuda:0", None),  # H200: everything fits
+        ([79], "none", "offload-text-encoder", "none", "cuda:0", None),  # H100: text encoder streamed
+        ([79, 79], "none", "multi-gpu", "none", "cuda:0", "cuda:1"),  # two H100s: text encoder on the second
+        ([20, 79], "none", "offload-text-encoder", "none", "cuda:1", None),  # the emptier GPU is used
+        ([47], "none", "group-offload", "none", "cuda:0", None),  # L40S / A6000: bf16 transformer doesn't fit
+        ([47], "auto", "offload-text-encoder", "int8", "cuda:0", None),  # ... unless quantized
+        ([31], "auto", "offload-text-encoder", "int4", "cuda:0", None),  # 32 GB cards: int4
+        ([23], "auto", "group-offload", "int4", "cuda:0", None),  # below that (with a 10 GiB reserve): streamed
+        ([141], "auto", "full", "none", "cuda:0", None),  # auto keeps bf16 wherever it fits
+        ([79], "fp8", "offload-text-encoder", "fp8", "cuda:0", None),  # fp8 (32 GB) + text encoder (48) + reserve > 79
+    ],
+)
+def test_chooser_picks_the_fastest_mode_that_fits(free_gib, quantization, mode, quant, device, te_device):
+    plan = choose_memory_mode([int(g * GiB) for g in free_gib], FLUX2_DEV, quantization=quantization)
+    assert (plan.mode, plan.quantization, plan.device, plan.text_encoder_device) == (mode, quant, device, te_device)
+    assert plan.reason
+
+
+def test_chooser_uses_fp8_when_the_gpu_can_and_respects_the_reserve():
+    assert choose_memory_mode([47 * GiB], FLUX2_DEV, quantization="auto", fp8_capable=True).quantization == "fp8"
+    tight = choose_memory_mode([int(79 * GiB)], FLUX2_DEV, reserve_bytes=20 * GiB)
+    assert tight.mode == "group-offload"  # 64 GB + 20 GB reserve doesn't fit in 79
+    assert choose_memory_mode([79 * GiB], FLUX2_DEV, primary=0).device == "cuda:0"
+    with pytest.raises(ValueError, match="quantization"):
+        choose_memory_mode([79 * GiB], FLUX2_DEV, quantization="int3")
+
+
+def test_component_sizes_come_from_the_headers_on_disk(tiny_weights):
+    sizes = component_sizes(tiny_weights, torch.float32)
+    components = load_components(tiny_weights, torch.float32)
+    for name in ("transformer", "text_encoder", "vae"):
+        params = sum(p.numel() for p in components[name].parameters())
+        buffers = sum(b.numel() for _, b in components[name].named_buffers() if b is not None)
+        assert params * 4 <= getattr(sizes, name) <= (params + buffers) * 4
+    assert component_sizes(tiny_weights, torch.bfloat16).transformer * 2 == sizes.transformer
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusals")
+@pytest.mark.parametrize("mode", ["offload-text-encoder", "model-offload", "group-offload", "multi-gpu"])
+def test_cuda_modes_are_refused_without_a_gpu(mode):
+    with pytest.raises(MemoryModeError, match="needs a CUDA GPU"):
+        resolve_plan(mode, FLUX2_DEV, free_bytes_per_gpu=[])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusals")
+def test_gpu_only_quantizations_and_devices_are_refused_without_a_gpu():
+    with pytest.raises(MemoryModeError, match="compute capability 8.9"):
+        check_plan(MemoryPlan("full", "cpu", quantization="fp8"))
+    with pytest.raises(MemoryModeError, match="int4 quantization"):
+        check_plan(MemoryPlan("full", "cpu", quantization="int4"))
+    with pytest.raises(MemoryModeError, match="CUDA is not available"):
+        check_plan(MemoryPlan("full", "cuda:0"))
+    with pytest.raises(MemoryModeError, match="unknown memory mode"):
+        check_plan(MemoryPlan("everything", "cpu"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusals")
+def test_server_refuses_a_cuda_mode_at_start_up_on_the_cpu(tiny_weights, tmp_path):
+    ran = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--weights", str(tiny_weights), "--data-dir", str(tmp_path)],
+        env={**os.environ, "FLUX2_MEMORY_MODE": "group-offload"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert ran.returncode == 2
+    assert "error: memory mode 'group-offload' needs a CUDA GPU" in ran.stderr
+
+
+def run_pipe(pipe) -> np.ndarray:
+    reference = PIL.Image.fromarray(np.random.default_rng(2).integers(0, 256, (96, 128, 3), dtype=np.uint8))
+    return np.asarray(
+        pipe(
+            image=[reference],
+            prompt="p",
+            height=192,
+            width=256,
+            num_inference_steps=4,
+            generator=torch.Generator("cpu").manual_seed(9),
+        ).images[0]
+    )
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_weights):
+    from diffusers import Flux2Pipeline
+
+    pipe = Flux2Pipeline(**load_components(tiny_weights, torch.float32))
+    pipe.set_progress_bar_config(disable=True)
+    return run_pipe(pipe)
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [
+        MemoryPlan("full", "cpu"),
+        MemoryPlan("multi-gpu", "cpu", text_encoder_device="cpu"),
+        MemoryPlan("offload-text-encoder", "cpu"),
+        MemoryPlan("group-offload", "cpu"),
+    ],
+    ids=lambda p: p.mode,
+)
+def test_each_placement_runs_and_changes_nothing_but_placement(tiny_weights, baseline, plan):
+    from diffusers import Flux2Pipeline
+
+    pipe = Flux2Pipeline(**load_components(tiny_weights, torch.float32))
+    pipe.set_progress_bar_config(disable=True)
+    apply_memory_plan(pipe, plan)
+    assert pipe._execution_device == torch.device("cpu")
+    assert np.array_equal(run_pipe(pipe), baseline)
+
+
+def test_int8_transformer_runs_on_the_cpu(tiny_weights, baseline):
+    pytest.importorskip("torchao")
+    from diffusers import Flux2Pipeline
+
+    pipe = Flux2Pipeline(**load_components(tiny_weights, torch.float32))
+    pipe.set_progress_bar_config(disable=True)
+    apply_memory_plan(pipe, MemoryPlan("full", "cpu", quantization="int8"))
+    assert "Int8" in type(pipe.transformer.transformer_blocks[0].attn.to_q.weight).__name__
+    image = run_pipe(pipe)
+    assert image.shape == baseline.shape and image.std() > 0
+    assert not np.array_equal(image, baseline)  # int8 weights: close, not equal
+    assert np.abs(image.astype(int) - baseline).mean() < 40
+
+
+def test_int8_quantizes_the_base_weights_and_leaves_the_distilled_adapter_alone(tiny_weights):
+    pytest.importorskip("torchao")
+    from pipelines import EditCall, load_editor
+    from pipelines.runtime import RuntimeOptions
+
+    editor = load_editor(tiny_weights, "cpu", options=RuntimeOptions(memory_mode="full", quantization="int8"))
+    assert editor.capabilities()["memory"]["quantization"] == "int8"
+    lora_layers = [m for m in editor.pipe.transformer.modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")]
+    assert lora_layers, "the tiny build's turbo LoRA is loaded"
+    for layer in lora_layers:
+        assert "Int8" in type(layer.base_layer.weight).__name__
+        assert all(type(a.weight) is torch.nn.Parameter for a in layer.lora_A.values())
+    reference = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    call = EditCall(images=[reference], prompt="p", width=64, height=64, profile="turbo", seed=1)
+    image = np.asarray(editor.edit(call).images[0])
+    assert image.shape == (64, 64, 3) and image.std() > 0

@@ -45,12 +45,16 @@ def ensure_tiny(directory: Path | None = None) -> Path:
 
 
 def route_library_logs(json_lines: bool) -> None:
-    """diffusers' and transformers' messages and Python warnings go through our handler (one format, with request
-    ids) instead of their own stderr handlers; with JSON lines, their progress bars are off too."""
+    """torch's, diffusers' and transformers' messages and Python warnings go through our handler (one format, with
+    request ids) instead of their own stderr handlers; with JSON lines, their progress bars are off too."""
     import diffusers
     import transformers
 
     logging.captureWarnings(True)
+    torch_logger = logging.getLogger("torch")  # torch._logging puts its own handler there (e.g. torchao's warnings)
+    for handler in list(torch_logger.handlers):
+        torch_logger.removeHandler(handler)
+    torch_logger.propagate = True
     for library in (diffusers.utils.logging, transformers.utils.logging):
         library.disable_default_handler()
         library.enable_propagation()

@@ -1,7 +1,8 @@
-"""CUDA path: the default device and dtype on a GPU (bf16), on the tiny model. Skipped without CUDA."""
+"""CUDA paths on the tiny model: bf16, every memory mode, quantization, compile, acceleration. Skipped without CUDA."""
 
 from __future__ import annotations
 
+import numpy as np
 import PIL.Image
 import pytest
 import torch
@@ -22,3 +23,65 @@ def test_tiny_model_runs_on_cuda_in_bf16(tiny_weights):
     assert result.steps == 4 and [i.size for i in result.images] == [(512, 512)]
     again = editor.edit(EditCall(images=[reference], prompt="p", width=512, height=512, profile="flash", seed=1))
     assert list(result.images[0].getdata()) == list(again.images[0].getdata())
+
+
+def _reference() -> PIL.Image.Image:
+    return PIL.Image.new("RGB", (128, 96), (120, 40, 200))
+
+
+def _edit(editor, **kw):
+    call = EditCall(images=[_reference()], prompt="p", width=512, height=512, seed=1, **{"profile": "flash", **kw})
+    return np.asarray(editor.edit(call).images[0])
+
+
+@pytest.fixture(scope="module")
+def full_bf16(tiny_weights):
+    from pipelines.runtime import RuntimeOptions
+
+    return _edit(load_editor(tiny_weights, options=RuntimeOptions(memory_mode="full")))
+
+
+@pytest.mark.parametrize("mode", ["offload-text-encoder", "model-offload", "group-offload"])
+def test_each_cuda_memory_mode_gives_the_full_modes_image(tiny_weights, full_bf16, mode):
+    """Placement moves weights, it doesn't change them: each mode's image equals everything-on-the-GPU's."""
+    from pipelines.runtime import RuntimeOptions
+
+    editor = load_editor(tiny_weights, options=RuntimeOptions(memory_mode=mode))
+    assert editor.capabilities()["memory"]["mode"] == mode
+    assert np.array_equal(_edit(editor), full_bf16)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_multi_gpu_puts_the_text_encoder_on_the_second_gpu(tiny_weights, full_bf16):
+    from pipelines.runtime import RuntimeOptions
+
+    editor = load_editor(tiny_weights, options=RuntimeOptions(memory_mode="multi-gpu", text_encoder_device="cuda:1"))
+    assert next(editor.pipe.text_encoder.parameters()).device == torch.device("cuda:1")
+    assert np.abs(_edit(editor).astype(int) - full_bf16).mean() < 2  # another GPU may round differently
+
+
+@pytest.mark.parametrize("quantization", ["int8", "fp8", "int4"])
+def test_quantized_transformer_runs_on_cuda(tiny_weights, full_bf16, quantization):
+    pytest.importorskip("torchao")
+    if quantization == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs compute capability 8.9 (Ada, Hopper)")
+    from pipelines.runtime import RuntimeOptions
+
+    editor = load_editor(tiny_weights, options=RuntimeOptions(memory_mode="full", quantization=quantization))
+    image = _edit(editor)
+    assert image.shape == full_bf16.shape and image.std() > 0
+
+
+def test_compiled_transformer_gives_the_same_image_class_and_reports_compile_time(tiny_weights, full_bf16):
+    from pipelines.runtime import RuntimeOptions
+
+    editor = load_editor(tiny_weights, options=RuntimeOptions(memory_mode="full", compile=True))
+    assert editor.capabilities()["fast_path"]["compile_seconds"] > 0
+    assert np.abs(_edit(editor).astype(int) - full_bf16).mean() < 2  # fused kernels may round differently
+
+
+@pytest.mark.parametrize("level", ["regular", "high"])
+def test_acceleration_levels_on_cuda(tiny_weights, level):
+    editor = load_editor(tiny_weights)
+    image = _edit(editor, profile="edit", num_inference_steps=28, acceleration=level)
+    assert image.shape == (512, 512, 3) and image.std() > 0

@@ -16,6 +16,11 @@ Why unfused (measured on the tiny model by `benchmarks/adapters.py`, results in 
   weight of the 32B transformer. Keeping a pristine copy to restore from would double that memory.
 The price of unfused is the adapter's extra low-rank matmuls on each distilled step; the benchmark measures
 it (unfused vs fused step time) so a GPU run can put a number on it.
+
+A process that serves only one adapter's profiles (a worker started with `--profiles turbo,flash`, say) never
+needs the base weights, so there the adapter is fused once at load (`fuse_adapter`): W += BA written into the
+transformer and the low-rank layers dropped, as diffusers documents for baking a LoRA in, so each step costs a
+base step. The base `edit` profile then can't run there, and the server answers it 503 saying why.
 """
 
 from __future__ import annotations
@@ -43,15 +48,29 @@ def load_adapters(pipe, weights_dir: Path) -> dict[str, Path]:
     return loaded
 
 
-class AdapterSwitch:
-    """Which adapter, if any, the transformer runs with. `use(None)` is the base weights."""
+def fuse_adapter(pipe, name: str) -> None:
+    """Write adapter `name` into the transformer's weights for good and drop every adapter's low-rank layers."""
+    pipe.set_adapters([name])
+    pipe.fuse_lora(components=["transformer"], lora_scale=1.0, adapter_names=[name])
+    pipe.unload_lora_weights()
+    log.info("fused the %r adapter into the transformer: this model runs only its profiles", name)
 
-    def __init__(self, pipe, loaded: dict[str, Path]):
+
+class AdapterSwitch:
+    """Which adapter, if any, the transformer runs with. `use(None)` is the base weights. With `fused`, the
+    transformer *is* that adapter's model: it is the only one there is."""
+
+    def __init__(self, pipe, loaded: dict[str, Path], fused: str | None = None):
         self.pipe = pipe
         self.loaded = loaded
-        self.active: str | None = None
+        self.fused = fused
+        self.active: str | None = fused
 
     def use(self, name: str | None) -> None:
+        if self.fused is not None:
+            if name != self.fused:
+                raise ValueError(f"the {self.fused!r} adapter is fused into this model's weights: it runs only that")
+            return
         if name is not None and name not in self.loaded:
             raise ValueError(f"adapter {name!r} is not loaded")
         if name == self.active:

@@ -16,7 +16,7 @@ from pathlib import Path
 import PIL.Image
 import torch
 
-from pipelines.adapters import AdapterSwitch, load_adapters
+from pipelines.adapters import AdapterSwitch, fuse_adapter, load_adapters
 from pipelines.expansion import expand_prompt
 from pipelines.pixtral import pixtral_processor_class
 from pipelines.profiles import PROFILES
@@ -104,12 +104,13 @@ class Flux2Editor:
         runtime: Runtime,
         adapters: dict[str, Path] | None = None,
         safety: SafetyChecker | None = None,
+        fused_adapter: str | None = None,
     ):
         self.pipe = pipe
         self.safety = safety
         self.weights_dir = weights_dir
         self.load_seconds = load_seconds
-        self.adapters = AdapterSwitch(pipe, adapters or {})
+        self.adapters = AdapterSwitch(pipe, adapters or {}, fused_adapter)
         self.runtime = runtime  # memory mode, fast path, acceleration levels (pipelines.runtime)
         self.device = pipe._execution_device
         self.dtype = pipe.transformer.dtype
@@ -145,9 +146,12 @@ class Flux2Editor:
                     "distilled_adapter": p.adapter,
                     "distilled_adapter_file": str(ADAPTERS[p.adapter].path(self.weights_dir)) if p.adapter else None,
                     "distilled_adapter_loaded": p.adapter in self.adapters.loaded,
+                    # False where another adapter is fused into the weights (pipelines.adapters.fuse_adapter)
+                    "runs_here": self.adapters.fused is None or p.adapter == self.adapters.fused,
                 }
                 for name, p in PROFILES.items()
             },
+            "fused_adapter": self.adapters.fused,
             "acceleration": self.runtime.accelerator.describe(),
             **self.runtime.describe(),
             "safety_checker": self.safety is not None,
@@ -291,10 +295,12 @@ def load_editor(
     safety_checker: str | Path | None = None,
     safety_threshold: float = DEFAULT_THRESHOLD,
     options: RuntimeOptions | None = None,
+    fuse: str | None = None,
 ) -> Flux2Editor:
     """Load FLUX.2 from a local diffusers-layout directory onto `device` (CUDA when present, else CPU), placed
     and set up as `options` say (memory mode, quantization, attention kernel, compile, acceleration levels), and
-    the safety checker from `safety_checker` (an image-classification model directory) when given."""
+    the safety checker from `safety_checker` (an image-classification model directory) when given. `fuse` names a
+    distilled adapter to fuse into the weights for good (for a process that serves only its profiles)."""
     from diffusers import Flux2Pipeline
 
     weights_dir = Path(weights_dir).resolve()
@@ -305,12 +311,16 @@ def load_editor(
     started = time.perf_counter()
     pipe = Flux2Pipeline(**load_components(weights_dir, torch_dtype))
     adapters = load_adapters(pipe, weights_dir)  # before placement: LoRA layers are placed with the rest
+    if fuse is not None:
+        if fuse not in adapters:
+            raise ValueError(f"can't fuse the {fuse!r} adapter: it is not in {weights_dir}")
+        fuse_adapter(pipe, fuse)
     runtime.apply(pipe)
     pipe.set_progress_bar_config(disable=True)
     load_seconds = time.perf_counter() - started
     log.info("loaded %s (%s, %s) in %.1f s", weights_dir, runtime.plan.mode, torch_dtype, load_seconds)
     safety = SafetyChecker(safety_checker, torch_device, torch_dtype, safety_threshold) if safety_checker else None
-    editor = Flux2Editor(pipe, weights_dir, load_seconds, runtime, adapters, safety)
+    editor = Flux2Editor(pipe, weights_dir, load_seconds, runtime, adapters, safety, fuse)
     if options.compile:
         editor.warm_up()
     return editor

@@ -22,12 +22,12 @@ from server.file_serving import OutputFiles
 from server.file_storage import open_storage
 from server.logs import request_ids
 from server.metrics import Metrics
-from server.model import load_model
+from server.model import load_model, served_profiles
 from server.outbound import outbound_client
 from server.outputs import OutputStore
 from server.proxy import fal_proxy
 from server.queue_backend import open_queue
-from server.queue_worker import advertise, new_worker_id, served_profiles, worker_info
+from server.queue_worker import advertise, new_worker_id, worker_info
 from server.quotas import Quotas, enforce_rate_limit
 from server.retention import run_retention
 from server.routes import edit, files, health, metrics, openapi, playground, queue, storage

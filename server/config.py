@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     # (logged at start-up, stated in /health and every such response's notices). Off: those endpoints answer 503.
     allow_undistilled: bool = False
     profiles: str | None = None  # comma-separated profiles this process's model serves (default: all)
+    # When the served profiles all use one distilled adapter (e.g. turbo,flash), fuse it into the weights at load:
+    # each step then costs a base step. Off: keep it unfused (switchable, with the low-rank matmuls per step).
+    fuse_adapter: bool = True
 
     @field_validator("weights", "queue", "storage", mode="before")
     @classmethod

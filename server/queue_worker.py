@@ -17,12 +17,11 @@ import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
-from pipelines import PROFILES
 from server.config import Settings
 from server.dispatcher import Dispatcher
 from server.file_storage import open_storage
 from server.metrics import Metrics
-from server.model import load_model
+from server.model import load_model, served_profiles
 from server.outbound import outbound_client
 from server.outputs import OutputStore
 from server.queue_backend import QueueBackend, open_queue
@@ -30,16 +29,6 @@ from server.webhooks import WebhookSender
 from server.worker import InferenceWorker
 
 log = logging.getLogger(__name__)
-
-
-def served_profiles(settings: Settings) -> list[str]:
-    if not settings.profiles:
-        return list(PROFILES)
-    profiles = [p.strip() for p in settings.profiles.split(",") if p.strip()]
-    unknown = sorted(set(profiles) - set(PROFILES))
-    if unknown:
-        raise ValueError(f"unknown profile(s) {unknown}: choose from {sorted(PROFILES)}")
-    return profiles
 
 
 def new_worker_id() -> str:

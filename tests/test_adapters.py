@@ -142,3 +142,38 @@ def test_weights_verify_reports_which_profiles_can_run(tiny_weights, undistilled
     lora.write_bytes(lora.read_bytes()[:-10])
     broken = verify_cli(corrupt)
     assert broken.returncode == 1 and "truncated" in broken.stdout
+
+
+def test_a_fused_adapter_gives_the_unfused_images_and_leaves_no_lora_layers(tiny_weights):
+    unfused = load_editor(tiny_weights, "cpu")
+    fused = load_editor(tiny_weights, "cpu", fuse="turbo")
+    assert not any(hasattr(m, "lora_A") for m in fused.pipe.transformer.modules())  # plain Linear layers again
+    for profile in ("turbo", "flash"):
+        a = np.asarray(unfused.edit(call(profile)).images[0]).astype(int)
+        b = np.asarray(fused.edit(call(profile)).images[0]).astype(int)
+        assert np.abs(a - b).max() <= 2, profile  # W + BA summed once instead of per step: rounding only
+    with pytest.raises(ValueError, match="fused"):
+        fused.edit(call("edit"))
+    assert fused.capabilities()["fused_adapter"] == "turbo"
+    assert fused.capabilities()["profiles"]["edit"]["runs_here"] is False
+
+
+def test_a_server_for_the_distilled_profiles_alone_fuses_and_refuses_edit_plainly(tiny_weights, tmp_path):
+    settings = Settings(data_dir=tmp_path / "data", profiles="turbo,flash")
+    uv, thread, url = serve_in_process(tiny_weights, settings)
+    try:
+        with httpx.Client(timeout=120) as client:
+            assert client.get(f"{url}/health").json()["capabilities"]["fused_adapter"] == "turbo"
+            assert client.post(f"{url}/fal-ai/flux-2/turbo/edit", json=BODY).status_code == 200
+            for path in ("fal-ai/flux-2/edit", "queue/fal-ai/flux-2/edit"):
+                refused = client.post(f"{url}/{path}", json=BODY)
+                assert refused.status_code == 503 and "fused" in refused.json()["detail"], refused.text
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=30)
+    # and with FLUX2_FUSE_ADAPTER off, the same profiles run unfused
+    unfused = Settings(data_dir=tmp_path / "data2", profiles="turbo,flash", fuse_adapter=False)
+    from server.model import adapter_to_fuse
+
+    assert adapter_to_fuse(unfused, tiny_weights) is None and adapter_to_fuse(settings, tiny_weights) == "turbo"
+    assert adapter_to_fuse(Settings(data_dir=tmp_path / "d3"), tiny_weights) is None  # all profiles: base needed

@@ -5,7 +5,9 @@ CUDA-only parts (streams, fp8, int4, real multi-GPU) are in test_gpu_fast_path.p
 
 from __future__ import annotations
 
+import base64
 import os
+import re
 import subprocess
 import sys
 
@@ -178,3 +180,89 @@ def test_int8_quantizes_the_base_weights_and_leaves_the_distilled_adapter_alone(
     call = EditCall(images=[reference], prompt="p", width=64, height=64, profile="turbo", seed=1)
     image = np.asarray(editor.edit(call).images[0])
     assert image.shape == (64, 64, 3) and image.std() > 0
+
+
+# `flux2-server doctor`: the mode `serve` would run with this configuration, from this module's chooser and checks.
+
+
+def test_doctor_sizes_flux2_dev_on_one_80gb_gpu_as_serve_would(tiny_weights, monkeypatch):
+    """The doctor's rows come from resolve_plan: the configured mode and quantization, and what auto picks.
+
+    The GPU is simulated (free memory given, CUDA reported present) and the component sizes are FLUX.2 [dev]'s."""
+    from pipelines import memory
+    from server.commands.doctor import memory_mode
+    from server.config import Settings
+
+    monkeypatch.setattr(memory.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(memory, "fp8_capable", lambda device: True)  # an H100
+    monkeypatch.setattr(memory, "component_sizes", lambda weights, dtype: FLUX2_DEV)
+    rows = dict(memory_mode(tiny_weights, [79 * GiB], Settings()))
+    assert rows["memory mode"].startswith("[configured: auto, quantization none] offload-text-encoder on cuda:0")
+    assert "text encoder is streamed" in rows["memory mode"]
+    assert "(torch.bfloat16)" in rows["weights size"] and "transformer 64.0 GiB" in rows["weights size"]
+    assert "memory mode (auto)" not in rows  # auto with quantization auto keeps bf16 here: the same plan
+    rows = dict(memory_mode(tiny_weights, [47 * GiB], Settings(memory_mode="model-offload")))
+    assert rows["memory mode"].startswith("[configured: model-offload, quantization none] model-offload on cuda:0")
+    assert "offload-text-encoder on cuda:0 (quantization fp8)" in rows["memory mode (auto)"]
+    rows = dict(memory_mode(tiny_weights, [79 * GiB], Settings(memory_mode="multi-gpu")))
+    assert "refused: memory mode 'multi-gpu' needs FLUX2_TEXT_ENCODER_DEVICE" in rows["memory mode"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusals")
+def test_doctor_says_why_serve_would_refuse_the_configured_mode_here(tiny_weights):
+    ran = subprocess.run(
+        [sys.executable, "-m", "server.cli", "doctor", "--weights", str(tiny_weights), "--quantization", "int8"],
+        env={**os.environ, "FLUX2_MEMORY_MODE": "group-offload"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert ran.returncode == 0, ran.stderr
+    rows = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in ran.stdout.splitlines() if line.strip())
+    assert rows["memory mode"].startswith(
+        "[configured: group-offload, quantization int8] refused: memory mode 'group-offload' needs a CUDA GPU"
+    )
+    assert rows["memory mode (auto)"].endswith("full on cpu (quantization none): no GPU: everything on the CPU")
+
+
+# Through the server: the modes this CPU can run. `auto` (which picks `full` here, unquantized) is what every other
+# server test runs, each acceleration level included (test_acceleration.py); this one sets `full` explicitly with
+# the int8 transformer, the one quantization that runs on a CPU.
+
+
+def test_server_runs_full_mode_with_int8_for_each_profile_and_level(tiny_weights, tmp_path):
+    pytest.importorskip("torchao")
+    quantization = "int8"
+    import httpx
+
+    from benchmarks.loopback import start_server
+    from tests.conftest import data_uri, decode, image_bytes
+
+    env = {"FLUX2_MEMORY_MODE": "full", "FLUX2_QUANTIZATION": quantization}
+    process, url = start_server(tiny_weights, tmp_path / "data", tmp_path / "server.log", env=env)
+    try:
+        with httpx.Client(timeout=300) as client:
+            memory = client.get(f"{url}/health").json()["capabilities"]["memory"]
+            assert (memory["mode"], memory["device"], memory["quantization"]) == ("full", "cpu", quantization)
+            runs = [("edit", level) for level in ("none", "regular", "high")] + [("turbo", None), ("flash", None)]
+            for profile, level in runs:
+                body = {
+                    "prompt": "p",
+                    "image_urls": [data_uri(image_bytes(96, 96, seed=4))],
+                    "image_size": {"width": 512, "height": 512},
+                    "seed": 5,
+                    "enable_safety_checker": False,
+                    "sync_mode": True,
+                }
+                if level:
+                    body |= {"acceleration": level, "num_inference_steps": 8}
+                endpoint = "fal-ai/flux-2/edit" if profile == "edit" else f"fal-ai/flux-2/{profile}/edit"
+                response = client.post(f"{url}/{endpoint}", json=body)
+                assert response.status_code == 200, (profile, level, response.text)
+                data_url = response.json()["images"][0]["url"]
+                image = np.asarray(decode(base64.b64decode(data_url.partition(",")[2])).convert("RGB"))
+                assert image.shape == (512, 512, 3) and image.std() > 0, (profile, level)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -53,22 +53,54 @@ def host_memory() -> tuple[int, int] | None:
     return values.get("MemAvailable", 0), values.get("MemTotal", 0)
 
 
-def memory_mode(weights: Path | None, free_per_gpu: list[int]) -> str:
-    """The memory mode the server would choose, from the chooser in pipelines/ when this build has one."""
+def memory_mode(weights: Path | None, free_per_gpu: list[int], settings=None) -> list[tuple[str, str]]:
+    """The memory mode `serve` would run with these settings (FLUX2_MEMORY_MODE, FLUX2_QUANTIZATION, ... or the
+    flags), checked against this machine as `serve` checks it at start-up: the plan, or why it is refused. Where a
+    mode is configured, also the one `auto` would pick."""
     if importlib.util.find_spec("pipelines.memory") is None:
-        return "no memory-mode chooser in this build yet: the server puts every component on one device"
-    from pipelines import memory
-
+        return [
+            ("memory mode", "no memory-mode chooser in this build yet: the server puts every component on one device")
+        ]
     if weights is None:
-        return "pass --weights DIR to see the mode the chooser picks for those weights on this machine"
-    import torch
+        return [
+            ("memory mode", "pass --weights DIR to see the mode the server picks for those weights on this machine")
+        ]
+    from pipelines import memory
+    from pipelines.editor import pick_device, pick_dtype
+    from server.config import Settings
 
-    dtype = torch.bfloat16 if free_per_gpu else torch.float32
-    plan = memory.choose_memory_mode(free_per_gpu, memory.component_sizes(weights, dtype))
-    return f"{plan.mode} on {plan.device} (quantization {plan.quantization}): {plan.reason}"
+    settings = settings or Settings()
+    dtype = pick_dtype(pick_device(settings.device), settings.dtype)
+    sizes = memory.component_sizes(weights, dtype)
+
+    def plan(mode: str, quantization: str) -> str:
+        try:
+            chosen = memory.resolve_plan(
+                mode,
+                sizes,
+                device=settings.device,
+                text_encoder_device=settings.text_encoder_device,
+                quantization=quantization,
+                reserve_bytes=int(settings.memory_reserve_gb * GiB),
+                free_bytes_per_gpu=free_per_gpu,
+            )
+        except ValueError as exc:  # MemoryModeError and bad names: what `serve` would exit with
+            return f"refused: {exc}"
+        te = f", text encoder on {chosen.text_encoder_device}" if chosen.text_encoder_device else ""
+        return f"{chosen.mode} on {chosen.device}{te} (quantization {chosen.quantization}): {chosen.reason}"
+
+    configured = plan(settings.memory_mode, settings.quantization)
+    automatic = plan("auto", "auto")
+    rows = [
+        ("weights size", ", ".join(f"{k} {v} GiB" for k, v in memory.describe_sizes(sizes).items()) + f" ({dtype})"),
+        ("memory mode", f"[configured: {settings.memory_mode}, quantization {settings.quantization}] {configured}"),
+    ]
+    if automatic != configured:
+        rows.append(("memory mode (auto)", f"[auto, quantization auto would pick] {automatic}"))
+    return rows
 
 
-def report(weights: Path | None) -> list[tuple[str, str]]:
+def report(weights: Path | None, settings=None) -> list[tuple[str, str]]:
     import torch
 
     rows = [("python", platform.python_version()), ("platform", platform.platform())]
@@ -92,7 +124,7 @@ def report(weights: Path | None) -> list[tuple[str, str]]:
     memory = host_memory()
     if memory:
         rows.append(("system memory", f"{memory[0] / GiB:.1f} GiB available of {memory[1] / GiB:.1f} GiB"))
-    rows.append(("memory mode", memory_mode(weights, free_per_gpu)))
+    rows += memory_mode(weights, free_per_gpu, settings)
     if weights is not None:
         from weights.verify import verify
 
@@ -102,7 +134,10 @@ def report(weights: Path | None) -> list[tuple[str, str]]:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    rows = report(args.weights)
+    from server.config import Settings
+
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and k != "weights" and v is not None}
+    rows = report(args.weights, Settings(**overrides))  # FLUX2_* environment variables, overridden by the flags
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name.ljust(width)}  {value}")
@@ -112,4 +147,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def add_parser(commands: argparse._SubParsersAction) -> None:
     doctor = commands.add_parser("doctor", help="GPU, driver, library versions, free memory, the memory mode chosen")
     doctor.add_argument("--weights", type=Path, help="also check this weights directory and size the memory mode")
+    # the same settings as `serve` (and FLUX2_* variables): the doctor answers for this configuration
+    doctor.add_argument("--device", help="torch device, e.g. cuda:1 (default: CUDA when present, else CPU)")
+    doctor.add_argument("--dtype", help="torch dtype, e.g. bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
+    doctor.add_argument(
+        "--memory-mode", help="auto, full, multi-gpu, offload-text-encoder, model-offload, group-offload"
+    )
+    doctor.add_argument("--quantization", help="transformer weights: none, int8, fp8, int4, auto")
+    doctor.add_argument("--text-encoder-device", help="e.g. cuda:1 (multi-gpu)")
+    doctor.add_argument("--memory-reserve-gb", type=float, help="GPU memory kept for activations (default 10)")
     doctor.set_defaults(func=cmd_doctor)

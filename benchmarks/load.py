@@ -26,7 +26,6 @@ import asyncio
 import base64
 import io
 import json
-import re
 import sys
 import tempfile
 import time
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import httpx
 import PIL.Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.loopback import start_server
 from benchmarks.overhead import device_name, percentile, reference_png, versions
@@ -113,13 +113,13 @@ def check_result(response: httpx.Response, body: dict) -> str | None:
 
 
 def metric(text: str, name: str, **labels: str) -> float:
-    """Sum of a Prometheus sample's values over the series matching `labels`."""
-    total = 0.0
-    for line in text.splitlines():
-        match = re.match(rf"^{name}(?:{{(.*)}})? (\S+)$", line)
-        if match and all(f'{k}="{v}"' in (match.group(1) or "") for k, v in labels.items()):
-            total += float(match.group(2))
-    return total
+    """Sum of a Prometheus sample's values over the series matching `labels` (prometheus-client's parser)."""
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
 
 
 async def drive(url: str, clients: int, requests: int, poll_s: float, time_limit_s: float) -> tuple[Tally, float]:

@@ -274,8 +274,6 @@ def apply_memory_plan(pipe, plan: MemoryPlan) -> None:
     which is how the tests run their mechanics on a machine without a GPU (`check_plan` refuses them for the
     server there). CUDA streams are used only where the compute device is a GPU.
     """
-    from diffusers.hooks import apply_group_offloading
-
     device = torch.device(plan.device)
     cpu = torch.device("cpu")
     stream = device.type == "cuda"
@@ -296,15 +294,7 @@ def apply_memory_plan(pipe, plan: MemoryPlan) -> None:
     elif plan.mode == "offload-text-encoder":
         pipe.transformer.to(device)
         pipe.vae.to(device)
-        apply_group_offloading(
-            pipe.text_encoder,
-            onload_device=device,
-            offload_device=cpu,
-            offload_type="block_level",
-            num_blocks_per_group=1,
-            use_stream=stream,
-            block_modules=TEXT_ENCODER_BLOCK_MODULES,
-        )
+        _stream_text_encoder(pipe.text_encoder, device, cpu, stream)
     elif plan.mode == "model-offload":
         pipe.enable_model_cpu_offload(device=device)
     elif plan.mode == "group-offload":
@@ -316,17 +306,24 @@ def apply_memory_plan(pipe, plan: MemoryPlan) -> None:
             num_blocks_per_group=1,
             use_stream=stream,
         )
-        apply_group_offloading(
-            pipe.text_encoder,
-            onload_device=device,
-            offload_device=cpu,
-            offload_type="block_level",
-            num_blocks_per_group=1,
-            use_stream=stream,
-            block_modules=TEXT_ENCODER_BLOCK_MODULES,
-        )
+        _stream_text_encoder(pipe.text_encoder, device, cpu, stream)
     else:
         raise MemoryModeError(f"unknown memory mode {plan.mode!r}")
+
+
+def _stream_text_encoder(text_encoder, device, cpu, stream: bool) -> None:
+    """Group offloading of the text encoder, block by block from CPU memory (offload-text-encoder, group-offload)."""
+    from diffusers.hooks import apply_group_offloading
+
+    apply_group_offloading(
+        text_encoder,
+        onload_device=device,
+        offload_device=cpu,
+        offload_type="block_level",
+        num_blocks_per_group=1,
+        use_stream=stream,
+        block_modules=TEXT_ENCODER_BLOCK_MODULES,
+    )
 
 
 def resolve_plan(

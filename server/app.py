@@ -26,7 +26,7 @@ from server.model import load_model, served_profiles
 from server.outbound import outbound_client
 from server.outputs import OutputStore
 from server.proxy import fal_proxy
-from server.queue_backend import open_queue
+from server.queue_backend import open_configured_queue
 from server.queue_worker import advertise, new_worker_id, worker_info
 from server.quotas import Quotas, enforce_rate_limit
 from server.retention import run_retention
@@ -71,13 +71,7 @@ def create_app(settings: Settings, weights_dir: Path | None, tiny: bool = False)
         app.state.model_loaded, app.state.model_error = asyncio.Event(), None
         app.state.worker = None
         worker_id = new_worker_id()
-        store = open_queue(
-            settings.queue,
-            settings.data_dir,
-            settings.retention_s,
-            visibility_timeout_s=settings.queue_visibility_timeout_s,
-            consumer=worker_id,
-        )
+        store = open_configured_queue(settings, worker_id)
         app.state.store = store
         loading = None
         if weights_dir is not None:

@@ -94,19 +94,12 @@ class Settings(BaseSettings):
     acceleration_high: str | None = None  # cache spec of acceleration "high"
 
     def runtime_options(self):
+        """The speed and memory settings, as pipelines.runtime takes them (each field is a setting of that name)."""
+        from dataclasses import fields
+
         from pipelines.runtime import RuntimeOptions
 
-        return RuntimeOptions(
-            memory_mode=self.memory_mode,
-            text_encoder_device=self.text_encoder_device,
-            quantization=self.quantization,
-            memory_reserve_gb=self.memory_reserve_gb,
-            attention_backend=self.attention_backend,
-            compile=self.compile,
-            compile_mode=self.compile_mode,
-            acceleration_regular=self.acceleration_regular,
-            acceleration_high=self.acceleration_high,
-        )
+        return RuntimeOptions(**{f.name: getattr(self, f.name) for f in fields(RuntimeOptions)})
 
     def keys(self) -> list[str]:
         from server.auth import parse_keys

@@ -68,13 +68,12 @@ def unavailable_reason(settings, profile: str, body: _EditInputCommon, capabilit
             "enable_safety_checker: false, or ask the operator to install a checker or turn it off "
             "(FLUX2_DISABLE_SAFETY_CHECKER=1)."
         )
-    fused = capabilities.get("fused_adapter")
-    if not capabilities["profiles"][profile].get("runs_here", True):
-        runs = ", ".join(name for name, info in capabilities["profiles"].items() if info.get("runs_here", True))
+    if not capabilities["profiles"][profile]["runs_here"]:
+        runs = ", ".join(name for name, info in capabilities["profiles"].items() if info["runs_here"])
         return (
-            f"This server runs only the {runs} profile(s): their distilled {fused!r} adapter is fused into its "
-            f"weights (FLUX2_PROFILES={settings.profiles}), so the {profile} profile can't run here. Send it to a "
-            "server that serves it, or start this one with FLUX2_FUSE_ADAPTER=0."
+            f"This server runs only the {runs} profile(s): their distilled {capabilities['fused_adapter']!r} adapter "
+            f"is fused into its weights (FLUX2_PROFILES={settings.profiles}), so the {profile} profile can't run "
+            "here. Send it to a server that serves it, or start this one with FLUX2_FUSE_ADAPTER=0."
         )
     if undistilled(profile, capabilities) and not settings.allow_undistilled:
         info = capabilities["profiles"][profile]

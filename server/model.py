@@ -49,7 +49,7 @@ def load_model(settings: Settings, weights_dir: Path) -> Flux2Editor:
 
 def announce(caps: dict, settings: Settings, weights_dir: Path) -> None:
     """Log what this server will refuse or do differently from fal, once, at start-up."""
-    if caps.get("fused_adapter"):
+    if caps["fused_adapter"]:
         log.warning(
             "the %r adapter is fused into the weights (FLUX2_PROFILES=%s): profiles that need the base weights "
             "answer 503 here; FLUX2_FUSE_ADAPTER=0 keeps it unfused",

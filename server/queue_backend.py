@@ -146,3 +146,14 @@ def open_queue(url: str | None, data_dir: Path, retention_s: float, **redis_opti
 
         return RedisQueue(url, retention_s=retention_s, **redis_options)
     raise ValueError(f"unknown queue URL {url!r}: use redis://host:port/db or sqlite:///path")
+
+
+def open_configured_queue(settings, consumer: str) -> QueueBackend:
+    """The queue `settings` name (FLUX2_QUEUE...), as `serve` and `worker` open it; `consumer` names this process."""
+    return open_queue(
+        settings.queue,
+        settings.data_dir,
+        settings.retention_s,
+        visibility_timeout_s=settings.queue_visibility_timeout_s,
+        consumer=consumer,
+    )

@@ -24,7 +24,7 @@ from server.metrics import Metrics
 from server.model import load_model, served_profiles
 from server.outbound import outbound_client
 from server.outputs import OutputStore
-from server.queue_backend import QueueBackend, open_queue
+from server.queue_backend import QueueBackend, open_configured_queue
 from server.webhooks import WebhookSender
 from server.worker import InferenceWorker
 
@@ -62,13 +62,7 @@ def worker_info(worker: InferenceWorker, profiles: list[str], started: float) ->
 async def run_worker(settings: Settings, weights_dir: Path, tiny: bool) -> None:
     profiles = served_profiles(settings)
     worker_id = new_worker_id()
-    store = open_queue(
-        settings.queue,
-        settings.data_dir,
-        settings.retention_s,
-        visibility_timeout_s=settings.queue_visibility_timeout_s,
-        consumer=worker_id,
-    )
+    store = open_configured_queue(settings, worker_id)
     editor = await asyncio.to_thread(load_model, settings, weights_dir)
     worker = InferenceWorker(editor, settings.job_timeout_s)
     started = time.time()

@@ -181,16 +181,20 @@ def markdown(report: dict) -> str:
     rows = [
         "| measure | enable/disable (unfused, chosen) | fuse/unfuse |",
         "| --- | --- | --- |",
-        f"| switch cost | median {r['switch_enable_disable_median_s'] * 1e3:.3f} ms "
-        f"(max {r['switch_enable_disable_max_s'] * 1e3:.3f} ms, {r['switches']} switches) | "
-        f"fuse {r['fuse_s'] * 1e3:.1f} ms + unfuse {r['unfuse_s'] * 1e3:.1f} ms |",
+        (
+            f"| switch cost | median {r['switch_enable_disable_median_s'] * 1e3:.3f} ms "
+            f"(max {r['switch_enable_disable_max_s'] * 1e3:.3f} ms, {r['switches']} switches) | "
+            f"fuse {r['fuse_s'] * 1e3:.1f} ms + unfuse {r['unfuse_s'] * 1e3:.1f} ms |"
+        ),
         f"| outputs equal fresh loads | {'yes, bit-exact' if r['switch_outputs_bit_exact'] else 'NO'} | "
         f"turbo max abs diff {r['fused_turbo_max_abs_diff_vs_unfused']:.2e}; base after unfuse "
         f"{r['base_after_fuse_unfuse_max_abs_diff']:.2e}"
         + f"; base weights drift {drift:.2e} ({r['drift_sampled_layers']} layers) |",
-        f"| time per turbo step | {r['step_adapter_unfused_s'] * 1e3:.1f} ms "
-        f"({r['unfused_step_overhead']:+.1%} vs base {r['step_base_s'] * 1e3:.1f} ms) | "
-        f"{r['step_adapter_fused_s'] * 1e3:.1f} ms |",
+        (
+            f"| time per turbo step | {r['step_adapter_unfused_s'] * 1e3:.1f} ms "
+            f"({r['unfused_step_overhead']:+.1%} vs base {r['step_base_s'] * 1e3:.1f} ms) | "
+            f"{r['step_adapter_fused_s'] * 1e3:.1f} ms |"
+        ),
         f"| adapter load (once, at start-up) | {r['adapter_load_s']:.3f} s | |",
     ]
     head = f"{report['benchmark']} — {report['device']} ({report['dtype']}) — `{report['command']}`"

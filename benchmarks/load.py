@@ -219,14 +219,18 @@ def run(clients: int, requests: int, poll_s: float, time_limit_s: float, weights
 def markdown(report: dict) -> str:
     r = report["results"]
     rows = [
-        "| clients | requests | completed | lost | wrong | duplicated | 5xx | status calls | submits/s | jobs/s | "
-        "status calls/s | submit p50 / p99 | status p50 / p99 |",
+        (
+            "| clients | requests | completed | lost | wrong | duplicated | 5xx | status calls | submits/s | jobs/s | "
+            "status calls/s | submit p50 / p99 | status p50 / p99 |"
+        ),
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        f"| {r['clients']} | {r['requests']} | {r['completed']} | {r['lost']} | {r['wrong']} | "
-        f"{r['duplicated_ids'] + r['duplicated_runs']:g} | {r['server_errors_5xx']} | {r['status_calls']} | "
-        f"{r['submits_per_s']:.0f} | {r['jobs_per_s']:.2f} | {r['status_calls_per_s']:.0f} | "
-        f"{r['submit_p50_s'] * 1000:.0f} / {r['submit_p99_s'] * 1000:.0f} ms | "
-        f"{r['status_p50_s'] * 1000:.0f} / {r['status_p99_s'] * 1000:.0f} ms |",
+        (
+            f"| {r['clients']} | {r['requests']} | {r['completed']} | {r['lost']} | {r['wrong']} | "
+            f"{r['duplicated_ids'] + r['duplicated_runs']:g} | {r['server_errors_5xx']} | {r['status_calls']} | "
+            f"{r['submits_per_s']:.0f} | {r['jobs_per_s']:.2f} | {r['status_calls_per_s']:.0f} | "
+            f"{r['submit_p50_s'] * 1000:.0f} / {r['submit_p99_s'] * 1000:.0f} ms | "
+            f"{r['status_p50_s'] * 1000:.0f} / {r['status_p99_s'] * 1000:.0f} ms |"
+        ),
     ]
     head = f"{report['benchmark']} — {report['device']} — `{report['command']}`"
     return head + "\n\n" + "\n".join(rows) + "\n\n" + report["note"] + "\n"

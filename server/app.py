@@ -13,10 +13,10 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from server.auth import parse_keys, require_key
-from server.error_responses import GUARDED, TOO_LARGE
 from server.body_limit import fal_shaped_413
 from server.config import Settings
 from server.dispatcher import Dispatcher
+from server.error_responses import GUARDED, TOO_LARGE
 from server.errors import install_error_handlers
 from server.file_serving import OutputFiles
 from server.file_storage import open_storage

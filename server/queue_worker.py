@@ -40,7 +40,7 @@ async def advertise(store: QueueBackend, worker_id: str, info, ttl_s: float) -> 
     while True:
         try:
             store.heartbeat(worker_id, info(), ttl_s)
-        except Exception as exc:  # the queue being briefly unreachable must not end the worker
+        except Exception as exc:  # noqa: BLE001 -- the queue being briefly unreachable must not end the worker
             log.warning("heartbeat failed: %s", exc)
         await asyncio.sleep(ttl_s / 3)
 

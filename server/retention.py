@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+
 from server.file_storage import FileStorage
 from server.queue_backend import QueueBackend
 

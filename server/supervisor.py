@@ -20,6 +20,7 @@ needed here is clearer written out than configured (supervisord or circus would 
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
 import logging.config
 import os
@@ -62,7 +63,7 @@ def describe(status: int) -> str:
 
 def log_format(argv: list[str]) -> str:
     """The child's log format (--log-format, else FLUX2_LOG_FORMAT), so the supervisor's lines match its own."""
-    for flag, value in zip(argv, argv[1:]):
+    for flag, value in itertools.pairwise(argv):
         if flag == "--log-format":
             return value
     for arg in argv:
@@ -91,7 +92,7 @@ def supervise(argv: list[str]) -> int:
     restarts: list[float] = []
     while True:
         # its own process group: a terminal's Ctrl-C reaches the supervisor, which forwards it once
-        child = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent, process_group=0)
+        child = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent, process_group=0)  # noqa: PLW1509 -- the supervisor starts no threads
         log.info("server process %d started (supervised; --no-supervise to run without)", child.pid)
         while True:
             try:

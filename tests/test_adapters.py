@@ -109,8 +109,10 @@ def test_the_operator_may_allow_undistilled_profiles(undistilled_weights, tmp_pa
             out = client.post(f"{url}/fal-ai/flux-2/flash/edit", json=BODY)
             assert out.status_code == 200, out.text
             assert out.json()["notices"] == [
-                "No distilled 'turbo' adapter is loaded: the flash profile ran the base FLUX.2 [dev] weights on its "
-                "4-step schedule (allowed by FLUX2_ALLOW_UNDISTILLED)."
+                (
+                    "No distilled 'turbo' adapter is loaded: the flash profile ran the base FLUX.2 [dev] weights on its "
+                    "4-step schedule (allowed by FLUX2_ALLOW_UNDISTILLED)."
+                )
             ]
             assert client.get(f"{url}/health").json()["allow_undistilled"] is True
     finally:

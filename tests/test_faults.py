@@ -256,7 +256,7 @@ def test_the_supervisor_restarts_a_crashed_server_and_the_running_request_finish
 
 
 def test_a_killed_supervisor_takes_its_server_with_it(tiny_weights, tmp_path):
-    process, url = start_server(tiny_weights, tmp_path / "data", tmp_path / "server.log")
+    process, _url = start_server(tiny_weights, tmp_path / "data", tmp_path / "server.log")
     child = supervised_child(process.pid)
     process.kill()
     process.wait(timeout=30)

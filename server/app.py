@@ -16,8 +16,8 @@ from server.auth import parse_keys, require_key
 from server.body_limit import fal_shaped_413
 from server.config import Settings
 from server.dispatcher import Dispatcher
+from server.error_handlers import install_error_handlers
 from server.error_responses import GUARDED, TOO_LARGE
-from server.errors import install_error_handlers
 from server.file_serving import OutputFiles
 from server.file_storage import open_storage
 from server.logs import request_ids

@@ -18,14 +18,21 @@ import time
 from pipelines import Cancelled
 from server.editing import run_edit
 from server.endpoints import BY_ID, ENDPOINTS
-from server.errors import InferenceError, InputError, Unavailable
+from server.errors import (
+    CANCELLED,
+    InferenceError,
+    RequestCancelled,
+    ServerError,
+    StartDeadlinePassed,
+    WorkerCrashed,
+    answer_for,
+)
 from server.logs import request_id_var
 from server.queue_backend import QueueBackend, QueuedRequest
 from server.webhooks import WebhookSender, webhook_payload
 
 log = logging.getLogger(__name__)
 
-CANCELLED = "Request was cancelled"
 MAX_ATTEMPTS = 2  # the first run and one re-run after a worker failure
 IDLE_RECHECK_S = 1.0  # an idle dispatcher looks at the queue at least this often (e.g. for abandoned requests)
 
@@ -60,15 +67,22 @@ class Dispatcher:
         `only_if_queued`)."""
         if not self.store.complete(request.id, status_code, result, error, error_type, metrics, only_if_queued):
             return False
-        outcome = "ok" if status_code == 200 else error_type or f"http_{status_code}"
+        outcome = "ok" if status_code == 200 else error_type or "internal_error"  # error_type: from answer_for
         self.state.metrics.job_finished(request.endpoint_id, "queue", outcome, time.time() - request.created_at)
         if request.webhook_url:
             self.webhooks.send(request.webhook_url, webhook_payload(request.id, status_code, result, error))
         return True
 
+    def fail(self, request: QueuedRequest, error: BaseException, only_if_queued: bool = False) -> bool:
+        """Record that a request ended in `error`, answered and counted as `server.errors.answer_for` says."""
+        answer = answer_for(error)
+        return self.finish(
+            request, answer.status, answer.body, answer.message, answer.error_type, only_if_queued=only_if_queued
+        )
+
     def cancel(self, request: QueuedRequest) -> bool:
         """Cancel a queued request at once, or ask a running one to stop at its next step; False if finished."""
-        if self.finish(request, 400, {"detail": CANCELLED}, CANCELLED, "request_cancelled", only_if_queued=True):
+        if self.fail(request, RequestCancelled(), only_if_queued=True):
             self.store.log(request.id, CANCELLED, "WARNING")
             return True
         if self.store.get(request.id).status == "IN_PROGRESS":
@@ -109,7 +123,7 @@ class Dispatcher:
         message = f"The worker failed on this request {request.attempts} times ({cause}); it is not retried."
         self.store.log(request.id, message, "ERROR")
         log.error("request %s failed: %s", request.id, message)
-        self.finish(request, 500, {"detail": message}, message, "worker_crashed")
+        self.fail(request, WorkerCrashed(message))
 
     async def _run(self, request: QueuedRequest) -> None:
         """Run a claimed (IN_PROGRESS) request."""
@@ -121,11 +135,10 @@ class Dispatcher:
             )
             self.store.log(request.id, message, "ERROR")
             log.error("request %s failed: %s", request.id, message)
-            self.finish(request, 500, {"detail": message}, message, "worker_crashed")
+            self.fail(request, WorkerCrashed(message))
             return
         if request.start_deadline and request.started_at > request.start_deadline:
-            message = "Request timed out before processing started (X-Fal-Request-Timeout)"
-            self.finish(request, 504, {"detail": message}, message, "request_timeout")
+            self.fail(request, StartDeadlinePassed())
             return
         endpoint = BY_ID[request.endpoint_id]
         body = endpoint.input_model.model_validate_json(request.input)
@@ -140,20 +153,17 @@ class Dispatcher:
                 on_log=lambda message: self.store.log(request.id, message),
                 should_cancel=lambda: self.stopping or self.store.cancel_requested(request.id),
             )
-        except InputError as exc:
-            self.finish(request, exc.status, {"detail": [exc.detail]}, exc.detail["msg"], exc.detail["type"])
         except Cancelled:
             if self.stopping:
                 log.info("request %s interrupted by shutdown: it goes back to the queue", request.id)
                 self.store.release(request.id)
                 return
             self.store.log(request.id, CANCELLED, "WARNING")
-            self.finish(request, 400, {"detail": CANCELLED}, CANCELLED, "request_cancelled")
-        except Unavailable as exc:  # queued under another configuration, then refused by this one
-            self.finish(request, 503, {"detail": str(exc)}, str(exc), "unavailable")
-        except InferenceError as exc:
-            self.store.log(request.id, f"Inference failed: {exc}", "ERROR")
-            self.finish(request, exc.status, {"detail": f"Inference failed: {exc}"}, str(exc), exc.error_type)
+            self.fail(request, RequestCancelled())
+        except ServerError as exc:  # bad input, refused as configured (Unavailable), or the model failed
+            if isinstance(exc, InferenceError):
+                self.store.log(request.id, f"Inference failed: {exc}", "ERROR")
+            self.fail(request, exc)
         else:
             metrics = {"inference_time": time.perf_counter() - started}
             self.finish(request, 200, output.model_dump(mode="json"), metrics=metrics)

@@ -1,35 +1,85 @@
-"""fal's error shape: 422 with a pydantic-style `detail` list for bad input, `{"detail": message}` otherwise."""
+"""The server's errors, and the one mapping from an exception to what a caller and the metrics see.
+
+Every error a request can end in is a `ServerError` carrying its HTTP status and fal's `error_type`. `answer_for`
+turns any exception (a `ServerError`, a cancelled model call, or a fault outside the model) into an `ErrorAnswer`:
+the status, the JSON body (fal's `{"detail": ...}`), the one-line message of the queue's `error` field, and the
+`error_type`, which is also the `outcome` label of `flux2_jobs_total`. The HTTP handlers (server/http/errors.py),
+the dispatcher and the metrics all call it, so a sync answer, a queued result and the counters agree.
+
+No web framework is imported here: the service and the queue raise these without knowing about HTTP.
+"""
 
 from __future__ import annotations
 
-import logging
+from dataclasses import dataclass, field
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from pipelines import Cancelled
 
-log = logging.getLogger(__name__)
+CANCELLED = "Request was cancelled"
 
 
-class InputError(Exception):
+@dataclass(frozen=True)
+class ErrorAnswer:
+    status: int
+    error_type: str  # fal's error_type; also the `outcome` label of flux2_jobs_total
+    body: dict  # the JSON body: {"detail": message}, or a pydantic-style list for bad input
+    message: str  # one line: the queue status's `error` field
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class ServerError(Exception):
+    """An error a request ends in: answered with `status` and a `{"detail": message}` body."""
+
+    status = 500
+    error_type = "internal_error"
+    headers: dict[str, str] = {}  # noqa: RUF012 (read-only; subclasses set their own)
+
+    def answer(self) -> ErrorAnswer:
+        return ErrorAnswer(self.status, self.error_type, {"detail": str(self)}, str(self), dict(self.headers))
+
+
+class InputError(ServerError):
     """A request field that passed schema validation but can't be used (an image URL that fails, say)."""
 
     def __init__(self, loc: list[str | int], msg: str, type_: str, input_value: object = None, status: int = 422):
         super().__init__(msg)
         self.status = status
-        self.detail = {"loc": ["body", *loc], "msg": msg, "type": type_}
+        self.error_type = type_
+        self.detail: dict = {"loc": ["body", *loc], "msg": msg, "type": type_}
         if input_value is not None:
             self.detail["input"] = input_value
 
+    def answer(self) -> ErrorAnswer:
+        return ErrorAnswer(self.status, self.error_type, {"detail": [self.detail]}, self.detail["msg"])
 
-class Unavailable(Exception):
-    """This server can't serve the request as configured (a missing adapter, say): a 503 saying what is missing."""
+
+class Unavailable(ServerError):
+    """This server can't serve the request as configured (a missing adapter, the model failed to load): a 503
+    saying what is missing."""
+
+    status = 503
+    error_type = "unavailable"
 
 
-class InferenceError(Exception):
+class TooManyRequests(ServerError):
+    """Over the caller's rate or concurrency limit: a 429 with Retry-After."""
+
+    status = 429
+    error_type = "too_many_requests"
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after_s)}
+
+
+class InferenceError(ServerError):
     """The model failed on a request that was valid: a 500 naming the cause."""
 
     status = 500
     error_type = "inference_error"
+
+    def answer(self) -> ErrorAnswer:
+        return ErrorAnswer(self.status, self.error_type, {"detail": f"Inference failed: {self}"}, str(self))
 
 
 class OutOfMemory(InferenceError):
@@ -45,22 +95,43 @@ class JobTimedOut(InferenceError):
     error_type = "job_timeout"
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(InputError)
-    async def _input_error(request: Request, exc: InputError) -> JSONResponse:
-        return JSONResponse({"detail": [exc.detail]}, status_code=exc.status)
+class RequestCancelled(ServerError):
+    """The caller cancelled the request (queued: at once; running: at its next step)."""
 
-    @app.exception_handler(Unavailable)
-    async def _unavailable(request: Request, exc: Unavailable) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=503)
+    status = 400
+    error_type = "request_cancelled"
 
-    @app.exception_handler(InferenceError)
-    async def _inference_error(request: Request, exc: InferenceError) -> JSONResponse:
-        log.error("inference failed for %s: %s", request.url.path, exc, exc_info=exc.__cause__)
-        return JSONResponse({"detail": f"Inference failed: {exc}"}, status_code=exc.status)
+    def __init__(self, message: str = CANCELLED):
+        super().__init__(message)
 
-    # Last resort, for faults outside the model. Starlette sends this response, then re-raises to the server.
-    @app.exception_handler(Exception)
-    async def _server_fault(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("request to %s failed", request.url.path)
-        return JSONResponse({"detail": f"Internal server error: {type(exc).__name__}: {exc}"}, status_code=500)
+
+class StartDeadlinePassed(ServerError):
+    """The request's own X-Fal-Request-Timeout passed before it started."""
+
+    status = 504
+    error_type = "request_timeout"
+
+    def __init__(self, message: str = "Request timed out before processing started (X-Fal-Request-Timeout)"):
+        super().__init__(message)
+
+
+class WorkerCrashed(ServerError):
+    """The worker failed on this request (or died while running it) too many times; it is not retried."""
+
+    status = 500
+    error_type = "worker_crashed"
+
+
+def answer_for(exc: BaseException) -> ErrorAnswer:
+    """What a request that ended in `exc` answers, and how it is counted."""
+    if isinstance(exc, ServerError):
+        return exc.answer()
+    if isinstance(exc, Cancelled):
+        return RequestCancelled().answer()
+    cause = f"{type(exc).__name__}: {exc}"
+    return ErrorAnswer(500, "internal_error", {"detail": f"Internal server error: {cause}"}, cause)
+
+
+def outcome(exc: BaseException | None) -> str:
+    """The `outcome` label of flux2_jobs_total: "ok", or the error's fal error_type."""
+    return "ok" if exc is None else answer_for(exc).error_type

@@ -17,9 +17,11 @@ from collections import defaultdict
 from contextlib import contextmanager
 
 import limits
-from fastapi import HTTPException, Request
+from fastapi import Request
 from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import MovingWindowRateLimiter
+
+from server.errors import TooManyRequests
 
 
 def caller(request: Request) -> str:
@@ -43,10 +45,8 @@ class Quotas:
             if not await self._limiter.hit(rate, who):
                 stats = await self._limiter.get_window_stats(rate, who)
                 retry = max(1, math.ceil(stats.reset_time - time.time()))
-                raise HTTPException(
-                    429,
-                    f"Rate limit exceeded: at most {rate} for this API key. Retry in {retry} s.",
-                    headers={"Retry-After": str(retry)},
+                raise TooManyRequests(
+                    f"Rate limit exceeded: at most {rate} for this API key. Retry in {retry} s.", retry
                 )
 
     def claim(self, who: str, request_id: str, store=None) -> None:
@@ -58,11 +58,10 @@ class Quotas:
                 if queue is not None and getattr(queue.get(rid), "status", "COMPLETED") == "COMPLETED":
                     del pending[rid]
             if len(pending) >= self.max_pending:
-                raise HTTPException(
-                    429,
+                raise TooManyRequests(
                     f"Too many requests in progress: at most {self.max_pending} queued or running per API key. "
                     "Retry when one completes.",
-                    headers={"Retry-After": "1"},
+                    1,
                 )
             pending[request_id] = store
         if not self._pending[who]:

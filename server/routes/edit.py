@@ -3,12 +3,12 @@
 import time
 import uuid
 
-from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi import APIRouter, Request, Response
 
 from server.editing import run_edit
 from server.endpoints import ENDPOINTS, Endpoint
 from server.error_responses import MODEL_FAILED, TIMED_OUT, UNAVAILABLE
-from server.errors import InferenceError, InputError
+from server.errors import Unavailable, outcome
 from server.logs import request_id_var
 from server.quotas import caller
 from server.routes.queue import enqueue, result_response, wait_completed
@@ -22,7 +22,7 @@ async def wait_for_model(state) -> None:
     if not state.model_loaded.is_set() and state.model_error is None:
         await state.model_loaded.wait()
     if state.model_error is not None:
-        raise HTTPException(503, f"The model failed to load: {state.model_error}")
+        raise Unavailable(f"The model failed to load: {state.model_error}")
 
 
 def _add_route(endpoint: Endpoint) -> None:
@@ -35,24 +35,16 @@ def _add_route(endpoint: Endpoint) -> None:
         response.headers["x-fal-request-id"] = request_id
         base_url = state.settings.public_url or str(request.base_url)
         started = time.perf_counter()
-        outcome = "internal_error"
+        error: BaseException | None = None
         try:
             await wait_for_model(state)
             with state.quotas.slot(caller(request), request_id):
-                output = await run_edit(state, endpoint.profile, body, base_url, request_id)
-            outcome = "ok"
-            return output
-        except InputError as exc:
-            outcome = exc.detail["type"]
-            raise
-        except InferenceError as exc:
-            outcome = exc.error_type
-            raise
-        except HTTPException as exc:
-            outcome = f"http_{exc.status_code}"
+                return await run_edit(state, endpoint.profile, body, base_url, request_id)
+        except BaseException as exc:
+            error = exc
             raise
         finally:
-            state.metrics.job_finished(endpoint.endpoint_id, "sync", outcome, time.perf_counter() - started)
+            state.metrics.job_finished(endpoint.endpoint_id, "sync", outcome(error), time.perf_counter() - started)
 
     handler.__name__ = endpoint.profile + "_edit"
     router.add_api_route(

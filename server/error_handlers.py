@@ -1,0 +1,32 @@
+"""The HTTP face of server.errors: every `ServerError` (and, as a last resort, any fault) answered through
+`answer_for`, so a sync answer has the same status, body and headers as the queued result of the same error."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from server.errors import InferenceError, ServerError, answer_for
+
+log = logging.getLogger("server.errors")
+
+
+def _response(exc: BaseException) -> JSONResponse:
+    answer = answer_for(exc)
+    return JSONResponse(answer.body, status_code=answer.status, headers=answer.headers or None)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServerError)
+    async def _server_error(request: Request, exc: ServerError) -> JSONResponse:
+        if isinstance(exc, InferenceError):
+            log.error("inference failed for %s: %s", request.url.path, exc, exc_info=exc.__cause__)
+        return _response(exc)
+
+    # Last resort, for faults outside the model. Starlette sends this response, then re-raises to the server.
+    @app.exception_handler(Exception)
+    async def _server_fault(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("request to %s failed", request.url.path)
+        return _response(exc)

@@ -201,7 +201,7 @@ class Flux2Editor:
                 notices.append("Prompt expansion produced no text: the prompt was used as given.")
                 say(call, "prompt expansion produced no text: using the prompt as given")
         # The profile's distilled adapter when loaded, else the base weights (the server decides whether a
-        # distilled profile may run undistilled; see server.editing).
+        # distilled profile may run undistilled; see server.service.edit).
         self.adapters.use(profile.adapter if profile.adapter in self.adapters.loaded else None)
         if call.acceleration != "none" and self.runtime.accelerator.skipped_steps(call.acceleration, steps) == []:
             notices.append(

@@ -17,7 +17,7 @@ scheduler's own shifted schedule.
 Distilled weights: `adapter` names the LoRA a profile is distilled for (`weights.layout.ADAPTERS`: the file
 under `<weights>/loras/<adapter>/`), loaded once and enabled per request by `pipelines.adapters`. When it is
 missing the server answers 503 for the profile, unless the operator allows running it on the base weights
-(`server.editing.unavailable_reason`).
+(`server.service.edit.unavailable_reason`).
 
 Acceleration (`none`/`regular`/`high`, base only) selects a cache hook in the fast-path issue; until then
 every level runs uncached and the server says so.

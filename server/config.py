@@ -11,6 +11,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from weights.layout import SAFETY_CHECKER_DIR
 
 
+def parse_keys(value: str | None) -> list[str]:
+    """Items of a comma-separated setting (API keys, CORS origins), blanks dropped."""
+    return [k.strip() for k in (value or "").split(",") if k.strip()]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FLUX2_")
 
@@ -102,8 +107,6 @@ class Settings(BaseSettings):
         return RuntimeOptions(**{f.name: getattr(self, f.name) for f in fields(RuntimeOptions)})
 
     def keys(self) -> list[str]:
-        from server.auth import parse_keys
-
         keys = parse_keys(self.api_keys)
         if self.api_keys_file is not None:
             keys += parse_keys(",".join(self.api_keys_file.read_text().splitlines()))

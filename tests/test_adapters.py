@@ -20,8 +20,8 @@ import pytest
 import uvicorn
 
 from pipelines.editor import EditCall, load_editor
-from server.app import create_app
 from server.config import Settings
+from server.http.app import create_app
 from tests.conftest import data_uri, decode, free_port, image_bytes, start_server
 
 REF = image_bytes(96, 80, seed=5)
@@ -82,7 +82,7 @@ def serve_in_process(weights, settings: Settings):
 
 
 def test_a_missing_adapter_is_a_503_naming_the_file(undistilled_weights, tmp_path, caplog):
-    caplog.set_level(logging.WARNING, logger="server.app")
+    caplog.set_level(logging.WARNING, logger="server.http.app")
     uv, thread, url = serve_in_process(undistilled_weights, Settings(data_dir=tmp_path / "data"))
     try:
         with httpx.Client(timeout=120) as client:
@@ -175,7 +175,7 @@ def test_a_server_for_the_distilled_profiles_alone_fuses_and_refuses_edit_plainl
         thread.join(timeout=30)
     # and with FLUX2_FUSE_ADAPTER off, the same profiles run unfused
     unfused = Settings(data_dir=tmp_path / "data2", profiles="turbo,flash", fuse_adapter=False)
-    from server.model import adapter_to_fuse
+    from server.service.model import adapter_to_fuse
 
     assert adapter_to_fuse(unfused, tiny_weights) is None and adapter_to_fuse(settings, tiny_weights) == "turbo"
     assert adapter_to_fuse(Settings(data_dir=tmp_path / "d3"), tiny_weights) is None  # all profiles: base needed

@@ -11,12 +11,10 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-import server.dispatcher
-import server.routes.edit
+import server.http.routes.edit
+import server.queue.dispatcher
 from pipelines import Cancelled
 from server.config import Settings
-from server.dispatcher import Dispatcher
-from server.error_handlers import install_error_handlers
 from server.errors import (
     InferenceError,
     InputError,
@@ -26,9 +24,11 @@ from server.errors import (
     Unavailable,
     answer_for,
 )
-from server.metrics import Metrics
-from server.queue_store import RequestStore
-from server.quotas import Quotas
+from server.http.errors import install_error_handlers
+from server.http.quotas import Quotas
+from server.queue.dispatcher import Dispatcher
+from server.queue.sqlite_queue import RequestStore
+from server.service.metrics import Metrics
 from tests.conftest import data_uri, image_bytes
 
 BODY = {"prompt": "p", "image_urls": [data_uri(image_bytes(16, 16))]}
@@ -77,10 +77,10 @@ def failing(error: BaseException):
 
 def sync_answer(tmp_path, monkeypatch, error: BaseException):
     """POST the sync endpoint of the real route and error handlers, with the model call raising `error`."""
-    monkeypatch.setattr(server.routes.edit, "run_edit", failing(error))
+    monkeypatch.setattr(server.http.routes.edit, "run_edit", failing(error))
     app = FastAPI()
     install_error_handlers(app)
-    app.include_router(server.routes.edit.router)
+    app.include_router(server.http.routes.edit.router)
     app.state.__dict__["_state"].update(vars(fake_state(tmp_path)))
     with TestClient(app, raise_server_exceptions=False) as client:
         response = client.post(f"/{ENDPOINT}", json=BODY)
@@ -89,7 +89,7 @@ def sync_answer(tmp_path, monkeypatch, error: BaseException):
 
 def queued_answer(tmp_path, monkeypatch, error: BaseException):
     """Run one queued request through the real dispatcher, with the model call raising `error`."""
-    monkeypatch.setattr(server.dispatcher, "run_edit", failing(error))
+    monkeypatch.setattr(server.queue.dispatcher, "run_edit", failing(error))
     state = fake_state(tmp_path)
     store = RequestStore(tmp_path / "queue.sqlite3")
     store.add("r1", ENDPOINT, json.dumps(BODY), 0, "http://q", "http://f/", None, None)
@@ -122,14 +122,14 @@ def test_a_fault_outside_the_model_is_an_internal_error_and_the_queue_runs_it_ag
     assert jobs(metrics, "sync", "internal_error") == 1
     assert answer_for(RuntimeError("x")).error_type == "internal_error"
 
-    monkeypatch.setattr(server.dispatcher, "run_edit", failing(RuntimeError("disk on fire")))
+    monkeypatch.setattr(server.queue.dispatcher, "run_edit", failing(RuntimeError("disk on fire")))
     state = fake_state(tmp_path)
     store = RequestStore(tmp_path / "queue.sqlite3")
     store.add("r1", ENDPOINT, json.dumps(BODY), 0, "http://q", "http://f/", None, None)
     dispatcher = Dispatcher(store, state, webhooks=None)
 
     async def twice():
-        for _ in range(server.dispatcher.MAX_ATTEMPTS):
+        for _ in range(server.queue.dispatcher.MAX_ATTEMPTS):
             request = store.claim([ENDPOINT])
             try:
                 await dispatcher._run(request)

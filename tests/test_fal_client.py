@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from server.tls import make_certificates
+from server.cli.tls import make_certificates
 from tests.conftest import data_uri, decode, image_bytes, start_server
 
 SCRIPT = Path(__file__).with_name("fal_client_script.py")

@@ -18,9 +18,9 @@ import torch
 import uvicorn
 from diffusers import Flux2Transformer2DModel
 
-import server.dispatcher
-from server.app import create_app
+import server.queue.dispatcher
 from server.config import Settings
+from server.http.app import create_app
 from tests.conftest import data_uri, free_port, image_bytes, start_server
 
 GOOD = {"prompt": "p", "image_urls": [data_uri(image_bytes(96, 96))], "image_size": "square", "seed": 1}
@@ -129,7 +129,7 @@ def test_a_job_past_its_time_limit_is_stopped_and_failed(start_app, monkeypatch)
 
 def test_worker_failure_requeues_the_request_once(start_app, monkeypatch):
     url, app = start_app()
-    real_run_edit = server.dispatcher.run_edit
+    real_run_edit = server.queue.dispatcher.run_edit
     calls = []
     failures = [1]
 
@@ -140,7 +140,7 @@ def test_worker_failure_requeues_the_request_once(start_app, monkeypatch):
             raise RuntimeError("the worker died (injected by the test)")
         return await real_run_edit(*args, **kwargs)
 
-    monkeypatch.setattr(server.dispatcher, "run_edit", crashing_run_edit)
+    monkeypatch.setattr(server.queue.dispatcher, "run_edit", crashing_run_edit)
     with httpx.Client(base_url=url, timeout=120) as client:
         handle = client.post("/queue/fal-ai/flux-2/flash/edit", json=GOOD).json()
         done = wait_done(client, handle)

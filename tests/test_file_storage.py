@@ -13,7 +13,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from benchmarks.loopback import free_port
-from server.file_storage import FileStorage, LocalStorage, S3Storage, open_storage
+from server.files.storage import FileStorage, LocalStorage, S3Storage, open_storage
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import PIL.Image
 import pytest
 
 from server.errors import InputError
-from server.inputs import decode_image
+from server.service.inputs import decode_image
 from tests.conftest import data_uri, image_bytes
 
 MAX = 10_000_000

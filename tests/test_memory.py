@@ -190,7 +190,7 @@ def test_doctor_sizes_flux2_dev_on_one_80gb_gpu_as_serve_would(tiny_weights, mon
 
     The GPU is simulated (free memory given, CUDA reported present) and the component sizes are FLUX.2 [dev]'s."""
     from pipelines import memory
-    from server.commands.doctor import memory_mode
+    from server.cli.doctor import memory_mode
     from server.config import Settings
 
     monkeypatch.setattr(memory.torch.cuda, "is_available", lambda: True)

@@ -11,9 +11,9 @@ import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-import server.app
-from server.app import create_app
+import server.http.app
 from server.config import Settings
+from server.http.app import create_app
 from server.logs import JsonFormatter, logging_config
 from tests.conftest import data_uri, free_port, image_bytes, start_server
 from tests.test_queue import submit, wait_done
@@ -74,7 +74,7 @@ def slow_loading(monkeypatch):
     """The model load blocks until the test releases it (or raises what the test puts in `fail`)."""
     release = threading.Event()
     fail: list[Exception] = []
-    real_load = server.app.load_model
+    real_load = server.http.app.load_model
 
     def load(*args, **kwargs):
         release.wait(60)
@@ -82,7 +82,7 @@ def slow_loading(monkeypatch):
             raise fail[0]
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(server.app, "load_model", load)
+    monkeypatch.setattr(server.http.app, "load_model", load)
     return release, fail
 
 

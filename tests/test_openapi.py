@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from server.app import create_app
 from server.config import Settings
 from server.endpoints import ENDPOINTS
+from server.http.app import create_app
 
 
 def _resolve_all(value, schemas: dict) -> None:

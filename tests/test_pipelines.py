@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipelines.profiles import PROFILES
-from server.editing import size_from_reference
+from server.service.edit import size_from_reference
 
 
 def test_profiles_schedules():

@@ -10,7 +10,8 @@ import time
 import pytest
 
 from benchmarks.loopback import start_redis
-from server.queue_backend import QueueBackend, open_queue
+from server.queue.backend import QueueBackend
+from server.queue.connect import open_queue
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs Debian's redis-server binary")
 

@@ -93,7 +93,7 @@ def test_a_flagged_image_is_withheld_and_logged(tiny_weights, tmp_path, caplog):
 
 
 def test_no_checker_on_disk_is_a_503_unless_the_request_or_operator_turns_it_off(unchecked_weights, tmp_path, caplog):
-    caplog.set_level(logging.WARNING, logger="server.app")
+    caplog.set_level(logging.WARNING, logger="server.http.app")
     with serving(unchecked_weights, Settings(data_dir=tmp_path / "a")) as (client, url):
         assert client.get(f"{url}/health").json()["capabilities"]["safety_checker"] is False
         for path in ("fal-ai/flux-2/flash/edit", "queue/fal-ai/flux-2/flash/edit"):

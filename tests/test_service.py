@@ -10,8 +10,8 @@ import pytest
 import uvicorn
 
 from pipelines.editor import Flux2Editor
-from server.app import create_app
 from server.config import Settings
+from server.http.app import create_app
 from tests.conftest import data_uri, free_port, image_bytes
 
 GOOD = {"prompt": "p", "image_urls": [data_uri(image_bytes(96, 96))], "image_size": "square", "seed": 1}

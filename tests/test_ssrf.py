@@ -17,8 +17,8 @@ import pytest
 
 from server import net_guard
 from server.errors import InputError
-from server.inputs import InputLimits, fetch
-from server.net_guard import AddressPolicy, guarded_client, refusal_reason
+from server.net.guard import AddressPolicy, guarded_client, refusal_reason
+from server.service.inputs import InputLimits, fetch
 from tests.conftest import data_uri, image_bytes, start_server
 
 PNG = image_bytes(96, 96)
@@ -212,7 +212,7 @@ def test_no_dns_rebinding_window(site, monkeypatch):
 
 
 def test_https_keeps_the_host_name_for_sni_and_certificate(tmp_path, monkeypatch):
-    from server.tls import make_certificates
+    from server.cli.tls import make_certificates
 
     paths = make_certificates(["localhost"], tmp_path / "tls")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

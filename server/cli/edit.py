@@ -1,0 +1,243 @@
+"""`flux2-server edit IMAGE... --prompt ...`: one edit, in this process or on a running server, with a step bar.
+
+Locally the model is loaded here (from --weights, or the tiny model where there is no GPU and no weights) and
+called through the same pieces the server uses: the endpoint's input schema, sizing, notices. With --url the
+request goes through that server's queue (images sent as data URIs) and the bar follows its status stream's
+step logs; the result's images are downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import mimetypes
+import os
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+import pydantic
+
+from server.endpoints import BY_ID
+
+ENDPOINTS = {"edit": "fal-ai/flux-2/edit", "turbo": "fal-ai/flux-2/turbo/edit", "flash": "fal-ai/flux-2/flash/edit"}
+FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+STEP_LINE = re.compile(r"step (\d+)/(\d+)$")
+
+
+def input_body(args: argparse.Namespace, image_urls: list[str]):
+    """The endpoint's own input model, so the CLI takes exactly the ranges and defaults the API does."""
+    endpoint = BY_ID[ENDPOINTS[args.endpoint]]
+    fields = {
+        "prompt": args.prompt,
+        "image_urls": image_urls,
+        "seed": args.seed,
+        "guidance_scale": args.guidance_scale,
+        "num_images": args.num_images,
+        "image_size": args.image_size,
+        "num_inference_steps": args.steps,
+        "output_format": FORMATS.get(args.output.suffix.lower()),
+    }
+    given = {k: v for k, v in fields.items() if v is not None and k in endpoint.input_model.model_fields}
+    if args.steps is not None and "num_inference_steps" not in given:
+        raise SystemExit(f"error: --steps is for the base edit endpoint only; {args.endpoint} runs a fixed schedule")
+    if args.output.suffix.lower() not in FORMATS:
+        raise SystemExit(f"error: -o must end in one of {', '.join(FORMATS)}")
+    try:
+        return endpoint.input_model.model_validate(given)
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise SystemExit(f"error: {problems}") from None
+
+
+def parse_size(value: str):
+    """`square_hd` (a fal size name) or `WIDTHxHEIGHT`."""
+    match = re.fullmatch(r"(\d+)x(\d+)", value)
+    return {"width": int(match[1]), "height": int(match[2])} if match else value
+
+
+def output_paths(output: Path, count: int) -> list[Path]:
+    return [output] if count == 1 else [output.with_name(f"{output.stem}-{i + 1}{output.suffix}") for i in range(count)]
+
+
+def progress_bar(total: int | None = None):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="step", desc="denoising", file=sys.stderr)
+
+
+def edit_local(args: argparse.Namespace) -> int:
+    import PIL.Image
+
+    from pipelines import EditCall
+    from server.config import Settings
+    from server.files.outputs import encode
+    from server.service.edit import notices_for, output_size, unavailable_reason
+    from server.service.inputs import decode_image
+    from server.service.model import load_model
+
+    body = input_body(args, [str(p) for p in args.images])
+    weights_dir = args.weights or _default_weights()
+    if weights_dir is None:
+        return 2
+    print(f"loading {weights_dir} ...", file=sys.stderr)
+    settings = Settings(**{k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v is not None})
+    editor = load_model(settings, weights_dir)  # as the server loads it: safety checker and adapters included
+    profile = BY_ID[ENDPOINTS[args.endpoint]].profile
+    refused = unavailable_reason(settings, profile, body, editor.capabilities())
+    if refused:
+        raise SystemExit(f"error: {refused}")
+    images: list[PIL.Image.Image] = []
+    for index, path in enumerate(args.images):
+        image, _ = decode_image(path.read_bytes(), str(path), index, settings.max_input_pixels)
+        problem = editor.reference_problem(image)
+        if problem:
+            raise SystemExit(f"error: {path}: {problem}")
+        images.append(image)
+    width, height = output_size(body.image_size, images[0], editor.size_multiple)
+    seed = body.seed if body.seed is not None else random.SystemRandom().randrange(2**32)
+    with progress_bar() as bar:
+
+        def on_step(step: int, total: int) -> None:
+            bar.total = total
+            bar.update(step - bar.n)
+
+        result = editor.edit(
+            EditCall(
+                images=images[:4],
+                prompt=body.prompt,
+                width=width,
+                height=height,
+                profile=profile,
+                num_inference_steps=getattr(body, "num_inference_steps", None),
+                guidance_scale=body.guidance_scale,
+                seed=seed,
+                num_images=body.num_images,
+                on_step=on_step,
+                expand_prompt=body.enable_prompt_expansion,
+                check_safety=body.enable_safety_checker and not settings.disable_safety_checker,
+            )
+        )
+    paths = output_paths(args.output, len(result.images))
+    for image, path in zip(result.images, paths):
+        path.write_bytes(encode(image, body.output_format))
+    timings = ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items())
+    print(f"seed {seed}, {width}x{height}, {result.steps} steps, {timings}")
+    if result.has_nsfw_concepts is not None:
+        print(f"has_nsfw_concepts {result.has_nsfw_concepts}")
+    for notice in [*notices_for(body, profile, editor.capabilities(), settings), *result.notices]:
+        print(f"notice: {notice}")
+    for path in paths:
+        print(path)
+    return 0
+
+
+def _default_weights() -> Path | None:
+    import torch
+
+    from server.cli.tiny import ensure_tiny
+
+    if torch.cuda.is_available():
+        print("error: a GPU is present but no weights were given: pass --weights DIR", file=sys.stderr)
+        return None
+    print("no --weights and no GPU: using the TINY random-weight model (its images are noise)", file=sys.stderr)
+    return ensure_tiny()
+
+
+def data_uri(path: Path) -> str:
+    media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return f"data:{media_type};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+def edit_remote(args: argparse.Namespace) -> int:
+    import httpx
+
+    body = input_body(args, [data_uri(p) for p in args.images])
+    endpoint_id = ENDPOINTS[args.endpoint]
+    key = args.key or os.environ.get("FAL_KEY")
+    headers = {"Authorization": f"Key {key}"} if key else {}
+    base = args.url.rstrip("/")
+    with httpx.Client(headers=headers, timeout=httpx.Timeout(60, read=None)) as client:
+        submitted = client.post(f"{base}/queue/{endpoint_id}", json=body.model_dump(mode="json", exclude_unset=True))
+        if submitted.status_code != 200:
+            raise SystemExit(f"error: the server answered {submitted.status_code}: {submitted.text}")
+        handle = submitted.json()
+        print(f"request {handle['request_id']} queued at position {handle['queue_position']}", file=sys.stderr)
+        status = follow(client, handle["status_url"] + "/stream")
+        result = client.get(handle["response_url"])
+    if result.status_code != 200:
+        raise SystemExit(f"error: the request failed ({result.status_code}): {result.text}")
+    output = result.json()
+    paths = output_paths(args.output, len(output["images"]))
+    for image, path in zip(output["images"], paths):
+        path.write_bytes(fetch_image(image["url"], headers))
+    timings = ", ".join(f"{k} {v:.2f} s" for k, v in output["timings"].items())
+    waited = (status or {}).get("metrics", {}).get("inference_time")
+    print(f"seed {output['seed']}, {timings}" + (f" (queue inference_time {waited:.2f} s)" if waited else ""))
+    for notice in output.get("notices", []):
+        print(f"notice: {notice}")
+    for path in paths:
+        print(path)
+    return 0
+
+
+def follow(client, stream_url: str) -> dict | None:
+    """Read the status stream (server-sent events) to COMPLETED, moving the bar on each `step i/N` log line."""
+    last = None
+    with progress_bar() as bar, client.stream("GET", stream_url, params={"logs": 1}) as response:
+        if response.status_code != 200:
+            raise SystemExit(f"error: status stream answered {response.status_code}")
+        for line in response.iter_lines():
+            if not line.startswith("data:"):
+                continue
+            last = json.loads(line.removeprefix("data:"))
+            for entry in last.get("logs") or []:
+                match = STEP_LINE.search(entry["message"])
+                if match:
+                    bar.total = int(match[2])
+                    bar.update(int(match[1]) - bar.n)
+            bar.set_postfix_str(last["status"].lower().replace("_", " "))
+    return last
+
+
+def fetch_image(url: str, headers: dict) -> bytes:
+    if url.startswith("data:"):
+        return base64.b64decode(url.partition(",")[2])
+    import httpx
+
+    response = httpx.get(url, headers=headers, timeout=60)
+    response.raise_for_status()
+    return response.content
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    code = edit_remote(args) if args.url else edit_local(args)
+    print(f"done in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return code
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    edit = commands.add_parser("edit", help="edit images once: locally (loads the model) or on a server (--url)")
+    edit.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="1-4 reference images")
+    edit.add_argument("--prompt", "-p", required=True)
+    edit.add_argument("--endpoint", choices=list(ENDPOINTS), default="edit", help="edit (default), turbo or flash")
+    edit.add_argument("--seed", type=int)
+    edit.add_argument("--steps", type=int, help="num_inference_steps (edit endpoint only; 4-50, default 28)")
+    edit.add_argument("--guidance-scale", type=float)
+    edit.add_argument("--num-images", type=int)
+    edit.add_argument("--image-size", type=parse_size, help="a fal size name (square_hd, ...) or WIDTHxHEIGHT")
+    edit.add_argument(
+        "-o", "--output", type=Path, default=Path("edited.png"), help="png, jpg or webp (default edited.png)"
+    )
+    edit.add_argument("--url", help="a running flux2-server (e.g. http://gpu-box:8000); default: run locally")
+    edit.add_argument("--key", help="API key for --url (default: $FAL_KEY)")
+    edit.add_argument(
+        "--weights", type=Path, help="local run: FLUX.2 [dev] directory (default: tiny model without GPU)"
+    )
+    edit.add_argument("--device", help="local run: torch device")
+    edit.add_argument("--dtype", help="local run: torch dtype")
+    edit.set_defaults(func=cmd_edit)

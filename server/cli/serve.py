@@ -1,0 +1,44 @@
+"""`flux2-server serve`: the HTTP API, and (with weights) the model behind it, in this process."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from server.cli.process import resolve_weights, runtime_problem, settings_from
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.http.app import create_app
+    from server.logs import logging_config
+
+    settings = settings_from(args)
+    if (
+        settings.queue
+        and settings.queue.startswith(("redis", "unix"))
+        and settings.weights is None
+        and not settings.tiny
+    ):
+        weights_dir, tiny = None, False  # the API tier alone: `flux2-server worker` processes run the model
+    else:
+        resolved = resolve_weights(settings)
+        if isinstance(resolved, int):
+            return resolved
+        weights_dir, tiny = resolved
+        problem = runtime_problem(settings, weights_dir)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
+    app = create_app(settings, weights_dir, tiny=tiny)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=logging_config(settings.log_format, settings.log_level),
+        log_level=settings.log_level,
+        ssl_certfile=settings.ssl_certfile,
+        ssl_keyfile=settings.ssl_keyfile,
+    )
+    return 0

@@ -1,0 +1,19 @@
+"""The web playground at / (server/http/static/: HTML, an ES module, CSS; no build step, nothing from a CDN).
+
+The page and its assets are open like /health; the API calls it makes carry the key typed into the page."""
+
+from pathlib import Path
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+
+router = APIRouter(include_in_schema=False)
+static_files = StaticFiles(directory=STATIC_DIR)
+
+
+@router.get("/")
+async def playground() -> FileResponse:
+    return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,253 @@
+"""fal's queue API under /queue (or on a `queue.` host): submit, status, status stream, result, cancel.
+
+URLs follow fal: submit is `POST {queue}/fal-ai/flux-2/edit` (turbo, flash alike); a request then lives at
+`{queue}/fal-ai/flux-2/requests/{id}` with `/status`, `/status/stream` and `/cancel` below it. fal's clients also
+build those paths with the endpoint's own path (`.../fal-ai/flux-2/edit/requests/{id}`); both forms are served.
+"""
+
+import asyncio
+import json
+import uuid
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from server.endpoints import APP_PATH, ENDPOINTS, Endpoint
+from server.http.quotas import caller
+from server.http.responses import MODEL_FAILED, NOT_FOUND, TIMED_OUT, UNAVAILABLE
+from server.logs import request_id_var
+from server.queue.backend import PRIORITIES, QueuedRequest
+from server.schemas import CancelAnswer, EditOutput, Message, QueueStatus, QueueSubmitted
+from server.service.edit import check_available
+
+router = APIRouter(prefix="/queue", tags=["queue"])
+STREAM_POLL_S = 0.1
+
+QUEUE_HOST_FLAG = "flux2.queue_host"
+STREAM_RESPONSE = {
+    "description": "Server-sent events: `data: <QueueStatus as JSON>` per change, ending at COMPLETED",
+    # Before OpenAPI 3.2's itemSchema, an event stream's `schema` describes one event (as OpenAPI 3.2 spells out)
+    "content": {
+        "text/event-stream": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "event": {"type": "string"},
+                    "data": {
+                        "type": "string",
+                        "contentMediaType": "application/json",
+                        "contentSchema": {"$ref": "#/components/schemas/QueueStatus"},
+                    },
+                },
+                "required": ["data"],
+            }
+        }
+    },
+}
+
+
+def queue_host_routing(app):
+    """ASGI middleware: a request to a `queue.<host>` name for a fal path is a queue request (fal's layout)."""
+
+    async def middleware(scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/fal-ai/"):
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            if host.startswith("queue."):
+                scope = {**scope, "path": "/queue" + scope["path"], QUEUE_HOST_FLAG: True}
+        await app(scope, receive, send)
+
+    return middleware
+
+
+def _queue_url(request: Request) -> str:
+    origin = str(request.base_url).rstrip("/")
+    return f"{origin}/{APP_PATH}" if request.scope.get(QUEUE_HOST_FLAG) else f"{origin}/queue/{APP_PATH}"
+
+
+def enqueue(
+    request: Request,
+    endpoint: Endpoint,
+    body,
+    webhook_url: str | None = None,
+    priority: str = "normal",
+    start_timeout_s: float | None = None,
+) -> QueuedRequest:
+    """Accept a request into the queue (durably) and wake the local dispatcher, if any."""
+    state = request.app.state
+    if state.worker is not None:  # refused now (503), rather than accepted and failed; a front-end leaves it to workers
+        check_available(state, endpoint.profile, body)
+    request_id = str(uuid.uuid4())
+    request_id_var.set(request_id)
+    state.quotas.claim(caller(request), request_id, state.store)  # counts until the queue has it COMPLETED
+    state.store.add(
+        request_id,
+        endpoint.endpoint_id,
+        body.model_dump_json(exclude_unset=True),
+        PRIORITIES[priority],
+        _queue_url(request),
+        state.settings.public_url or str(request.base_url),
+        webhook_url,
+        start_timeout_s,
+    )
+    state.dispatcher.notify()
+    return state.store.get(request_id)
+
+
+async def wait_completed(request: Request, request_id: str, poll_s: float = STREAM_POLL_S / 2) -> QueuedRequest:
+    """Wait for a queued request to complete, wherever it runs."""
+    while True:
+        queued = request.app.state.store.get(request_id)
+        if queued.status == "COMPLETED":
+            return queued
+        await asyncio.sleep(poll_s)
+
+
+def _add_submit_route(endpoint: Endpoint) -> None:
+    async def submit(
+        body: endpoint.input_model,
+        request: Request,
+        fal_webhook: Annotated[
+            str | None,
+            Query(
+                pattern=r"^https?://[^/?#\s]+",
+                max_length=2048,
+                description="http(s) URL to POST the result to when done (public addresses, or FLUX2_FETCH_ALLOW)",
+            ),
+        ] = None,
+        x_fal_queue_priority: Annotated[Literal["normal", "low"], Header(description="serve order")] = "normal",
+        x_fal_request_timeout: Annotated[
+            float | None, Header(gt=0.1, description="seconds to start within (over 0.1, as on fal)")
+        ] = None,
+    ) -> QueueSubmitted:
+        queued = enqueue(request, endpoint, body, fal_webhook, x_fal_queue_priority, x_fal_request_timeout)
+        position = request.app.state.store.position(queued)
+        return QueueSubmitted(request_id=queued.id, queue_position=position, **queued.urls)
+
+    submit.__name__ = f"submit_{endpoint.profile}"
+    router.add_api_route(
+        "/" + endpoint.endpoint_id,
+        submit,
+        methods=["POST"],
+        summary=f"Queue: {endpoint.summary}",
+        responses=UNAVAILABLE,
+    )
+
+
+def _get(request: Request, request_id: str) -> QueuedRequest:
+    queued = request.app.state.store.get(request_id)
+    if queued is None:
+        raise HTTPException(404, f"Request {request_id} not found")
+    return queued
+
+
+def status_of(request: Request, queued: QueuedRequest, with_logs: bool) -> QueueStatus:
+    store = request.app.state.store
+    urls = queued.urls
+    logs = store.logs(queued.id) if with_logs else None
+    if queued.status == "IN_QUEUE":
+        return QueueStatus(status="IN_QUEUE", request_id=queued.id, queue_position=store.position(queued), **urls)
+    if queued.status == "IN_PROGRESS":
+        return QueueStatus(status="IN_PROGRESS", request_id=queued.id, logs=logs, **urls)
+    return QueueStatus(
+        status="COMPLETED",
+        request_id=queued.id,
+        logs=logs,
+        metrics=json.loads(queued.metrics or "{}"),
+        error=queued.error,
+        error_type=queued.error_type,
+        **urls,
+    )
+
+
+async def status(request: Request, request_id: str, logs: bool = False) -> JSONResponse:
+    """fal answers 202 while a request is queued or running and 200 once it is COMPLETED."""
+    current = status_of(request, _get(request, request_id), logs)
+    return JSONResponse(current.model_dump(mode="json"), status_code=200 if current.status == "COMPLETED" else 202)
+
+
+async def status_stream(request: Request, request_id: str, logs: bool = True) -> StreamingResponse:
+    """Server-sent events: one `data:` event per change of status (or new log line), ending at COMPLETED."""
+    _get(request, request_id)
+
+    async def events():
+        last = None
+        while True:
+            current = status_of(request, _get(request, request_id), logs)
+            payload = current.model_dump_json()
+            if payload != last:
+                yield f"data: {payload}\n\n"
+                last = payload
+            if current.status == "COMPLETED" or await request.is_disconnected():
+                return
+            await asyncio.sleep(STREAM_POLL_S)
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def result_response(queued: QueuedRequest) -> JSONResponse:
+    headers = {"x-fal-request-id": queued.id}
+    if queued.error_type == "request_timeout":
+        headers["x-fal-request-timeout-type"] = "user"  # fal's mark: the caller's own start deadline passed
+    return JSONResponse(json.loads(queued.result), status_code=queued.status_code, headers=headers)
+
+
+async def result(request: Request, request_id: str) -> JSONResponse:
+    queued = _get(request, request_id)
+    if queued.status != "COMPLETED":
+        return JSONResponse({"detail": "Request is still in progress"}, status_code=400)
+    return result_response(queued)
+
+
+async def cancel(request: Request, request_id: str) -> JSONResponse:
+    """A queued request is cancelled at once; a running one stops at its next denoising step."""
+    if not request.app.state.dispatcher.cancel(_get(request, request_id)):
+        return JSONResponse(CancelAnswer(status="ALREADY_COMPLETED").model_dump(), status_code=400)
+    return JSONResponse(CancelAnswer(status="CANCELLATION_REQUESTED").model_dump(), status_code=202)
+
+
+for _endpoint in ENDPOINTS:
+    _add_submit_route(_endpoint)
+
+for _app_path in (APP_PATH, *(e.endpoint_id for e in ENDPOINTS)):
+    _canonical = _app_path == APP_PATH  # the other forms work the same but are left out of /openapi.json
+    _base = f"/{_app_path}/requests/{{request_id}}"
+    router.add_api_route(
+        _base + "/status",
+        status,
+        methods=["GET"],
+        response_model=QueueStatus,
+        responses={202: {"model": QueueStatus, "description": "IN_QUEUE or IN_PROGRESS"}, **NOT_FOUND},
+        include_in_schema=_canonical,
+    )
+    router.add_api_route(
+        _base + "/status/stream",
+        status_stream,
+        methods=["GET"],
+        response_class=StreamingResponse,
+        responses={200: STREAM_RESPONSE, **NOT_FOUND},
+        include_in_schema=_canonical,
+    )
+    router.add_api_route(
+        _base + "/cancel",
+        cancel,
+        methods=["PUT"],
+        status_code=202,
+        response_model=CancelAnswer,
+        responses={400: {"model": CancelAnswer, "description": "ALREADY_COMPLETED"}, **NOT_FOUND},
+        include_in_schema=_canonical,
+    )
+    router.add_api_route(
+        _base,
+        result,
+        methods=["GET"],
+        response_model=EditOutput,
+        responses={
+            400: {"model": Message, "description": "still in progress, or the request's own failure"},
+            **NOT_FOUND,
+            **MODEL_FAILED,
+            **UNAVAILABLE,
+            **TIMED_OUT,
+        },
+        include_in_schema=_canonical,
+    )

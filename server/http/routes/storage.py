@@ -1,0 +1,135 @@
+"""fal's storage upload, emulated locally so `fal.storage.upload` in @fal-ai/client works against this server.
+
+fal's flow: `POST {rest}/storage/upload/initiate` with {content_type, file_name} answers {upload_url, file_url};
+the client PUTs the bytes to upload_url and then uses file_url as an input. Files over 90 MB go through
+`initiate-multipart`: PUT `{upload_url}/{part}` per 10 MB part, then POST `{upload_url}/complete`.
+Here upload_url is a one-time URL on this server (the token in it is the permission, like fal's presigned URLs)
+and file_url is the file as served under /files/, which the server reads back as an input image.
+"""
+
+import mimetypes
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel
+
+from server.errors import InputError
+from server.http.auth import require_key
+from server.http.responses import NOT_FOUND, UNREADABLE_BODY
+
+UPLOAD_TTL_S = 3600
+SERVED_TYPES = {"image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp", "image/tiff", "image/avif"}
+
+initiate_router = APIRouter(prefix="/storage/upload", tags=["storage"], dependencies=[Depends(require_key)])
+upload_router = APIRouter(prefix="/storage/upload", tags=["storage"], responses={**UNREADABLE_BODY, **NOT_FOUND})
+
+
+class InitiateUpload(BaseModel):
+    content_type: str = "application/octet-stream"
+    file_name: str | None = None
+
+
+class UploadTarget(BaseModel):
+    upload_url: str
+    file_url: str
+
+
+class MultipartPart(BaseModel):
+    partNumber: int
+    etag: str
+
+
+class CompleteMultipart(BaseModel):
+    parts: list[MultipartPart]
+
+
+@dataclass
+class PendingUpload:
+    name: str  # in the file storage (server/file_storage.py)
+    content_type: str
+    expires: float
+    parts: dict[int, bytes] = field(default_factory=dict)
+
+
+def _pending(request: Request) -> dict[str, PendingUpload]:
+    return request.app.state.pending_uploads
+
+
+def _initiate(request: Request, body: InitiateUpload, kind: str) -> UploadTarget:
+    pending = _pending(request)
+    now = time.time()
+    for token in [t for t, u in pending.items() if u.expires < now]:
+        del pending[token]
+    token = secrets.token_urlsafe(24)
+    content_type = body.content_type.split(";")[0].strip().lower()
+    # served back under /files/ on this server's origin: only raster image types keep their type; anything else
+    # (HTML, SVG, scripts...) is stored as .bin and served as application/octet-stream, never rendered as a page
+    extension = (mimetypes.guess_extension(content_type) if content_type in SERVED_TYPES else None) or ".bin"
+    name = f"upload-{secrets.token_hex(16)}{extension}"
+    pending[token] = PendingUpload(name, body.content_type, now + UPLOAD_TTL_S)
+    base = str(request.base_url).rstrip("/")
+    file_url = request.app.state.outputs.storage.url(name, request.app.state.settings.public_url or base)
+    return UploadTarget(upload_url=f"{base}/storage/upload/{kind}/{token}", file_url=file_url)
+
+
+async def _store(request: Request, upload: PendingUpload, data: bytes) -> None:
+    await run_in_threadpool(request.app.state.outputs.storage.put, upload.name, data, upload.content_type)
+
+
+@initiate_router.post("/initiate")
+async def initiate(request: Request, body: InitiateUpload) -> UploadTarget:
+    return _initiate(request, body, "put")
+
+
+@initiate_router.post("/initiate-multipart")
+async def initiate_multipart(request: Request, body: InitiateUpload) -> UploadTarget:
+    return _initiate(request, body, "multipart")
+
+
+def _claim(request: Request, token: str) -> PendingUpload:
+    upload = _pending(request).get(token)
+    if upload is None or upload.expires < time.time():
+        raise HTTPException(404, "Unknown or expired upload URL")
+    return upload
+
+
+async def _read_limited(request: Request) -> bytes:
+    limit = request.app.state.settings.max_upload_bytes
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise HTTPException(413, f"Upload larger than {limit} bytes")
+    return bytes(body)
+
+
+@upload_router.put("/put/{token}")
+async def put(request: Request, token: str) -> dict:
+    upload = _claim(request, token)
+    await _store(request, upload, await _read_limited(request))
+    del _pending(request)[token]
+    return {}
+
+
+@upload_router.put("/multipart/{token}/{part_number:int}")
+async def put_part(request: Request, token: str, part_number: int) -> MultipartPart:
+    upload = _claim(request, token)
+    upload.parts[part_number] = await _read_limited(request)
+    if sum(len(p) for p in upload.parts.values()) > request.app.state.settings.max_upload_bytes:
+        raise HTTPException(413, "Upload larger than the limit")
+    return MultipartPart(partNumber=part_number, etag=secrets.token_hex(8))
+
+
+@upload_router.post("/multipart/{token}/complete")
+async def complete_multipart(request: Request, token: str, body: CompleteMultipart) -> dict:
+    upload = _claim(request, token)
+    numbers = [p.partNumber for p in body.parts]
+    if sorted(numbers) != sorted(upload.parts) or not numbers:
+        message = f"Parts {numbers} do not match the parts uploaded {sorted(upload.parts)}"
+        raise InputError(["parts"], message, "value_error")
+    await _store(request, upload, b"".join(upload.parts[n] for n in sorted(numbers)))
+    del _pending(request)[token]
+    return {}

@@ -1,0 +1,132 @@
+"""The queue as the routes, the dispatcher and /health see it, whichever backend carries it.
+
+Two backends implement `QueueBackend`: `server.queue.sqlite_queue.RequestStore` (SQLite under the data directory, the
+default: one process serves the API and runs the model) and `server.queue.redis_queue.RedisQueue` (Redis Streams: API
+front-ends and GPU workers in separate processes, on separate machines). `server.queue.connect.open_queue` picks one from a URL.
+
+Lifecycle of a request: `add` (IN_QUEUE) -> `claim` by a dispatcher that can run its endpoint (IN_PROGRESS) ->
+`complete` (COMPLETED, exactly once). `release` gives a claimed request back when its dispatcher stops (or its
+worker failed on it). Every claim counts an attempt, so a request that brings its worker down every time is
+failed after `dispatcher.MAX_ATTEMPTS` starts instead of being run forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Collection
+from dataclasses import dataclass, fields
+from typing import Protocol, runtime_checkable
+
+PRIORITIES = {"normal": 0, "low": 1}  # fal's X-Fal-Queue-Priority values, in the order they are served
+
+
+@dataclass
+class QueuedRequest:
+    seq: int
+    id: str
+    endpoint_id: str
+    input: str
+    priority: int
+    status: str
+    queue_url: str
+    files_url: str
+    webhook_url: str | None
+    start_deadline: float | None
+    created_at: float
+    started_at: float | None
+    completed_at: float | None
+    status_code: int | None
+    result: str | None
+    error: str | None
+    error_type: str | None
+    metrics: str | None
+    attempts: int | None = 0  # times claimed; a claim given back by a graceful stop is not counted
+
+    @property
+    def urls(self) -> dict[str, str]:
+        """fal's response_url (`{queue}/fal-ai/flux-2/requests/{id}`), with status_url and cancel_url below it."""
+        base = f"{self.queue_url}/requests/{self.id}"
+        return {"response_url": base, "status_url": base + "/status", "cancel_url": base + "/cancel"}
+
+    @classmethod
+    def from_mapping(cls, values: dict) -> QueuedRequest:
+        """From a row or record holding (at least) this class's fields; other keys are ignored."""
+        request = cls(**{f.name: values.get(f.name) for f in fields(cls)})
+        request.attempts = int(request.attempts or 0)
+        return request
+
+
+@runtime_checkable
+class QueueBackend(Protocol):
+    """Requests, their status, logs, results and cancel flags; live workers. Calls are short and synchronous
+    (they run on the event loop, like the SQLite store always has), except `wait_for_work`."""
+
+    distributed: bool  # True: the requests are run by worker processes elsewhere, not by this one
+
+    def add(
+        self,
+        request_id: str,
+        endpoint_id: str,
+        input_json: str,
+        priority: int,
+        queue_url: str,
+        files_url: str,
+        webhook_url: str | None,
+        start_timeout_s: float | None,
+    ) -> None:
+        """Accept a request (IN_QUEUE); durable before it returns."""
+
+    def get(self, request_id: str) -> QueuedRequest | None: ...
+
+    def position(self, request: QueuedRequest) -> int:
+        """How many queued requests will be served before this one."""
+
+    def queued_count(self) -> int:
+        """Requests accepted and not started yet."""
+
+    def claim(self, endpoint_ids: Collection[str]) -> QueuedRequest | None:
+        """The next queued request for one of `endpoint_ids` (priority, then arrival), now IN_PROGRESS and owned
+        by the caller; None if there is none."""
+
+    async def wait_for_work(self, wakeup: asyncio.Event, timeout_s: float) -> None:
+        """Return when work may have arrived, `wakeup` is set, or after `timeout_s`."""
+
+    def release(self, request_id: str, attempt_failed: bool = False) -> None:
+        """A claimed request must run again: its dispatcher is stopping (the claim is not counted as an attempt), or
+        the worker failed while running it (`attempt_failed`: counted, see Dispatcher.crashed)."""
+
+    def complete(
+        self,
+        request_id: str,
+        status_code: int,
+        result: dict,
+        error: str | None = None,
+        error_type: str | None = None,
+        metrics: dict | None = None,
+        only_if_queued: bool = False,
+    ) -> bool:
+        """Record the outcome once: False if it already has one (or, with `only_if_queued`, has started)."""
+
+    def log(self, request_id: str, message: str, level: str = "INFO") -> None: ...
+
+    def logs(self, request_id: str) -> list[dict]:
+        """fal's log objects: message, level, source, timestamp (ISO 8601, UTC)."""
+
+    def request_cancel(self, request_id: str) -> None:
+        """Ask whichever process runs this request to stop it at its next step."""
+
+    def cancel_requested(self, request_id: str) -> bool: ...
+
+    def requeue_interrupted(self) -> int:
+        """At start-up: put requests a stopped server left running back in the queue; returns how many."""
+
+    def purge(self, completed_before: float) -> int:
+        """Delete requests completed before this time, with their logs; returns how many."""
+
+    def heartbeat(self, worker_id: str, info: dict, ttl_s: float) -> None:
+        """A worker says it is alive (and what it can run) for the next `ttl_s` seconds."""
+
+    def workers(self) -> list[dict]:
+        """Live workers: the `info` of each heartbeat not yet expired, with its `id`."""
+
+    def close(self) -> None: ...

@@ -1,0 +1,169 @@
+"""Runs queued requests one at a time, in order of priority then arrival, and records their outcome.
+
+The same logic serves both deployments: inside `flux2-server serve` over the embedded SQLite queue, and inside
+each `flux2-server worker` over Redis. It talks to the queue only through `server.queue.backend.QueueBackend`.
+
+A fault outside the model (anything but bad input, a cancel or an `InferenceError`) is treated as the worker
+failing on the request: it is logged, the dispatcher goes on, and the request is re-queued once. The queue counts
+every start (`attempts`), so a request that brings the whole process down (a segfault, the OOM killer) is failed
+when it is claimed a third time, instead of taking down every restart (or every worker) in turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from pipelines import Cancelled
+from server.endpoints import BY_ID, ENDPOINTS
+from server.errors import (
+    CANCELLED,
+    InferenceError,
+    RequestCancelled,
+    ServerError,
+    StartDeadlinePassed,
+    WorkerCrashed,
+    answer_for,
+)
+from server.logs import request_id_var
+from server.queue.backend import QueueBackend, QueuedRequest
+from server.queue.webhooks import WebhookSender, webhook_payload
+from server.service.edit import run_edit
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 2  # the first run and one re-run after a worker failure
+IDLE_RECHECK_S = 1.0  # an idle dispatcher looks at the queue at least this often (e.g. for abandoned requests)
+
+
+class Dispatcher:
+    def __init__(self, store: QueueBackend, state, webhooks: WebhookSender, profiles: list[str] | None = None):
+        self.store = store
+        self.state = state
+        self.webhooks = webhooks
+        # the endpoints this dispatcher takes requests for: those whose profile its model runs (default: all)
+        self.endpoint_ids = [e.endpoint_id for e in ENDPOINTS if profiles is None or e.profile in profiles]
+        self._wakeup = asyncio.Event()
+        self.stopping = False
+
+    def stop(self) -> None:
+        """Take no more work and stop the running request at its next step; the queue gets it back
+        (`QueueBackend.release`) to run again."""
+        self.stopping = True
+        self._wakeup.set()
+
+    def finish(
+        self,
+        request: QueuedRequest,
+        status_code: int,
+        result: dict,
+        error: str | None = None,
+        error_type: str | None = None,
+        metrics: dict | None = None,
+        only_if_queued: bool = False,
+    ) -> bool:
+        """Record a request's outcome and send its webhook; False if it had already finished (or started, with
+        `only_if_queued`)."""
+        if not self.store.complete(request.id, status_code, result, error, error_type, metrics, only_if_queued):
+            return False
+        outcome = "ok" if status_code == 200 else error_type or "internal_error"  # error_type: from answer_for
+        self.state.metrics.job_finished(request.endpoint_id, "queue", outcome, time.time() - request.created_at)
+        if request.webhook_url:
+            self.webhooks.send(request.webhook_url, webhook_payload(request.id, status_code, result, error))
+        return True
+
+    def fail(self, request: QueuedRequest, error: BaseException, only_if_queued: bool = False) -> bool:
+        """Record that a request ended in `error`, answered and counted as `server.errors.answer_for` says."""
+        answer = answer_for(error)
+        return self.finish(
+            request, answer.status, answer.body, answer.message, answer.error_type, only_if_queued=only_if_queued
+        )
+
+    def cancel(self, request: QueuedRequest) -> bool:
+        """Cancel a queued request at once, or ask a running one to stop at its next step; False if finished."""
+        if self.fail(request, RequestCancelled(), only_if_queued=True):
+            self.store.log(request.id, CANCELLED, "WARNING")
+            return True
+        if self.store.get(request.id).status == "IN_PROGRESS":
+            self.store.request_cancel(request.id)
+            return True
+        return False
+
+    def notify(self) -> None:
+        """Something was queued."""
+        self._wakeup.set()
+
+    async def run_forever(self) -> None:
+        await self.state.model_loaded.wait()  # queued requests wait (in the store) while the model loads
+        while not self.stopping:
+            self._wakeup.clear()
+            try:
+                request = self.store.claim(self.endpoint_ids)
+                if request is None:
+                    await self.store.wait_for_work(self._wakeup, IDLE_RECHECK_S)
+                    continue
+            except Exception:  # the queue unreachable for a while (a Redis restart): keep trying
+                log.exception("could not read the queue; trying again in %.0f s", IDLE_RECHECK_S)
+                await asyncio.sleep(IDLE_RECHECK_S)
+                continue
+            try:
+                await self._run(request)
+            except Exception as exc:  # a fault outside the model: the worker failed on this request
+                log.exception("request %s failed outside the model", request.id)
+                self.crashed(request, f"{type(exc).__name__}: {exc}")
+
+    def crashed(self, request: QueuedRequest, cause: str) -> None:
+        """The worker failed while running `request`: re-queue it, or fail it once it has had MAX_ATTEMPTS."""
+        if (request.attempts or 0) < MAX_ATTEMPTS:
+            self.store.log(request.id, f"The worker failed ({cause}); the request was re-queued.", "WARNING")
+            log.warning("request %s re-queued after a worker failure: %s", request.id, cause)
+            self.store.release(request.id, attempt_failed=True)
+            return
+        message = f"The worker failed on this request {request.attempts} times ({cause}); it is not retried."
+        self.store.log(request.id, message, "ERROR")
+        log.error("request %s failed: %s", request.id, message)
+        self.fail(request, WorkerCrashed(message))
+
+    async def _run(self, request: QueuedRequest) -> None:
+        """Run a claimed (IN_PROGRESS) request."""
+        request_id_var.set(request.id)
+        if (request.attempts or 0) > MAX_ATTEMPTS:  # started that often and never finished: it stops workers
+            message = (
+                f"The worker stopped while running this request {request.attempts - 1} times "
+                "(the process died or was stopped); it is not retried."
+            )
+            self.store.log(request.id, message, "ERROR")
+            log.error("request %s failed: %s", request.id, message)
+            self.fail(request, WorkerCrashed(message))
+            return
+        if request.start_deadline and request.started_at > request.start_deadline:
+            self.fail(request, StartDeadlinePassed())
+            return
+        endpoint = BY_ID[request.endpoint_id]
+        body = endpoint.input_model.model_validate_json(request.input)
+        started = time.perf_counter()
+        try:
+            output = await run_edit(
+                self.state,
+                endpoint.profile,
+                body,
+                request.files_url,
+                request.id,
+                on_log=lambda message: self.store.log(request.id, message),
+                should_cancel=lambda: self.stopping or self.store.cancel_requested(request.id),
+            )
+        except Cancelled:
+            if self.stopping:
+                log.info("request %s interrupted by shutdown: it goes back to the queue", request.id)
+                self.store.release(request.id)
+                return
+            self.store.log(request.id, CANCELLED, "WARNING")
+            self.fail(request, RequestCancelled())
+        except ServerError as exc:  # bad input, refused as configured (Unavailable), or the model failed
+            if isinstance(exc, InferenceError):
+                self.store.log(request.id, f"Inference failed: {exc}", "ERROR")
+            self.fail(request, exc)
+        else:
+            metrics = {"inference_time": time.perf_counter() - started}
+            self.finish(request, 200, output.model_dump(mode="json"), metrics=metrics)

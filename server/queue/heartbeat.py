@@ -1,0 +1,43 @@
+"""Workers advertise themselves in the queue (profiles, device, dtype, capabilities, busy) with a heartbeat that
+expires when they die; /health lists the live ones."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import uuid
+
+from server.queue.backend import QueueBackend
+from server.service.runner import InferenceWorker
+
+log = logging.getLogger(__name__)
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+async def advertise(store: QueueBackend, worker_id: str, info, ttl_s: float) -> None:
+    """Heartbeat: renew this worker's advertisement (`info()`) three times per TTL."""
+    while True:
+        try:
+            store.heartbeat(worker_id, info(), ttl_s)
+        except Exception as exc:  # noqa: BLE001 -- the queue being briefly unreachable must not end the worker
+            log.warning("heartbeat failed: %s", exc)
+        await asyncio.sleep(ttl_s / 3)
+
+
+def worker_info(worker: InferenceWorker, profiles: list[str], started: float) -> dict:
+    caps = worker.editor.capabilities()
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "profiles": profiles,
+        "device": caps.get("device"),
+        "dtype": caps.get("dtype"),
+        "busy": worker.waiting > 0,
+        "started_at": started,
+        "capabilities": caps,
+    }

@@ -1,0 +1,382 @@
+"""The queue on Redis (redis-py), for API front-ends and GPU workers in separate processes and machines.
+
+Layout (all keys under `flux2:`):
+- `req:{id}`: a hash, the request record (the `QueuedRequest` fields, plus `stream`, `entry`, `worker`,
+  `attempts`). Kept without expiry until completed, then for the retention period.
+- `q:{priority}:{endpoint_id}`: one Redis Stream per priority and endpoint; an entry carries a request id. The
+  consumer group `workers` hands each entry to one worker (XREADGROUP); a worker reads only the streams of the
+  endpoints its model runs, higher priority first, then the oldest entry. The entry stays pending until the
+  request completes; the claiming worker touches it every `visibility_timeout_s / 3`, so an entry idle longer
+  than `visibility_timeout_s` belongs to a worker that died, and the next worker to look claims it (XAUTOCLAIM):
+  at-least-once delivery.
+- `logs:{id}`: a list of log lines (JSON), appended by the worker, read by whichever front-end answers status.
+- `cancel:{id}`: set by a front-end, polled by the running worker after every denoising step.
+- `worker:{id}`: a worker's advertisement (JSON), expiring unless its heartbeat renews it.
+
+Claiming and completing are Lua scripts (atomic in Redis): a request is claimed by one worker at a time and
+completed exactly once, even if two workers ran it (a worker that stalled past the visibility timeout).
+
+Durability is Redis's: run it with `appendonly yes` (and `appendfsync always` for an accepted submit to survive a
+power cut, as the SQLite queue's does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Collection
+from datetime import UTC, datetime
+
+import redis
+
+from server.endpoints import ENDPOINTS
+from server.queue.backend import PRIORITIES, QueuedRequest
+
+log = logging.getLogger(__name__)
+
+PREFIX = "flux2:"
+GROUP = "workers"
+INT_FIELDS = {"seq", "priority", "status_code", "attempts"}
+FLOAT_FIELDS = {"start_deadline", "created_at", "started_at", "completed_at"}
+
+ADD = """
+local seq = redis.call('INCR', KEYS[3])
+local entry = redis.call('XADD', KEYS[2], seq .. '-0', 'id', ARGV[1])  -- ids in arrival order across streams
+redis.call('HSET', KEYS[1], 'seq', seq, 'stream', KEYS[2], 'entry', entry, 'status', 'IN_QUEUE', 'attempts', 0,
+           unpack(ARGV, 2))
+return seq
+"""
+
+# KEYS: the streams this worker reads, in serve order; ARGV: consumer, now, visibility (ms), prefix, then the
+# priority of each stream. Returns {request id, previous worker or ''} or {false, last entry id of each stream}.
+CLAIM = """
+local group, consumer, now, idle_ms, prefix = 'workers', ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+
+local function take(stream, entry, rid)
+  local key = prefix .. 'req:' .. rid
+  local status = redis.call('HGET', key, 'status')
+  if status ~= 'IN_QUEUE' and status ~= 'IN_PROGRESS' then  -- finished (or purged) meanwhile
+    redis.call('XACK', stream, group, entry)
+    redis.call('XDEL', stream, entry)
+    return nil
+  end
+  local previous = redis.call('HGET', key, 'worker') or ''
+  redis.call('HSET', key, 'status', 'IN_PROGRESS', 'started_at', now, 'worker', consumer)
+  redis.call('HINCRBY', key, 'attempts', 1)
+  return {rid, previous}
+end
+
+-- 1. entries abandoned by a worker that stopped touching them (crashed, or released at shutdown)
+for _, stream in ipairs(KEYS) do
+  local found = redis.call('XAUTOCLAIM', stream, group, consumer, idle_ms, '0-0', 'COUNT', 1)
+  for _, e in ipairs(found[2]) do
+    local taken = take(stream, e[1], e[2][2])
+    if taken then return taken end
+  end
+end
+
+-- 2. new entries: the highest priority with any, then the oldest of those
+local function next_new(stream)
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+    local info = {}
+    for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+    if info['name'] == group then
+      local e = redis.call('XRANGE', stream, '(' .. info['last-delivered-id'], '+', 'COUNT', 1)[1]
+      return e and e[1]
+    end
+  end
+end
+local function older(a, b)
+  local am, as = string.match(a, '(%d+)-(%d+)')
+  local bm, bs = string.match(b, '(%d+)-(%d+)')
+  if #am ~= #bm then return #am < #bm end
+  if am ~= bm then return am < bm end
+  return tonumber(as) < tonumber(bs)
+end
+for _ = 1, 100 do
+  local best, best_priority, best_entry
+  for i, stream in ipairs(KEYS) do
+    local priority = tonumber(ARGV[4 + i])
+    if best_priority and priority > best_priority then break end
+    local entry = next_new(stream)
+    if entry and (not best or older(entry, best_entry)) then
+      best, best_priority, best_entry = stream, priority, entry
+    end
+  end
+  if not best then break end
+  local e = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', best, '>')[1][2][1]
+  local taken = take(best, e[1], e[2][2])
+  if taken then return taken end
+end
+
+local last = {}
+for i, stream in ipairs(KEYS) do
+  local e = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)[1]
+  last[i] = e and e[1] or '0-0'
+end
+return {false, last}
+"""
+
+# KEYS: request hash, its logs, its cancel flag; ARGV: only_if_queued, retention (s), then field/value pairs.
+COMPLETE = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status or status == 'COMPLETED' then return 0 end
+if ARGV[1] == '1' and status ~= 'IN_QUEUE' then return 0 end
+redis.call('HDEL', KEYS[1], 'error', 'error_type')
+redis.call('HSET', KEYS[1], 'status', 'COMPLETED', unpack(ARGV, 3))
+local place = redis.call('HMGET', KEYS[1], 'stream', 'entry')
+redis.call('XACK', place[1], 'workers', place[2])
+redis.call('XDEL', place[1], place[2])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('DEL', KEYS[3])
+return 1
+"""
+
+# KEYS: request hash; ARGV: consumer, idle (ms) to set, release (1/0), uncount the attempt (1/0). Touches a
+# claimed entry (idle 0), or gives it up (idle past the visibility timeout, so the next worker claims it at once),
+# if this consumer still owns it.
+TOUCH = """
+local r = redis.call('HMGET', KEYS[1], 'status', 'worker', 'stream', 'entry')
+if r[1] ~= 'IN_PROGRESS' or r[2] ~= ARGV[1] then return 0 end
+redis.call('XCLAIM', r[3], 'workers', ARGV[1], 0, r[4], 'IDLE', ARGV[2], 'JUSTID')
+if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'status', 'IN_QUEUE') end
+if ARGV[4] == '1' then redis.call('HINCRBY', KEYS[1], 'attempts', -1) end  -- a graceful stop: not an attempt
+return 1
+"""
+
+# KEYS: request hash. How many undelivered entries are served before this request's.
+POSITION = """
+local r = redis.call('HMGET', KEYS[1], 'status', 'stream', 'entry', 'priority')
+if r[1] ~= 'IN_QUEUE' then return 0 end
+local count = 0
+for i = 2, #ARGV, 2 do
+  local stream, priority = ARGV[i - 1], tonumber(ARGV[i])
+  if priority <= tonumber(r[4]) and redis.call('EXISTS', stream) == 1 then
+    local last = '0-0'
+    for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+      for j = 1, #g, 2 do if g[j] == 'last-delivered-id' then last = g[j + 1] end end
+    end
+    local stop = priority < tonumber(r[4]) and '+' or '(' .. r[3]
+    count = count + #redis.call('XRANGE', stream, '(' .. last, stop)
+  end
+end
+return count
+"""
+
+
+def _encode(value) -> str:
+    return str(value)
+
+
+def _decode(record: dict[str, str]) -> QueuedRequest:
+    values: dict = dict(record)
+    for name in INT_FIELDS & values.keys():
+        values[name] = int(values[name])
+    for name in FLOAT_FIELDS & values.keys():
+        values[name] = float(values[name])
+    return QueuedRequest.from_mapping(values)
+
+
+class RedisQueue:
+    distributed = True  # requests are run by `flux2-server worker` processes
+
+    def __init__(self, url: str, retention_s: float, visibility_timeout_s: float = 30.0, consumer: str | None = None):
+        self.redis = redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+        self.retention_s = max(1, int(retention_s))
+        self.visibility_ms = int(visibility_timeout_s * 1000)
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.streams = [  # every stream, in serve order
+            (f"{PREFIX}q:{priority}:{e.endpoint_id}", priority, e.endpoint_id)
+            for priority in sorted(PRIORITIES.values())
+            for e in ENDPOINTS
+        ]
+        for stream, _, _ in self.streams:
+            try:
+                self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+        self._add = self.redis.register_script(ADD)
+        self._claim = self.redis.register_script(CLAIM)
+        self._complete = self.redis.register_script(COMPLETE)
+        self._touch = self.redis.register_script(TOUCH)
+        self._position = self.redis.register_script(POSITION)
+        self._last_ids: dict[str, str] = {}
+        self._claimed: set[str] = set()  # requests this process runs; their entries are touched
+        self._closing = threading.Event()
+        self._toucher: threading.Thread | None = None
+
+    @staticmethod
+    def _key(request_id: str) -> str:
+        return f"{PREFIX}req:{request_id}"
+
+    def add(
+        self,
+        request_id: str,
+        endpoint_id: str,
+        input_json: str,
+        priority: int,
+        queue_url: str,
+        files_url: str,
+        webhook_url: str | None,
+        start_timeout_s: float | None,
+    ) -> None:
+        now = time.time()
+        fields = {
+            "id": request_id,
+            "endpoint_id": endpoint_id,
+            "input": input_json,
+            "priority": priority,
+            "queue_url": queue_url,
+            "files_url": files_url,
+            "webhook_url": webhook_url,
+            "start_deadline": now + start_timeout_s if start_timeout_s else None,
+            "created_at": now,
+        }
+        pairs = [x for k, v in fields.items() if v is not None for x in (k, _encode(v))]
+        stream = f"{PREFIX}q:{priority}:{endpoint_id}"
+        self._add(keys=[self._key(request_id), stream, f"{PREFIX}seq"], args=[request_id, *pairs])
+
+    def get(self, request_id: str) -> QueuedRequest | None:
+        record = self.redis.hgetall(self._key(request_id))
+        return _decode(record) if record.get("id") else None
+
+    def position(self, request: QueuedRequest) -> int:
+        args = [x for stream, priority, _ in self.streams for x in (stream, priority)]
+        return int(self._position(keys=[self._key(request.id)], args=args))
+
+    def queued_count(self) -> int:
+        with self.redis.pipeline(transaction=True) as pipe:
+            for stream, _, _ in self.streams:
+                pipe.xlen(stream)
+                pipe.xpending(stream, GROUP)
+            replies = pipe.execute()
+        return sum(replies[0::2]) - sum(p["pending"] for p in replies[1::2])
+
+    def claim(self, endpoint_ids: Collection[str]) -> QueuedRequest | None:
+        streams = [(s, p) for s, p, e in self.streams if e in endpoint_ids]
+        args = [self.consumer, time.time(), self.visibility_ms, PREFIX, *(p for _, p in streams)]
+        found = self._claim(keys=[s for s, _ in streams], args=args)
+        if not found[0]:
+            self._last_ids = dict(zip((s for s, _ in streams), found[1], strict=True))
+            return None
+        request_id, previous = found
+        self.log(request_id, f"Running on worker {self.consumer}")
+        if previous:
+            message = f"Worker {previous} stopped before finishing this request: it runs again on {self.consumer}"
+            log.warning("request %s: %s", request_id, message)
+            self.log(request_id, message, "WARNING")
+        self._claimed.add(request_id)
+        self._start_toucher()
+        return self.get(request_id)
+
+    def _start_toucher(self) -> None:
+        if self._toucher is None:
+            self._toucher = threading.Thread(target=self._touch_claimed, name="flux2-queue-touch", daemon=True)
+            self._toucher.start()
+
+    def _touch_claimed(self) -> None:
+        """Keep this process's claimed entries fresh, so no other worker takes them over while they run."""
+        while not self._closing.wait(self.visibility_ms / 3000):
+            for request_id in list(self._claimed):
+                try:
+                    self._touch(keys=[self._key(request_id)], args=[self.consumer, 0, 0, 0])
+                except redis.RedisError as exc:
+                    log.warning("could not renew the claim on request %s: %s", request_id, exc)
+
+    async def wait_for_work(self, wakeup: asyncio.Event, timeout_s: float) -> None:
+        if not self._last_ids:
+            await asyncio.sleep(0)
+            return
+        streams = dict(self._last_ids)
+        reading = asyncio.ensure_future(
+            asyncio.to_thread(self.redis.xread, streams, count=1, block=int(timeout_s * 1000))
+        )
+        woken = asyncio.ensure_future(wakeup.wait())
+        await asyncio.wait({reading, woken}, return_when=asyncio.FIRST_COMPLETED)
+        woken.cancel()
+
+    def release(self, request_id: str, attempt_failed: bool = False) -> None:
+        """Hand an interrupted request straight to the next worker: its entry looks abandoned at once. A graceful
+        stop's claim is not counted as an attempt."""
+        self._claimed.discard(request_id)
+        uncount = 0 if attempt_failed else 1
+        self._touch(keys=[self._key(request_id)], args=[self.consumer, self.visibility_ms + 1, 1, uncount])
+
+    def complete(
+        self,
+        request_id: str,
+        status_code: int,
+        result: dict,
+        error: str | None = None,
+        error_type: str | None = None,
+        metrics: dict | None = None,
+        only_if_queued: bool = False,
+    ) -> bool:
+        fields = {
+            "completed_at": time.time(),
+            "status_code": status_code,
+            "result": json.dumps(result),
+            "error": error,
+            "error_type": error_type,
+            "metrics": json.dumps(metrics or {}),
+        }
+        pairs = [x for k, v in fields.items() if v is not None for x in (k, _encode(v))]
+        keys = [self._key(request_id), f"{PREFIX}logs:{request_id}", f"{PREFIX}cancel:{request_id}"]
+        done = bool(self._complete(keys=keys, args=["1" if only_if_queued else "0", self.retention_s, *pairs]))
+        if done or not only_if_queued:
+            self._claimed.discard(request_id)
+        return done
+
+    def log(self, request_id: str, message: str, level: str = "INFO") -> None:
+        line = json.dumps({"at": time.time(), "level": level, "message": message})
+        self.redis.rpush(f"{PREFIX}logs:{request_id}", line)
+
+    def logs(self, request_id: str) -> list[dict]:
+        lines = [json.loads(line) for line in self.redis.lrange(f"{PREFIX}logs:{request_id}", 0, -1)]
+        return [
+            {
+                "message": line["message"],
+                "level": line["level"],
+                "source": "USER",
+                "timestamp": datetime.fromtimestamp(line["at"], UTC).isoformat(timespec="milliseconds"),
+            }
+            for line in lines
+        ]
+
+    def request_cancel(self, request_id: str) -> None:
+        self.redis.set(f"{PREFIX}cancel:{request_id}", 1, ex=self.retention_s)
+
+    def cancel_requested(self, request_id: str) -> bool:
+        return bool(self.redis.exists(f"{PREFIX}cancel:{request_id}"))
+
+    def requeue_interrupted(self) -> int:
+        """Nothing to do at start-up: a dead worker's requests are claimed again after the visibility timeout."""
+        return 0
+
+    def purge(self, completed_before: float) -> int:
+        """Nothing to do: completed records and logs expire by themselves (EXPIRE at completion)."""
+        return 0
+
+    def heartbeat(self, worker_id: str, info: dict, ttl_s: float) -> None:
+        self.redis.set(f"{PREFIX}worker:{worker_id}", json.dumps(info), px=int(ttl_s * 1000))
+
+    def workers(self) -> list[dict]:
+        keys = sorted(self.redis.scan_iter(match=f"{PREFIX}worker:*", count=1000))
+        values = self.redis.mget(keys) if keys else []
+        return [
+            {"id": key.removeprefix(f"{PREFIX}worker:"), **json.loads(value)}
+            for key, value in zip(keys, values, strict=True)
+            if value is not None
+        ]
+
+    def close(self) -> None:
+        self._closing.set()
+        self.redis.close()

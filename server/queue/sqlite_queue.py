@@ -1,0 +1,266 @@
+"""Queued requests, their status, logs and results, persisted in SQLite under the data directory.
+
+The default `QueueBackend` (see `server.queue.backend`): one process accepts requests and runs them.
+
+Every accepted request is a row before its submit call answers, so a crash loses nothing: at start-up, rows left
+IN_PROGRESS by a killed server go back to IN_QUEUE and run again. sqlite3 is the standard library's; one
+connection is shared by the event loop and the inference thread (which appends step logs) behind a lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Collection
+from datetime import UTC, datetime
+from pathlib import Path
+
+from server.queue.backend import QueuedRequest
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,   -- arrival order
+    id TEXT UNIQUE NOT NULL,
+    endpoint_id TEXT NOT NULL,
+    input TEXT NOT NULL,                     -- the validated input, as JSON
+    priority INTEGER NOT NULL,
+    status TEXT NOT NULL,                    -- IN_QUEUE, IN_PROGRESS, COMPLETED
+    queue_url TEXT NOT NULL,                 -- base of this request's status/result/cancel URLs
+    files_url TEXT NOT NULL,                 -- base of its output file URLs
+    webhook_url TEXT,
+    start_deadline REAL,                     -- X-Fal-Request-Timeout: fail if not started by then
+    created_at REAL NOT NULL,
+    started_at REAL,
+    completed_at REAL,
+    status_code INTEGER,                     -- HTTP status of the result
+    result TEXT,                             -- the result body, as JSON (output or fal error shape)
+    error TEXT,
+    error_type TEXT,
+    metrics TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0      -- times started; a start interrupted by a graceful stop is not counted
+);
+CREATE INDEX IF NOT EXISTS queued ON requests (status, priority, seq);
+CREATE TABLE IF NOT EXISTS logs (
+    request_id TEXT NOT NULL,
+    at REAL NOT NULL,
+    level TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS logs_by_request ON logs (request_id, at);
+"""
+
+
+class RequestStore:
+    distributed = False  # this process runs what it queues
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # WAL with synchronous=NORMAL survives a crash of this process (SIGKILL) at every commit; a power cut may
+        # lose the last commits. Submits alone are written with FULL (see `add`): an answered submit survives
+        # that too, while per-step log lines don't wait on the disk.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+        columns = {row["name"] for row in self._db.execute("PRAGMA table_info(requests)")}
+        if "attempts" not in columns:  # a queue written before attempts were counted
+            self._db.execute("ALTER TABLE requests ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
+        self._cancel_requested: set[str] = set()  # running requests to stop at their next step (this process)
+        self._workers: dict[str, tuple[float, dict]] = {}  # worker id -> (expires, info)
+
+    def _one(self, sql: str, *args) -> QueuedRequest | None:
+        with self._lock:
+            row = self._db.execute(sql, args).fetchone()
+        return QueuedRequest.from_mapping(dict(row)) if row else None
+
+    def _write(self, sql: str, *args) -> int:
+        with self._lock:
+            return self._db.execute(sql, args).rowcount
+
+    def requeue_interrupted(self) -> int:
+        """Put requests a stopped server left running back in the queue, each with a log line saying so; returns
+        how many."""
+        with self._lock:
+            rows = self._db.execute("SELECT id FROM requests WHERE status='IN_PROGRESS'").fetchall()
+        for row in rows:
+            self.log(row["id"], "The server stopped while running this request; it was re-queued.", "WARNING")
+        return self._write("UPDATE requests SET status='IN_QUEUE', started_at=NULL WHERE status='IN_PROGRESS'")
+
+    def add(
+        self,
+        request_id: str,
+        endpoint_id: str,
+        input_json: str,
+        priority: int,
+        queue_url: str,
+        files_url: str,
+        webhook_url: str | None,
+        start_timeout_s: float | None,
+    ) -> None:
+        now = time.time()
+        deadline = now + start_timeout_s if start_timeout_s else None
+        with self._lock:
+            self._db.execute("PRAGMA synchronous=FULL")
+            try:
+                self._db.execute(
+                    "INSERT INTO requests (id, endpoint_id, input, priority, status, queue_url, files_url,"
+                    " webhook_url, start_deadline, created_at) VALUES (?, ?, ?, ?, 'IN_QUEUE', ?, ?, ?, ?, ?)",
+                    (request_id, endpoint_id, input_json, priority, queue_url, files_url, webhook_url, deadline, now),
+                )
+            finally:
+                self._db.execute("PRAGMA synchronous=NORMAL")
+
+    def get(self, request_id: str) -> QueuedRequest | None:
+        return self._one("SELECT * FROM requests WHERE id = ?", request_id)
+
+    def next_queued(self) -> QueuedRequest | None:
+        return self._one("SELECT * FROM requests WHERE status='IN_QUEUE' ORDER BY priority, seq LIMIT 1")
+
+    def position(self, request: QueuedRequest) -> int:
+        """How many queued requests will be served before this one."""
+        with self._lock:
+            (count,) = self._db.execute(
+                "SELECT COUNT(*) FROM requests WHERE status='IN_QUEUE' AND (priority < ? OR (priority = ? AND seq < ?))",
+                (request.priority, request.priority, request.seq),
+            ).fetchone()
+        return count
+
+    def queued_count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM requests WHERE status='IN_QUEUE'").fetchone()[0]
+
+    def claim(self, endpoint_ids: Collection[str]) -> QueuedRequest | None:
+        """The next queued request for one of `endpoint_ids`, marked IN_PROGRESS."""
+        marks = ",".join("?" * len(endpoint_ids))
+        while True:
+            request = self._one(
+                f"SELECT * FROM requests WHERE status='IN_QUEUE' AND endpoint_id IN ({marks})"
+                " ORDER BY priority, seq LIMIT 1",
+                *endpoint_ids,
+            )
+            if request is None or self.mark_started(request.id):
+                return self.get(request.id) if request else None
+
+    async def wait_for_work(self, wakeup: asyncio.Event, timeout_s: float) -> None:
+        """Submits to this process set `wakeup` (Dispatcher.notify)."""
+        try:
+            await asyncio.wait_for(wakeup.wait(), timeout_s)
+        except TimeoutError:
+            pass
+
+    def release(self, request_id: str, attempt_failed: bool = False) -> None:
+        """After a worker failure: back in the queue now, the attempt counted. At a graceful stop: left IN_PROGRESS
+        (this process is the only one that runs requests, and `requeue_interrupted` puts it back in the queue at
+        its next start, as after a crash) with the attempt not counted."""
+        if attempt_failed:
+            self._write(
+                "UPDATE requests SET status='IN_QUEUE', started_at=NULL WHERE id=? AND status='IN_PROGRESS'",
+                request_id,
+            )
+        else:
+            self._write("UPDATE requests SET attempts=MAX(attempts-1, 0) WHERE id=?", request_id)
+
+    def request_cancel(self, request_id: str) -> None:
+        self._cancel_requested.add(request_id)
+
+    def cancel_requested(self, request_id: str) -> bool:
+        return request_id in self._cancel_requested
+
+    def heartbeat(self, worker_id: str, info: dict, ttl_s: float) -> None:
+        self._workers[worker_id] = (time.time() + ttl_s, info)
+
+    def workers(self) -> list[dict]:
+        now = time.time()
+        return [{"id": wid, **info} for wid, (expires, info) in self._workers.items() if expires > now]
+
+    def mark_started(self, request_id: str) -> bool:
+        """IN_QUEUE -> IN_PROGRESS; False if it is no longer queued (cancelled meanwhile)."""
+        return bool(
+            self._write(
+                "UPDATE requests SET status='IN_PROGRESS', started_at=?, attempts=attempts+1"
+                " WHERE id=? AND status='IN_QUEUE'",
+                time.time(),
+                request_id,
+            )
+        )
+
+    def complete(
+        self,
+        request_id: str,
+        status_code: int,
+        result: dict,
+        error: str | None = None,
+        error_type: str | None = None,
+        metrics: dict | None = None,
+        only_if_queued: bool = False,
+    ) -> bool:
+        """Record the outcome; with `only_if_queued`, only if the request has not started (a queued cancel)."""
+        condition = "status='IN_QUEUE'" if only_if_queued else "status!='COMPLETED'"
+        if not only_if_queued:
+            self._cancel_requested.discard(request_id)
+        return bool(
+            self._write(
+                f"UPDATE requests SET status='COMPLETED', completed_at=?, status_code=?, result=?, error=?,"
+                f" error_type=?, metrics=? WHERE id=? AND {condition}",
+                time.time(),
+                status_code,
+                json.dumps(result),
+                error,
+                error_type,
+                json.dumps(metrics or {}),
+                request_id,
+            )
+        )
+
+    def log(self, request_id: str, message: str, level: str = "INFO") -> None:
+        self._write(
+            "INSERT INTO logs (request_id, at, level, message) VALUES (?, ?, ?, ?)",
+            request_id,
+            time.time(),
+            level,
+            message,
+        )
+
+    def logs(self, request_id: str) -> list[dict]:
+        """fal's log objects: message, level, source, timestamp (ISO 8601, UTC)."""
+        with self._lock:
+            rows = self._db.execute("SELECT at, level, message FROM logs WHERE request_id=? ORDER BY at", (request_id,))
+            rows = rows.fetchall()
+        return [
+            {
+                "message": row["message"],
+                "level": row["level"],
+                "source": "USER",
+                "timestamp": datetime.fromtimestamp(row["at"], UTC).isoformat(timespec="milliseconds"),
+            }
+            for row in rows
+        ]
+
+    def expired(self, completed_before: float) -> list[QueuedRequest]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM requests WHERE status='COMPLETED' AND completed_at < ?", (completed_before,)
+            ).fetchall()
+        return [QueuedRequest.from_mapping(dict(row)) for row in rows]
+
+    def delete(self, request_ids: list[str]) -> None:
+        with self._lock:
+            self._db.execute("BEGIN")
+            for request_id in request_ids:
+                self._db.execute("DELETE FROM logs WHERE request_id=?", (request_id,))
+                self._db.execute("DELETE FROM requests WHERE id=?", (request_id,))
+            self._db.execute("COMMIT")
+
+    def purge(self, completed_before: float) -> int:
+        expired = [r.id for r in self.expired(completed_before)]
+        self.delete(expired)
+        return len(expired)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

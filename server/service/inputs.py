@@ -1,0 +1,220 @@
+"""Input images: fetch `image_urls` (http, https, data URIs) and decode them, naming the URL on any failure.
+
+Hostile inputs are refused before they cost much: http(s) URLs go through the SSRF guard (server/net_guard.py)
+with limits on redirects, total time and bytes; data URIs are sized before they are decoded; images are sized
+from their header before any pixel is decoded (decompression bombs), and decoded images are brought to RGB the
+same way whatever they came as (CMYK, 16-bit, alpha, palette; EXIF orientation applied; first frame of an
+animation, with a notice). The server's own output files (its /files/ URLs, storage uploads included) are read
+from disk, never fetched over HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import re
+import urllib.parse
+from dataclasses import dataclass
+
+import httpx
+import PIL.Image
+import PIL.ImageOps
+
+from server.errors import InputError
+from server.net.guard import AddressRefused
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+SAFE_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    max_bytes: int  # per image, after transfer decoding (http) or base64 decoding (data URIs)
+    max_pixels: int  # width x height, read from the image header before decoding
+    timeout_s: float  # per URL, all redirects and the whole body included
+
+
+@dataclass(frozen=True)
+class LocalFiles:
+    """This server's own files: URLs under `<base_url>/files/` are read from its file storage, not fetched."""
+
+    base_url: str
+    storage: object  # server.files.storage.FileStorage: get(name) -> (bytes, content type) | None
+
+    def name_for(self, url: str) -> str | None:
+        """The stored file's name for one of this server's /files/ URLs, or None for any other URL."""
+        prefix = self.base_url.rstrip("/") + "/files/"
+        if not url.startswith(prefix):
+            return None
+        name = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rpartition("/files/")[2])
+        return name if SAFE_FILE_NAME.fullmatch(name) else ""  # "": never a file the server wrote (not found)
+
+
+def short(url: str, limit: int = 120) -> str:
+    """A URL as error messages show it: data URIs and long URLs cut, so errors never echo megabytes."""
+    return url if len(url) <= limit else url[:limit] + f"... ({len(url)} characters)"
+
+
+def url_error(index: int, url: str, msg: str, type_: str) -> InputError:
+    """A 422 naming `image_urls[index]`, the URL (shortened) and why it can't be used."""
+    return InputError(["image_urls", index], msg, type_, short(url))
+
+
+def decode_data_uri(url: str, index: int, max_bytes: int) -> bytes:
+    """Bytes of a `data:[<media type>][;base64],<data>` URI (RFC 2397), refused before decoding if too large."""
+    header, sep, payload = url.partition(",")
+    if not sep:
+        raise url_error(index, url, "Invalid data URI: no ',' before the data.", "invalid_data_uri")
+    is_base64 = header.endswith(";base64")
+    if (len(payload) * 3 // 4 if is_base64 else len(payload) // 3) > max_bytes:
+        raise url_error(index, url, f"The data URI holds more than {max_bytes} bytes.", "file_too_large")
+    if is_base64:
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise url_error(index, url, f"Invalid base64 in data URI: {exc}", "invalid_data_uri")
+    else:
+        data = urllib.parse.unquote_to_bytes(payload)
+    if len(data) > max_bytes:
+        raise url_error(index, url, f"The data URI holds more than {max_bytes} bytes.", "file_too_large")
+    return data
+
+
+def read_local(local: LocalFiles, name: str, url: str, index: int, max_bytes: int) -> bytes:
+    found = local.storage.get(name) if name else None
+    if found is None:
+        raise url_error(
+            index, url, "Failed to download the file: no such file on this server (HTTP 404).", "file_download_error"
+        )
+    data = found[0]
+    if len(data) > max_bytes:
+        raise url_error(index, url, f"The file is larger than {max_bytes} bytes.", "file_too_large")
+    return data
+
+
+async def download(client: httpx.AsyncClient, url: str, index: int, limits: InputLimits) -> bytes:
+    too_large = f"The file is larger than {limits.max_bytes} bytes."
+    try:
+        async with asyncio.timeout(limits.timeout_s):
+            async with client.stream("GET", url) as response:
+                if response.status_code >= 400:
+                    raise url_error(
+                        index,
+                        url,
+                        f"Failed to download the file: the server answered HTTP {response.status_code}.",
+                        "file_download_error",
+                    )
+                declared = response.headers.get("content-length", "")
+                if declared.isdigit() and int(declared) > limits.max_bytes:
+                    raise url_error(index, url, too_large, "file_too_large")
+                body = bytearray()
+                # aiter_bytes decodes gzip/deflate/br: the limit counts decompressed bytes (no compression bombs)
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > limits.max_bytes:
+                        raise url_error(index, url, too_large, "file_too_large")
+                return bytes(body)
+    except TimeoutError as exc:
+        raise url_error(
+            index, url, f"Failed to download the file within {limits.timeout_s:g} s.", "file_download_error"
+        ) from exc
+    except AddressRefused as exc:
+        raise url_error(index, url, f"URL not allowed: {exc}.", "url_not_allowed") from exc
+    except httpx.TooManyRedirects as exc:
+        raise url_error(
+            index,
+            url,
+            f"Failed to download the file: more than {client.max_redirects} redirects.",
+            "file_download_error",
+        ) from exc
+    except httpx.HTTPError as exc:
+        raise url_error(
+            index, url, f"Failed to download the file: {type(exc).__name__}: {exc}", "file_download_error"
+        ) from exc
+
+
+async def fetch(
+    client: httpx.AsyncClient, url: str, index: int, limits: InputLimits, local: LocalFiles | None = None
+) -> bytes:
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme == "data":
+        return decode_data_uri(url, index, limits.max_bytes)
+    if scheme not in ("http", "https"):
+        raise url_error(
+            index,
+            url,
+            f"Unsupported URL scheme {scheme!r}: image URLs must be http, https or data URIs.",
+            "invalid_url",
+        )
+    name = local.name_for(url) if local is not None else None
+    if name is not None:
+        return await asyncio.to_thread(read_local, local, name, url, index, limits.max_bytes)
+    return await download(client, url, index, limits)
+
+
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """8-bit RGB: 16-bit and float greys scaled (not clipped), transparency composited over white."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        image = image.convert("I")
+        image = image.point(lambda v: v * (255 / 65535)).convert("L")
+    elif image.mode == "I":
+        high = image.getextrema()[1]
+        image = (image.point(lambda v: v * (255 / 65535)) if high > 255 else image).convert("L")
+    elif image.mode == "F":
+        high = image.getextrema()[1]
+        image = (image.point(lambda v: v * 255) if high <= 1.0 else image).convert("L")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return PIL.Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_image(data: bytes, url: str, index: int, max_pixels: int) -> tuple[PIL.Image.Image, str | None]:
+    """Decode to RGB with EXIF orientation applied; the image's size is checked from its header first.
+
+    Returns the image and a notice when only part of it was used (the first frame of an animation)."""
+    try:
+        with PIL.Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise url_error(
+                    index,
+                    url,
+                    f"Image too large: {width}x{height} is {width * height} pixels, more than the {max_pixels} "
+                    "this server decodes.",
+                    "image_too_large",
+                )
+            notice = None
+            if getattr(image, "is_animated", False):
+                notice = f"image_urls[{index}] is animated ({image.n_frames} frames): only its first frame was used."
+                image.seek(0)
+            image.load()
+            image = PIL.ImageOps.exif_transpose(image)
+            return to_rgb(image), notice
+    except PIL.UnidentifiedImageError as exc:
+        raise url_error(
+            index,
+            url,
+            f"Could not decode the image: {len(data)} bytes that are not in any image format Pillow reads.",
+            "image_load_error",
+        ) from exc
+    except PIL.Image.DecompressionBombError as exc:
+        raise url_error(index, url, f"Image too large: {exc}", "image_too_large") from exc
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise url_error(index, url, f"Could not decode the image: {exc}", "image_load_error") from exc
+
+
+async def load_images(
+    client: httpx.AsyncClient, urls: list[str], limits: InputLimits, local: LocalFiles | None = None
+) -> tuple[list[PIL.Image.Image], list[str]]:
+    """Fetch and decode every URL concurrently (decoding off the event loop): the images, and notices about them."""
+
+    async def one(index: int, url: str) -> tuple[PIL.Image.Image, str | None]:
+        data = await fetch(client, url, index, limits, local)
+        return await asyncio.to_thread(decode_image, data, url, index, limits.max_pixels)
+
+    decoded = await asyncio.gather(*(one(i, u) for i, u in enumerate(urls)))
+    return [image for image, _ in decoded], [notice for _, notice in decoded if notice]

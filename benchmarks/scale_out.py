@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             "status stream and result at B. sqlite_embedded: one process.",
             "statistic": "median and p90 over jobs run one at a time",
         },
-        "note": "Status streams poll the queue every 0.1 s (server/routes/queue.py STREAM_POLL_S), which bounds "
+        "note": "Status streams poll the queue every 0.1 s (server/http/routes/queue.py STREAM_POLL_S), which bounds "
         "stream latency and adds to end to end. The machine is shared with other work, so absolute figures are "
         "noisy; the differences between the two deployments are what this measures.",
         "load_average_1_5_15_min": {"before": load_before, "after": load_after, "cores": os.cpu_count()},

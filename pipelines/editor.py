@@ -17,6 +17,7 @@ import PIL.Image
 import torch
 
 from pipelines.adapters import AdapterSwitch, fuse_adapter, load_adapters
+from pipelines.capabilities import Capabilities, ProfileCapabilities
 from pipelines.expansion import expand_prompt
 from pipelines.pixtral import pixtral_processor_class
 from pipelines.profiles import PROFILES
@@ -129,36 +130,36 @@ class Flux2Editor:
             return f"Reference image refused: {exc}"
         return None
 
-    def capabilities(self) -> dict:
+    def capabilities(self) -> Capabilities:
         """What this loaded model can and can't do, stated plainly for /health and for response notices."""
         return self._capabilities
 
-    def _describe(self) -> dict:
-        return {
-            "device": str(self.device),
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "weights": str(self.weights_dir),
-            "load_seconds": round(self.load_seconds, 3),
-            "profiles": {
-                name: {
-                    "steps": len(p.sigmas) if p.sigmas else "4-50 (default 28)",
-                    "sigmas": list(p.sigmas) if p.sigmas else None,
-                    "distilled_adapter": p.adapter,
-                    "distilled_adapter_file": str(ADAPTERS[p.adapter].path(self.weights_dir)) if p.adapter else None,
-                    "distilled_adapter_loaded": p.adapter in self.adapters.loaded,
+    def _describe(self) -> Capabilities:
+        return Capabilities(
+            device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+            weights=str(self.weights_dir),
+            load_seconds=round(self.load_seconds, 3),
+            profiles={
+                name: ProfileCapabilities(
+                    steps=len(p.sigmas) if p.sigmas else "4-50 (default 28)",
+                    sigmas=list(p.sigmas) if p.sigmas else None,
+                    distilled_adapter=p.adapter,
+                    distilled_adapter_file=str(ADAPTERS[p.adapter].path(self.weights_dir)) if p.adapter else None,
+                    distilled_adapter_loaded=p.adapter in self.adapters.loaded,
                     # False where another adapter is fused into the weights (pipelines.adapters.fuse_adapter)
-                    "runs_here": self.adapters.fused is None or p.adapter == self.adapters.fused,
-                }
+                    runs_here=self.adapters.fused is None or p.adapter == self.adapters.fused,
+                )
                 for name, p in PROFILES.items()
             },
-            "fused_adapter": self.adapters.fused,
-            "acceleration": self.runtime.accelerator.describe(),
-            **self.runtime.describe(),
-            "safety_checker": self.safety is not None,
-            "safety_checker_model": str(self.safety.directory) if self.safety else None,
-            "safety_threshold": self.safety.threshold if self.safety else None,
-            "prompt_expansion": hasattr(self.pipe.tokenizer, "image_processor"),
-        }
+            fused_adapter=self.adapters.fused,
+            acceleration=self.runtime.accelerator.describe(),
+            runtime=self.runtime.describe(),
+            safety_checker=self.safety is not None,
+            safety_checker_model=str(self.safety.directory) if self.safety else None,
+            safety_threshold=self.safety.threshold if self.safety else None,
+            prompt_expansion=hasattr(self.pipe.tokenizer, "image_processor"),
+        )
 
     def warm_up(self) -> None:
         """One call at the most common shape (1024 px, one 1024 px reference), so that compilation happens at
@@ -191,7 +192,7 @@ class Flux2Editor:
             raise ValueError(f"acceleration applies to the base edit profile only, not {call.profile!r}")
         started = time.perf_counter()
         prompt, notices, timings = call.prompt, [], {}
-        if call.expand_prompt and self._capabilities["prompt_expansion"]:
+        if call.expand_prompt and self._capabilities.prompt_expansion:
             prompt = expand_prompt(self.pipe, call.prompt, call.images, call.seed)
             timings["prompt_expansion"] = time.perf_counter() - started
             if prompt:

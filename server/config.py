@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     queue_visibility_timeout_s: float = 30.0  # a worker silent this long has died: its request runs elsewhere
     worker_heartbeat_ttl_s: float = 10.0  # a worker missing from /health this long after its last heartbeat is gone
     # Output files: None (default) is <data_dir>/files; file:///DIR a directory shared by all processes;
-    # s3://bucket/prefix?endpoint_url=...&urls=presigned|proxy an S3-compatible bucket (see server/file_storage.py)
+    # s3://bucket/prefix?endpoint_url=...&urls=presigned|proxy an S3-compatible bucket (see server/files/storage.py)
     storage: str | None = None
     # Run turbo/flash on the base weights at their reduced step counts when their distilled adapter is missing
     # (logged at start-up, stated in /health and every such response's notices). Off: those endpoints answer 503.

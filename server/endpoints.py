@@ -12,7 +12,7 @@ APP_PATH = "fal-ai/flux-2"  # fal's owner/alias; the queue's request URLs live u
 @dataclass(frozen=True)
 class Endpoint:
     endpoint_id: str
-    input_model: type
+    input_model: type[Flux2EditInput | Flux2FastEditInput]
     profile: str  # key into pipelines.PROFILES
     summary: str
 

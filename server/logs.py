@@ -37,7 +37,7 @@ class JsonFormatter(logging.Formatter):
     uvicorn's access lines also get their parts as fields (client, method, path, status)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, object] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
@@ -48,7 +48,7 @@ class JsonFormatter(logging.Formatter):
             entry["request_id"] = request_id
         if record.name == "uvicorn.access" and isinstance(record.args, tuple) and len(record.args) == 5:
             client, method, path, _, status = record.args
-            entry.update(client=client, method=method, path=path, status=status)
+            entry |= {"client": client, "method": method, "path": path, "status": status}
         if record.exc_info:
             entry["exc_info"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)

@@ -116,6 +116,9 @@ class Flux2FastEditInput(_EditInputCommon):
     )
 
 
+EditInput = Flux2EditInput | Flux2FastEditInput  # the body of any of the three endpoints
+
+
 class ImageFile(BaseModel):
     url: str = Field(description="The URL where the file can be downloaded from (a data URI with sync_mode).")
     content_type: str | None = Field(None, description="The mime type of the file.")

@@ -61,10 +61,10 @@ def test_switching_profiles_back_and_forth_equals_fresh_loads(tiny_weights, undi
 
 
 def test_capabilities_name_the_adapter_file(tiny_weights):
-    caps = load_editor(tiny_weights, "cpu").capabilities()["profiles"]
-    assert caps["turbo"]["distilled_adapter_loaded"] and caps["flash"]["distilled_adapter_loaded"]
-    assert caps["turbo"]["distilled_adapter_file"].endswith(LORA)
-    assert caps["edit"]["distilled_adapter"] is None
+    caps = load_editor(tiny_weights, "cpu").capabilities().profiles
+    assert caps["turbo"].distilled_adapter_loaded and caps["flash"].distilled_adapter_loaded
+    assert caps["turbo"].distilled_adapter_file.endswith(LORA)
+    assert caps["edit"].distilled_adapter is None
 
 
 def serve_in_process(weights, settings: Settings):
@@ -156,8 +156,8 @@ def test_a_fused_adapter_gives_the_unfused_images_and_leaves_no_lora_layers(tiny
         assert np.abs(a - b).max() <= 2, profile  # W + BA summed once instead of per step: rounding only
     with pytest.raises(ValueError, match="fused"):
         fused.edit(call("edit"))
-    assert fused.capabilities()["fused_adapter"] == "turbo"
-    assert fused.capabilities()["profiles"]["edit"]["runs_here"] is False
+    assert fused.capabilities().fused_adapter == "turbo"
+    assert fused.capabilities().profiles["edit"].runs_here is False
 
 
 def test_a_server_for_the_distilled_profiles_alone_fuses_and_refuses_edit_plainly(tiny_weights, tmp_path):

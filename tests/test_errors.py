@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+from contextlib import asynccontextmanager
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -12,7 +14,6 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 import server.http.routes.edit
-import server.queue.dispatcher
 from pipelines import Cancelled
 from server.config import Settings
 from server.errors import (
@@ -25,10 +26,10 @@ from server.errors import (
     answer_for,
 )
 from server.http.errors import install_error_handlers
-from server.http.quotas import Quotas
-from server.queue.dispatcher import Dispatcher
-from server.queue.sqlite_queue import RequestStore
+from server.queue.dispatcher import MAX_ATTEMPTS
+from server.service.edit import EditService
 from server.service.metrics import Metrics
+from server.services import open_services
 from tests.conftest import data_uri, image_bytes
 
 BODY = {"prompt": "p", "image_urls": [data_uri(image_bytes(16, 16))]}
@@ -53,51 +54,56 @@ def jobs(metrics: Metrics, mode: str, outcome: str) -> float:
     return value or 0.0
 
 
-def fake_state(tmp_path) -> SimpleNamespace:
-    loaded = asyncio.Event()
-    loaded.set()
-    state = SimpleNamespace(
-        settings=Settings(data_dir=tmp_path),
-        model_loaded=loaded,
-        model_error=None,
-        front_end=False,
-        api_keys=[],
-        quotas=Quotas(None, None),
-    )
-    state.metrics = Metrics(state)
-    return state
+@asynccontextmanager
+async def loaded_services(data_dir: Path):
+    """The real services of a process, with a model that is "loaded" but never called (the edit is patched)."""
+    async with open_services(Settings(data_dir=data_dir), weights_dir=data_dir) as services:
+        services.model.loaded(SimpleNamespace(waiting=0, shutdown=lambda: None))
+        yield services
 
 
 def failing(error: BaseException):
-    async def run_edit(*args, **kwargs):
+    async def edit(*args, **kwargs):
         raise error
 
-    return run_edit
+    return edit
 
 
 def sync_answer(tmp_path, monkeypatch, error: BaseException):
     """POST the sync endpoint of the real route and error handlers, with the model call raising `error`."""
-    monkeypatch.setattr(server.http.routes.edit, "run_edit", failing(error))
-    app = FastAPI()
+    monkeypatch.setattr(EditService, "edit", failing(error))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async with loaded_services(tmp_path) as services:
+            app.state.services = services
+            yield
+
+    app = FastAPI(lifespan=lifespan)
     install_error_handlers(app)
     app.include_router(server.http.routes.edit.router)
-    app.state.__dict__["_state"].update(vars(fake_state(tmp_path)))
     with TestClient(app, raise_server_exceptions=False) as client:
         response = client.post(f"/{ENDPOINT}", json=BODY)
-    return response, app.state.metrics
+        return response, app.state.services.metrics
 
 
-def queued_answer(tmp_path, monkeypatch, error: BaseException):
-    """Run one queued request through the real dispatcher, with the model call raising `error`."""
-    monkeypatch.setattr(server.queue.dispatcher, "run_edit", failing(error))
-    state = fake_state(tmp_path)
-    store = RequestStore(tmp_path / "queue.sqlite3")
-    store.add("r1", ENDPOINT, json.dumps(BODY), 0, "http://q", "http://f/", None, None)
-    dispatcher = Dispatcher(store, state, webhooks=None)
-    asyncio.run(dispatcher._run(store.claim([ENDPOINT])))
-    queued = store.get("r1")
-    store.close()
-    return queued, state.metrics
+def queued_answer(tmp_path, monkeypatch, error: BaseException, runs: int = 1):
+    """Run one queued request through the real dispatcher (`runs` claims), with the model call raising `error`."""
+    monkeypatch.setattr(EditService, "edit", failing(error))
+
+    async def run():
+        async with loaded_services(tmp_path) as services:
+            store, dispatcher = services.store, services.dispatcher
+            store.add("r1", ENDPOINT, json.dumps(BODY), 0, "http://q", "http://f/", None, None)
+            for _ in range(runs):
+                request = store.claim([ENDPOINT])
+                try:
+                    await dispatcher._run(request)
+                except RuntimeError as exc:  # run_forever's handler: the worker failed on this request
+                    dispatcher.crashed(request, f"{type(exc).__name__}: {exc}")
+            return store.get("r1"), services.metrics
+
+    return asyncio.run(run())
 
 
 @pytest.mark.parametrize("name", ERRORS)
@@ -122,22 +128,6 @@ def test_a_fault_outside_the_model_is_an_internal_error_and_the_queue_runs_it_ag
     assert jobs(metrics, "sync", "internal_error") == 1
     assert answer_for(RuntimeError("x")).error_type == "internal_error"
 
-    monkeypatch.setattr(server.queue.dispatcher, "run_edit", failing(RuntimeError("disk on fire")))
-    state = fake_state(tmp_path)
-    store = RequestStore(tmp_path / "queue.sqlite3")
-    store.add("r1", ENDPOINT, json.dumps(BODY), 0, "http://q", "http://f/", None, None)
-    dispatcher = Dispatcher(store, state, webhooks=None)
-
-    async def twice():
-        for _ in range(server.queue.dispatcher.MAX_ATTEMPTS):
-            request = store.claim([ENDPOINT])
-            try:
-                await dispatcher._run(request)
-            except RuntimeError as exc:  # run_forever's handler: the worker failed on this request
-                dispatcher.crashed(request, f"{type(exc).__name__}: {exc}")
-
-    asyncio.run(twice())
-    queued = store.get("r1")
+    queued, metrics = queued_answer(tmp_path / "queue", monkeypatch, RuntimeError("disk on fire"), MAX_ATTEMPTS)
     assert (queued.status, queued.status_code, queued.error_type) == ("COMPLETED", 500, "worker_crashed")
-    assert jobs(state.metrics, "queue", "worker_crashed") == 1
-    store.close()
+    assert jobs(metrics, "queue", "worker_crashed") == 1

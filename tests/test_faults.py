@@ -18,9 +18,9 @@ import torch
 import uvicorn
 from diffusers import Flux2Transformer2DModel
 
-import server.queue.dispatcher
 from server.config import Settings
 from server.http.app import create_app
+from server.service.edit import EditService
 from tests.conftest import data_uri, free_port, image_bytes, start_server
 
 GOOD = {"prompt": "p", "image_urls": [data_uri(image_bytes(96, 96))], "image_size": "square", "seed": 1}
@@ -123,13 +123,13 @@ def test_a_job_past_its_time_limit_is_stopped_and_failed(start_app, monkeypatch)
         assert client.get(queued["response_url"]).status_code == 504
 
         slow[0] = False
-        app.state.worker.job_timeout_s = None  # this busy test machine may take more than 2 s for any job
+        app.state.services.model.runner.job_timeout_s = None  # this busy test machine may take more than 2 s for any job
         assert client.post("/fal-ai/flux-2/flash/edit", json=GOOD).status_code == 200
 
 
 def test_worker_failure_requeues_the_request_once(start_app, monkeypatch):
     url, app = start_app()
-    real_run_edit = server.queue.dispatcher.run_edit
+    real_edit = EditService.edit
     calls = []
     failures = [1]
 
@@ -138,15 +138,15 @@ def test_worker_failure_requeues_the_request_once(start_app, monkeypatch):
         if failures[0]:
             failures[0] -= 1
             raise RuntimeError("the worker died (injected by the test)")
-        return await real_run_edit(*args, **kwargs)
+        return await real_edit(*args, **kwargs)
 
-    monkeypatch.setattr(server.queue.dispatcher, "run_edit", crashing_run_edit)
+    monkeypatch.setattr(EditService, "edit", crashing_run_edit)
     with httpx.Client(base_url=url, timeout=120) as client:
         handle = client.post("/queue/fal-ai/flux-2/flash/edit", json=GOOD).json()
         done = wait_done(client, handle)
         assert done["error"] is None and len(calls) == 2
         assert any("re-queued" in log["message"] for log in done["logs"])
-        assert app.state.store.get(handle["request_id"]).attempts == 2
+        assert app.state.services.store.get(handle["request_id"]).attempts == 2
 
         # a request the worker fails on every time is failed after its second start, not retried forever
         calls.clear()
@@ -162,7 +162,7 @@ def test_worker_failure_requeues_the_request_once(start_app, monkeypatch):
 
 def test_the_dispatcher_loop_restarts_after_a_fault(start_app, monkeypatch):
     url, app = start_app()
-    store = app.state.store
+    store = app.state.services.store
     real_claim = store.claim
     faults = [1]
 

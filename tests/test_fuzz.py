@@ -2,7 +2,7 @@
 
 The server runs with an API key (so the auth checks see 401s) and the tiny model with every capability on disk
 (adapter and safety checker), so nothing answers 503 for a missing part. Zero failures means: no 5xx, every
-status and body as documented (the error answers are declared in server/error_responses.py), invalid input
+status and body as documented (the error answers are declared in server/http/responses.py), invalid input
 refused, a valid key required. One check is left out, `positive_data_acceptance`: an input can match the schema
 and still be refused with 422, because an image URL must also be fetchable and decode as an image (which no
 schema can say).

@@ -47,7 +47,7 @@ def test_each_cuda_memory_mode_gives_the_full_modes_image(tiny_weights, full_bf1
     from pipelines.runtime import RuntimeOptions
 
     editor = load_editor(tiny_weights, options=RuntimeOptions(memory_mode=mode))
-    assert editor.capabilities()["memory"]["mode"] == mode
+    assert editor.capabilities().runtime["memory"]["mode"] == mode
     assert np.array_equal(_edit(editor), full_bf16)
 
 
@@ -76,7 +76,7 @@ def test_compiled_transformer_gives_the_same_image_class_and_reports_compile_tim
     from pipelines.runtime import RuntimeOptions
 
     editor = load_editor(tiny_weights, options=RuntimeOptions(memory_mode="full", compile=True))
-    assert editor.capabilities()["fast_path"]["compile_seconds"] > 0
+    assert editor.capabilities().runtime["fast_path"]["compile_seconds"] > 0
     assert np.abs(_edit(editor).astype(int) - full_bf16).mean() < 2  # fused kernels may round differently
 
 

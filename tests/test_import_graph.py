@@ -19,6 +19,7 @@ LAYERS = [
     ("server.files",),  # output files
     ("server.service",),  # the edit service: the only owner of the model
     ("server.queue",),  # the queue and its dispatcher
+    ("server.services",),  # one process's services, typed, built by `serve` and `worker` alike
     ("server.http",),  # the HTTP API
     ("server.cli",),  # processes and commands
 ]
@@ -108,6 +109,49 @@ def test_no_import_circles():
         if node not in state:
             visit(node)
     assert not circles, "import circles:\n" + "\n".join(circles)
+
+
+def defined_names(path: Path) -> set[str]:
+    """Top-level names a module defines or imports."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:  # `A = 1` and `A, B = 1, 2`
+                elements = target.elts if isinstance(target, ast.Tuple) else [target]
+                names |= {e.id for e in elements if isinstance(e, ast.Name)}
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    return names
+
+
+def test_every_import_of_a_project_module_resolves():
+    """`from server import x` where `x` is neither a module nor a name there (say, after a move) fails here,
+    in the tests and benchmarks too, rather than when that line first runs."""
+    known = modules()
+    broken = []
+    for folder in (*PACKAGES, "tests", "benchmarks"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if (
+                    isinstance(node, ast.ImportFrom)
+                    and not node.level
+                    and (node.module or "").split(".")[0] in PACKAGES
+                ):
+                    if node.module not in known:
+                        broken.append(f"{path.relative_to(ROOT)}: no module {node.module}")
+                        continue
+                    defined = defined_names(known[node.module])
+                    for alias in node.names:
+                        if f"{node.module}.{alias.name}" not in known and alias.name not in defined:
+                            broken.append(f"{path.relative_to(ROOT)}: {node.module} has no {alias.name}")
+                elif isinstance(node, ast.Import):
+                    for alias in node.names:
+                        if alias.name.split(".")[0] in PACKAGES and alias.name not in known:
+                            broken.append(f"{path.relative_to(ROOT)}: no module {alias.name}")
+    assert not broken, "\n".join(broken)
 
 
 def test_the_graph_is_read_correctly():

@@ -170,7 +170,7 @@ def test_int8_quantizes_the_base_weights_and_leaves_the_distilled_adapter_alone(
     from pipelines.runtime import RuntimeOptions
 
     editor = load_editor(tiny_weights, "cpu", options=RuntimeOptions(memory_mode="full", quantization="int8"))
-    assert editor.capabilities()["memory"]["quantization"] == "int8"
+    assert editor.capabilities().runtime["memory"]["quantization"] == "int8"
     lora_layers = [m for m in editor.pipe.transformer.modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")]
     assert lora_layers, "the tiny build's turbo LoRA is loaded"
     for layer in lora_layers:

@@ -11,7 +11,7 @@ import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-import server.http.app
+import server.service.model
 from server.config import Settings
 from server.http.app import create_app
 from server.logs import JsonFormatter, logging_config
@@ -74,7 +74,7 @@ def slow_loading(monkeypatch):
     """The model load blocks until the test releases it (or raises what the test puts in `fail`)."""
     release = threading.Event()
     fail: list[Exception] = []
-    real_load = server.http.app.load_model
+    real_load = server.service.model.load_model
 
     def load(*args, **kwargs):
         release.wait(60)
@@ -82,7 +82,7 @@ def slow_loading(monkeypatch):
             raise fail[0]
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(server.http.app, "load_model", load)
+    monkeypatch.setattr(server.service.model, "load_model", load)
     return release, fail
 
 

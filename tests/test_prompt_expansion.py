@@ -55,7 +55,7 @@ def test_the_processor_is_the_real_one(editor):
     processor = editor.pipe.tokenizer
     assert type(processor).__name__ == "PixtralProcessor"
     assert type(processor.image_processor).__name__.startswith("PixtralImageProcessor")
-    assert editor.capabilities()["prompt_expansion"] is True
+    assert editor.capabilities().prompt_expansion is True
 
 
 def test_response_prompt_is_the_expanded_one_and_logs_show_it(server):
@@ -84,7 +84,7 @@ def test_a_tokenizer_saved_alone_loads_and_says_expansion_is_unavailable(tiny_we
     (weights / "tokenizer" / "preprocessor_config.json").unlink()
     (weights / "tokenizer" / "processor_config.json").unlink()
     editor = load_editor(weights, device="cpu")
-    assert editor.capabilities()["prompt_expansion"] is False
+    assert editor.capabilities().prompt_expansion is False
     refs = [decode(image_bytes(96, 96, seed=7)).convert("RGB")]
     result = editor.edit(EditCall(refs, "Make it snow", 64, 64, profile="flash", expand_prompt=True, seed=1))
     assert result.prompt == "Make it snow"

@@ -15,7 +15,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from server import net_guard
+from server.net import guard as net_guard
 from server.errors import InputError
 from server.net.guard import AddressPolicy, guarded_client, refusal_reason
 from server.service.inputs import InputLimits, fetch

@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from server import supervisor
+    from server.cli import supervisor
 
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)  # usage errors and --help here, before any child starts

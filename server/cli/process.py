@@ -32,7 +32,7 @@ def route_library_logs(json_lines: bool) -> None:
             library.disable_progress_bar()
 
 
-def resolve_weights(settings) -> tuple[Path | None, bool] | int:
+def resolve_weights(settings) -> tuple[Path, bool] | int:
     """(weights directory, tiny) from --weights / --tiny; an exit status where they are unusable."""
     import torch
 

@@ -4,7 +4,7 @@ A crash that takes the whole process down (a segfault in a CUDA library, the ker
 error after which the process exits) would otherwise leave the port dead until someone restarts it. The
 supervisor notices the child's death, starts a new one, and the queue does the rest: the request that was running
 is re-queued once by the new process (its start is counted in the queue; a request that kills the process on
-every start is failed after two, see server/dispatcher.py).
+every start is failed after two, see server/queue/dispatcher.py).
 
 The supervisor itself imports no model code and does nothing else: it forwards SIGTERM/SIGINT to the child (a
 graceful stop re-queues the running request), exits with the child's status when the child stops on purpose

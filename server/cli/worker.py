@@ -12,63 +12,31 @@ import asyncio
 import logging
 import signal
 import sys
-import time
 from pathlib import Path
-from types import SimpleNamespace
 
 from server.cli.process import resolve_weights, runtime_problem, settings_from
 from server.config import Settings
-from server.files.outputs import OutputStore
-from server.files.storage import open_storage
-from server.net.client import outbound_client
-from server.queue.connect import open_configured_queue
-from server.queue.dispatcher import Dispatcher
-from server.queue.heartbeat import advertise, new_worker_id, worker_info
-from server.queue.webhooks import WebhookSender
-from server.service.metrics import Metrics
-from server.service.model import load_model, served_profiles
-from server.service.runner import InferenceWorker
+from server.service.model import ModelState
+from server.services import open_services
 
 log = logging.getLogger(__name__)
 
 
 async def run_worker(settings: Settings, weights_dir: Path, tiny: bool) -> None:
-    profiles = served_profiles(settings)
-    worker_id = new_worker_id()
-    store = open_configured_queue(settings, worker_id)
-    editor = await asyncio.to_thread(load_model, settings, weights_dir)
-    worker = InferenceWorker(editor, settings.job_timeout_s)
-    started = time.time()
-    async with outbound_client(settings) as client:
-        state = SimpleNamespace(
-            worker=worker,
-            http=client,
-            settings=settings,
-            outputs=OutputStore(
-                settings.data_dir, open_storage(settings.storage, settings.data_dir, settings.retention_s)
-            ),
-            tiny=tiny,
-            model_loaded=asyncio.Event(),  # loaded above: the dispatcher need not wait
-        )
-        state.model_loaded.set()
-        state.metrics = Metrics(state)  # counted here; this process serves no /metrics (the front-ends do not see it)
-        webhooks = WebhookSender(client, settings.webhook_backoff_s)
-        dispatcher = Dispatcher(store, state, webhooks, profiles)
-        heartbeat = asyncio.create_task(
-            advertise(store, worker_id, lambda: worker_info(worker, profiles, started), settings.worker_heartbeat_ttl_s)
-        )
+    # Its metrics are counted here; this process serves no /metrics (the front-ends do not see them).
+    async with open_services(settings, weights_dir, tiny) as services:
+        await services.model.load(settings, weights_dir)
+        if services.model.state is not ModelState.LOADED:
+            raise RuntimeError(f"the model failed to load: {services.model.error}")  # the supervisor starts it again
+        heartbeat = asyncio.create_task(services.heartbeat(), name="heartbeat")
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, dispatcher.stop)
-        log.info(
-            "worker %s serving %s from %s on %s", worker_id, profiles, weights_dir, editor.capabilities()["device"]
-        )
-        await dispatcher.run_forever()
-        log.info("worker %s stopping", worker_id)
+            loop.add_signal_handler(sig, services.dispatcher.stop)
+        device = services.model.runner.editor.capabilities().device
+        log.info("worker %s serving %s from %s on %s", services.worker_id, services.profiles, weights_dir, device)
+        await services.dispatcher.run_forever()
+        log.info("worker %s stopping", services.worker_id)
         heartbeat.cancel()
-        await webhooks.close()
-    worker.shutdown()
-    store.close()
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

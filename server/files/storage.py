@@ -21,7 +21,9 @@ MAX_PRESIGN_S = 7 * 24 * 3600  # SigV4 presigned URLs live at most a week
 
 @runtime_checkable
 class FileStorage(Protocol):
-    local_dir: Path | None  # set: the files are this directory's, served under /files/ as static files
+    @property
+    def local_dir(self) -> Path | None:
+        """Set: the files are this directory's, served under /files/ as static files."""
 
     def put(self, name: str, data: bytes, content_type: str) -> None: ...
 

@@ -7,6 +7,8 @@ import hmac
 from fastapi import HTTPException, Request, Security
 from fastapi.security import APIKeyHeader
 
+from server.http.context import services
+
 # Declares the header in /openapi.json (scheme "apiKeyAuth", as fal names it); the check itself is require_key's.
 api_key_header = APIKeyHeader(
     name="Authorization",
@@ -18,7 +20,7 @@ api_key_header = APIKeyHeader(
 
 async def require_key(request: Request, _declared: str | None = Security(api_key_header)) -> None:
     """FastAPI dependency. With no keys configured the server is open (and said so at start-up)."""
-    keys: list[str] = request.app.state.api_keys
+    keys: list[str] = services(request).api_keys
     if not keys:
         return
     scheme, _, given = request.headers.get("authorization", "").partition(" ")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Collection
 from dataclasses import dataclass, fields
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 PRIORITIES = {"normal": 0, "low": 1}  # fal's X-Fal-Queue-Priority values, in the order they are served
 
@@ -51,7 +51,8 @@ class QueuedRequest:
     @classmethod
     def from_mapping(cls, values: dict) -> QueuedRequest:
         """From a row or record holding (at least) this class's fields; other keys are ignored."""
-        request = cls(**{f.name: values.get(f.name) for f in fields(cls)})
+        known: dict[str, Any] = {f.name: values.get(f.name) for f in fields(cls)}
+        request = cls(**known)
         request.attempts = int(request.attempts or 0)
         return request
 

@@ -29,7 +29,8 @@ from server.errors import (
 from server.logs import request_id_var
 from server.queue.backend import QueueBackend, QueuedRequest
 from server.queue.webhooks import WebhookSender, webhook_payload
-from server.service.edit import run_edit
+from server.service.edit import EditService
+from server.service.model import ModelState
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +39,15 @@ IDLE_RECHECK_S = 1.0  # an idle dispatcher looks at the queue at least this ofte
 
 
 class Dispatcher:
-    def __init__(self, store: QueueBackend, state, webhooks: WebhookSender, profiles: list[str] | None = None):
+    def __init__(
+        self,
+        store: QueueBackend,
+        service: EditService,
+        webhooks: WebhookSender | None,
+        profiles: list[str] | None = None,
+    ):
         self.store = store
-        self.state = state
+        self.service = service
         self.webhooks = webhooks
         # the endpoints this dispatcher takes requests for: those whose profile its model runs (default: all)
         self.endpoint_ids = [e.endpoint_id for e in ENDPOINTS if profiles is None or e.profile in profiles]
@@ -68,8 +75,8 @@ class Dispatcher:
         if not self.store.complete(request.id, status_code, result, error, error_type, metrics, only_if_queued):
             return False
         outcome = "ok" if status_code == 200 else error_type or "internal_error"  # error_type: from answer_for
-        self.state.metrics.job_finished(request.endpoint_id, "queue", outcome, time.time() - request.created_at)
-        if request.webhook_url:
+        self.service.metrics.job_finished(request.endpoint_id, "queue", outcome, time.time() - request.created_at)
+        if request.webhook_url and self.webhooks is not None:
             self.webhooks.send(request.webhook_url, webhook_payload(request.id, status_code, result, error))
         return True
 
@@ -85,7 +92,8 @@ class Dispatcher:
         if self.fail(request, RequestCancelled(), only_if_queued=True):
             self.store.log(request.id, CANCELLED, "WARNING")
             return True
-        if self.store.get(request.id).status == "IN_PROGRESS":
+        current = self.store.get(request.id)
+        if current is not None and current.status == "IN_PROGRESS":
             self.store.request_cancel(request.id)
             return True
         return False
@@ -95,7 +103,9 @@ class Dispatcher:
         self._wakeup.set()
 
     async def run_forever(self) -> None:
-        await self.state.model_loaded.wait()  # queued requests wait (in the store) while the model loads
+        await self.service.model.settled()  # queued requests wait (in the store) while the model loads
+        if self.service.model.state is not ModelState.LOADED:
+            return  # it failed to load: nothing runs here, /health and /ready say why
         while not self.stopping:
             self._wakeup.clear()
             try:
@@ -130,22 +140,21 @@ class Dispatcher:
         request_id_var.set(request.id)
         if (request.attempts or 0) > MAX_ATTEMPTS:  # started that often and never finished: it stops workers
             message = (
-                f"The worker stopped while running this request {request.attempts - 1} times "
+                f"The worker stopped while running this request {(request.attempts or 1) - 1} times "
                 "(the process died or was stopped); it is not retried."
             )
             self.store.log(request.id, message, "ERROR")
             log.error("request %s failed: %s", request.id, message)
             self.fail(request, WorkerCrashed(message))
             return
-        if request.start_deadline and request.started_at > request.start_deadline:
+        if request.start_deadline and (request.started_at or 0.0) > request.start_deadline:
             self.fail(request, StartDeadlinePassed())
             return
         endpoint = BY_ID[request.endpoint_id]
         body = endpoint.input_model.model_validate_json(request.input)
         started = time.perf_counter()
         try:
-            output = await run_edit(
-                self.state,
+            output = await self.service.edit(
                 endpoint.profile,
                 body,
                 request.files_url,

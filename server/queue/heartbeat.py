@@ -10,7 +10,7 @@ import socket
 import uuid
 
 from server.queue.backend import QueueBackend
-from server.service.runner import InferenceWorker
+from server.service.runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +29,16 @@ async def advertise(store: QueueBackend, worker_id: str, info, ttl_s: float) -> 
         await asyncio.sleep(ttl_s / 3)
 
 
-def worker_info(worker: InferenceWorker, profiles: list[str], started: float) -> dict:
-    caps = worker.editor.capabilities()
+def worker_info(runner: ModelRunner, profiles: list[str], started: float) -> dict:
+    """What a worker advertises (JSON): where it runs, what it serves, whether it is busy, what it can do."""
+    caps = runner.editor.capabilities()
     return {
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "profiles": profiles,
-        "device": caps.get("device"),
-        "dtype": caps.get("dtype"),
-        "busy": worker.waiting > 0,
+        "device": caps.device,
+        "dtype": caps.dtype,
+        "busy": runner.waiting > 0,
         "started_at": started,
-        "capabilities": caps,
+        "capabilities": caps.as_dict(),
     }

@@ -175,7 +175,7 @@ def _encode(value) -> str:
     return str(value)
 
 
-def _decode(record: dict[str, str]) -> QueuedRequest:
+def _decode(record: dict) -> QueuedRequest:
     values: dict = dict(record)
     for name in INT_FIELDS & values.keys():
         values[name] = int(values[name])
@@ -262,7 +262,7 @@ class RedisQueue:
 
     def claim(self, endpoint_ids: Collection[str]) -> QueuedRequest | None:
         streams = [(s, p) for s, p, e in self.streams if e in endpoint_ids]
-        args = [self.consumer, time.time(), self.visibility_ms, PREFIX, *(p for _, p in streams)]
+        args: list = [self.consumer, time.time(), self.visibility_ms, PREFIX, *(p for _, p in streams)]
         found = self._claim(keys=[s for s, _ in streams], args=args)
         if not found[0]:
             self._last_ids = dict(zip((s for s, _ in streams), found[1], strict=True))
@@ -295,7 +295,7 @@ class RedisQueue:
         if not self._last_ids:
             await asyncio.sleep(0)
             return
-        streams = dict(self._last_ids)
+        streams: dict = dict(self._last_ids)
         reading = asyncio.ensure_future(
             asyncio.to_thread(self.redis.xread, streams, count=1, block=int(timeout_s * 1000))
         )

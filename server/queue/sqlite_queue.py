@@ -229,8 +229,10 @@ class RequestStore:
     def logs(self, request_id: str) -> list[dict]:
         """fal's log objects: message, level, source, timestamp (ISO 8601, UTC)."""
         with self._lock:
-            rows = self._db.execute("SELECT at, level, message FROM logs WHERE request_id=? ORDER BY at", (request_id,))
-            rows = rows.fetchall()
+            cursor = self._db.execute(
+                "SELECT at, level, message FROM logs WHERE request_id=? ORDER BY at", (request_id,)
+            )
+            rows = cursor.fetchall()
         return [
             {
                 "message": row["message"],

@@ -1,7 +1,7 @@
 """fal's webhooks: when a queued request with `?fal_webhook=URL` completes, POST its outcome to URL.
 
 Delivery runs in background tasks with exponential backoff, so a slow or failing receiver never holds up the
-queue. Deliveries go through the same SSRF guard as input images (server/net_guard.py): a webhook URL that resolves
+queue. Deliveries go through the same SSRF guard as input images (server/net/guard.py): a webhook URL that resolves
 to a loopback/private/link-local/... address is not called unless FLUX2_FETCH_ALLOW allows it. The payload is
 fal's: request_id, gateway_request_id, status OK/ERROR, payload, error.
 """

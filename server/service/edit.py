@@ -1,30 +1,41 @@
-"""From an endpoint's validated input to its output: images in, model call, files out, honest notices."""
+"""From an endpoint's validated input to its output, in three steps: `prepare` (check what this server can run,
+fetch and decode the images, size and seed: an `EditCall`), `run` (the model, on its own thread), `finish` (encode
+and store the files, honest notices: an `EditOutput`). `EditService` holds what they need.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
+import httpx
 import PIL.Image
 
-from pipelines import Cancelled, EditCall
+from pipelines import Cancelled, EditCall, EditResult
+from pipelines.capabilities import Capabilities
+from server.config import Settings
 from server.errors import InferenceError, Unavailable
+from server.files.outputs import OutputStore
 from server.schemas import (
     MAX_REFERENCE_IMAGES,
     MAX_SIDE,
     MIN_SIDE,
     NAMED_SIZES,
     Acceleration,
+    EditInput,
     EditOutput,
     Flux2EditInput,
     ImageSize,
     ImageSizeName,
-    _EditInputCommon,
 )
 from server.service.inputs import InputLimits, LocalFiles, load_images, url_error
+from server.service.metrics import Metrics
+from server.service.model import Model
 
 log = logging.getLogger(__name__)
 _seeds = random.SystemRandom()
@@ -53,45 +64,38 @@ def output_size(image_size: ImageSize | ImageSizeName | None, first: PIL.Image.I
     return size_from_reference(first.width, first.height, multiple)
 
 
-def undistilled(profile: str, capabilities: dict) -> bool:
-    """Whether this profile is made for a distilled adapter that is not loaded."""
-    info = capabilities["profiles"][profile]
-    return bool(info["distilled_adapter"]) and not info["distilled_adapter_loaded"]
-
-
-def unavailable_reason(settings, profile: str, body: _EditInputCommon, capabilities: dict) -> str | None:
+def unavailable_reason(settings: Settings, profile: str, body: EditInput, caps: Capabilities) -> str | None:
     """Why this server refuses the request as configured (the endpoint answers 503), or None."""
-    if body.enable_safety_checker and not capabilities["safety_checker"] and not settings.disable_safety_checker:
+    if body.enable_safety_checker and not caps.safety_checker and not settings.disable_safety_checker:
         return (
             "enable_safety_checker is true, and this server has no safety checker: no image classifier at "
             f"{settings.safety_checker or '<weights>/safety_checker'} (FLUX2_SAFETY_CHECKER). Send "
             "enable_safety_checker: false, or ask the operator to install a checker or turn it off "
             "(FLUX2_DISABLE_SAFETY_CHECKER=1)."
         )
-    if not capabilities["profiles"][profile]["runs_here"]:
-        runs = ", ".join(name for name, info in capabilities["profiles"].items() if info["runs_here"])
+    info = caps.profiles[profile]
+    if not info.runs_here:
+        runs = ", ".join(name for name, other in caps.profiles.items() if other.runs_here)
         return (
-            f"This server runs only the {runs} profile(s): their distilled {capabilities['fused_adapter']!r} adapter "
+            f"This server runs only the {runs} profile(s): their distilled {caps.fused_adapter!r} adapter "
             f"is fused into its weights (FLUX2_PROFILES={settings.profiles}), so the {profile} profile can't run "
             "here. Send it to a server that serves it, or start this one with FLUX2_FUSE_ADAPTER=0."
         )
-    if undistilled(profile, capabilities) and not settings.allow_undistilled:
-        info = capabilities["profiles"][profile]
+    if info.undistilled and not settings.allow_undistilled:
         return (
-            f"The {profile} profile needs its distilled {info['distilled_adapter']!r} adapter, which is not on this "
-            f"server: missing file {info['distilled_adapter_file']}. Place it there, or start the server with "
+            f"The {profile} profile needs its distilled {info.distilled_adapter!r} adapter, which is not on this "
+            f"server: missing file {info.distilled_adapter_file}. Place it there, or start the server with "
             "--allow-undistilled (FLUX2_ALLOW_UNDISTILLED=1) to run this profile on the base weights."
         )
     return None
 
 
-def check_available(state, profile: str, body: _EditInputCommon) -> None:
-    reason = unavailable_reason(state.settings, profile, body, state.worker.editor.capabilities())
-    if reason:
-        raise Unavailable(reason)
+def acceleration_of(body: EditInput) -> str:
+    """The acceleration level asked for (only the base endpoint's input has the field)."""
+    return body.acceleration.value if isinstance(body, Flux2EditInput) else Acceleration.none.value
 
 
-def notices_for(body: _EditInputCommon, profile: str, capabilities: dict, settings) -> list[str]:
+def notices_for(body: EditInput, profile: str, caps: Capabilities, settings: Settings) -> list[str]:
     """Plain statements of what was asked for and not done, because this server can't or won't do it."""
     notices = []
     if len(body.image_urls) > MAX_REFERENCE_IMAGES:
@@ -101,64 +105,25 @@ def notices_for(body: _EditInputCommon, profile: str, capabilities: dict, settin
             "The safety checker is turned off on this server by its operator: the images were not checked "
             "(has_nsfw_concepts is false for each)."
         )
-    if body.enable_prompt_expansion and not capabilities["prompt_expansion"]:
+    if body.enable_prompt_expansion and not caps.prompt_expansion:
         notices.append("Prompt expansion is not available on this server: the prompt was used as given.")
-    level = body.acceleration.value if isinstance(body, Flux2EditInput) else Acceleration.none.value
-    if level != Acceleration.none.value and not capabilities["acceleration"][level]:
+    level = acceleration_of(body)
+    if not caps.acceleration_runs(level):
         notices.append(
             f"Acceleration {level!r} is turned off on this server: the image was generated without acceleration."
         )
-    if undistilled(profile, capabilities):  # served only when the operator allowed it
-        info = capabilities["profiles"][profile]
+    info = caps.profiles[profile]
+    if info.undistilled:  # served only when the operator allowed it
         notices.append(
-            f"No distilled {info['distilled_adapter']!r} adapter is loaded: the {profile} profile ran the base "
-            f"FLUX.2 [dev] weights on its {info['steps']}-step schedule (allowed by FLUX2_ALLOW_UNDISTILLED)."
+            f"No distilled {info.distilled_adapter!r} adapter is loaded: the {profile} profile ran the base "
+            f"FLUX.2 [dev] weights on its {info.steps}-step schedule (allowed by FLUX2_ALLOW_UNDISTILLED)."
         )
     return notices
 
 
-async def run_edit(
-    state,
-    profile: str,
-    body: _EditInputCommon,
-    base_url: str,
-    request_id: str,
-    on_log: Callable[[str], None] | None = None,
-    should_cancel: Callable[[], bool] | None = None,
-) -> EditOutput:
-    """Run one edit request end to end. `state` holds the app's worker, output store, HTTP client and settings.
-
-    Progress lines (one per denoising step) go to the log and to `on_log`; `should_cancel` is polled after each
-    step, and a cancelled run raises `pipelines.Cancelled`.
-    """
-    started = time.perf_counter()
-
-    def progress(message: str) -> None:
-        log.info("request %s: %s", request_id, message)
-        if on_log is not None:
-            on_log(message)
-
-    editor = state.worker.editor
-    check_available(state, profile, body)
-    urls = body.image_urls[:MAX_REFERENCE_IMAGES]
-    settings = state.settings
-    limits = InputLimits(settings.max_input_image_bytes, settings.max_input_pixels, settings.fetch_timeout_s)
-    local = LocalFiles(base_url, state.outputs.storage)
-    images, input_notices = await load_images(state.http, urls, limits, local)
-    for index, image in enumerate(images):
-        problem = editor.reference_problem(image)
-        if problem:
-            raise url_error(index, urls[index], problem, "invalid_image")
-    width, height = output_size(body.image_size, images[0], editor.size_multiple)
-    seed = body.seed if body.seed is not None else _seeds.randrange(2**32)
-    fetched = time.perf_counter()
-    step_clock = state.metrics.step_clock(profile)  # step latency for /metrics
-
-    def on_step(step: int, total: int) -> None:
-        step_clock.tick()
-        progress(f"step {step}/{total}")
-
-    call = EditCall(
+def edit_call(body: EditInput, profile: str, images: list, width: int, height: int, seed: int, settings) -> EditCall:
+    """The model call a validated body asks for (no callbacks yet: `EditService.run` adds them)."""
+    return EditCall(
         images=images,
         prompt=body.prompt,
         width=width,
@@ -168,31 +133,125 @@ async def run_edit(
         guidance_scale=body.guidance_scale,
         seed=seed,
         num_images=body.num_images,
-        acceleration=body.acceleration.value if isinstance(body, Flux2EditInput) else Acceleration.none.value,
-        on_step=on_step,
-        should_cancel=should_cancel,
+        acceleration=acceleration_of(body),
         expand_prompt=body.enable_prompt_expansion,
-        on_message=progress,
-        check_safety=body.enable_safety_checker and not state.settings.disable_safety_checker,
+        check_safety=body.enable_safety_checker and not settings.disable_safety_checker,
     )
-    progress(f"{profile} {width}x{height}, {len(images)} reference(s), seed {seed}")
-    try:
-        result = await state.worker.run(call)
-    except (Cancelled, InferenceError):
-        raise
-    except Exception as exc:
-        raise InferenceError(f"{type(exc).__name__}: {exc}") from exc
-    encoding = time.perf_counter()
-    files = await asyncio.to_thread(state.outputs.save, result.images, body.output_format, base_url, body.sync_mode)
-    done = time.perf_counter()
-    timings = {"fetch_inputs": fetched - started, **result.timings, "encode": done - encoding, "total": done - started}
-    return EditOutput(
-        images=files,
-        timings=timings,
-        seed=seed,
-        # The checker's verdicts; false where it did not run (the caller turned it off, or the operator did, which
-        # the notices say): fal's field is a list of booleans.
-        has_nsfw_concepts=result.has_nsfw_concepts or [False] * len(files),
-        prompt=result.prompt,
-        notices=input_notices + notices_for(body, profile, editor.capabilities(), state.settings) + result.notices,
-    )
+
+
+@dataclass
+class Prepared:
+    """A request made ready for the model: its call, where its files go, and what was noticed on the way."""
+
+    profile: str
+    body: EditInput
+    call: EditCall
+    base_url: str
+    input_notices: list[str]
+    started: float  # perf_counter when preparing began
+    fetched: float  # ... and when the inputs were ready
+
+
+@dataclass
+class EditService:
+    """One edit: `prepare` -> `run` -> `finish`. Built once per process (server.services)."""
+
+    settings: Settings
+    model: Model
+    outputs: OutputStore
+    http: httpx.AsyncClient
+    metrics: Metrics
+
+    def check_available(self, profile: str, body: EditInput) -> None:
+        """Unavailable (503) if this server, as configured, can't run the request."""
+        reason = unavailable_reason(self.settings, profile, body, self.model.runner.editor.capabilities())
+        if reason:
+            raise Unavailable(reason)
+
+    async def prepare(
+        self, profile: str, body: EditInput, base_url: str, on_message: Callable[[str], None]
+    ) -> Prepared:
+        started = time.perf_counter()
+        editor = self.model.runner.editor
+        self.check_available(profile, body)
+        urls = body.image_urls[:MAX_REFERENCE_IMAGES]
+        settings = self.settings
+        limits = InputLimits(settings.max_input_image_bytes, settings.max_input_pixels, settings.fetch_timeout_s)
+        images, input_notices = await load_images(self.http, urls, limits, LocalFiles(base_url, self.outputs.storage))
+        for index, image in enumerate(images):
+            problem = editor.reference_problem(image)
+            if problem:
+                raise url_error(index, urls[index], problem, "invalid_image")
+        width, height = output_size(body.image_size, images[0], editor.size_multiple)
+        seed = body.seed if body.seed is not None else _seeds.randrange(2**32)
+        call = edit_call(body, profile, images, width, height, seed, settings)
+        on_message(f"{profile} {width}x{height}, {len(images)} reference(s), seed {seed}")
+        return Prepared(profile, body, call, base_url, input_notices, started, time.perf_counter())
+
+    async def run(
+        self,
+        prepared: Prepared,
+        on_step: Callable[[int, int], None],
+        on_message: Callable[[str], None],
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> EditResult:
+        """The model call, on the runner's thread. A fault inside the model is an InferenceError (500)."""
+        step_clock = self.metrics.step_clock(prepared.profile)  # step latency for /metrics
+
+        def step(done: int, total: int) -> None:
+            step_clock.tick()
+            on_step(done, total)
+
+        call = dataclasses.replace(prepared.call, on_step=step, on_message=on_message, should_cancel=should_cancel)
+        try:
+            return await self.model.runner.run(call)
+        except (Cancelled, InferenceError):
+            raise
+        except Exception as exc:
+            raise InferenceError(f"{type(exc).__name__}: {exc}") from exc
+
+    async def finish(self, prepared: Prepared, result: EditResult) -> EditOutput:
+        body = prepared.body
+        encoding = time.perf_counter()
+        files = await asyncio.to_thread(
+            self.outputs.save, result.images, body.output_format, prepared.base_url, body.sync_mode
+        )
+        done = time.perf_counter()
+        timings = {
+            "fetch_inputs": prepared.fetched - prepared.started,
+            **result.timings,
+            "encode": done - encoding,
+            "total": done - prepared.started,
+        }
+        caps = self.model.runner.editor.capabilities()
+        return EditOutput(
+            images=files,
+            timings=timings,
+            seed=prepared.call.seed,
+            # The checker's verdicts; false where it did not run (the caller turned it off, or the operator did,
+            # which the notices say): fal's field is a list of booleans.
+            has_nsfw_concepts=result.has_nsfw_concepts or [False] * len(files),
+            prompt=result.prompt,
+            notices=prepared.input_notices + notices_for(body, prepared.profile, caps, self.settings) + result.notices,
+        )
+
+    async def edit(
+        self,
+        profile: str,
+        body: EditInput,
+        base_url: str,
+        request_id: str,
+        on_log: Callable[[str], None] | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> EditOutput:
+        """Run one edit request end to end. Progress lines (one per denoising step) go to the log and to `on_log`;
+        `should_cancel` is polled after each step, and a cancelled run raises `pipelines.Cancelled`."""
+
+        def progress(message: str) -> None:
+            log.info("request %s: %s", request_id, message)
+            if on_log is not None:
+                on_log(message)
+
+        prepared = await self.prepare(profile, body, base_url, progress)
+        result = await self.run(prepared, lambda step, total: progress(f"step {step}/{total}"), progress, should_cancel)
+        return await self.finish(prepared, result)

@@ -1,6 +1,6 @@
 """Input images: fetch `image_urls` (http, https, data URIs) and decode them, naming the URL on any failure.
 
-Hostile inputs are refused before they cost much: http(s) URLs go through the SSRF guard (server/net_guard.py)
+Hostile inputs are refused before they cost much: http(s) URLs go through the SSRF guard (server/net/guard.py)
 with limits on redirects, total time and bytes; data URIs are sized before they are decoded; images are sized
 from their header before any pixel is decoded (decompression bombs), and decoded images are brought to RGB the
 same way whatever they came as (CMYK, 16-bit, alpha, palette; EXIF orientation applied; first frame of an
@@ -17,12 +17,14 @@ import io
 import re
 import urllib.parse
 from dataclasses import dataclass
+from typing import cast
 
 import httpx
 import PIL.Image
 import PIL.ImageOps
 
 from server.errors import InputError
+from server.files.storage import FileStorage
 from server.net.guard import AddressRefused
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -41,7 +43,7 @@ class LocalFiles:
     """This server's own files: URLs under `<base_url>/files/` are read from its file storage, not fetched."""
 
     base_url: str
-    storage: object  # server.files.storage.FileStorage: get(name) -> (bytes, content type) | None
+    storage: FileStorage
 
     def name_for(self, url: str) -> str | None:
         """The stored file's name for one of this server's /files/ URLs, or None for any other URL."""
@@ -150,7 +152,7 @@ async def fetch(
         )
     name = local.name_for(url) if local is not None else None
     if name is not None:
-        return await asyncio.to_thread(read_local, local, name, url, index, limits.max_bytes)
+        return await asyncio.to_thread(read_local, local, name, url, index, limits.max_bytes)  # type: ignore[arg-type]
     return await download(client, url, index, limits)
 
 
@@ -160,10 +162,10 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
         image = image.convert("I")
         image = image.point(lambda v: v * (255 / 65535)).convert("L")
     elif image.mode == "I":
-        high = image.getextrema()[1]
+        high = cast(float, image.getextrema()[1])  # one band: (low, high)
         image = (image.point(lambda v: v * (255 / 65535)) if high > 255 else image).convert("L")
     elif image.mode == "F":
-        high = image.getextrema()[1]
+        high = cast(float, image.getextrema()[1])
         image = (image.point(lambda v: v * 255) if high <= 1.0 else image).convert("L")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         rgba = image.convert("RGBA")
@@ -189,11 +191,11 @@ def decode_image(data: bytes, url: str, index: int, max_pixels: int) -> tuple[PI
                 )
             notice = None
             if getattr(image, "is_animated", False):
-                notice = f"image_urls[{index}] is animated ({image.n_frames} frames): only its first frame was used."
+                frames = getattr(image, "n_frames", "several")
+                notice = f"image_urls[{index}] is animated ({frames} frames): only its first frame was used."
                 image.seek(0)
             image.load()
-            image = PIL.ImageOps.exif_transpose(image)
-            return to_rgb(image), notice
+            return to_rgb(PIL.ImageOps.exif_transpose(image)), notice
     except PIL.UnidentifiedImageError as exc:
         raise url_error(
             index,

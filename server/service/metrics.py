@@ -2,17 +2,20 @@
 
 Counted as they happen: finished requests by endpoint, mode (sync or queue) and outcome; end-to-end latency
 (a queued request from submit to result, a sync one from its body being read to its answer); the time of each
-denoising step. Read at scrape time from the app's own objects: queue depth (`store.queued_count()`), model calls
-waiting (`worker.waiting`), whether the model is loaded, and, when the model is on a CUDA device, that device's
+denoising step. Read at scrape time from the process's own objects: queue depth (`store.queued_count()`), model calls
+waiting (`runner.waiting`), whether the model is loaded, and, when the model is on a CUDA device, that device's
 memory (allocated and reserved by torch, free and total on the device).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
+
+from server.service.model import Model, ModelState
 
 # Seconds. Steps of FLUX.2 [dev] run ~0.1 s (H100, 1 MP) to minutes (the tiny model on a CPU is ~0.05 s).
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -20,7 +23,7 @@ REQUEST_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 180
 
 
 class Metrics:
-    def __init__(self, state):
+    def __init__(self, model: Model, queued: Callable[[], int] | None = None):
         self.registry = CollectorRegistry()
         self.jobs = Counter(
             "flux2_jobs",
@@ -43,7 +46,7 @@ class Metrics:
             buckets=STEP_BUCKETS,
             registry=self.registry,
         )
-        self.registry.register(LiveState(state))
+        self.registry.register(LiveState(model, queued))
 
     def job_finished(self, endpoint: str, mode: str, outcome: str, seconds: float) -> None:
         self.jobs.labels(endpoint, mode, outcome).inc()
@@ -70,24 +73,24 @@ class StepClock:
 class LiveState:
     """A custom collector: values read from the app at scrape time rather than kept up to date by hand."""
 
-    def __init__(self, state):
-        self.state = state
+    def __init__(self, model: Model, queued: Callable[[], int] | None):
+        self.model = model
+        self.queued = queued  # the queue's depth, where this process has a queue to show
 
     def collect(self):
-        state = self.state
-        store = getattr(state, "store", None)
-        if store is not None:
-            yield _gauge("flux2_queue_depth", "Queued requests not started yet.", store.queued_count())
-        loaded = state.model_loaded.is_set()
+        if self.queued is not None:
+            yield _gauge("flux2_queue_depth", "Queued requests not started yet.", self.queued())
+        loaded = self.model.state is ModelState.LOADED
         yield _gauge("flux2_model_loaded", "1 once the model is loaded and serving, else 0.", int(loaded))
         if not loaded:
             return
+        runner = self.model.runner
         yield _gauge(
             "flux2_model_calls_waiting",
             "Edits handed to the model and not finished, the running one included.",
-            state.worker.waiting,
+            runner.waiting,
         )
-        device = state.worker.editor.device
+        device = runner.editor.device
         if device.type == "cuda":
             yield from _cuda_memory(device)
 

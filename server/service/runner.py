@@ -1,4 +1,4 @@
-"""The inference worker: one thread owns the model and runs edits one at a time, in arrival order.
+"""The model runner: one thread owns the model and runs edits one at a time, in arrival order.
 
 The event loop only awaits the result, so HTTP stays responsive while the GPU works; requests beyond the
 one running wait in the executor's FIFO queue.
@@ -30,7 +30,7 @@ def release_device_memory() -> None:
     torch.cuda.empty_cache()
 
 
-class InferenceWorker:
+class ModelRunner:
     def __init__(self, editor: Flux2Editor, job_timeout_s: float | None = None):
         self.editor = editor
         self.job_timeout_s = job_timeout_s

@@ -4,6 +4,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from server.http.context import services
+from server.service.model import ModelState
+
 router = APIRouter(tags=["health"])
 
 
@@ -26,40 +29,33 @@ class Readiness(BaseModel):
     error: str | None = None
 
 
-def model_state(state) -> str:
-    if state.front_end:
-        return "none"
-    if state.model_loaded.is_set():
-        return "loaded"
-    return "failed" if state.model_error else "loading"
-
-
 @router.get("/health", response_model=Health, responses={503: {"model": Health, "description": "Model failed"}})
 async def health(request: Request) -> JSONResponse:
     """Liveness: answers as soon as the process serves, while the model loads too; 503 once loading failed."""
-    state = request.app.state
-    model = model_state(state)
+    the = services(request)
+    model = the.model.state
     answer = Health(
-        status="error" if model == "failed" else "ok",
-        model=model,
-        error=state.model_error,
-        tiny_model=state.tiny,
-        queued=state.store.queued_count(),
-        workers=state.store.workers(),
-        allow_undistilled=state.settings.allow_undistilled,
-        safety_checker_disabled=state.settings.disable_safety_checker,
+        status="error" if model is ModelState.FAILED else "ok",
+        model=model.value,
+        error=the.model.error,
+        tiny_model=the.tiny,
+        queued=the.store.queued_count(),
+        workers=the.store.workers(),
+        allow_undistilled=the.settings.allow_undistilled,
+        safety_checker_disabled=the.settings.disable_safety_checker,
     )
-    if model == "loaded":
-        answer.waiting = state.worker.waiting  # edits submitted to the model and not finished, running included
-        answer.capabilities = state.worker.editor.capabilities()
-    return JSONResponse(answer.model_dump(mode="json"), status_code=503 if model == "failed" else 200)
+    if model is ModelState.LOADED:
+        runner = the.model.runner
+        answer.waiting = runner.waiting  # edits submitted to the model and not finished, running included
+        answer.capabilities = runner.editor.capabilities().as_dict()
+    return JSONResponse(answer.model_dump(mode="json"), status_code=503 if model is ModelState.FAILED else 200)
 
 
 @router.get("/ready", response_model=Readiness, responses={503: {"model": Readiness, "description": "Not ready"}})
 async def ready(request: Request) -> JSONResponse:
     """Readiness: 200 once the model is loaded and requests run (an API front-end: at once, it only queues); 503
     while it loads (or if loading failed)."""
-    state = request.app.state
-    model = model_state(state)
-    answer = Readiness(ready=model in ("loaded", "none"), model=model, error=state.model_error)
+    model = services(request).model
+    ready = model.state in (ModelState.LOADED, ModelState.ELSEWHERE)
+    answer = Readiness(ready=ready, model=model.state.value, error=model.error)
     return JSONResponse(answer.model_dump(), status_code=200 if answer.ready else 503)

@@ -17,6 +17,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from server.endpoints import APP_PATH, BY_ID, ENDPOINTS
+from server.http.context import services
 
 router = APIRouter(include_in_schema=False)
 
@@ -103,7 +104,7 @@ async def openapi(
     if endpoint_id not in BY_ID:
         known = ", ".join(e.endpoint_id for e in ENDPOINTS)
         raise HTTPException(404, f"Unknown endpoint_id {endpoint_id!r}; this server serves {known}")
-    base_url = request.app.state.settings.public_url or str(request.base_url)
+    base_url = services(request).settings.public_url or str(request.base_url)
     return JSONResponse(endpoint_openapi(full, endpoint_id, base_url))
 
 

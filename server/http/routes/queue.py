@@ -14,12 +14,13 @@ from fastapi import APIRouter, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.endpoints import APP_PATH, ENDPOINTS, Endpoint
-from server.http.quotas import caller
+from server.http.callers import caller
+from server.http.context import services
 from server.http.responses import MODEL_FAILED, NOT_FOUND, TIMED_OUT, UNAVAILABLE
 from server.logs import request_id_var
 from server.queue.backend import PRIORITIES, QueuedRequest
 from server.schemas import CancelAnswer, EditOutput, Message, QueueStatus, QueueSubmitted
-from server.service.edit import check_available
+from server.service.model import ModelState
 
 router = APIRouter(prefix="/queue", tags=["queue"])
 STREAM_POLL_S = 0.1
@@ -74,30 +75,30 @@ def enqueue(
     start_timeout_s: float | None = None,
 ) -> QueuedRequest:
     """Accept a request into the queue (durably) and wake the local dispatcher, if any."""
-    state = request.app.state
-    if state.worker is not None:  # refused now (503), rather than accepted and failed; a front-end leaves it to workers
-        check_available(state, endpoint.profile, body)
+    the = services(request)
+    if the.model.state is ModelState.LOADED:  # refused now (503), rather than accepted and failed
+        the.edits.check_available(endpoint.profile, body)
     request_id = str(uuid.uuid4())
     request_id_var.set(request_id)
-    state.quotas.claim(caller(request), request_id, state.store)  # counts until the queue has it COMPLETED
-    state.store.add(
+    the.quotas.claim(caller(request), request_id, the.store)  # counts until the queue has it COMPLETED
+    the.store.add(
         request_id,
         endpoint.endpoint_id,
         body.model_dump_json(exclude_unset=True),
         PRIORITIES[priority],
         _queue_url(request),
-        state.settings.public_url or str(request.base_url),
+        the.settings.public_url or str(request.base_url),
         webhook_url,
         start_timeout_s,
     )
-    state.dispatcher.notify()
-    return state.store.get(request_id)
+    the.dispatcher.notify()
+    return _get(request, request_id)
 
 
 async def wait_completed(request: Request, request_id: str, poll_s: float = STREAM_POLL_S / 2) -> QueuedRequest:
     """Wait for a queued request to complete, wherever it runs."""
     while True:
-        queued = request.app.state.store.get(request_id)
+        queued = _get(request, request_id)
         if queued.status == "COMPLETED":
             return queued
         await asyncio.sleep(poll_s)
@@ -105,7 +106,7 @@ async def wait_completed(request: Request, request_id: str, poll_s: float = STRE
 
 def _add_submit_route(endpoint: Endpoint) -> None:
     async def submit(
-        body: endpoint.input_model,
+        body: endpoint.input_model,  # type: ignore[name-defined]  # FastAPI reads it at run time
         request: Request,
         fal_webhook: Annotated[
             str | None,
@@ -121,7 +122,7 @@ def _add_submit_route(endpoint: Endpoint) -> None:
         ] = None,
     ) -> QueueSubmitted:
         queued = enqueue(request, endpoint, body, fal_webhook, x_fal_queue_priority, x_fal_request_timeout)
-        position = request.app.state.store.position(queued)
+        position = services(request).store.position(queued)
         return QueueSubmitted(request_id=queued.id, queue_position=position, **queued.urls)
 
     submit.__name__ = f"submit_{endpoint.profile}"
@@ -135,14 +136,14 @@ def _add_submit_route(endpoint: Endpoint) -> None:
 
 
 def _get(request: Request, request_id: str) -> QueuedRequest:
-    queued = request.app.state.store.get(request_id)
+    queued = services(request).store.get(request_id)
     if queued is None:
         raise HTTPException(404, f"Request {request_id} not found")
     return queued
 
 
 def status_of(request: Request, queued: QueuedRequest, with_logs: bool) -> QueueStatus:
-    store = request.app.state.store
+    store = services(request).store
     urls = queued.urls
     logs = store.logs(queued.id) if with_logs else None
     if queued.status == "IN_QUEUE":
@@ -189,6 +190,7 @@ def result_response(queued: QueuedRequest) -> JSONResponse:
     headers = {"x-fal-request-id": queued.id}
     if queued.error_type == "request_timeout":
         headers["x-fal-request-timeout-type"] = "user"  # fal's mark: the caller's own start deadline passed
+    assert queued.result is not None and queued.status_code is not None, "only a COMPLETED request has a result"
     return JSONResponse(json.loads(queued.result), status_code=queued.status_code, headers=headers)
 
 
@@ -201,7 +203,7 @@ async def result(request: Request, request_id: str) -> JSONResponse:
 
 async def cancel(request: Request, request_id: str) -> JSONResponse:
     """A queued request is cancelled at once; a running one stops at its next denoising step."""
-    if not request.app.state.dispatcher.cancel(_get(request, request_id)):
+    if not services(request).dispatcher.cancel(_get(request, request_id)):
         return JSONResponse(CancelAnswer(status="ALREADY_COMPLETED").model_dump(), status_code=400)
     return JSONResponse(CancelAnswer(status="CANCELLATION_REQUESTED").model_dump(), status_code=202)
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from server.errors import InputError
 from server.http.auth import require_key
+from server.http.context import services
 from server.http.responses import NOT_FOUND, UNREADABLE_BODY
 
 UPLOAD_TTL_S = 3600
@@ -48,14 +49,14 @@ class CompleteMultipart(BaseModel):
 
 @dataclass
 class PendingUpload:
-    name: str  # in the file storage (server/file_storage.py)
+    name: str  # in the file storage (server/files/storage.py)
     content_type: str
     expires: float
     parts: dict[int, bytes] = field(default_factory=dict)
 
 
 def _pending(request: Request) -> dict[str, PendingUpload]:
-    return request.app.state.pending_uploads
+    return services(request).pending_uploads
 
 
 def _initiate(request: Request, body: InitiateUpload, kind: str) -> UploadTarget:
@@ -71,12 +72,12 @@ def _initiate(request: Request, body: InitiateUpload, kind: str) -> UploadTarget
     name = f"upload-{secrets.token_hex(16)}{extension}"
     pending[token] = PendingUpload(name, body.content_type, now + UPLOAD_TTL_S)
     base = str(request.base_url).rstrip("/")
-    file_url = request.app.state.outputs.storage.url(name, request.app.state.settings.public_url or base)
+    file_url = services(request).outputs.storage.url(name, services(request).settings.public_url or base)
     return UploadTarget(upload_url=f"{base}/storage/upload/{kind}/{token}", file_url=file_url)
 
 
 async def _store(request: Request, upload: PendingUpload, data: bytes) -> None:
-    await run_in_threadpool(request.app.state.outputs.storage.put, upload.name, data, upload.content_type)
+    await run_in_threadpool(services(request).outputs.storage.put, upload.name, data, upload.content_type)
 
 
 @initiate_router.post("/initiate")
@@ -97,7 +98,7 @@ def _claim(request: Request, token: str) -> PendingUpload:
 
 
 async def _read_limited(request: Request) -> bytes:
-    limit = request.app.state.settings.max_upload_bytes
+    limit = services(request).settings.max_upload_bytes
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
@@ -118,7 +119,7 @@ async def put(request: Request, token: str) -> dict:
 async def put_part(request: Request, token: str, part_number: int) -> MultipartPart:
     upload = _claim(request, token)
     upload.parts[part_number] = await _read_limited(request)
-    if sum(len(p) for p in upload.parts.values()) > request.app.state.settings.max_upload_bytes:
+    if sum(len(p) for p in upload.parts.values()) > services(request).settings.max_upload_bytes:
         raise HTTPException(413, "Upload larger than the limit")
     return MultipartPart(partNumber=part_number, etag=secrets.token_hex(8))
 

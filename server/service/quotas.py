@@ -10,26 +10,16 @@ accepted by a previous run (or another front-end) are not counted.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections import defaultdict
 from contextlib import contextmanager
 
 import limits
-from fastapi import Request
 from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 
 from server.errors import TooManyRequests
-
-
-def caller(request: Request) -> str:
-    """Who a request counts against: its API key (hashed) when keys are configured, else its client address."""
-    if request.app.state.api_keys:
-        given = request.headers.get("authorization", "").partition(" ")[2].strip()
-        return "key:" + hashlib.sha256(given.encode()).hexdigest()[:16]
-    return "addr:" + (request.client.host if request.client else "unknown")
 
 
 class Quotas:
@@ -81,8 +71,3 @@ class Quotas:
             yield
         finally:
             self.release(who, request_id)
-
-
-async def enforce_rate_limit(request: Request) -> None:
-    """FastAPI dependency on every API route (after the key check, so only valid keys are counted)."""
-    await request.app.state.quotas.hit(caller(request))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from weights.layout import SAFETY_CHECKER_DIR
@@ -17,53 +17,100 @@ def parse_keys(value: str | None) -> list[str]:
 
 
 class Settings(BaseSettings):
+    """Every setting, declared once: its type, default and description. The flags of `serve`, `worker` and `edit`
+    (server/cli/flags.py) and README's configuration table are generated from these fields."""
+
     model_config = SettingsConfigDict(env_prefix="FLUX2_")
 
-    weights: Path | None = None  # a diffusers-layout FLUX.2 directory; None with tiny=True serves the tiny model
-    tiny: bool = False
-    host: str = "127.0.0.1"
-    port: int = 8000
-    data_dir: Path = Path("data")  # output files live under <data_dir>/files
-    public_url: str | None = None  # base of output file URLs; default: the URL the request came in on
-    device: str | None = None  # e.g. "cuda:1"; default CUDA when present, else CPU
-    dtype: str | None = None  # e.g. "bfloat16"; default bf16 on CUDA, fp32 on CPU
-    fetch_timeout_s: float = 30.0  # per input image URL, redirects and the whole body included
-    fetch_max_redirects: int = 5
-    # hosts (exact, or *.domain) and CIDR networks that image URLs and webhooks may reach even though they are
-    # loopback/private/link-local/...; e.g. "assets.studio.lan,10.20.0.0/16". Default: public addresses only.
-    fetch_allow: str | None = None
-    max_input_image_bytes: int = 64 * 1024 * 1024  # per input image, data URIs included
-    max_input_pixels: int = 64_000_000  # width x height, checked from the header before decoding
-    max_upload_bytes: int = 256 * 1024 * 1024  # a file uploaded through the storage emulation
-    max_body_bytes: int = 128 * 1024 * 1024  # any other request body (413 beyond; Content-Length or streamed)
-    rate_limit: str | None = None  # per API key (or client address), e.g. "20/second;600/minute"; none: no limit
-    max_pending_per_key: int | None = None  # sync edits in flight + queued requests not completed; none: no limit
-    ssl_certfile: Path | None = None  # with ssl_keyfile: serve https (fal's Python client speaks only https)
-    ssl_keyfile: Path | None = None
-    api_keys: str | None = None  # comma-separated; set: every API route needs `Authorization: Key <key>`
-    api_keys_file: Path | None = None  # one key per line (keeps keys out of the environment and `ps`)
-    cors_origins: str | None = None  # comma-separated origins allowed to call from a browser; none: CORS closed
-    retention_s: float = 7 * 24 * 3600  # finished queue requests, their logs and files are kept this long
-    retention_sweep_every_s: float = 600.0
-    webhook_backoff_s: float = 1.0  # first retry delay of a failed webhook; doubles each attempt (6 attempts)
-    job_timeout_s: float | None = 1800.0  # a job running longer is stopped at its next step and failed (504)
-    log_level: str = "info"
-    log_format: Literal["text", "json"] = "text"  # json: one JSON object per line (time, level, request_id, ...)
-    # The queue: None (default) is the embedded SQLite queue under data_dir; redis://host:port/db is a Redis shared
-    # by API front-ends (`serve --queue`) and GPU workers (`worker --queue`).
-    queue: str | None = None
-    queue_visibility_timeout_s: float = 30.0  # a worker silent this long has died: its request runs elsewhere
-    worker_heartbeat_ttl_s: float = 10.0  # a worker missing from /health this long after its last heartbeat is gone
-    # Output files: None (default) is <data_dir>/files; file:///DIR a directory shared by all processes;
-    # s3://bucket/prefix?endpoint_url=...&urls=presigned|proxy an S3-compatible bucket (see server/files/storage.py)
-    storage: str | None = None
-    # Run turbo/flash on the base weights at their reduced step counts when their distilled adapter is missing
-    # (logged at start-up, stated in /health and every such response's notices). Off: those endpoints answer 503.
-    allow_undistilled: bool = False
-    profiles: str | None = None  # comma-separated profiles this process's model serves (default: all)
-    # When the served profiles all use one distilled adapter (e.g. turbo,flash), fuse it into the weights at load:
-    # each step then costs a base step. Off: keep it unfused (switchable, with the low-rank matmuls per step).
-    fuse_adapter: bool = True
+    weights: Path | None = Field(
+        None, description="FLUX.2 [dev] in diffusers layout; checked by `weights verify` before loading"
+    )
+    tiny: bool = Field(
+        False, description="serve the tiny random-weight model (the default on a machine without CUDA and weights)"
+    )
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, description="port to listen on")
+    data_dir: Path = Field(Path("data"), description="output files go to DATA_DIR/files, the SQLite queue beside them")
+    public_url: str | None = Field(
+        None, description="base of output file URLs (behind a proxy); default: the URL the request came in on"
+    )
+    device: str | None = Field(None, description="torch device, e.g. `cuda:1`; default: CUDA if present, else CPU")
+    dtype: str | None = Field(None, description="torch dtype name, e.g. `bfloat16`; default: bf16 on CUDA, fp32 on CPU")
+    fetch_timeout_s: float = Field(
+        30.0, description="seconds per input image URL, all redirects and the whole body included"
+    )
+    fetch_max_redirects: int = Field(5, description="redirects followed per input image URL")
+    fetch_allow: str | None = Field(
+        None,
+        description="hosts (`assets.lan`, `*.studio.lan`) and CIDR networks (`10.20.0.0/16`) that image URLs and "
+        "webhooks may reach although they are loopback/private/link-local (SECURITY.md); default: public only",
+    )
+    max_input_image_bytes: int = Field(
+        64 * 1024 * 1024, description="bytes per input image (downloaded or in a data URI)"
+    )
+    max_input_pixels: int = Field(
+        64_000_000, description="width × height of an input image, read from its header before decoding"
+    )
+    max_upload_bytes: int = Field(
+        256 * 1024 * 1024, description="bytes per file uploaded through the storage emulation"
+    )
+    max_body_bytes: int = Field(128 * 1024 * 1024, description="bytes of any request body but uploads (413 beyond)")
+    rate_limit: str | None = Field(
+        None, description="per API key (or client address), e.g. `20/second;600/minute` (429 beyond); default: none"
+    )
+    max_pending_per_key: int | None = Field(
+        None, description="sync edits in flight + queued requests not completed, per key (429 beyond); default: none"
+    )
+    ssl_certfile: Path | None = Field(None, description="serve https with this certificate (see `flux2-server tls`)")
+    ssl_keyfile: Path | None = Field(None, description="the certificate's private key")
+    api_keys: str | None = Field(
+        None,
+        description="comma-separated keys; set: every API route needs `Authorization: Key <key>` (environment only, "
+        "to keep keys out of `ps`)",
+    )
+    api_keys_file: Path | None = Field(None, description="API keys, one per line (added to FLUX2_API_KEYS)")
+    cors_origins: str | None = Field(
+        None, description="comma-separated origins whose pages may call the API; default: none (CORS closed)"
+    )
+    retention_s: float = Field(
+        7 * 24 * 3600, description="seconds finished requests, their logs and files are kept (default 7 days)"
+    )
+    retention_sweep_every_s: float = Field(600.0, description="seconds between sweeps of expired requests and files")
+    webhook_backoff_s: float = Field(1.0, description="first webhook retry delay in seconds (doubles, 6 attempts)")
+    job_timeout_s: float | None = Field(
+        1800.0, description="seconds a job may run; a job running longer is stopped at its next step and failed (504)"
+    )
+    log_level: str = Field("info", description="log level")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="`json`: one JSON object per line (time, level, request_id, ...)"
+    )
+    queue: str | None = Field(
+        None,
+        description="`redis://HOST:PORT/DB`: the queue shared by front-ends and workers (scale-out); default: the "
+        "embedded SQLite queue under DATA_DIR. `serve` without --weights/--tiny then serves the API alone",
+    )
+    queue_visibility_timeout_s: float = Field(
+        30.0, description="Redis: seconds a worker may be silent before its request runs on another"
+    )
+    worker_heartbeat_ttl_s: float = Field(
+        10.0, description="seconds a worker stays in `/health`'s list after its last heartbeat"
+    )
+    storage: str | None = Field(
+        None,
+        description="where output files go: `file:///DIR` (a shared directory) or "
+        "`s3://BUCKET/PREFIX?endpoint_url=...&urls=presigned|proxy`; default: DATA_DIR/files",
+    )
+    allow_undistilled: bool = Field(
+        False,
+        description="run turbo/flash on the base weights when their distilled adapter is missing (stated in "
+        "/health and each response's notices); off: they answer 503",
+    )
+    profiles: str | None = Field(None, description="comma-separated profiles this process's model serves; default: all")
+    fuse_adapter: bool = Field(
+        True,
+        description="when the served profiles all use one distilled adapter (`turbo,flash`), fuse it into the "
+        "weights at load (each step costs a base step); off: keep it switchable",
+    )
 
     @field_validator("weights", "queue", "storage", mode="before")
     @classmethod
@@ -71,12 +118,15 @@ class Settings(BaseSettings):
         """FLUX2_WEIGHTS="" unsets what an image's environment sets (an API front-end loads no model)."""
         return None if value == "" else value
 
-    # An image-classification model directory with an "nsfw" label (pipelines.safety); default
-    # <weights>/safety_checker when present. None there: requests with enable_safety_checker answer 503 ...
-    safety_checker: Path | None = None
-    safety_threshold: float = 0.5  # flagged when the classifier's P(nsfw) >= this
-    # ... unless the operator turns the checker off: then they are served unchecked, has_nsfw_concepts false.
-    disable_safety_checker: bool = False
+    safety_checker: Path | None = Field(
+        None,
+        description="NSFW image classifier directory (transformers, an `nsfw` label); default: "
+        "WEIGHTS/safety_checker if present. Without one, enable_safety_checker requests answer 503",
+    )
+    safety_threshold: float = Field(0.5, description="flag an image when the classifier's P(nsfw) ≥ this")
+    disable_safety_checker: bool = Field(
+        False, description="serve unchecked: has_nsfw_concepts false, and a notice says so"
+    )
 
     def safety_checker_dir(self, weights_dir: Path) -> Path | None:
         """The checker to load: the configured one, else <weights>/safety_checker if present; None if off."""
@@ -88,15 +138,23 @@ class Settings(BaseSettings):
         return default if default.is_dir() else None
 
     # Speed and memory (pipelines.runtime): see README "Speed and memory".
-    memory_mode: str = "auto"  # auto | full | multi-gpu | offload-text-encoder | model-offload | group-offload
-    text_encoder_device: str | None = None  # e.g. cuda:1: the text encoder on a second GPU (multi-gpu)
-    quantization: str = "none"  # transformer weights: none | int8 | fp8 | int4 | auto
-    memory_reserve_gb: float = 10.0  # GPU memory kept for activations when `auto` chooses a mode
-    attention_backend: str | None = None  # a diffusers attention backend, e.g. _native_cudnn, flash, _flash_3
-    compile: bool = False  # regional torch.compile of the transformer (compiled at start-up)
-    compile_mode: str | None = None  # torch.compile mode, e.g. max-autotune-no-cudagraphs
-    acceleration_regular: str | None = None  # cache spec of acceleration "regular" (pipelines.acceleration)
-    acceleration_high: str | None = None  # cache spec of acceleration "high"
+    memory_mode: str = Field(
+        "auto", description="`auto`, `full`, `multi-gpu`, `offload-text-encoder`, `model-offload`, `group-offload`"
+    )
+    text_encoder_device: str | None = Field(None, description="e.g. `cuda:1`: the text encoder on a second GPU")
+    quantization: str = Field(
+        "none", description="transformer weights: `none`, `int8`, `fp8`, `int4`, `auto` (torchao)"
+    )
+    memory_reserve_gb: float = Field(10.0, description="GiB of GPU memory `auto` keeps free for activations")
+    attention_backend: str | None = Field(
+        None, description="e.g. `_native_cudnn`, `flash`, `_flash_3` (`*_hub` refused); default: diffusers' (SDPA)"
+    )
+    compile: bool = Field(False, description="regional `torch.compile` of the transformer blocks (at start-up)")
+    compile_mode: str | None = Field(None, description="torch.compile mode, e.g. `max-autotune-no-cudagraphs`")
+    acceleration_regular: str | None = Field(
+        None, description="cache spec of acceleration `regular`, or `none` to turn it off (README: Speed and memory)"
+    )
+    acceleration_high: str | None = Field(None, description="cache spec of acceleration `high`, or `none`")
 
     def runtime_options(self):
         """The speed and memory settings, as pipelines.runtime takes them (each field is a setting of that name)."""

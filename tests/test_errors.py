@@ -7,7 +7,6 @@ import asyncio
 import json
 from contextlib import asynccontextmanager
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from fastapi import FastAPI
@@ -29,8 +28,10 @@ from server.http.errors import install_error_handlers
 from server.queue.dispatcher import MAX_ATTEMPTS
 from server.service.edit import EditService
 from server.service.metrics import Metrics
+from server.service.runner import ModelRunner
 from server.services import open_services
 from tests.conftest import data_uri, image_bytes
+from tests.fake_editor import FakeEditor
 
 BODY = {"prompt": "p", "image_urls": [data_uri(image_bytes(16, 16))]}
 ENDPOINT = "fal-ai/flux-2/turbo/edit"
@@ -58,7 +59,7 @@ def jobs(metrics: Metrics, mode: str, outcome: str) -> float:
 async def loaded_services(data_dir: Path):
     """The real services of a process, with a model that is "loaded" but never called (the edit is patched)."""
     async with open_services(Settings(data_dir=data_dir), weights_dir=data_dir) as services:
-        services.model.loaded(SimpleNamespace(waiting=0, shutdown=lambda: None))
+        services.model.loaded(ModelRunner(FakeEditor()))
         yield services
 
 
@@ -77,7 +78,10 @@ def sync_answer(tmp_path, monkeypatch, error: BaseException):
     async def lifespan(app: FastAPI):
         async with loaded_services(tmp_path) as services:
             app.state.services = services
+            dispatching = asyncio.create_task(services.dispatcher.run_forever())  # sync requests run there too
             yield
+            services.dispatcher.stop()
+            await dispatching
 
     app = FastAPI(lifespan=lifespan)
     install_error_handlers(app)

@@ -123,7 +123,9 @@ def test_a_job_past_its_time_limit_is_stopped_and_failed(start_app, monkeypatch)
         assert client.get(queued["response_url"]).status_code == 504
 
         slow[0] = False
-        app.state.services.model.runner.job_timeout_s = None  # this busy test machine may take more than 2 s for any job
+        app.state.services.model.runner.job_timeout_s = (
+            None  # this busy test machine may take more than 2 s for any job
+        )
         assert client.post("/fal-ai/flux-2/flash/edit", json=GOOD).status_code == 200
 
 

@@ -15,8 +15,8 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from server.net import guard as net_guard
 from server.errors import InputError
+from server.net import guard as net_guard
 from server.net.guard import AddressPolicy, guarded_client, refusal_reason
 from server.service.inputs import InputLimits, fetch
 from tests.conftest import data_uri, image_bytes, start_server

@@ -1,7 +1,8 @@
 """`flux2-server edit IMAGE... --prompt ...`: one edit, in this process or on a running server, with a step bar.
 
 Locally the model is loaded here (from --weights, or the tiny model where there is no GPU and no weights) and
-called through the same pieces the server uses: the endpoint's input schema, sizing, notices. With --url the
+called through the server's own edit service (server/service/edit.py): the endpoint's input schema, sizing,
+refusals and notices are the API's. With --url the
 request goes through that server's queue (images sent as data URIs) and the bar follows its status stream's
 step logs; the result's images are downloaded.
 """
@@ -13,7 +14,6 @@ import base64
 import json
 import mimetypes
 import os
-import random
 import re
 import sys
 import time
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pydantic
 
+from server.cli.flags import add_setting_flags
 from server.endpoints import BY_ID
 
 ENDPOINTS = {"edit": "fal-ai/flux-2/edit", "turbo": "fal-ai/flux-2/turbo/edit", "flash": "fal-ai/flux-2/flash/edit"}
@@ -70,65 +71,60 @@ def progress_bar(total: int | None = None):
 
 
 def edit_local(args: argparse.Namespace) -> int:
-    import PIL.Image
+    """The model loaded here, called through the server's own edit service (the same prepare -> run -> finish
+    as a request): images in as data URIs, the output back as data URIs (sync_mode), nothing stored."""
+    import asyncio
+    import tempfile
 
-    from pipelines import EditCall
+    import httpx
+
     from server.config import Settings
-    from server.files.outputs import encode
-    from server.service.edit import notices_for, output_size, unavailable_reason
-    from server.service.inputs import decode_image
-    from server.service.model import load_model
+    from server.errors import ServerError
+    from server.files.outputs import OutputStore
+    from server.service.edit import EditService
+    from server.service.metrics import Metrics
+    from server.service.model import Model, load_model
+    from server.service.runner import ModelRunner
 
-    body = input_body(args, [str(p) for p in args.images])
+    body = input_body(args, [data_uri(p) for p in args.images]).model_copy(update={"sync_mode": True})
     weights_dir = args.weights or _default_weights()
     if weights_dir is None:
         return 2
     print(f"loading {weights_dir} ...", file=sys.stderr)
-    settings = Settings(**{k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v is not None})
-    editor = load_model(settings, weights_dir)  # as the server loads it: safety checker and adapters included
+    settings = Settings(**{k: getattr(args, k) for k in ("device", "dtype") if getattr(args, k) is not None})
+    model = Model()
+    model.loaded(ModelRunner(load_model(settings, weights_dir)))  # as the server loads it: checker, adapters
     profile = BY_ID[ENDPOINTS[args.endpoint]].profile
-    refused = unavailable_reason(settings, profile, body, editor.capabilities())
-    if refused:
-        raise SystemExit(f"error: {refused}")
-    images: list[PIL.Image.Image] = []
-    for index, path in enumerate(args.images):
-        image, _ = decode_image(path.read_bytes(), str(path), index, settings.max_input_pixels)
-        problem = editor.reference_problem(image)
-        if problem:
-            raise SystemExit(f"error: {path}: {problem}")
-        images.append(image)
-    width, height = output_size(body.image_size, images[0], editor.size_multiple)
-    seed = body.seed if body.seed is not None else random.SystemRandom().randrange(2**32)
-    with progress_bar() as bar:
 
-        def on_step(step: int, total: int) -> None:
-            bar.total = total
-            bar.update(step - bar.n)
+    async def run(outputs: OutputStore):
+        async with httpx.AsyncClient() as client:  # unused: every input is a data URI
+            service = EditService(settings, model, outputs, client, Metrics(model))
+            prepared = await service.prepare(profile, body, "http://localhost/", lambda message: None)
+            with progress_bar() as bar:
 
-        result = editor.edit(
-            EditCall(
-                images=images[:4],
-                prompt=body.prompt,
-                width=width,
-                height=height,
-                profile=profile,
-                num_inference_steps=getattr(body, "num_inference_steps", None),
-                guidance_scale=body.guidance_scale,
-                seed=seed,
-                num_images=body.num_images,
-                on_step=on_step,
-                expand_prompt=body.enable_prompt_expansion,
-                check_safety=body.enable_safety_checker and not settings.disable_safety_checker,
-            )
-        )
-    paths = output_paths(args.output, len(result.images))
-    for image, path in zip(result.images, paths):
-        path.write_bytes(encode(image, body.output_format))
-    timings = ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items())
-    print(f"seed {seed}, {width}x{height}, {result.steps} steps, {timings}")
+                def on_step(step: int, total: int) -> None:
+                    bar.total = total
+                    bar.update(step - bar.n)
+
+                result = await service.run(prepared, on_step, lambda message: print(message, file=sys.stderr))
+            return prepared, result, await service.finish(prepared, result)
+
+    try:
+        with tempfile.TemporaryDirectory() as nowhere:  # sync_mode: the output store writes nothing
+            prepared, result, output = asyncio.run(run(OutputStore(Path(nowhere))))
+    except ServerError as exc:
+        raise SystemExit(f"error: {exc.answer().message}") from None
+    finally:
+        model.shutdown()
+    paths = output_paths(args.output, len(output.images))
+    for image, path in zip(output.images, paths, strict=True):
+        path.write_bytes(fetch_image(image.url, {}))
+    timings = ", ".join(f"{k} {v:.2f} s" for k, v in output.timings.items())
+    call = prepared.call
+    print(f"seed {output.seed}, {call.width}x{call.height}, {result.steps} steps, {timings}")
     if result.has_nsfw_concepts is not None:
         print(f"has_nsfw_concepts {result.has_nsfw_concepts}")
-    for notice in [*notices_for(body, profile, editor.capabilities(), settings), *result.notices]:
+    for notice in output.notices:
         print(f"notice: {notice}")
     for path in paths:
         print(path)
@@ -238,6 +234,5 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     edit.add_argument(
         "--weights", type=Path, help="local run: FLUX.2 [dev] directory (default: tiny model without GPU)"
     )
-    edit.add_argument("--device", help="local run: torch device")
-    edit.add_argument("--dtype", help="local run: torch dtype")
+    add_setting_flags(edit, ["device", "dtype"])  # a local run's model, as `serve` takes them
     edit.set_defaults(func=cmd_edit)

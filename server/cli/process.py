@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from server.cli.tiny import ensure_tiny
+from server.config import Settings
 from weights.layout import TINY_MARKER
 
 
@@ -57,15 +58,20 @@ def resolve_weights(settings) -> tuple[Path, bool] | int:
     return 2
 
 
-def settings_from(args: argparse.Namespace):
-    from server.config import Settings
-    from server.logs import logging_config
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # air-gapped: nothing is ever fetched from a hub
+def settings_of(args: argparse.Namespace) -> Settings:
+    """The flags given (server/cli/flags.py), over the FLUX2_* environment, over the defaults."""
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     if getattr(args, "gpu", None) is not None:
         overrides["device"] = f"cuda:{args.gpu}"
-    settings = Settings(**overrides)
+    return Settings(**overrides)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """`settings_of`, and this process's logging configured from them."""
+    from server.logs import logging_config
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # air-gapped: nothing is ever fetched from a hub
+    settings = settings_of(args)
     logging.config.dictConfig(logging_config(settings.log_format, settings.log_level))
     route_library_logs(json_lines=settings.log_format == "json")
     return settings

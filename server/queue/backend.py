@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Protocol, runtime_checkable
 
 PRIORITIES = {"normal": 0, "low": 1}  # fal's X-Fal-Queue-Priority values, in the order they are served
+SYNC = ""  # the queue_url of a sync request whose caller awaits it in this process (no one polls it)
 
 
 @dataclass

@@ -1,4 +1,7 @@
-"""Runs queued requests one at a time, in order of priority then arrival, and records their outcome.
+"""Runs queued requests one at a time, in order of priority then arrival, and records their outcome. It is the only
+caller of the model (through `EditService`): a sync request is queued like any other and its caller awaits it
+(`submit_and_wait`: an in-process future, resolved here), so queue positions and the queue depth count every call
+waiting for the model.
 
 The same logic serves both deployments: inside `flux2-server serve` over the embedded SQLite queue, and inside
 each `flux2-server worker` over Redis. It talks to the queue only through `server.queue.backend.QueueBackend`.
@@ -14,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from pipelines import Cancelled
 from server.endpoints import BY_ID, ENDPOINTS
@@ -23,12 +27,14 @@ from server.errors import (
     RequestCancelled,
     ServerError,
     StartDeadlinePassed,
+    Unavailable,
     WorkerCrashed,
     answer_for,
 )
 from server.logs import request_id_var
-from server.queue.backend import QueueBackend, QueuedRequest
+from server.queue.backend import SYNC, QueueBackend, QueuedRequest
 from server.queue.webhooks import WebhookSender, webhook_payload
+from server.schemas import EditOutput
 from server.service.edit import EditService
 from server.service.model import ModelState
 
@@ -53,6 +59,20 @@ class Dispatcher:
         self.endpoint_ids = [e.endpoint_id for e in ENDPOINTS if profiles is None or e.profile in profiles]
         self._wakeup = asyncio.Event()
         self.stopping = False
+        # sync requests queued by this process, by id: their callers await these (never through the queue row)
+        self._waiters: dict[str, asyncio.Future[EditOutput]] = {}
+
+    async def submit_and_wait(self, request_id: str, add: Callable[[], None]) -> EditOutput:
+        """A sync request: `add` queues it (as `request_id`); its caller waits here for its output, or the error it
+        ended in (raised). The output goes to the caller, not into the queue row."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters[request_id] = waiter
+        try:
+            add()
+            self.notify()
+            return await waiter
+        finally:
+            self._waiters.pop(request_id, None)
 
     def stop(self) -> None:
         """Take no more work and stop the running request at its next step; the queue gets it back
@@ -75,7 +95,8 @@ class Dispatcher:
         if not self.store.complete(request.id, status_code, result, error, error_type, metrics, only_if_queued):
             return False
         outcome = "ok" if status_code == 200 else error_type or "internal_error"  # error_type: from answer_for
-        self.service.metrics.job_finished(request.endpoint_id, "queue", outcome, time.time() - request.created_at)
+        mode = "sync" if request.id in self._waiters else "queue"
+        self.service.metrics.job_finished(request.endpoint_id, mode, outcome, time.time() - request.created_at)
         if request.webhook_url and self.webhooks is not None:
             self.webhooks.send(request.webhook_url, webhook_payload(request.id, status_code, result, error))
         return True
@@ -83,9 +104,22 @@ class Dispatcher:
     def fail(self, request: QueuedRequest, error: BaseException, only_if_queued: bool = False) -> bool:
         """Record that a request ended in `error`, answered and counted as `server.errors.answer_for` says."""
         answer = answer_for(error)
-        return self.finish(
+        if not self.finish(
             request, answer.status, answer.body, answer.message, answer.error_type, only_if_queued=only_if_queued
-        )
+        ):
+            return False
+        waiter = self._waiters.get(request.id)
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+        return True
+
+    def succeed(self, request: QueuedRequest, output: EditOutput, metrics: dict) -> None:
+        waiter = self._waiters.get(request.id)
+        result = output.model_dump(mode="json")
+        if waiter is not None:  # the caller gets the output itself; the row keeps it without inline images
+            result["images"] = [{**image, "url": elided(image["url"])} for image in result["images"]]
+        if self.finish(request, 200, result, metrics=metrics) and waiter is not None and not waiter.done():
+            waiter.set_result(output)
 
     def cancel(self, request: QueuedRequest) -> bool:
         """Cancel a queued request at once, or ask a running one to stop at its next step; False if finished."""
@@ -121,7 +155,10 @@ class Dispatcher:
                 await self._run(request)
             except Exception as exc:  # a fault outside the model: the worker failed on this request
                 log.exception("request %s failed outside the model", request.id)
-                self.crashed(request, f"{type(exc).__name__}: {exc}")
+                if request.id in self._waiters:  # its caller is waiting: answer now (500), no second run
+                    self.fail(request, exc)
+                else:
+                    self.crashed(request, f"{type(exc).__name__}: {exc}")
 
     def crashed(self, request: QueuedRequest, cause: str) -> None:
         """The worker failed while running `request`: re-queue it, or fail it once it has had MAX_ATTEMPTS."""
@@ -150,6 +187,9 @@ class Dispatcher:
         if request.start_deadline and (request.started_at or 0.0) > request.start_deadline:
             self.fail(request, StartDeadlinePassed())
             return
+        if request.queue_url == SYNC and request.id not in self._waiters:  # queued by a process that has stopped
+            self.fail(request, Unavailable("The server stopped before this sync request ran; nobody awaits it."))
+            return
         endpoint = BY_ID[request.endpoint_id]
         body = endpoint.input_model.model_validate_json(request.input)
         started = time.perf_counter()
@@ -163,6 +203,9 @@ class Dispatcher:
                 should_cancel=lambda: self.stopping or self.store.cancel_requested(request.id),
             )
         except Cancelled:
+            if self.stopping and request.id in self._waiters:  # its caller is answered, not kept waiting
+                self.fail(request, Unavailable("The server is stopping: the request was stopped; send it again."))
+                return
             if self.stopping:
                 log.info("request %s interrupted by shutdown: it goes back to the queue", request.id)
                 self.store.release(request.id)
@@ -174,5 +217,9 @@ class Dispatcher:
                 self.store.log(request.id, f"Inference failed: {exc}", "ERROR")
             self.fail(request, exc)
         else:
-            metrics = {"inference_time": time.perf_counter() - started}
-            self.finish(request, 200, output.model_dump(mode="json"), metrics=metrics)
+            self.succeed(request, output, {"inference_time": time.perf_counter() - started})
+
+
+def elided(url: str) -> str:
+    """A data URI shortened to its header: the image went to the sync caller, the queue row needs no copy."""
+    return url.partition(",")[0] + ",(returned to the caller)" if url.startswith("data:") else url

@@ -1,18 +1,18 @@
-"""fal's synchronous edit endpoints: POST /fal-ai/flux-2/edit, /fal-ai/flux-2/turbo/edit, /fal-ai/flux-2/flash/edit."""
+"""fal's synchronous edit endpoints: POST /fal-ai/flux-2/edit, /fal-ai/flux-2/turbo/edit, /fal-ai/flux-2/flash/edit.
+
+A sync request is queued like any other and awaited: the dispatcher (server/queue/dispatcher.py) runs it in turn
+and hands its output back in this process. With a shared queue (Redis), it runs on whichever worker takes it."""
 
 import time
-import uuid
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from server.endpoints import ENDPOINTS, Endpoint
 from server.errors import outcome
-from server.http.callers import caller
 from server.http.context import services
 from server.http.responses import MODEL_FAILED, TIMED_OUT, UNAVAILABLE
-from server.http.routes.queue import enqueue, result_response, wait_completed
-from server.logs import request_id_var
+from server.http.routes.queue import admit, enqueue, result_response, wait_completed
 from server.schemas import EditOutput
 from server.service.model import ModelState
 
@@ -26,23 +26,18 @@ def _add_route(endpoint: Endpoint) -> None:
         response: Response,
     ) -> EditOutput | JSONResponse:
         the = services(request)
-        if the.model.state is ModelState.ELSEWHERE:  # an API front-end: the request runs on a queue worker
+        if the.model.state is ModelState.ELSEWHERE or the.store.distributed:
+            # the request runs wherever a worker takes it from the shared queue; its result comes back through it
             return result_response(await wait_completed(request, enqueue(request, endpoint, body).id))
-        request_id = str(uuid.uuid4())
-        request_id_var.set(request_id)
-        response.headers["x-fal-request-id"] = request_id
-        base_url = the.settings.public_url or str(request.base_url)
         started = time.perf_counter()
-        error: BaseException | None = None
         try:
             await the.model.ready()  # requests that arrive while the model loads wait for it; 503 if it failed
-            with the.quotas.slot(caller(request), request_id):
-                return await the.edits.edit(endpoint.profile, body, base_url, request_id)
-        except BaseException as exc:
-            error = exc
+            request_id, add = admit(request, endpoint, body, sync=True)
+        except BaseException as exc:  # refused before it was queued; the dispatcher counts the rest
+            the.metrics.job_finished(endpoint.endpoint_id, "sync", outcome(exc), time.perf_counter() - started)
             raise
-        finally:
-            the.metrics.job_finished(endpoint.endpoint_id, "sync", outcome(error), time.perf_counter() - started)
+        response.headers["x-fal-request-id"] = request_id
+        return await the.dispatcher.submit_and_wait(request_id, add)
 
     handler.__name__ = endpoint.profile + "_edit"
     router.add_api_route(

@@ -8,6 +8,7 @@ build those paths with the endpoint's own path (`.../fal-ai/flux-2/edit/requests
 import asyncio
 import json
 import uuid
+from collections.abc import Callable
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request
@@ -18,8 +19,8 @@ from server.http.callers import caller
 from server.http.context import services
 from server.http.responses import MODEL_FAILED, NOT_FOUND, TIMED_OUT, UNAVAILABLE
 from server.logs import request_id_var
-from server.queue.backend import PRIORITIES, QueuedRequest
-from server.schemas import CancelAnswer, EditOutput, Message, QueueStatus, QueueSubmitted
+from server.queue.backend import PRIORITIES, SYNC, QueuedRequest
+from server.schemas import CancelAnswer, EditInput, EditOutput, Message, QueueStatus, QueueSubmitted
 from server.service.model import ModelState
 
 router = APIRouter(prefix="/queue", tags=["queue"])
@@ -66,32 +67,51 @@ def _queue_url(request: Request) -> str:
     return f"{origin}/{APP_PATH}" if request.scope.get(QUEUE_HOST_FLAG) else f"{origin}/queue/{APP_PATH}"
 
 
-def enqueue(
+def admit(
     request: Request,
     endpoint: Endpoint,
-    body,
+    body: EditInput,
     webhook_url: str | None = None,
     priority: str = "normal",
     start_timeout_s: float | None = None,
-) -> QueuedRequest:
-    """Accept a request into the queue (durably) and wake the local dispatcher, if any."""
+    sync: bool = False,
+) -> tuple[str, Callable[[], None]]:
+    """Refuse a request now (503 as configured, 429 over the caller's limit) or give its id and the call that
+    queues it (durably). `sync`: its caller awaits it in this process (`Dispatcher.submit_and_wait`)."""
     the = services(request)
     if the.model.state is ModelState.LOADED:  # refused now (503), rather than accepted and failed
         the.edits.check_available(endpoint.profile, body)
     request_id = str(uuid.uuid4())
     request_id_var.set(request_id)
     the.quotas.claim(caller(request), request_id, the.store)  # counts until the queue has it COMPLETED
-    the.store.add(
-        request_id,
-        endpoint.endpoint_id,
-        body.model_dump_json(exclude_unset=True),
-        PRIORITIES[priority],
-        _queue_url(request),
-        the.settings.public_url or str(request.base_url),
-        webhook_url,
-        start_timeout_s,
-    )
-    the.dispatcher.notify()
+
+    def add() -> None:
+        the.store.add(
+            request_id,
+            endpoint.endpoint_id,
+            body.model_dump_json(exclude_unset=True),
+            PRIORITIES[priority],
+            SYNC if sync else _queue_url(request),
+            the.settings.public_url or str(request.base_url),
+            webhook_url,
+            start_timeout_s,
+        )
+
+    return request_id, add
+
+
+def enqueue(
+    request: Request,
+    endpoint: Endpoint,
+    body: EditInput,
+    webhook_url: str | None = None,
+    priority: str = "normal",
+    start_timeout_s: float | None = None,
+) -> QueuedRequest:
+    """Accept a request into the queue and wake the local dispatcher, if any."""
+    request_id, add = admit(request, endpoint, body, webhook_url, priority, start_timeout_s)
+    add()
+    services(request).dispatcher.notify()
     return _get(request, request_id)
 
 

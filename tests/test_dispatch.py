@@ -1,0 +1,107 @@
+"""The edit service and the dispatcher in-process, with tests/fake_editor.py for the model: every call reaches the
+model through the dispatcher, in arrival order, sync and queued alike; queue positions count sync calls; sync_mode
+images never go into the queue row; cancel, OOM and failures answer as the API says. Fast: no model, no process."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+import server.service.model
+from server.config import Settings
+from server.http.app import create_app
+from tests.conftest import data_uri, image_bytes
+from tests.fake_editor import FakeEditor
+
+BODY = {"prompt": "p", "image_urls": [data_uri(image_bytes(64, 64))], "image_size": "square", "seed": 1}
+FLASH, TURBO = "fal-ai/flux-2/flash/edit", "fal-ai/flux-2/turbo/edit"
+
+
+@pytest.fixture
+def serve(tmp_path, monkeypatch):
+    """The real app (routes, services, dispatcher) over a FakeEditor; yields (client, app, editor)."""
+    opened = []
+
+    def start(editor: FakeEditor, **settings) -> tuple[TestClient, object]:
+        monkeypatch.setattr(server.service.model, "load_model", lambda *args: editor)
+        app = create_app(Settings(data_dir=tmp_path / "data", **settings), tmp_path / "weights")
+        client = TestClient(app)
+        client.__enter__()
+        opened.append(client)
+        assert client.get("/ready").status_code == 200
+        return client, app
+
+    yield start
+    for client in opened:
+        client.__exit__(None, None, None)
+
+
+def wait_status(client: TestClient, handle: dict, wanted: str, timeout_s: float = 30) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while (status := client.get(handle["status_url"]).json())["status"] != wanted:
+        assert time.monotonic() < deadline, status
+        time.sleep(0.01)
+    return status
+
+
+def test_sync_calls_wait_in_the_queue_in_arrival_order_and_count_in_positions(serve):
+    editor = FakeEditor(step_s=0.05)
+    client, app = serve(editor)
+    first = client.post(f"/queue/{FLASH}", json={**BODY, "seed": 1}).json()  # runs first (4 steps)
+    wait_status(client, first, "IN_PROGRESS")
+    with ThreadPoolExecutor(1) as pool:
+        sync = pool.submit(client.post, f"/{TURBO}", json={**BODY, "seed": 2})
+        deadline = time.monotonic() + 30
+        while app.state.services.store.queued_count() < 1:  # the sync call is queued behind the first
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        last = client.post(f"/queue/{FLASH}", json={**BODY, "seed": 3}).json()
+        assert last["queue_position"] == 1  # the waiting sync call is ahead of it
+        assert sync.result().status_code == 200
+    wait_status(client, last, "COMPLETED")
+    assert [call.seed for call in editor.calls] == [1, 2, 3]  # one path to the model, in arrival order
+
+
+def test_sync_mode_images_go_to_the_caller_not_into_the_queue_row(serve):
+    client, app = serve(FakeEditor())
+    answer = client.post(f"/{FLASH}", json={**BODY, "sync_mode": True})
+    assert answer.status_code == 200
+    url = answer.json()["images"][0]["url"]
+    assert url.startswith("data:image/png;base64,") and len(url) > 1000
+    row = app.state.services.store.get(answer.headers["x-fal-request-id"])
+    assert row.status == "COMPLETED" and len(row.result) < 1000
+    assert '"url": "data:image/png;base64,(returned to the caller)"' in row.result
+
+
+def test_a_running_request_is_cancelled_at_its_next_step(serve):
+    editor = FakeEditor(step_s=0.05)
+    client, _ = serve(editor)
+    handle = client.post("/queue/fal-ai/flux-2/edit", json={**BODY, "num_inference_steps": 50}).json()
+    wait_status(client, handle, "IN_PROGRESS")
+    assert client.put(handle["cancel_url"]).status_code == 202
+    done = wait_status(client, handle, "COMPLETED")
+    assert done["error_type"] == "request_cancelled"
+    assert client.get(handle["response_url"]).status_code == 400
+
+
+@pytest.mark.parametrize("mode", ["sync", "queue"])
+def test_out_of_memory_fails_that_request_on_both_paths(serve, mode):
+    client, _ = serve(FakeEditor(fail_with=torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")))
+    if mode == "sync":
+        answer = client.post(f"/{FLASH}", json=BODY)
+    else:
+        handle = client.post(f"/queue/{FLASH}", json=BODY).json()
+        assert wait_status(client, handle, "COMPLETED")["error_type"] == "out_of_memory"
+        answer = client.get(handle["response_url"])
+    assert answer.status_code == 500
+    assert answer.json()["detail"].startswith("Inference failed: CUDA out of memory (fake)")
+
+
+def test_a_job_past_its_time_limit_stops_at_its_next_step(serve):
+    client, _ = serve(FakeEditor(step_s=0.05), job_timeout_s=0.2)
+    answer = client.post("/fal-ai/flux-2/edit", json={**BODY, "num_inference_steps": 50})
+    assert answer.status_code == 504 and "time limit of 0.2 s" in answer.json()["detail"]

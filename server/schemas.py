@@ -161,8 +161,14 @@ class LogEntry(BaseModel):
     timestamp: str
 
 
+class Progress(BaseModel):
+    step: int = Field(description="Denoising steps done.")
+    total: int = Field(description="Denoising steps this request runs.")
+
+
 class QueueStatus(BaseModel):
-    """fal's request status. `logs` is null unless asked for with `?logs=1`."""
+    """fal's request status. `logs` is null unless asked for with `?logs=1`. `progress` is this server's own
+    addition (fal's clients ignore it): the denoising steps done, once the model runs, beside the log lines."""
 
     status: Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
     request_id: str
@@ -174,6 +180,7 @@ class QueueStatus(BaseModel):
     metrics: dict[str, float] | None = None
     error: str | None = None
     error_type: str | None = None
+    progress: Progress | None = Field(None, description="Denoising steps done, of how many (not in fal's API).")
 
 
 class Message(BaseModel):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -49,7 +49,6 @@ class Services:
     api_keys: list[str]
     worker_id: str  # this process in the queue (its consumer name, its heartbeat)
     profiles: list[str]  # the profiles the model here serves
-    pending_uploads: dict = field(default_factory=dict)  # upload token -> server.http.routes.storage.PendingUpload
 
     async def heartbeat(self) -> None:
         """Once the model is loaded, advertise this process as a worker until cancelled."""

@@ -105,3 +105,29 @@ def test_a_job_past_its_time_limit_stops_at_its_next_step(serve):
     client, _ = serve(FakeEditor(step_s=0.05), job_timeout_s=0.2)
     answer = client.post("/fal-ai/flux-2/edit", json={**BODY, "num_inference_steps": 50})
     assert answer.status_code == 504 and "time limit of 0.2 s" in answer.json()["detail"]
+
+
+def test_status_carries_structured_progress(serve):
+    client, _ = serve(FakeEditor(step_s=0.05))
+    handle = client.post(f"/queue/{TURBO}", json=BODY).json()
+    running = wait_status(client, handle, "IN_PROGRESS")
+    deadline = time.monotonic() + 30
+    while not running.get("progress"):
+        assert time.monotonic() < deadline, running
+        running = client.get(handle["status_url"]).json()
+    assert running["progress"]["total"] == 8 and 1 <= running["progress"]["step"] <= 8
+    assert wait_status(client, handle, "COMPLETED")["progress"] == {"step": 8, "total": 8}
+
+
+def test_an_upload_begun_on_one_front_end_is_finished_on_another(serve, tmp_path):
+    """The pending upload lives in the queue backend (here one SQLite file that two apps share)."""
+    first, _ = serve(FakeEditor())
+    second, _ = serve(FakeEditor())
+    target = first.post("/storage/upload/initiate-multipart", json={"content_type": "image/png"}).json()
+    upload_path = target["upload_url"].removeprefix("http://testserver")
+    assert first.put(f"{upload_path}/1", content=b"\x89PNG part one ").status_code == 200
+    assert second.put(f"{upload_path}/2", content=b"part two").status_code == 200
+    parts = [{"partNumber": 1, "etag": "a"}, {"partNumber": 2, "etag": "b"}]
+    assert second.post(f"{upload_path}/complete", json={"parts": parts}).status_code == 200
+    name = target["file_url"].rpartition("/")[2]
+    assert (tmp_path / "data" / "files" / name).read_bytes() == b"\x89PNG part one part two"

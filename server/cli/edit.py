@@ -26,7 +26,6 @@ from server.endpoints import BY_ID
 
 ENDPOINTS = {"edit": "fal-ai/flux-2/edit", "turbo": "fal-ai/flux-2/turbo/edit", "flash": "fal-ai/flux-2/flash/edit"}
 FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
-STEP_LINE = re.compile(r"step (\d+)/(\d+)$")
 
 
 def input_body(args: argparse.Namespace, image_urls: list[str]):
@@ -181,20 +180,19 @@ def edit_remote(args: argparse.Namespace) -> int:
 
 
 def follow(client, stream_url: str) -> dict | None:
-    """Read the status stream (server-sent events) to COMPLETED, moving the bar on each `step i/N` log line."""
+    """Read the status stream (server-sent events) to COMPLETED, moving the bar with the status's `progress`."""
     last = None
-    with progress_bar() as bar, client.stream("GET", stream_url, params={"logs": 1}) as response:
+    with progress_bar() as bar, client.stream("GET", stream_url, params={"logs": 0}) as response:
         if response.status_code != 200:
             raise SystemExit(f"error: status stream answered {response.status_code}")
-        for line in response.iter_lines():
+        for line in response.iter_lines():  # logs=0: the bar needs only `progress`
             if not line.startswith("data:"):
                 continue
             last = json.loads(line.removeprefix("data:"))
-            for entry in last.get("logs") or []:
-                match = STEP_LINE.search(entry["message"])
-                if match:
-                    bar.total = int(match[2])
-                    bar.update(int(match[1]) - bar.n)
+            progress = last.get("progress")
+            if progress:
+                bar.total = progress["total"]
+                bar.update(progress["step"] - bar.n)
             bar.set_postfix_str(last["status"].lower().replace("_", " "))
     return last
 

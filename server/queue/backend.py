@@ -42,6 +42,8 @@ class QueuedRequest:
     error_type: str | None
     metrics: str | None
     attempts: int | None = 0  # times claimed; a claim given back by a graceful stop is not counted
+    progress_step: int | None = None  # denoising steps done, of progress_total (while running, and after)
+    progress_total: int | None = None
 
     @property
     def urls(self) -> dict[str, str]:
@@ -111,6 +113,9 @@ class QueueBackend(Protocol):
 
     def log(self, request_id: str, message: str, level: str = "INFO") -> None: ...
 
+    def progress(self, request_id: str, step: int, total: int) -> None:
+        """The running request has done `step` of `total` denoising steps (status's `progress`)."""
+
     def logs(self, request_id: str) -> list[dict]:
         """fal's log objects: message, level, source, timestamp (ISO 8601, UTC)."""
 
@@ -130,5 +135,21 @@ class QueueBackend(Protocol):
 
     def workers(self) -> list[dict]:
         """Live workers: the `info` of each heartbeat not yet expired, with its `id`."""
+
+    def add_upload(self, token: str, upload: dict, ttl_s: float) -> None:
+        """An upload begun through the storage emulation (`upload`: JSON, e.g. the file's name and type), for
+        any front-end to finish within `ttl_s`."""
+
+    def get_upload(self, token: str) -> dict | None:
+        """The upload begun as `token`; None when there is none or it expired."""
+
+    def add_upload_part(self, token: str, number: int, data: bytes) -> int:
+        """Keep one part of a multipart upload (a part sent again replaces it); returns the bytes kept so far."""
+
+    def upload_parts(self, token: str) -> dict[int, bytes]:
+        """The parts kept for `token`, by number."""
+
+    def remove_upload(self, token: str) -> None:
+        """The upload is finished (or abandoned): forget it and its parts."""
 
     def close(self) -> None: ...

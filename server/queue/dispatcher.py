@@ -201,6 +201,7 @@ class Dispatcher:
                 request.id,
                 on_log=lambda message: self.store.log(request.id, message),
                 should_cancel=lambda: self.stopping or self.store.cancel_requested(request.id),
+                on_progress=lambda step, total: self.store.progress(request.id, step, total),
             )
         except Cancelled:
             if self.stopping and request.id in self._waiters:  # its caller is answered, not kept waiting

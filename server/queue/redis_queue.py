@@ -23,6 +23,7 @@ power cut, as the SQLite queue's does).
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import os
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = "flux2:"
 GROUP = "workers"
-INT_FIELDS = {"seq", "priority", "status_code", "attempts"}
+INT_FIELDS = {"seq", "priority", "status_code", "attempts", "progress_step", "progress_total"}
 FLOAT_FIELDS = {"start_deadline", "created_at", "started_at", "completed_at"}
 
 ADD = """
@@ -339,6 +340,9 @@ class RedisQueue:
         line = json.dumps({"at": time.time(), "level": level, "message": message})
         self.redis.rpush(f"{PREFIX}logs:{request_id}", line)
 
+    def progress(self, request_id: str, step: int, total: int) -> None:
+        self.redis.hset(self._key(request_id), mapping={"progress_step": step, "progress_total": total})
+
     def logs(self, request_id: str) -> list[dict]:
         lines = [json.loads(line) for line in self.redis.lrange(f"{PREFIX}logs:{request_id}", 0, -1)]
         return [
@@ -364,6 +368,27 @@ class RedisQueue:
     def purge(self, completed_before: float) -> int:
         """Nothing to do: completed records and logs expire by themselves (EXPIRE at completion)."""
         return 0
+
+    # Uploads: the upload as JSON with an expiry; its parts in a hash (base64: this client decodes replies as text)
+    def add_upload(self, token: str, upload: dict, ttl_s: float) -> None:
+        self.redis.set(f"{PREFIX}upload:{token}", json.dumps(upload), px=int(ttl_s * 1000))
+
+    def get_upload(self, token: str) -> dict | None:
+        value = self.redis.get(f"{PREFIX}upload:{token}")
+        return json.loads(value) if value else None
+
+    def add_upload_part(self, token: str, number: int, data: bytes) -> int:
+        key = f"{PREFIX}upload-parts:{token}"
+        self.redis.hset(key, str(number), base64.b64encode(data).decode())
+        self.redis.pexpire(key, max(1, self.redis.pttl(f"{PREFIX}upload:{token}")))  # expires with its upload
+        return sum(len(data) for data in self.upload_parts(token).values())
+
+    def upload_parts(self, token: str) -> dict[int, bytes]:
+        parts = self.redis.hgetall(f"{PREFIX}upload-parts:{token}")
+        return {int(number): base64.b64decode(data) for number, data in parts.items()}
+
+    def remove_upload(self, token: str) -> None:
+        self.redis.delete(f"{PREFIX}upload:{token}", f"{PREFIX}upload-parts:{token}")
 
     def heartbeat(self, worker_id: str, info: dict, ttl_s: float) -> None:
         self.redis.set(f"{PREFIX}worker:{worker_id}", json.dumps(info), px=int(ttl_s * 1000))

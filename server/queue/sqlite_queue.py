@@ -40,7 +40,9 @@ CREATE TABLE IF NOT EXISTS requests (
     error TEXT,
     error_type TEXT,
     metrics TEXT,
-    attempts INTEGER NOT NULL DEFAULT 0      -- times started; a start interrupted by a graceful stop is not counted
+    attempts INTEGER NOT NULL DEFAULT 0,     -- times started; a start interrupted by a graceful stop is not counted
+    progress_step INTEGER,                   -- denoising steps done ...
+    progress_total INTEGER                   -- ... of this many
 );
 CREATE INDEX IF NOT EXISTS queued ON requests (status, priority, seq);
 CREATE TABLE IF NOT EXISTS logs (
@@ -50,6 +52,17 @@ CREATE TABLE IF NOT EXISTS logs (
     message TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS logs_by_request ON logs (request_id, at);
+CREATE TABLE IF NOT EXISTS uploads (             -- uploads begun through the storage emulation
+    token TEXT PRIMARY KEY,
+    upload TEXT NOT NULL,                    -- JSON
+    expires REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS upload_parts (
+    token TEXT NOT NULL,
+    number INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (token, number)
+);
 """
 
 
@@ -70,6 +83,9 @@ class RequestStore:
         columns = {row["name"] for row in self._db.execute("PRAGMA table_info(requests)")}
         if "attempts" not in columns:  # a queue written before attempts were counted
             self._db.execute("ALTER TABLE requests ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
+        for column in ("progress_step", "progress_total"):  # ... or before progress was
+            if column not in columns:
+                self._db.execute(f"ALTER TABLE requests ADD COLUMN {column} INTEGER")
         self._cancel_requested: set[str] = set()  # running requests to stop at their next step (this process)
         self._workers: dict[str, tuple[float, dict]] = {}  # worker id -> (expires, info)
 
@@ -226,6 +242,9 @@ class RequestStore:
             message,
         )
 
+    def progress(self, request_id: str, step: int, total: int) -> None:
+        self._write("UPDATE requests SET progress_step=?, progress_total=? WHERE id=?", step, total, request_id)
+
     def logs(self, request_id: str) -> list[dict]:
         """fal's log objects: message, level, source, timestamp (ISO 8601, UTC)."""
         with self._lock:
@@ -262,6 +281,42 @@ class RequestStore:
         expired = [r.id for r in self.expired(completed_before)]
         self.delete(expired)
         return len(expired)
+
+    def add_upload(self, token: str, upload: dict, ttl_s: float) -> None:
+        now = time.time()
+        with self._lock:  # forget expired ones first
+            self._db.execute(
+                "DELETE FROM upload_parts WHERE token IN (SELECT token FROM uploads WHERE expires < ?)", (now,)
+            )
+            self._db.execute("DELETE FROM uploads WHERE expires < ?", (now,))
+            self._db.execute(
+                "INSERT INTO uploads (token, upload, expires) VALUES (?, ?, ?)",
+                (token, json.dumps(upload), now + ttl_s),
+            )
+
+    def get_upload(self, token: str) -> dict | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT upload FROM uploads WHERE token=? AND expires >= ?", (token, time.time())
+            ).fetchone()
+        return json.loads(row["upload"]) if row else None
+
+    def add_upload_part(self, token: str, number: int, data: bytes) -> int:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO upload_parts (token, number, data) VALUES (?, ?, ?)", (token, number, data)
+            )
+            return self._db.execute("SELECT SUM(LENGTH(data)) FROM upload_parts WHERE token=?", (token,)).fetchone()[0]
+
+    def upload_parts(self, token: str) -> dict[int, bytes]:
+        with self._lock:
+            rows = self._db.execute("SELECT number, data FROM upload_parts WHERE token=?", (token,)).fetchall()
+        return {row["number"]: bytes(row["data"]) for row in rows}
+
+    def remove_upload(self, token: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM upload_parts WHERE token=?", (token,))
+            self._db.execute("DELETE FROM uploads WHERE token=?", (token,))
 
     def close(self) -> None:
         with self._lock:

@@ -243,9 +243,11 @@ class EditService:
         request_id: str,
         on_log: Callable[[str], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
     ) -> EditOutput:
-        """Run one edit request end to end. Progress lines (one per denoising step) go to the log and to `on_log`;
-        `should_cancel` is polled after each step, and a cancelled run raises `pipelines.Cancelled`."""
+        """Run one edit request end to end. Progress lines (one per denoising step) go to the log and to `on_log`,
+        and (step, total) to `on_progress`; `should_cancel` is polled after each step, and a cancelled run raises
+        `pipelines.Cancelled`."""
 
         def progress(message: str) -> None:
             log.info("request %s: %s", request_id, message)
@@ -253,5 +255,11 @@ class EditService:
                 on_log(message)
 
         prepared = await self.prepare(profile, body, base_url, progress)
-        result = await self.run(prepared, lambda step, total: progress(f"step {step}/{total}"), progress, should_cancel)
+
+        def on_step(step: int, total: int) -> None:
+            progress(f"step {step}/{total}")
+            if on_progress is not None:
+                on_progress(step, total)
+
+        result = await self.run(prepared, on_step, progress, should_cancel)
         return await self.finish(prepared, result)

@@ -20,7 +20,7 @@ from server.http.context import services
 from server.http.responses import MODEL_FAILED, NOT_FOUND, TIMED_OUT, UNAVAILABLE
 from server.logs import request_id_var
 from server.queue.backend import PRIORITIES, SYNC, QueuedRequest
-from server.schemas import CancelAnswer, EditInput, EditOutput, Message, QueueStatus, QueueSubmitted
+from server.schemas import CancelAnswer, EditInput, EditOutput, Message, Progress, QueueStatus, QueueSubmitted
 from server.service.model import ModelState
 
 router = APIRouter(prefix="/queue", tags=["queue"])
@@ -168,12 +168,16 @@ def status_of(request: Request, queued: QueuedRequest, with_logs: bool) -> Queue
     logs = store.logs(queued.id) if with_logs else None
     if queued.status == "IN_QUEUE":
         return QueueStatus(status="IN_QUEUE", request_id=queued.id, queue_position=store.position(queued), **urls)
+    progress = None
+    if queued.progress_step is not None and queued.progress_total is not None:
+        progress = Progress(step=queued.progress_step, total=queued.progress_total)
     if queued.status == "IN_PROGRESS":
-        return QueueStatus(status="IN_PROGRESS", request_id=queued.id, logs=logs, **urls)
+        return QueueStatus(status="IN_PROGRESS", request_id=queued.id, logs=logs, progress=progress, **urls)
     return QueueStatus(
         status="COMPLETED",
         request_id=queued.id,
         logs=logs,
+        progress=progress,
         metrics=json.loads(queued.metrics or "{}"),
         error=queued.error,
         error_type=queued.error_type,

@@ -4,13 +4,12 @@ fal's flow: `POST {rest}/storage/upload/initiate` with {content_type, file_name}
 the client PUTs the bytes to upload_url and then uses file_url as an input. Files over 90 MB go through
 `initiate-multipart`: PUT `{upload_url}/{part}` per 10 MB part, then POST `{upload_url}/complete`.
 Here upload_url is a one-time URL on this server (the token in it is the permission, like fal's presigned URLs)
-and file_url is the file as served under /files/, which the server reads back as an input image.
+and file_url is the file as served under /files/, which the server reads back as an input image. An upload begun
+is kept in the queue backend (with its parts), so with a shared queue any front-end can finish it.
 """
 
 import mimetypes
 import secrets
-import time
-from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
@@ -47,37 +46,23 @@ class CompleteMultipart(BaseModel):
     parts: list[MultipartPart]
 
 
-@dataclass
-class PendingUpload:
-    name: str  # in the file storage (server/files/storage.py)
-    content_type: str
-    expires: float
-    parts: dict[int, bytes] = field(default_factory=dict)
-
-
-def _pending(request: Request) -> dict[str, PendingUpload]:
-    return services(request).pending_uploads
-
-
 def _initiate(request: Request, body: InitiateUpload, kind: str) -> UploadTarget:
-    pending = _pending(request)
-    now = time.time()
-    for token in [t for t, u in pending.items() if u.expires < now]:
-        del pending[token]
+    the = services(request)
     token = secrets.token_urlsafe(24)
     content_type = body.content_type.split(";")[0].strip().lower()
     # served back under /files/ on this server's origin: only raster image types keep their type; anything else
     # (HTML, SVG, scripts...) is stored as .bin and served as application/octet-stream, never rendered as a page
     extension = (mimetypes.guess_extension(content_type) if content_type in SERVED_TYPES else None) or ".bin"
     name = f"upload-{secrets.token_hex(16)}{extension}"
-    pending[token] = PendingUpload(name, body.content_type, now + UPLOAD_TTL_S)
+    # in the queue backend: with a shared queue, any front-end can take the rest of the upload
+    the.store.add_upload(token, {"name": name, "content_type": body.content_type}, UPLOAD_TTL_S)
     base = str(request.base_url).rstrip("/")
-    file_url = services(request).outputs.storage.url(name, services(request).settings.public_url or base)
+    file_url = the.outputs.storage.url(name, the.settings.public_url or base)
     return UploadTarget(upload_url=f"{base}/storage/upload/{kind}/{token}", file_url=file_url)
 
 
-async def _store(request: Request, upload: PendingUpload, data: bytes) -> None:
-    await run_in_threadpool(services(request).outputs.storage.put, upload.name, data, upload.content_type)
+async def _store(request: Request, upload: dict, data: bytes) -> None:
+    await run_in_threadpool(services(request).outputs.storage.put, upload["name"], data, upload["content_type"])
 
 
 @initiate_router.post("/initiate")
@@ -90,9 +75,9 @@ async def initiate_multipart(request: Request, body: InitiateUpload) -> UploadTa
     return _initiate(request, body, "multipart")
 
 
-def _claim(request: Request, token: str) -> PendingUpload:
-    upload = _pending(request).get(token)
-    if upload is None or upload.expires < time.time():
+def _claim(request: Request, token: str) -> dict:
+    upload = services(request).store.get_upload(token)
+    if upload is None:
         raise HTTPException(404, "Unknown or expired upload URL")
     return upload
 
@@ -111,15 +96,15 @@ async def _read_limited(request: Request) -> bytes:
 async def put(request: Request, token: str) -> dict:
     upload = _claim(request, token)
     await _store(request, upload, await _read_limited(request))
-    del _pending(request)[token]
+    services(request).store.remove_upload(token)
     return {}
 
 
 @upload_router.put("/multipart/{token}/{part_number:int}")
 async def put_part(request: Request, token: str, part_number: int) -> MultipartPart:
-    upload = _claim(request, token)
-    upload.parts[part_number] = await _read_limited(request)
-    if sum(len(p) for p in upload.parts.values()) > services(request).settings.max_upload_bytes:
+    _claim(request, token)
+    kept = services(request).store.add_upload_part(token, part_number, await _read_limited(request))
+    if kept > services(request).settings.max_upload_bytes:
         raise HTTPException(413, "Upload larger than the limit")
     return MultipartPart(partNumber=part_number, etag=secrets.token_hex(8))
 
@@ -127,10 +112,11 @@ async def put_part(request: Request, token: str, part_number: int) -> MultipartP
 @upload_router.post("/multipart/{token}/complete")
 async def complete_multipart(request: Request, token: str, body: CompleteMultipart) -> dict:
     upload = _claim(request, token)
+    parts = services(request).store.upload_parts(token)
     numbers = [p.partNumber for p in body.parts]
-    if sorted(numbers) != sorted(upload.parts) or not numbers:
-        message = f"Parts {numbers} do not match the parts uploaded {sorted(upload.parts)}"
+    if sorted(numbers) != sorted(parts) or not numbers:
+        message = f"Parts {numbers} do not match the parts uploaded {sorted(parts)}"
         raise InputError(["parts"], message, "value_error")
-    await _store(request, upload, b"".join(upload.parts[n] for n in sorted(numbers)))
-    del _pending(request)[token]
+    await _store(request, upload, b"".join(parts[n] for n in sorted(numbers)))
+    services(request).store.remove_upload(token)
     return {}

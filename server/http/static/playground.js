@@ -8,7 +8,6 @@
 const $ = (selector) => document.querySelector(selector);
 const state = { schema: null, components: {}, uploads: [], running: null, snippet: "curl" };
 const MAX_IMAGES = 4;
-const STEP = /step (\d+)\/(\d+)$/;
 
 // ---- API calls -------------------------------------------------------------------------------------------
 
@@ -330,12 +329,12 @@ async function follow(handle) {
         const li = document.createElement("li");
         li.textContent = entry.message;
         $("#log").append(li);
-        const step = STEP.exec(entry.message);
-        if (step) showProgress(`Running: step ${step[1]} of ${step[2]}`, Number(step[1]), Number(step[2]));
       }
       seen = logs.length;
+      const progress = status.progress; // this server's structured progress (fal's status has only the log lines)
       if (status.status === "IN_QUEUE") showProgress(`In queue (position ${status.queue_position})`, 0, 1);
-      if (status.status === "IN_PROGRESS" && !logs.some((l) => STEP.test(l.message))) showProgress("Running: loading inputs", 0, 1);
+      if (status.status === "IN_PROGRESS" && progress) showProgress(`Running: step ${progress.step} of ${progress.total}`, progress.step, progress.total);
+      if (status.status === "IN_PROGRESS" && !progress) showProgress("Running: loading inputs", 0, 1);
       if (status.status === "COMPLETED") return;
     }
   }

@@ -1,0 +1,118 @@
+"""The `QueueBackend` contract, run over both backends: the embedded SQLite queue and Redis (a real redis-server
+on loopback; skipped without Debian's binary). What the routes and the dispatcher rely on holds for each."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import pytest
+
+from benchmarks.loopback import start_redis
+from server.queue.backend import QueueBackend
+from server.queue.connect import open_queue
+
+EDIT, TURBO, FLASH = "fal-ai/flux-2/edit", "fal-ai/flux-2/turbo/edit", "fal-ai/flux-2/flash/edit"
+ALL = [EDIT, TURBO, FLASH]
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def queue(request, tmp_path):
+    if request.param == "sqlite":
+        opened = open_queue(None, tmp_path, retention_s=1)
+        yield opened
+        opened.close()
+        return
+    if shutil.which("redis-server") is None:
+        pytest.skip("needs Debian's redis-server binary")
+    process, url = start_redis(tmp_path / "redis")
+    opened = open_queue(url, tmp_path, retention_s=1, visibility_timeout_s=30, consumer="contract")
+    yield opened
+    opened.close()
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def add(q: QueueBackend, request_id: str, endpoint: str = FLASH, priority: int = 0) -> None:
+    q.add(request_id, endpoint, '{"prompt": "p"}', priority, "http://fe/queue/fal-ai/flux-2", "http://fe/", None, None)
+
+
+def test_requests_are_served_by_priority_then_arrival_with_positions(queue):
+    assert isinstance(queue, QueueBackend)
+    for name, endpoint, priority in [("low", EDIT, 1), ("a", FLASH, 0), ("b", EDIT, 0)]:
+        add(queue, name, endpoint, priority)
+    assert queue.queued_count() == 3
+    assert [queue.position(queue.get(n)) for n in ("a", "b", "low")] == [0, 1, 2]
+    assert queue.get("a").input == '{"prompt": "p"}' and queue.get("a").status == "IN_QUEUE"
+    assert queue.claim([TURBO]) is None  # only what the caller's profiles run
+    assert [queue.claim(ALL).id for _ in range(3)] == ["a", "b", "low"]
+    assert queue.claim(ALL) is None and queue.queued_count() == 0
+    claimed = queue.get("a")
+    assert claimed.status == "IN_PROGRESS" and claimed.attempts == 1 and claimed.started_at > 0
+
+
+def test_an_outcome_is_recorded_exactly_once(queue):
+    add(queue, "r")
+    assert queue.complete("r", 400, {"detail": "x"}) is True
+    assert queue.complete("r", 200, {"images": []}) is False  # already has one
+    done = queue.get("r")
+    assert (done.status, done.status_code, done.result) == ("COMPLETED", 400, '{"detail": "x"}')
+    add(queue, "s")
+    queue.claim(ALL)
+    assert queue.complete("s", 400, {}, only_if_queued=True) is False  # started: not a queued cancel
+
+
+def test_a_failed_attempt_goes_back_to_the_queue_counted(queue):
+    add(queue, "r")
+    queue.claim(ALL)
+    queue.release("r", attempt_failed=True)
+    assert queue.get("r").status == "IN_QUEUE"
+    again = queue.claim(ALL)
+    assert again.id == "r" and again.attempts == 2
+
+
+def test_logs_progress_and_cancel_flags(queue):
+    add(queue, "r")
+    queue.claim(ALL)
+    queue.log("r", "step 1/4")
+    queue.log("r", "oops", "WARNING")
+    lines = [(log["message"], log["level"]) for log in queue.logs("r")]
+    assert lines[-2:] == [("step 1/4", "INFO"), ("oops", "WARNING")]  # after what the backend logs itself
+    assert queue.get("r").progress_step is None
+    queue.progress("r", 3, 4)
+    assert (queue.get("r").progress_step, queue.get("r").progress_total) == (3, 4)
+    assert not queue.cancel_requested("r")
+    queue.request_cancel("r")
+    assert queue.cancel_requested("r")
+
+
+def test_uploads_and_their_parts_are_kept_until_removed_or_expired(queue):
+    queue.add_upload("t", {"name": "upload-1.png", "content_type": "image/png"}, ttl_s=60)
+    assert queue.get_upload("t") == {"name": "upload-1.png", "content_type": "image/png"}
+    assert queue.get_upload("nope") is None
+    assert queue.add_upload_part("t", 2, b"world") == 5
+    assert queue.add_upload_part("t", 1, b"hello ") == 11
+    assert queue.add_upload_part("t", 1, b"hi ") == 8  # a part sent again replaces it
+    assert queue.upload_parts("t") == {1: b"hi ", 2: b"world"}
+    queue.remove_upload("t")
+    assert queue.get_upload("t") is None and queue.upload_parts("t") == {}
+    queue.add_upload("short", {"name": "x"}, ttl_s=0.05)
+    time.sleep(0.1)
+    assert queue.get_upload("short") is None
+
+
+def test_workers_advertise_until_their_heartbeat_expires(queue):
+    queue.heartbeat("w1", {"profiles": ["flash"]}, ttl_s=0.2)
+    assert queue.workers() == [{"id": "w1", "profiles": ["flash"]}]
+    time.sleep(0.3)
+    assert queue.workers() == []
+
+
+def test_completed_requests_are_gone_after_retention(queue):
+    """Retention is 1 s here: SQLite's sweep (`purge`) deletes them; Redis lets them expire."""
+    add(queue, "old")
+    queue.complete("old", 200, {})
+    add(queue, "waiting")
+    time.sleep(1.2)
+    queue.purge(time.time() - 1)
+    assert queue.get("old") is None and queue.get("waiting") is not None

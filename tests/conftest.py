@@ -11,8 +11,12 @@ import httpx
 import numpy as np
 import PIL.Image
 import pytest
+from fastapi.testclient import TestClient
 
 from benchmarks.loopback import free_port, start_server  # noqa: F401 (tests import them from here)
+from server.config import Settings
+from server.http.app import create_app
+from server.service import model as service_model
 from weights.tiny import build_tiny
 
 
@@ -72,3 +76,23 @@ def server(tiny_weights, tmp_path_factory):
         yield RunningServer(url=url, data_dir=root / "data", log_path=root / "server.log", client=client)
     process.terminate()
     process.wait(timeout=30)
+
+
+@pytest.fixture
+def fake_server(tmp_path, monkeypatch):
+    """The real app in this process (routes, services, dispatcher; tests/fake_editor.py for the model): call it
+    with a FakeEditor (and settings) to get (TestClient, app). Milliseconds per request, no model, no process."""
+    opened = []
+
+    def start(editor, **settings) -> tuple[TestClient, object]:
+        monkeypatch.setattr(service_model, "load_model", lambda *args: editor)
+        app = create_app(Settings(data_dir=tmp_path / "data", **settings), tmp_path / "weights")
+        client = TestClient(app)
+        client.__enter__()
+        opened.append(client)
+        assert client.get("/ready").status_code == 200
+        return client, app
+
+    yield start
+    for client in opened:
+        client.__exit__(None, None, None)

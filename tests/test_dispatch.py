@@ -11,33 +11,11 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-import server.service.model
-from server.config import Settings
-from server.http.app import create_app
 from tests.conftest import data_uri, image_bytes
 from tests.fake_editor import FakeEditor
 
 BODY = {"prompt": "p", "image_urls": [data_uri(image_bytes(64, 64))], "image_size": "square", "seed": 1}
 FLASH, TURBO = "fal-ai/flux-2/flash/edit", "fal-ai/flux-2/turbo/edit"
-
-
-@pytest.fixture
-def serve(tmp_path, monkeypatch):
-    """The real app (routes, services, dispatcher) over a FakeEditor; yields (client, app, editor)."""
-    opened = []
-
-    def start(editor: FakeEditor, **settings) -> tuple[TestClient, object]:
-        monkeypatch.setattr(server.service.model, "load_model", lambda *args: editor)
-        app = create_app(Settings(data_dir=tmp_path / "data", **settings), tmp_path / "weights")
-        client = TestClient(app)
-        client.__enter__()
-        opened.append(client)
-        assert client.get("/ready").status_code == 200
-        return client, app
-
-    yield start
-    for client in opened:
-        client.__exit__(None, None, None)
 
 
 def wait_status(client: TestClient, handle: dict, wanted: str, timeout_s: float = 30) -> dict:
@@ -48,9 +26,9 @@ def wait_status(client: TestClient, handle: dict, wanted: str, timeout_s: float 
     return status
 
 
-def test_sync_calls_wait_in_the_queue_in_arrival_order_and_count_in_positions(serve):
+def test_sync_calls_wait_in_the_queue_in_arrival_order_and_count_in_positions(fake_server):
     editor = FakeEditor(step_s=0.05)
-    client, app = serve(editor)
+    client, app = fake_server(editor)
     first = client.post(f"/queue/{FLASH}", json={**BODY, "seed": 1}).json()  # runs first (4 steps)
     wait_status(client, first, "IN_PROGRESS")
     with ThreadPoolExecutor(1) as pool:
@@ -66,8 +44,8 @@ def test_sync_calls_wait_in_the_queue_in_arrival_order_and_count_in_positions(se
     assert [call.seed for call in editor.calls] == [1, 2, 3]  # one path to the model, in arrival order
 
 
-def test_sync_mode_images_go_to_the_caller_not_into_the_queue_row(serve):
-    client, app = serve(FakeEditor())
+def test_sync_mode_images_go_to_the_caller_not_into_the_queue_row(fake_server):
+    client, app = fake_server(FakeEditor())
     answer = client.post(f"/{FLASH}", json={**BODY, "sync_mode": True})
     assert answer.status_code == 200
     url = answer.json()["images"][0]["url"]
@@ -77,9 +55,9 @@ def test_sync_mode_images_go_to_the_caller_not_into_the_queue_row(serve):
     assert '"url": "data:image/png;base64,(returned to the caller)"' in row.result
 
 
-def test_a_running_request_is_cancelled_at_its_next_step(serve):
+def test_a_running_request_is_cancelled_at_its_next_step(fake_server):
     editor = FakeEditor(step_s=0.05)
-    client, _ = serve(editor)
+    client, _ = fake_server(editor)
     handle = client.post("/queue/fal-ai/flux-2/edit", json={**BODY, "num_inference_steps": 50}).json()
     wait_status(client, handle, "IN_PROGRESS")
     assert client.put(handle["cancel_url"]).status_code == 202
@@ -89,8 +67,8 @@ def test_a_running_request_is_cancelled_at_its_next_step(serve):
 
 
 @pytest.mark.parametrize("mode", ["sync", "queue"])
-def test_out_of_memory_fails_that_request_on_both_paths(serve, mode):
-    client, _ = serve(FakeEditor(fail_with=torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")))
+def test_out_of_memory_fails_that_request_on_both_paths(fake_server, mode):
+    client, _ = fake_server(FakeEditor(fail_with=torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")))
     if mode == "sync":
         answer = client.post(f"/{FLASH}", json=BODY)
     else:
@@ -101,14 +79,14 @@ def test_out_of_memory_fails_that_request_on_both_paths(serve, mode):
     assert answer.json()["detail"].startswith("Inference failed: CUDA out of memory (fake)")
 
 
-def test_a_job_past_its_time_limit_stops_at_its_next_step(serve):
-    client, _ = serve(FakeEditor(step_s=0.05), job_timeout_s=0.2)
+def test_a_job_past_its_time_limit_stops_at_its_next_step(fake_server):
+    client, _ = fake_server(FakeEditor(step_s=0.05), job_timeout_s=0.2)
     answer = client.post("/fal-ai/flux-2/edit", json={**BODY, "num_inference_steps": 50})
     assert answer.status_code == 504 and "time limit of 0.2 s" in answer.json()["detail"]
 
 
-def test_status_carries_structured_progress(serve):
-    client, _ = serve(FakeEditor(step_s=0.05))
+def test_status_carries_structured_progress(fake_server):
+    client, _ = fake_server(FakeEditor(step_s=0.05))
     handle = client.post(f"/queue/{TURBO}", json=BODY).json()
     running = wait_status(client, handle, "IN_PROGRESS")
     deadline = time.monotonic() + 30
@@ -119,10 +97,10 @@ def test_status_carries_structured_progress(serve):
     assert wait_status(client, handle, "COMPLETED")["progress"] == {"step": 8, "total": 8}
 
 
-def test_an_upload_begun_on_one_front_end_is_finished_on_another(serve, tmp_path):
+def test_an_upload_begun_on_one_front_end_is_finished_on_another(fake_server, tmp_path):
     """The pending upload lives in the queue backend (here one SQLite file that two apps share)."""
-    first, _ = serve(FakeEditor())
-    second, _ = serve(FakeEditor())
+    first, _ = fake_server(FakeEditor())
+    second, _ = fake_server(FakeEditor())
     target = first.post("/storage/upload/initiate-multipart", json={"content_type": "image/png"}).json()
     upload_path = target["upload_url"].removeprefix("http://testserver")
     assert first.put(f"{upload_path}/1", content=b"\x89PNG part one ").status_code == 200

@@ -3,6 +3,7 @@ on loopback; skipped without Debian's binary). What the routes and the dispatche
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import time
 
@@ -116,3 +117,19 @@ def test_completed_requests_are_gone_after_retention(queue):
     time.sleep(1.2)
     queue.purge(time.time() - 1)
     assert queue.get("old") is None and queue.get("waiting") is not None
+
+
+def test_a_waiting_caller_is_woken_when_its_request_completes(queue):
+    """A sync caller on a front-end waits for a worker elsewhere: the completion wakes it (Redis: pub/sub), long
+    before its own timeout (a minute here)."""
+    add(queue, "r")
+    queue.claim(ALL)
+
+    async def wait_then_complete():
+        waiting = asyncio.create_task(queue.wait_completed("r", timeout_s=60))
+        await asyncio.sleep(0.2)  # the waiter is registered
+        await asyncio.to_thread(queue.complete, "r", 200, {})
+        await asyncio.wait_for(waiting, 30)
+
+    asyncio.run(wait_then_complete())
+    assert queue.get("r").status == "COMPLETED"

@@ -95,6 +95,10 @@ class QueueBackend(Protocol):
     async def wait_for_work(self, wakeup: asyncio.Event, timeout_s: float) -> None:
         """Return when work may have arrived, `wakeup` is set, or after `timeout_s`."""
 
+    async def wait_completed(self, request_id: str, timeout_s: float) -> None:
+        """Return when `request_id` may have completed (a sync caller waiting on another process), or after
+        `timeout_s`; the caller checks."""
+
     def release(self, request_id: str, attempt_failed: bool = False) -> None:
         """A claimed request must run again: its dispatcher is stopping (the claim is not counted as an attempt), or
         the worker failed while running it (`attempt_failed`: counted, see Dispatcher.crashed)."""

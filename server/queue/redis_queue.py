@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = "flux2:"
 GROUP = "workers"
+COMPLETED_CHANNEL = f"{PREFIX}completed"  # pub/sub: the id of each request as it completes
 INT_FIELDS = {"seq", "priority", "status_code", "attempts", "progress_step", "progress_total"}
 FLOAT_FIELDS = {"start_deadline", "created_at", "started_at", "completed_at"}
 
@@ -213,6 +214,10 @@ class RedisQueue:
         self._claimed: set[str] = set()  # requests this process runs; their entries are touched
         self._closing = threading.Event()
         self._toucher: threading.Thread | None = None
+        # sync callers on this front-end waiting for a request a worker runs: woken by its completion message
+        self._completion_waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+        self._listener: threading.Thread | None = None
+        self._listening = threading.Event()
 
     @staticmethod
     def _key(request_id: str) -> str:
@@ -304,6 +309,47 @@ class RedisQueue:
         await asyncio.wait({reading, woken}, return_when=asyncio.FIRST_COMPLETED)
         woken.cancel()
 
+    async def wait_completed(self, request_id: str, timeout_s: float) -> None:
+        """Wait for the completion message of `request_id` (published by `complete`, heard by one listener thread
+        per process), or `timeout_s`; a message missed meanwhile costs at most `timeout_s`."""
+        self._listen()
+        woken = asyncio.Event()
+        waiters = self._completion_waiters.setdefault(request_id, [])
+        waiters.append((asyncio.get_running_loop(), woken))
+        try:
+            await asyncio.wait_for(woken.wait(), timeout_s)
+        except TimeoutError:
+            pass
+        finally:
+            waiters.remove((asyncio.get_running_loop(), woken))
+            if not waiters:
+                self._completion_waiters.pop(request_id, None)
+
+    def _listen(self) -> None:
+        """Start the listener thread once; return when it is subscribed."""
+        if self._listener is None:
+            self._listener = threading.Thread(target=self._hear_completions, name="flux2-completions", daemon=True)
+            self._listener.start()
+        self._listening.wait(10)
+
+    def _hear_completions(self) -> None:
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(COMPLETED_CHANNEL)
+        self._listening.set()
+        try:
+            while not self._closing.is_set():
+                try:
+                    message = pubsub.get_message(timeout=1.0)
+                except (redis.RedisError, OSError):  # Redis restarting: waiters fall back to their timeouts meanwhile
+                    self._closing.wait(1.0)
+                    continue
+                if message is None:
+                    continue
+                for loop, woken in list(self._completion_waiters.get(message["data"], ())):
+                    loop.call_soon_threadsafe(woken.set)
+        finally:
+            pubsub.close()
+
     def release(self, request_id: str, attempt_failed: bool = False) -> None:
         """Hand an interrupted request straight to the next worker: its entry looks abandoned at once. A graceful
         stop's claim is not counted as an attempt."""
@@ -332,6 +378,8 @@ class RedisQueue:
         pairs = [x for k, v in fields.items() if v is not None for x in (k, _encode(v))]
         keys = [self._key(request_id), f"{PREFIX}logs:{request_id}", f"{PREFIX}cancel:{request_id}"]
         done = bool(self._complete(keys=keys, args=["1" if only_if_queued else "0", self.retention_s, *pairs]))
+        if done:
+            self.redis.publish(COMPLETED_CHANNEL, request_id)  # wakes the front-end a sync caller waits on
         if done or not only_if_queued:
             self._claimed.discard(request_id)
         return done
@@ -404,4 +452,6 @@ class RedisQueue:
 
     def close(self) -> None:
         self._closing.set()
+        if self._listener is not None:
+            self._listener.join(timeout=5)  # it checks `_closing` every second
         self.redis.close()

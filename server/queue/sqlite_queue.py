@@ -169,6 +169,10 @@ class RequestStore:
         except TimeoutError:
             pass
 
+    async def wait_completed(self, request_id: str, timeout_s: float) -> None:
+        """Only this process runs what it queues, and its sync callers await the dispatcher itself: a short wait."""
+        await asyncio.sleep(min(timeout_s, 0.05))
+
     def release(self, request_id: str, attempt_failed: bool = False) -> None:
         """After a worker failure: back in the queue now, the attempt counted. At a graceful stop: left IN_PROGRESS
         (this process is the only one that runs requests, and `requeue_interrupted` puts it back in the queue at

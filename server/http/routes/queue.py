@@ -115,13 +115,15 @@ def enqueue(
     return _get(request, request_id)
 
 
-async def wait_completed(request: Request, request_id: str, poll_s: float = STREAM_POLL_S / 2) -> QueuedRequest:
-    """Wait for a queued request to complete, wherever it runs."""
+async def wait_completed(request: Request, request_id: str) -> QueuedRequest:
+    """Wait for a queued request to complete, wherever it runs: woken by the queue when it completes
+    (`QueueBackend.wait_completed`), checking again at least every second."""
+    store = services(request).store
     while True:
         queued = _get(request, request_id)
         if queued.status == "COMPLETED":
             return queued
-        await asyncio.sleep(poll_s)
+        await store.wait_completed(request_id, timeout_s=1.0)
 
 
 def _add_submit_route(endpoint: Endpoint) -> None:

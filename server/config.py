@@ -80,6 +80,11 @@ class Settings(BaseSettings):
     job_timeout_s: float | None = Field(
         1800.0, description="seconds a job may run; a job running longer is stopped at its next step and failed (504)"
     )
+    supervise: bool = Field(
+        True,
+        description="run `serve`/`worker` in a child process that is started again if it dies; off: in this "
+        "process (restarting left to your process manager)",
+    )
     log_level: str = Field("info", description="log level")
     log_format: Literal["text", "json"] = Field(
         "text", description="`json`: one JSON object per line (time, level, request_id, ...)"

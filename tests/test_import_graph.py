@@ -7,6 +7,8 @@ Layers, bottom up. A module may import its own layer and those below it, never o
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -160,3 +162,9 @@ def test_the_graph_is_read_correctly():
     assert "server.queue.sqlite_queue" in edges["server.queue.connect"]  # imported inside open_queue
     assert "server.cli.doctor" in edges["server.cli"]  # `from server.cli import doctor as doctor_command`
     assert layer_of("server.http.routes.edit") > layer_of("server.service.edit")
+
+
+def test_the_command_line_and_its_supervisor_load_no_model_code():
+    """`flux2-server` parses its arguments (and a supervisor process lives) without importing torch."""
+    code = "import sys, server.cli; sys.exit('torch' in sys.modules or 'diffusers' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=False).returncode == 0

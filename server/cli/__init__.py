@@ -22,14 +22,6 @@ from server.cli.weights import cmd_weights_tiny
 from server.cli.worker import cmd_worker
 
 
-def add_no_supervise(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--no-supervise",
-        action="store_true",
-        help="run in this process; by default a supervisor process starts it again if it dies (FLUX2_SUPERVISE=0)",
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flux2-server", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -38,14 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve fal's FLUX.2 edit API")
     add_source_flags(serve)
     add_setting_flags(serve, serve_settings())
-    add_no_supervise(serve)
     serve.set_defaults(func=cmd_serve)
 
     worker = commands.add_parser("worker", help="run one GPU's model on requests from a shared queue (--queue)")
     add_source_flags(worker)
     worker.add_argument("--gpu", type=int, help="CUDA device index (same as --device cuda:N)")
     add_setting_flags(worker, worker_settings())
-    add_no_supervise(worker)
     worker.set_defaults(func=cmd_worker)
 
     tls = commands.add_parser("tls", help="make a local CA and a server certificate for HOST(s) and queue.HOST")
@@ -70,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)  # usage errors and --help here, before any child starts
-    if supervisor.wanted(argv):
-        return supervisor.supervise(argv)  # `serve` and `worker` run in a child that is started again if it dies
+    settings = supervisor.wanted(args)
+    if settings is not None:  # `serve` and `worker` run in a child that is started again if it dies
+        return supervisor.supervise(argv, settings.log_format)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.func(args)
 

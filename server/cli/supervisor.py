@@ -10,7 +10,7 @@ The supervisor itself imports no model code and does nothing else: it forwards S
 graceful stop re-queues the running request), exits with the child's status when the child stops on purpose
 (status 0, or 2 for a configuration error), and gives up after RESTART_LIMIT restarts within RESTART_WINDOW_S (a
 crash loop is an operator's problem, not something to hide). The child asks the kernel to kill it if the
-supervisor dies (PR_SET_PDEATHSIG), so no orphan keeps the GPU. `--no-supervise` (or FLUX2_SUPERVISE=0) runs the
+supervisor dies (PR_SET_PDEATHSIG), so no orphan keeps the GPU. `--no-supervise` (or FLUX2_SUPERVISE=0: the `supervise` setting) runs the
 command in this process, for a process manager (systemd, Kubernetes, compose `restart:`) that restarts it itself.
 
 Standard library only (subprocess, signal): this is the job of a process manager, and the small part of one
@@ -19,8 +19,8 @@ needed here is clearer written out than configured (supervisord or circus would 
 
 from __future__ import annotations
 
+import argparse
 import ctypes
-import itertools
 import logging
 import logging.config
 import os
@@ -28,6 +28,11 @@ import signal
 import subprocess
 import sys
 import time
+
+import pydantic
+
+from server.cli.process import settings_of
+from server.config import Settings
 
 log = logging.getLogger("flux2.supervisor")
 
@@ -39,14 +44,16 @@ STOPPED_ON_PURPOSE = (0, 2)  # success, or a usage/configuration error: starting
 PR_SET_PDEATHSIG = 1
 
 
-def wanted(argv: list[str]) -> bool:
-    """Whether this invocation should supervise (it is `serve` or `worker`, not already the child, not opted out)."""
-    if os.environ.get(CHILD_ENV) == "1" or "--no-supervise" in argv:
-        return False
-    if os.environ.get("FLUX2_SUPERVISE", "1").strip().lower() in ("0", "false", "no", "off"):
-        return False
-    command = next((a for a in argv if not a.startswith("-")), None)
-    return command in ("serve", "worker")
+def wanted(args: argparse.Namespace) -> Settings | None:
+    """The settings of an invocation that should supervise (`serve` or `worker`, not already the child, the
+    `supervise` setting on), else None. Settings that don't validate are the child's to refuse, in its own words."""
+    if os.environ.get(CHILD_ENV) == "1" or args.command not in ("serve", "worker"):
+        return None
+    try:
+        settings = settings_of(args)
+    except pydantic.ValidationError:
+        return None  # run in this process, which says what is wrong
+    return settings if settings.supervise else None
 
 
 def _die_with_parent() -> None:
@@ -61,22 +68,10 @@ def describe(status: int) -> str:
     return f"signal {signal.Signals(-status).name}" if status < 0 else f"exit status {status}"
 
 
-def log_format(argv: list[str]) -> str:
-    """The child's log format (--log-format, else FLUX2_LOG_FORMAT), so the supervisor's lines match its own."""
-    for flag, value in itertools.pairwise(argv):
-        if flag == "--log-format":
-            return value
-    for arg in argv:
-        if arg.startswith("--log-format="):
-            return arg.partition("=")[2]
-    return os.environ.get("FLUX2_LOG_FORMAT", "text")
-
-
-def supervise(argv: list[str]) -> int:
+def supervise(argv: list[str], log_format: str) -> int:
     from server.logs import LOG_FORMATS, logging_config
 
-    chosen = log_format(argv)  # an unknown one is the child's to refuse, with the settings' own error
-    logging.config.dictConfig(logging_config(chosen if chosen in LOG_FORMATS else "text", "info"))
+    logging.config.dictConfig(logging_config(log_format if log_format in LOG_FORMATS else "text", "info"))
     command = [sys.executable, "-m", "server.cli", *argv]
     env = {**os.environ, CHILD_ENV: "1"}
     stopping: list[int] = []

@@ -16,13 +16,15 @@ from pathlib import Path
 
 from server.cli.process import resolve_weights, runtime_problem, settings_from
 from server.config import Settings
-from server.service.model import ModelState
-from server.services import open_services
 
 log = logging.getLogger(__name__)
 
 
 async def run_worker(settings: Settings, weights_dir: Path, tiny: bool) -> None:
+    # imported here: `flux2-server`'s own start (and its supervisor process) loads no model code
+    from server.service.model import ModelState
+    from server.services import open_services
+
     # Its metrics are counted here; this process serves no /metrics (the front-ends do not see them).
     async with open_services(settings, weights_dir, tiny) as services:
         await services.model.load(settings, weights_dir)

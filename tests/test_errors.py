@@ -25,11 +25,11 @@ from server.errors import (
     answer_for,
 )
 from server.http.errors import install_error_handlers
+from server.process import open_services
 from server.queue.dispatcher import MAX_ATTEMPTS
 from server.service.edit import EditService
 from server.service.metrics import Metrics
 from server.service.runner import ModelRunner
-from server.services import open_services
 from tests.conftest import data_uri, image_bytes
 from tests.fake_editor import FakeEditor
 

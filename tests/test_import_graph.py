@@ -21,7 +21,7 @@ LAYERS = [
     ("server.files",),  # output files
     ("server.service",),  # the edit service: the only owner of the model
     ("server.queue",),  # the queue and its dispatcher
-    ("server.services",),  # one process's services, typed, built by `serve` and `worker` alike
+    ("server.process",),  # one process's services, typed, built by `serve` and `worker` alike
     ("server.http",),  # the HTTP API
     ("server.cli",),  # processes and commands
 ]

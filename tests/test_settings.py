@@ -9,7 +9,7 @@ from pathlib import Path
 
 from server.cli import build_parser
 from server.cli.flags import ENV_ONLY, HTTP_ONLY, flag, settings_table
-from server.cli.process import settings_of
+from server.cli.startup import settings_of
 from server.config import Settings
 
 README = Path(__file__).resolve().parent.parent / "README.md"

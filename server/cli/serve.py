@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from server.cli.process import resolve_weights, runtime_problem, settings_from
+from server.cli.startup import resolve_weights, runtime_problem, settings_from
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

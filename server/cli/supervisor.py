@@ -31,7 +31,7 @@ import time
 
 import pydantic
 
-from server.cli.process import settings_of
+from server.cli.startup import settings_of
 from server.config import Settings
 
 log = logging.getLogger("flux2.supervisor")

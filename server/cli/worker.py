@@ -14,7 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
-from server.cli.process import resolve_weights, runtime_problem, settings_from
+from server.cli.startup import resolve_weights, runtime_problem, settings_from
 from server.config import Settings
 
 log = logging.getLogger(__name__)
@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 
 async def run_worker(settings: Settings, weights_dir: Path, tiny: bool) -> None:
     # imported here: `flux2-server`'s own start (and its supervisor process) loads no model code
+    from server.process import open_services
     from server.service.model import ModelState
-    from server.services import open_services
 
     # Its metrics are counted here; this process serves no /metrics (the front-ends do not see them).
     async with open_services(settings, weights_dir, tiny) as services:

@@ -1,5 +1,5 @@
 """The FastAPI application: routers, error handlers, middleware, output files; its lifespan opens the process's
-services (server.services), loads the model in the background and runs the dispatcher."""
+services (server.process), loads the model in the background and runs the dispatcher."""
 
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from server.http.responses import GUARDED, TOO_LARGE
 from server.http.routes import edit, files, health, metrics, openapi, playground, queue, storage
 from server.http.routes.queue import queue_host_routing
 from server.logs import request_ids
+from server.process import open_outputs, open_services
 from server.queue.retention import run_retention
 from server.service.model import ModelState
-from server.services import open_outputs, open_services
 
 log = logging.getLogger(__name__)
 

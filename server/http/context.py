@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import Request
 
-from server.services import Services
+from server.process import Services
 
 
 def services(request: Request) -> Services:

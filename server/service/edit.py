@@ -154,7 +154,7 @@ class Prepared:
 
 @dataclass
 class EditService:
-    """One edit: `prepare` -> `run` -> `finish`. Built once per process (server.services)."""
+    """One edit: `prepare` -> `run` -> `finish`. Built once per process (server.process)."""
 
     settings: Settings
     model: Model

@@ -135,14 +135,14 @@ def test_worker_failure_requeues_the_request_once(start_app, monkeypatch):
     calls = []
     failures = [1]
 
-    async def crashing_run_edit(*args, **kwargs):
+    async def crashing_edit(*args, **kwargs):
         calls.append(1)
         if failures[0]:
             failures[0] -= 1
             raise RuntimeError("the worker died (injected by the test)")
         return await real_edit(*args, **kwargs)
 
-    monkeypatch.setattr(EditService, "edit", crashing_run_edit)
+    monkeypatch.setattr(EditService, "edit", crashing_edit)
     with httpx.Client(base_url=url, timeout=120) as client:
         handle = client.post("/queue/fal-ai/flux-2/flash/edit", json=GOOD).json()
         done = wait_done(client, handle)

@@ -63,6 +63,13 @@ class MemoryPlan:
     text_encoder_device: str | None = None  # multi-gpu only
     quantization: str = "none"
     reason: str = ""
+    text_encoder_quantization: str = "none"  # text encoder weights: none | fp8 | int8 (weight-only)
+    text_encoder_layers: int | None = None  # None: the whole encoder (prompt expansion possible);
+    # an int N: keep decoder layers [0, N) and drop lm_head (FLUX.2 reads hidden states 10/20/30 -> N = 31 is exact)
+    prompt_expansion: bool = True  # False where the plan makes it impossible or too slow (streamed or truncated
+    # encoder); the editor then answers with a notice
+    peak_gpu_bytes: int | None = None  # expected peak on the transformer's GPU (weights + reserve)
+    peak_host_bytes: int | None = None  # expected peak host RAM while loading/serving
 
     def describe(self) -> dict:
         return asdict(self)
@@ -264,6 +271,22 @@ def quantize_transformer(transformer, quantization: str, device: str) -> None:
 
 def _base_linear(module: torch.nn.Module, fqn: str) -> bool:
     return isinstance(module, torch.nn.Linear) and ".lora_" not in f".{fqn}"
+
+
+STREAMED_TEXT_ENCODER = ("offload-text-encoder", "group-offload")  # modes that stream the text encoder's layers
+
+
+def load_devices(plan: MemoryPlan) -> dict[str, str]:
+    """Where each component is read to from disk: straight to its device where the plan keeps it resident there
+    (nothing built in CPU RAM and then moved), else the CPU (streamed or CPU-offloaded components; and a component
+    to be quantized, which `quantize_transformer` moves to the device layer by layer as it quantizes)."""
+    resident_transformer = plan.mode in ("full", "multi-gpu", "offload-text-encoder")
+    text_encoder_home = {"full": plan.device, "multi-gpu": plan.text_encoder_device}.get(plan.mode)
+    return {
+        "transformer": plan.device if resident_transformer and plan.quantization == "none" else "cpu",
+        "text_encoder": text_encoder_home if text_encoder_home and plan.text_encoder_quantization == "none" else "cpu",
+        "vae": "cpu" if plan.mode == "model-offload" else plan.device,
+    }
 
 
 def use_streams(device: torch.device) -> bool:

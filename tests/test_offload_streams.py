@@ -10,12 +10,14 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
 from pipelines import memory
-from pipelines.editor import load_components
+from pipelines.editor import EditCall, load_components, load_editor
 from pipelines.memory import MemoryPlan, apply_memory_plan
+from pipelines.runtime import RuntimeOptions
 from tests.emulated_streams import emulate_streams
 from tests.test_memory import run_pipe
 
@@ -132,3 +134,35 @@ def test_streamed_modes_keep_one_host_copy_of_the_streamed_weights(tiny_weights,
     assert peak >= total + layers  # diffusers alone: every decoder layer twice at the peak
     peak, total = host_peak(pin_first=True)
     assert peak <= total + largest  # pinned in place: once, plus the tensor being copied
+
+
+# End to end: load_editor with each streamed mode on the CPU standing in for the GPU (check_plan, which refuses
+# these modes on a CPU-only server, is let through), the stream path emulated; an edit with the turbo adapter,
+# pixel-identical to the same edit in `full` mode.
+
+
+@pytest.fixture(scope="module")
+def full_edit(tiny_weights):
+    editor = load_editor(tiny_weights, "cpu", options=RuntimeOptions(memory_mode="full"))
+    return np.asarray(editor.edit(edit_call()).images[0])
+
+
+def edit_call(**kwargs) -> EditCall:
+    reference = PIL.Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 80, 3), dtype=np.uint8))
+    return EditCall(images=[reference], prompt="make it snow", width=64, height=64, profile="turbo", seed=4, **kwargs)
+
+
+@pytest.mark.parametrize("mode", ["offload-text-encoder", "group-offload"])
+def test_editor_runs_each_streamed_mode_end_to_end(tiny_weights, full_edit, streams, monkeypatch, mode):
+    monkeypatch.setattr(memory, "check_plan", lambda plan: None)
+    editor = load_editor(tiny_weights, "cpu", options=RuntimeOptions(memory_mode=mode))
+    caps = editor.capabilities()
+    assert caps["memory"]["mode"] == mode
+    assert streams.streams_created == (2 if mode == "group-offload" else 1)
+    # prompt expansion would re-stream the encoder for every generated token: refused, with the reason
+    assert caps["prompt_expansion"] is False
+    assert "streamed from CPU memory" in caps["prompt_expansion_unavailable"]
+    for _ in range(2):  # traced, then prefetching
+        result = editor.edit(edit_call(expand_prompt=True))
+        assert result.prompt == "make it snow"
+        assert np.array_equal(np.asarray(result.images[0]), full_edit)

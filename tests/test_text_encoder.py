@@ -148,3 +148,35 @@ def test_loading_cut_reads_only_the_layers_kept(encoder_40, tokenizer, monkeypat
     whole_then_cut = truncate_text_encoder(load_text_encoder(encoder_40, torch.float32), needed)
     for prompt in PROMPTS:
         assert torch.equal(prompt_embeds(cut, tokenizer, prompt), prompt_embeds(whole_then_cut, tokenizer, prompt))
+
+
+def test_load_editor_cuts_the_encoder_as_the_plan_says_and_edits_identically(
+    tiny_weights, encoder_40, tmp_path, monkeypatch
+):
+    """The tiny model with a 40-layer encoder: an editor whose plan keeps 31 layers gives the same image."""
+    import dataclasses
+    import shutil
+
+    import numpy as np
+    import PIL.Image
+
+    from pipelines import EditCall, load_editor, runtime
+
+    weights = shutil.copytree(tiny_weights, tmp_path / "weights")
+    shutil.rmtree(weights / "text_encoder")
+    shutil.copytree(encoder_40, weights / "text_encoder")
+    reference = PIL.Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    call = EditCall(images=[reference], prompt="make it snow", width=64, height=64, profile="flash", seed=2)
+
+    whole = load_editor(weights, "cpu")
+    assert len(whole.pipe.text_encoder.model.language_model.layers) == REAL_LAYERS
+    expected = np.asarray(whole.edit(call).images[0])
+    del whole
+    resolve = runtime.resolve_plan
+    monkeypatch.setattr(
+        runtime, "resolve_plan", lambda *a, **k: dataclasses.replace(resolve(*a, **k), text_encoder_layers=31)
+    )
+    cut = load_editor(weights, "cpu")
+    assert len(cut.pipe.text_encoder.model.language_model.layers) == 31 and is_truncated(cut.pipe.text_encoder)
+    assert cut.capabilities()["prompt_expansion"] is False
+    assert np.array_equal(np.asarray(cut.edit(call).images[0]), expected)

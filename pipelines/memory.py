@@ -7,9 +7,9 @@ text-encoder, transformer and VAE at the same time"; H200/B200 hold everything).
 - `full`: every component on one GPU.
 - `multi-gpu`: transformer and VAE on one GPU, the text encoder on another (`text_encoder_device`), placed with
   accelerate's `dispatch_model` hooks exactly as diffusers' `device_map="balanced"` places pipeline components.
-- `offload-text-encoder`: transformer and VAE resident; the text encoder stays in (pinned) CPU memory and is
-  streamed to the GPU block by block while a prompt is encoded (diffusers group offloading with a CUDA
-  stream), so only one decoder layer of it is on the GPU at a time.
+- `offload-text-encoder`: transformer and VAE resident; the text encoder's decoder layers stay in pinned CPU
+  memory and are streamed to the GPU one by one while a prompt is encoded (diffusers group offloading with a
+  CUDA stream; `stream_text_encoder`), so only one decoder layer of it is on the GPU at a time.
 - `model-offload`: diffusers' `enable_model_cpu_offload` (BFL's documented way on 80 GB): each component moves
   to the GPU when used, whole. Slower than `offload-text-encoder` (the transformer moves every request).
 - `group-offload`: the transformer and the text encoder both streamed block by block (diffusers group

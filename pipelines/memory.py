@@ -7,9 +7,9 @@ text-encoder, transformer and VAE at the same time"; H200/B200 hold everything).
 - `full`: every component on one GPU.
 - `multi-gpu`: transformer and VAE on one GPU, the text encoder on another (`text_encoder_device`), placed with
   accelerate's `dispatch_model` hooks exactly as diffusers' `device_map="balanced"` places pipeline components.
-- `offload-text-encoder`: transformer and VAE resident; the text encoder stays in (pinned) CPU memory and is
-  streamed to the GPU block by block while a prompt is encoded (diffusers group offloading with a CUDA
-  stream), so only one decoder layer of it is on the GPU at a time.
+- `offload-text-encoder`: transformer and VAE resident; the text encoder's decoder layers stay in pinned CPU
+  memory and are streamed to the GPU one by one while a prompt is encoded (diffusers group offloading with a
+  CUDA stream; `stream_text_encoder`), so only one decoder layer of it is on the GPU at a time.
 - `model-offload`: diffusers' `enable_model_cpu_offload` (BFL's documented way on 80 GB): each component moves
   to the GPU when used, whole. Slower than `offload-text-encoder` (the transformer moves every request).
 - `group-offload`: the transformer and the text encoder both streamed block by block (diffusers group
@@ -41,7 +41,6 @@ QUANTIZATIONS = ("none", "int8", "fp8", "int4")
 BYTES_PER_WEIGHT = {"none": None, "int8": 1.0, "fp8": 1.0, "int4": 0.5}  # None: the load dtype's size
 DEFAULT_RESERVE_BYTES = 10 * GiB  # activations + VAE decode at 1024 px with 4 references; provisional
 STREAM_RESERVE_BYTES = 2 * GiB  # a streamed component's prefetched blocks (largest FLUX.2 block ~1.3 GB in bf16)
-TEXT_ENCODER_BLOCK_MODULES = ["model", "language_model"]  # Mistral3ForConditionalGeneration -> decoder layers
 
 
 @dataclass(frozen=True)
@@ -64,6 +63,13 @@ class MemoryPlan:
     text_encoder_device: str | None = None  # multi-gpu only
     quantization: str = "none"
     reason: str = ""
+    text_encoder_quantization: str = "none"  # text encoder weights: none | fp8 | int8 (weight-only)
+    text_encoder_layers: int | None = None  # None: the whole encoder (prompt expansion possible);
+    # an int N: keep decoder layers [0, N) and drop lm_head (FLUX.2 reads hidden states 10/20/30 -> N = 31 is exact)
+    prompt_expansion: bool = True  # False where the plan makes it impossible or too slow (streamed or truncated
+    # encoder); the editor then answers with a notice
+    peak_gpu_bytes: int | None = None  # expected peak on the transformer's GPU (weights + reserve)
+    peak_host_bytes: int | None = None  # expected peak host RAM while loading/serving
 
     def describe(self) -> dict:
         return asdict(self)
@@ -267,16 +273,38 @@ def _base_linear(module: torch.nn.Module, fqn: str) -> bool:
     return isinstance(module, torch.nn.Linear) and ".lora_" not in f".{fqn}"
 
 
+STREAMED_TEXT_ENCODER = ("offload-text-encoder", "group-offload")  # modes that stream the text encoder's layers
+
+
+def load_devices(plan: MemoryPlan) -> dict[str, str]:
+    """Where each component is read to from disk: straight to its device where the plan keeps it resident there
+    (nothing built in CPU RAM and then moved), else the CPU (streamed or CPU-offloaded components; and a component
+    to be quantized, which `quantize_transformer` moves to the device layer by layer as it quantizes)."""
+    resident_transformer = plan.mode in ("full", "multi-gpu", "offload-text-encoder")
+    text_encoder_home = {"full": plan.device, "multi-gpu": plan.text_encoder_device}.get(plan.mode)
+    return {
+        "transformer": plan.device if resident_transformer and plan.quantization == "none" else "cpu",
+        "text_encoder": text_encoder_home if text_encoder_home and plan.text_encoder_quantization == "none" else "cpu",
+        "vae": "cpu" if plan.mode == "model-offload" else plan.device,
+    }
+
+
+def use_streams(device: torch.device) -> bool:
+    """Whether streamed modes copy weights on a side stream (CUDA) or synchronously (elsewhere: the CPU tests).
+
+    tests/emulated_streams.py answers True here on the CPU, to run diffusers' stream code path without a GPU."""
+    return device.type == "cuda"
+
+
 def apply_memory_plan(pipe, plan: MemoryPlan) -> None:
     """Place the pipeline's components as `plan` says (quantizing the transformer first, if asked).
 
     Works with any devices, the CPU included: the offload modes' hooks then move weights between CPU and CPU,
     which is how the tests run their mechanics on a machine without a GPU (`check_plan` refuses them for the
-    server there). CUDA streams are used only where the compute device is a GPU.
+    server there). CUDA streams are used where the compute device is a GPU (`use_streams`).
     """
     device = torch.device(plan.device)
-    cpu = torch.device("cpu")
-    stream = device.type == "cuda"
+    stream = use_streams(device)
     quantize_transformer(pipe.transformer, plan.quantization, plan.device if plan.mode != "group-offload" else "cpu")
 
     if plan.mode == "full":
@@ -294,36 +322,82 @@ def apply_memory_plan(pipe, plan: MemoryPlan) -> None:
     elif plan.mode == "offload-text-encoder":
         pipe.transformer.to(device)
         pipe.vae.to(device)
-        _stream_text_encoder(pipe.text_encoder, device, cpu, stream)
+        stream_text_encoder(pipe.text_encoder, device, stream)
     elif plan.mode == "model-offload":
         pipe.enable_model_cpu_offload(device=device)
     elif plan.mode == "group-offload":
         pipe.vae.to(device)
+        if stream:
+            pin_blocks(pipe.transformer)
         pipe.transformer.enable_group_offload(
             onload_device=device,
-            offload_device=cpu,
+            offload_device=torch.device("cpu"),
             offload_type="block_level",
             num_blocks_per_group=1,
             use_stream=stream,
         )
-        _stream_text_encoder(pipe.text_encoder, device, cpu, stream)
+        stream_text_encoder(pipe.text_encoder, device, stream)
     else:
         raise MemoryModeError(f"unknown memory mode {plan.mode!r}")
 
 
-def _stream_text_encoder(text_encoder, device, cpu, stream: bool) -> None:
-    """Group offloading of the text encoder, block by block from CPU memory (offload-text-encoder, group-offload)."""
+def stream_text_encoder(text_encoder, device: torch.device, stream: bool) -> None:
+    """Stream the text encoder's decoder layers from CPU memory, one at a time; keep everything else on `device`.
+
+    Only `text_encoder.model.language_model` is group offloaded: its `layers` are the blocks (one group each, the
+    next one prefetched on a side stream while the current one runs); its embedding and final norm form the group
+    diffusers moves on every call. The vision tower, the projector and `lm_head` (when kept) stay resident.
+
+    Group offloading the whole encoder with `block_modules=["model", "language_model"]` (diffusers' nested form)
+    works without streams only: with streams diffusers puts a lazy-prefetch hook on each level that has modules of
+    its own, and the outer one re-registers `layer_execution_tracker` on the layers the inner one tracks
+    (`ValueError: Hook with name layer_execution_tracker already exists`; tests/test_offload_streams.py).
+    """
     from diffusers.hooks import apply_group_offloading
 
+    language_model = text_encoder.model.language_model
+    _place_all_but(text_encoder, language_model, device)
+    if stream:
+        pin_blocks(language_model)
     apply_group_offloading(
-        text_encoder,
+        language_model,
         onload_device=device,
-        offload_device=cpu,
+        offload_device=torch.device("cpu"),
         offload_type="block_level",
         num_blocks_per_group=1,
         use_stream=stream,
-        block_modules=TEXT_ENCODER_BLOCK_MODULES,
     )
+
+
+def _place_all_but(root: torch.nn.Module, kept: torch.nn.Module, device: torch.device) -> None:
+    """Move every submodule of `root` to `device` except `kept` (and `root`'s own tensors: Mistral3 has none)."""
+    for child in root.children():
+        if child is kept:
+            continue
+        if any(m is kept for m in child.modules()):
+            _place_all_but(child, kept, device)
+        else:
+            child.to(device)
+
+
+def pin_blocks(module: torch.nn.Module) -> None:
+    """Move the tensors diffusers will stream (the blocks: `module`'s ModuleList/Sequential children) into pinned
+    host memory, one tensor at a time, before group offloading is applied.
+
+    diffusers' streamed `ModuleGroup` pins a copy of each streamed tensor while the pageable original is still
+    referenced, for every group of a module before any is offloaded: transiently 2x the streamed weights in host
+    RAM (~209 GiB for a bf16 group offload of FLUX.2 [dev]). Pinned here first, each original is freed as soon as
+    its copy exists, and diffusers then finds every tensor already pinned and keeps it as is (`pin_memory` returns
+    a pinned tensor itself): the peak is the weights once plus one tensor. torchao-quantized tensors are left to
+    diffusers (their `.data` is not the whole tensor).
+    """
+    for child in module.children():
+        if not isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)):
+            continue
+        for block in child:
+            for tensor in [*block.parameters(), *block.buffers()]:
+                if type(tensor.data) is torch.Tensor and tensor.device.type == "cpu" and not tensor.is_pinned():
+                    tensor.data = tensor.data.pin_memory()
 
 
 def resolve_plan(

@@ -102,7 +102,11 @@ def notices_for(body: _EditInputCommon, profile: str, capabilities: dict, settin
             "(has_nsfw_concepts is false for each)."
         )
     if body.enable_prompt_expansion and not capabilities["prompt_expansion"]:
-        notices.append("Prompt expansion is not available on this server: the prompt was used as given.")
+        why = capabilities.get("prompt_expansion_unavailable")
+        notices.append(
+            f"Prompt expansion is not available on this server{f' ({why})' if why else ''}: the prompt was used as "
+            "given."
+        )
     level = body.acceleration.value if isinstance(body, Flux2EditInput) else Acceleration.none.value
     if level != Acceleration.none.value and not capabilities["acceleration"][level]:
         notices.append(

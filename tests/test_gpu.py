@@ -85,3 +85,38 @@ def test_acceleration_levels_on_cuda(tiny_weights, level):
     editor = load_editor(tiny_weights)
     image = _edit(editor, profile="edit", num_inference_steps=28, acceleration=level)
     assert image.shape == (512, 512, 3) and image.std() > 0
+
+
+# The load path and streaming on a real GPU (their CPU counterparts: test_memory.py, test_offload_streams.py).
+
+
+def test_models_are_read_onto_the_gpu_and_streamed_layers_are_pinned(tiny_weights, full_bf16):
+    from pipelines.runtime import RuntimeOptions
+
+    editor = load_editor(tiny_weights, options=RuntimeOptions(memory_mode="offload-text-encoder"))
+    pipe = editor.pipe
+    assert {p.device.type for p in pipe.transformer.parameters()} == {"cuda"}
+    text_encoder = pipe.text_encoder
+    assert {p.device.type for p in text_encoder.model.vision_tower.parameters()} == {"cuda"}  # resident
+    layers = list(text_encoder.model.language_model.layers.parameters())
+    assert all(p.device.type == "cpu" and p.is_pinned() for p in layers)  # streamed, from pinned memory
+    assert np.array_equal(_edit(editor), full_bf16)
+    timings = editor.capabilities()["load_timings"]
+    assert timings["read"] > 0 and timings["place"] >= 0
+
+
+def test_truncated_text_encoder_is_bit_exact_on_the_gpu(tiny_weights, monkeypatch):
+    """The tiny encoder has 30 layers, so this checks lm_head's removal and the plan wiring in bf16 on CUDA;
+    test_text_encoder.py checks the 40 -> 31 cut (CPU)."""
+    import dataclasses
+
+    from pipelines import runtime
+
+    whole = load_editor(tiny_weights)
+    resolve = runtime.resolve_plan
+    monkeypatch.setattr(
+        runtime, "resolve_plan", lambda *a, **k: dataclasses.replace(resolve(*a, **k), text_encoder_layers=31)
+    )
+    cut = load_editor(tiny_weights)
+    assert cut.capabilities()["prompt_expansion"] is False
+    assert np.array_equal(_edit(cut), _edit(whole))

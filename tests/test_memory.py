@@ -26,6 +26,7 @@ from pipelines.memory import (
     check_plan,
     choose_memory_mode,
     component_sizes,
+    load_devices,
     resolve_plan,
 )
 
@@ -266,3 +267,76 @@ def test_server_runs_full_mode_with_int8_for_each_profile_and_level(tiny_weights
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+# The load path: each model read straight onto the device the plan keeps it on, nothing moved after.
+
+
+@pytest.mark.parametrize(
+    ("plan", "transformer", "text_encoder", "vae"),
+    [
+        (MemoryPlan("full", "cuda:0"), "cuda:0", "cuda:0", "cuda:0"),
+        (MemoryPlan("full", "cpu"), "cpu", "cpu", "cpu"),
+        (MemoryPlan("multi-gpu", "cuda:0", text_encoder_device="cuda:1"), "cuda:0", "cuda:1", "cuda:0"),
+        (MemoryPlan("offload-text-encoder", "cuda:0"), "cuda:0", "cpu", "cuda:0"),  # encoder streamed from CPU
+        (MemoryPlan("model-offload", "cuda:0"), "cpu", "cpu", "cpu"),  # each moves whole when used
+        (MemoryPlan("group-offload", "cuda:0"), "cpu", "cpu", "cuda:0"),
+        (MemoryPlan("full", "cuda:0", quantization="fp8"), "cpu", "cuda:0", "cuda:0"),  # quantized layer by layer
+        (MemoryPlan("full", "cuda:0", text_encoder_quantization="fp8"), "cuda:0", "cpu", "cuda:0"),
+    ],
+    ids=lambda v: v.mode if isinstance(v, MemoryPlan) else None,
+)
+def test_each_model_is_read_where_the_plan_keeps_it(plan, transformer, text_encoder, vae):
+    assert load_devices(plan) == {"transformer": transformer, "text_encoder": text_encoder, "vae": vae}
+
+
+def test_load_editor_reads_each_model_onto_its_device_and_copies_nothing_after(tiny_weights, monkeypatch):
+    """Through the real call path: from_pretrained gets the plan's device (so weights go file -> device, one tensor
+    at a time), and placing the pipeline afterwards copies no tensor (every storage is the one that was read)."""
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+    from transformers import Mistral3ForConditionalGeneration
+
+    from pipelines import load_editor
+    from pipelines.runtime import Runtime, RuntimeOptions
+
+    asked = {}
+    for name, cls in [
+        ("transformer", Flux2Transformer2DModel),
+        ("vae", AutoencoderKLFlux2),
+        ("text_encoder", Mistral3ForConditionalGeneration),
+    ]:
+        real = cls.from_pretrained.__func__
+
+        def spy(klass, *args, _real=real, _name=name, **kwargs):
+            asked[_name] = kwargs.get("device_map")
+            return _real(klass, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    storages = {}
+    real_apply = Runtime.apply
+
+    def apply(self, pipe):
+        def pointers():
+            return {
+                (name, key): tensor.untyped_storage().data_ptr()
+                for name in ("transformer", "text_encoder", "vae")
+                for key, tensor in getattr(pipe, name).state_dict().items()
+            }
+
+        storages["read"] = pointers()
+        real_apply(self, pipe)
+        storages["placed"] = pointers()
+
+    monkeypatch.setattr(Runtime, "apply", apply)
+    editor = load_editor(tiny_weights, "cpu", options=RuntimeOptions(memory_mode="full"))
+    assert asked == {"transformer": "cpu", "vae": "cpu", "text_encoder": "cpu"}
+    assert storages["placed"] == storages["read"]
+
+    caps = editor.capabilities()
+    assert set(caps["load_timings"]) == {"read", "place"} and all(v >= 0 for v in caps["load_timings"].values())
+    assert caps["load_seconds"] == pytest.approx(sum(caps["load_timings"].values()), abs=0.002)
+    monkeypatch.setattr(editor, "edit", lambda call: None)  # the warm-up's timing, not its image
+    editor.warm_up()
+    caps = editor.capabilities()
+    assert set(caps["load_timings"]) == {"read", "place", "warm_up"}
+    assert caps["load_seconds"] == pytest.approx(sum(caps["load_timings"].values()), abs=0.003)

@@ -378,7 +378,7 @@ def _candidates(quantization: str, fp8: bool, two_gpus: bool) -> Iterator[tuple[
         for te_q, layers in encoders:
             yield (
                 MemoryPlan("full", "", quantization=q, text_encoder_quantization=te_q, text_encoder_layers=layers),
-                ("everything resident"),
+                "everything resident on one GPU",
             )
             if two_gpus:
                 yield (
@@ -391,7 +391,7 @@ def _candidates(quantization: str, fp8: bool, two_gpus: bool) -> Iterator[tuple[
     def streamed(q: str) -> Iterator[tuple[MemoryPlan, str]]:
         yield (
             MemoryPlan("offload-text-encoder", "", quantization=q, text_encoder_layers=cut),
-            ("the transformer resident; the text encoder (cut to the layers FLUX.2 reads) streamed every request"),
+            "transformer resident, text encoder streamed from host memory every request",
         )
 
     for q in fast:
@@ -500,7 +500,7 @@ def choose_memory_mode(
                 continue
             if not host_ok(plan):
                 note = f"{why} ({plan.quantization} transformer) needs {_gib(peaks.host)} of host RAM"
-                skipped.append(f"skipped: {note}, {_gib(host_bytes or 0)} available")
+                skipped.append(f"skipped {note}, {_gib(host_bytes or 0)} available")
                 continue
             sized = "" if fixed or request == tiers[0][1] else f" (sized for {request}: larger requests may not fit)"
             return replace(plan, reason=_explain(plan, sizes, why + sized, free, skipped, quantization == "auto"))

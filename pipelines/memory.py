@@ -788,3 +788,66 @@ def describe_hardware(hardware: Hardware) -> dict:
         "host_available_gib": None if hardware.host_bytes is None else round(hardware.host_bytes / GiB, 1),
         "fp8": hardware.fp8,
     }
+
+
+# README's "Plans by card" table: what `auto` picks for FLUX.2 [dev] per card class (tests/test_memory.py checks that
+# README shows exactly this; `python -c "from pipelines.memory import card_table; print(card_table())"` prints it).
+CARD_CLASSES_GIB = (24, 48, 80, 94, 141)
+HOST_CLASSES_GIB = (64, 128, 256)
+
+
+def _plan_cells(hardware: Hardware, sizes: ComponentSizes) -> tuple[str, ...]:
+    try:
+        plan = resolve_plan("auto", sizes, quantization="auto", hardware=hardware)
+    except MemoryModeError as exc:
+        return (f"refused: {str(exc).split(':')[0]}", "–", "–", "–", "–", "–")
+    cut = f", {plan.text_encoder_layers} layers, no lm_head" if plan.text_encoder_layers is not None else ""
+    te_q = "bf16" if plan.text_encoder_quantization == "none" else plan.text_encoder_quantization
+    where = {"multi-gpu": " on GPU 2", "offload-text-encoder": " streamed", "group-offload": " streamed"}
+    transformer = "bf16" if plan.quantization == "none" else plan.quantization
+    if plan.mode == "group-offload":
+        transformer += " streamed"
+    peaks = estimate_peaks(plan, sizes, plan.reserve_bytes or 0)
+    gpu = f"{plan.peak_gpu_bytes / GiB:.1f}" + (
+        f" + {peaks.text_encoder_gpu / GiB:.1f}" if peaks.text_encoder_gpu else ""
+    )
+    return (
+        plan.mode,
+        transformer,
+        f"{te_q}{cut}{where.get(plan.mode, '')}",
+        gpu,
+        f"{(plan.peak_host_bytes or 0) / GiB:.1f}",
+        plan.sized_for,
+    )
+
+
+def card_table(sizes: ComponentSizes | None = None) -> str:
+    """A markdown table of the plan `auto` picks per card class, GPU count and host RAM (rows that differ only in
+    host RAM are merged; fp8 shown as "fp8/int8" where a GPU without fp8 gets the same plan in int8)."""
+    sizes = sizes or flux2_dev_sizes()
+    lines = [
+        "| GPUs | host RAM | mode | transformer | text encoder | peak GPU GiB | peak host GiB | sized for |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for gpus in (1, 2):
+        for card in CARD_CLASSES_GIB:
+            rows: list[tuple[list[int], tuple[str, ...]]] = []
+            for host in HOST_CLASSES_GIB:
+                with_fp8 = _plan_cells(Hardware.simulate(card, gpus, host, fp8=True), sizes)
+                without = _plan_cells(Hardware.simulate(card, gpus, host, fp8=False), sizes)
+                cells = tuple(
+                    a if a == b else a.replace("fp8", "fp8/int8") for a, b in zip(with_fp8, without, strict=True)
+                )
+                if rows and rows[-1][1] == cells:
+                    rows[-1][0].append(host)
+                else:
+                    rows.append(([host], cells))
+            for hosts, cells in rows:
+                if len(hosts) == len(HOST_CLASSES_GIB):
+                    host_label = "any"
+                elif hosts[-1] == HOST_CLASSES_GIB[-1]:
+                    host_label = f"≥ {hosts[0]} GB"
+                else:
+                    host_label = " / ".join(f"{h} GB" for h in hosts)
+                lines.append(f"| {gpus} × {card} GB | {host_label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

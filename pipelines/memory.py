@@ -21,7 +21,7 @@ also runs on the CPU), `fp8` (torchao float8 weights and activations; Ada/Hopper
 weight-only), and the text encoder can be cut to the 31 decoder layers FLUX.2 reads, without `lm_head`
 (`text_encoder_layers`: bit-exact prompt embeddings, but no prompt expansion).
 
-`plan_memory` / `choose_memory_mode` are pure functions of a hardware description (`Hardware`: free memory per
+`choose_memory_mode` (and `resolve_plan` with a `Hardware`) are pure functions of a hardware description (`Hardware`: free memory per
 GPU, host RAM, fp8 support) and the components' sizes (`ComponentSizes`: from the safetensors headers, or
 `flux2_dev_sizes()`), so they are unit tested card by card and `flux2-server doctor --json` can answer for
 hardware this machine doesn't have. What `auto` prefers, in order (the first plan whose GPU peak fits the GPU and
@@ -401,8 +401,8 @@ def _candidates(quantization: str, fp8: bool, two_gpus: bool) -> Iterator[tuple[
     for q in slow:
         yield from resident(q)
         yield from streamed(q)
-    last = (fast + slow)[-1]
-    yield MemoryPlan("model-offload", "", quantization=last), "each component moved to the GPU whole when used"
+    for q in fast + slow:
+        yield MemoryPlan("model-offload", "", quantization=q), "each component moved to the GPU whole when used"
 
 
 def _explain(plan: MemoryPlan, sizes: ComponentSizes, why: str, free: int, skipped: list[str], auto: bool) -> str:
@@ -448,13 +448,17 @@ def choose_memory_mode(
     fp8_capable: bool = False,
     primary: int | None = None,
     host_bytes: int | None = None,
+    only_mode: str | None = None,
+    text_encoder_gpu: int | None = None,
 ) -> MemoryPlan:
     """The fastest plan whose peaks fit the GPUs and the host RAM (see the module docstring for the order).
 
     `quantization` fixes the transformer's (`none`, `int8`, `fp8`, `int4`; the text encoder is then not
     quantized) or is `auto`. `reserve_bytes` fixes the activation reserve; None sizes it by request
     (PLANNED_REQUESTS). The transformer goes on `primary` (a GPU index) when given, else on the GPU with the most
-    free memory. Raises MemoryModeError when no plan fits, saying what is missing."""
+    free memory; the text encoder (multi-gpu) on `text_encoder_gpu` when given, else on the emptiest other GPU.
+    `only_mode` keeps to one memory mode (a configured one). Raises MemoryModeError when no plan fits, saying
+    what is missing."""
     if quantization != "auto" and quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)} or auto, got {quantization!r}")
     fixed = reserve_bytes is not None
@@ -482,11 +486,15 @@ def choose_memory_mode(
     free = free_bytes_per_gpu[gpu]
     others = [i for i in range(len(free_bytes_per_gpu)) if i != gpu]
     second = max(others, key=lambda i: free_bytes_per_gpu[i]) if others else None
+    if text_encoder_gpu is not None:
+        second = text_encoder_gpu
     device, te_device = f"cuda:{gpu}", None if second is None else f"cuda:{second}"
 
     skipped: list[str] = []
     for reserve, request in tiers:
         for candidate, why in _candidates(quantization, fp8_capable, second is not None):
+            if only_mode is not None and candidate.mode != only_mode:
+                continue
             plan = _finish(
                 candidate,
                 sizes,
@@ -507,6 +515,10 @@ def choose_memory_mode(
 
     # Last: the transformer streamed every step, for the largest request that fits. Under `auto` its weights stay
     # plain (quantized tensors have not been run through group offloading's streams).
+    if only_mode not in (None, "group-offload"):
+        raise MemoryModeError(
+            f"memory mode {only_mode!r} does not fit on {device} ({_gib(free)} free) with any quantization"
+        )
     q = "none" if quantization == "auto" else quantization
     for reserve, request in tiers:
         plan = _finish(
@@ -736,6 +748,23 @@ def resolve_plan(
             reserve_bytes if fixed else activation_reserve_bytes(request),
             f"a fixed reserve of {_gib(reserve_bytes)}" if fixed else request.describe(),
         )
+        if quantization == "auto" and free:  # the least quantization that fits this mode, as auto would pick it
+            te_gpu = (torch.device(plan.text_encoder_device).index or 0) if plan.text_encoder_device else None
+            try:
+                chosen = choose_memory_mode(
+                    free,
+                    sizes,
+                    reserve_bytes,
+                    "auto",
+                    hardware.fp8,
+                    primary=torch.device(plan.device).index or 0,
+                    host_bytes=hardware.host_bytes,
+                    only_mode=mode,
+                    text_encoder_gpu=te_gpu,
+                )
+                plan = replace(chosen, reason=f"set by configuration, quantization auto: {chosen.reason}")
+            except MemoryModeError:
+                pass  # nothing fits: the plain plan (a configured mode is the operator's call), checked below
         if hardware.host_bytes is not None and (plan.peak_host_bytes or 0) > hardware.host_bytes:
             raise MemoryModeError(
                 f"not enough host RAM for memory mode {mode!r}: it needs {_gib(plan.peak_host_bytes or 0)} "

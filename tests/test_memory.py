@@ -260,6 +260,22 @@ def test_a_configured_text_encoder_device_keeps_the_chosen_quantization():
         resolve_plan("full", FLUX2_DEV, device="cuda:2", hardware=Hardware.simulate(80, 2, 128))
 
 
+@pytest.mark.parametrize(
+    ("mode", "card", "expected"),
+    [
+        ("full", 80, ("full", "fp8", "none", 31, "set by configuration, quantization auto: everything resident")),
+        ("full", 48, ("full", "int4", "fp8", 31, "set by configuration, quantization auto: everything resident")),
+        ("offload-text-encoder", 48, ("offload-text-encoder", "fp8", "none", 31, "set by configuration, quantization")),
+        ("model-offload", 80, ("model-offload", "none", "none", None, "set by configuration, quantization auto")),
+        ("full", 24, ("full", "none", "none", None, "set by configuration")),  # nothing fits: the operator's call
+    ],
+)
+def test_a_configured_mode_with_quantization_auto_gets_the_least_quantization_that_fits_it(mode, card, expected):
+    plan = resolve_plan(mode, FLUX2_DEV, quantization="auto", hardware=Hardware.simulate(card, 1, 128))
+    got = (plan.mode, plan.quantization, plan.text_encoder_quantization, plan.text_encoder_layers)
+    assert got == expected[:4] and plan.reason.startswith(expected[4])
+
+
 def test_simulated_hardware_checks_fp8_against_the_simulated_card():
     with pytest.raises(MemoryModeError, match="compute capability 8.9"):
         resolve_plan("full", FLUX2_DEV, quantization="fp8", hardware=Hardware.simulate(80, 1, 128, fp8=False))

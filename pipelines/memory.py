@@ -192,6 +192,8 @@ class MemoryPlan:
     peak_host_bytes: int | None = None  # expected peak host RAM while loading/serving
     reserve_bytes: int | None = None  # of peak_gpu_bytes, what is kept for activations
     sized_for: str = ""  # the largest request the reserve covers, e.g. "2048x2048 output, 4 references"
+    low_cpu_mem_usage: bool = False  # streamed weights pinned on the fly (diffusers' group offloading option of that
+    # name): held once in host RAM instead of up to twice, at the cost of pinning before every transfer
 
     def describe(self) -> dict:
         return asdict(self)
@@ -334,14 +336,15 @@ def estimate_peaks(plan: MemoryPlan, sizes: ComponentSizes, reserve: int) -> Pea
 
     Resident components are read from the files straight onto their GPU (and quantized there), so they take no
     host RAM beyond HOST_BASE_BYTES; a streamed component is held in host RAM in the load dtype and pinned, which
-    takes up to twice its bytes while the pinned copy is made (diffusers' group offloading with streams); model
-    CPU offload keeps every component in host RAM. The text encoder encodes before the transformer runs, so their
+    takes up to twice its bytes while the pinned copy is made (diffusers' group offloading with streams), once
+    with `low_cpu_mem_usage` (pinned on the fly); model CPU offload keeps every component in host RAM. The text encoder encodes before the transformer runs, so their
     working memory is not added up."""
     t = sizes.transformer_bytes(plan.quantization)
     te = sizes.text_encoder_bytes(plan.text_encoder_quantization, plan.text_encoder_layers)
     te_streamed = sizes.text_encoder_streamed(plan.text_encoder_layers)
     te_working = TEXT_ENCODER_ACTIVATION_BYTES
     te_streaming = sizes.text_encoder_stream_working_set() + te_working
+    copies = 1 if plan.low_cpu_mem_usage else 2  # pre-pinning copies the streamed weights while the originals live
     if plan.device == "cpu":
         return Peaks(0, 0, HOST_BASE_BYTES + t + te + sizes.vae + reserve)
     if plan.mode == "full":
@@ -350,19 +353,22 @@ def estimate_peaks(plan: MemoryPlan, sizes: ComponentSizes, reserve: int) -> Pea
         return Peaks(t + sizes.vae + reserve, te + te_working, HOST_BASE_BYTES)
     if plan.mode == "offload-text-encoder":
         gpu = t + sizes.vae + (te - te_streamed) + max(reserve, te_streaming)
-        return Peaks(gpu, 0, HOST_BASE_BYTES + 2 * te_streamed)
+        return Peaks(gpu, 0, HOST_BASE_BYTES + copies * te_streamed)
     if plan.mode == "model-offload":
         return Peaks(max(t + reserve, te + te_working) + sizes.vae, 0, HOST_BASE_BYTES + t + te)
     if plan.mode == "group-offload":
         rest = sizes.transformer - (sizes.transformer if sizes.transformer_blocks is None else sizes.transformer_blocks)
         blocks = t - rest  # the streamed part
         gpu = rest + (te - te_streamed) + sizes.vae + max(reserve + TRANSFORMER_STREAM_BYTES, te_streaming)
-        return Peaks(gpu, 0, HOST_BASE_BYTES + 2 * (blocks + te_streamed))
+        return Peaks(gpu, 0, HOST_BASE_BYTES + copies * (blocks + te_streamed))
     raise MemoryModeError(f"unknown memory mode {plan.mode!r}")
 
 
 def _gib(n: int) -> str:
     return f"{n / GiB:.1f} GiB"
+
+
+PINNED_ON_THE_FLY = "pinned on the fly (host RAM holds the streamed weights once, not twice; slower transfers)"
 
 
 def _candidates(quantization: str, fp8: bool, two_gpus: bool) -> Iterator[tuple[MemoryPlan, str]]:
@@ -389,9 +395,11 @@ def _candidates(quantization: str, fp8: bool, two_gpus: bool) -> Iterator[tuple[
                 )
 
     def streamed(q: str) -> Iterator[tuple[MemoryPlan, str]]:
+        why = "transformer resident, text encoder streamed from host memory every request"
+        yield MemoryPlan("offload-text-encoder", "", quantization=q, text_encoder_layers=cut), why
         yield (
-            MemoryPlan("offload-text-encoder", "", quantization=q, text_encoder_layers=cut),
-            "transformer resident, text encoder streamed from host memory every request",
+            MemoryPlan("offload-text-encoder", "", quantization=q, text_encoder_layers=cut, low_cpu_mem_usage=True),
+            f"{why}, {PINNED_ON_THE_FLY}",
         )
 
     for q in fast:
@@ -414,13 +422,14 @@ def _explain(plan: MemoryPlan, sizes: ComponentSizes, why: str, free: int, skipp
         )
     if plan.text_encoder_layers is not None:
         parts.append(
-            f"text encoder cut to {plan.text_encoder_layers} decoder layers without lm_head "
-            "(bit-exact prompt embeddings; no prompt expansion)"
+            f"text encoder cut to {plan.text_encoder_layers} decoder layers without lm_head (bit-exact prompt embeddings)"
         )
     if plan.text_encoder_quantization != "none":
         parts.append(f"text encoder {plan.text_encoder_quantization} weight-only, rather than streamed every request")
     if plan.mode in STREAMED_TEXT_ENCODER_MODES:
         parts.append("no prompt expansion (it would stream the encoder for every generated token)")
+    elif plan.text_encoder_layers is not None:
+        parts.append("no prompt expansion (it needs the whole encoder)")
     parts.append(f"peak {_gib(plan.peak_gpu_bytes or 0)} of {_gib(free)} free, host {_gib(plan.peak_host_bytes or 0)}")
     parts.extend(dict.fromkeys(skipped))  # each tier tries the same plans again: say it once
     return "; ".join(parts)
@@ -520,28 +529,37 @@ def choose_memory_mode(
             f"memory mode {only_mode!r} does not fit on {device} ({_gib(free)} free) with any quantization"
         )
     q = "none" if quantization == "auto" else quantization
-    for reserve, request in tiers:
-        plan = _finish(
-            MemoryPlan("group-offload", device, quantization=q, text_encoder_layers=FLUX2_TEXT_ENCODER_LAYERS),
-            sizes,
-            reserve,
-            request,
-        )
-        if (plan.peak_gpu_bytes or 0) <= free:
-            break
-    else:
-        raise MemoryModeError(
-            f"{device} has {_gib(free)} free; even streaming every component needs {_gib(plan.peak_gpu_bytes or 0)} "
-            f"(for {request})"
-        )
-    if not host_ok(plan):
-        raise MemoryModeError(
-            f"not enough host RAM: the transformer does not fit on {device} ({_gib(free)} free), and streaming it "
-            f"needs {_gib(plan.peak_host_bytes or 0)} of host RAM (pinned copies of the streamed weights); "
-            f"{_gib(host_bytes or 0)} available" + "".join(f"; {note}" for note in dict.fromkeys(skipped))
-        )
     why = f"the transformer does not fit on {device} ({_gib(free)} free): streamed block by block every step (slow)"
-    return replace(plan, reason=_explain(plan, sizes, why, free, skipped, quantization == "auto"))
+    for low_cpu_mem_usage in (False, True):
+        for reserve, request in tiers:
+            plan = _finish(
+                MemoryPlan(
+                    "group-offload",
+                    device,
+                    quantization=q,
+                    text_encoder_layers=FLUX2_TEXT_ENCODER_LAYERS,
+                    low_cpu_mem_usage=low_cpu_mem_usage,
+                ),
+                sizes,
+                reserve,
+                request,
+            )
+            if (plan.peak_gpu_bytes or 0) <= free:
+                break
+        else:
+            raise MemoryModeError(
+                f"{device} has {_gib(free)} free; even streaming every component needs "
+                f"{_gib(plan.peak_gpu_bytes or 0)} (for {request})"
+            )
+        if host_ok(plan):
+            if low_cpu_mem_usage:
+                why += f", {PINNED_ON_THE_FLY}"
+            return replace(plan, reason=_explain(plan, sizes, why, free, skipped, quantization == "auto"))
+    raise MemoryModeError(
+        f"not enough host RAM: the transformer does not fit on {device} ({_gib(free)} free), and streaming it "
+        f"needs {_gib(plan.peak_host_bytes or 0)} of host RAM even pinned on the fly; {_gib(host_bytes or 0)} "
+        "available" + "".join(f"; {note}" for note in dict.fromkeys(skipped))
+    )
 
 
 def free_gpu_bytes() -> list[int]:
@@ -765,11 +783,15 @@ def resolve_plan(
                 plan = replace(chosen, reason=f"set by configuration, quantization auto: {chosen.reason}")
             except MemoryModeError:
                 pass  # nothing fits: the plain plan (a configured mode is the operator's call), checked below
-        if hardware.host_bytes is not None and (plan.peak_host_bytes or 0) > hardware.host_bytes:
+        streams = plan.mode in STREAMED_TEXT_ENCODER_MODES
+        if streams and not plan.low_cpu_mem_usage and _over_host(plan, hardware):
+            on_the_fly = _finish(plan, sizes, plan.reserve_bytes or 0, plan.sized_for, low_cpu_mem_usage=True)
+            plan = replace(on_the_fly, reason=f"{plan.reason}; streamed weights {PINNED_ON_THE_FLY}")
+        if _over_host(plan, hardware):
             raise MemoryModeError(
-                f"not enough host RAM for memory mode {mode!r}: it needs {_gib(plan.peak_host_bytes or 0)} "
-                f"(streamed weights are pinned: up to twice their size while loading), {_gib(hardware.host_bytes)} "
-                "available"
+                f"not enough host RAM for memory mode {mode!r}: it needs {_gib(plan.peak_host_bytes or 0)}"
+                + (" even with the streamed weights pinned on the fly" if streams else "")
+                + f", {_gib(hardware.host_bytes or 0)} available"
             )
     check_plan(plan, hardware)
     log.info(
@@ -782,6 +804,10 @@ def resolve_plan(
         plan.reason,
     )
     return plan
+
+
+def _over_host(plan: MemoryPlan, hardware: Hardware) -> bool:
+    return hardware.host_bytes is not None and (plan.peak_host_bytes or 0) > hardware.host_bytes
 
 
 def describe_sizes(sizes: ComponentSizes) -> dict:
@@ -832,7 +858,9 @@ def _plan_cells(hardware: Hardware, sizes: ComponentSizes) -> tuple[str, ...]:
         return (f"refused: {str(exc).split(':')[0]}", "–", "–", "–", "–", "–")
     cut = f", {plan.text_encoder_layers} layers, no lm_head" if plan.text_encoder_layers is not None else ""
     te_q = "bf16" if plan.text_encoder_quantization == "none" else plan.text_encoder_quantization
-    where = {"multi-gpu": " on GPU 2", "offload-text-encoder": " streamed", "group-offload": " streamed"}
+    where = {"multi-gpu": ", on GPU 2", "offload-text-encoder": ", streamed", "group-offload": ", streamed"}
+    if plan.low_cpu_mem_usage:
+        where = {k: f"{v} (pinned on the fly)" for k, v in where.items()}
     transformer = "bf16" if plan.quantization == "none" else plan.quantization
     if plan.mode == "group-offload":
         transformer += " streamed"

@@ -163,19 +163,26 @@ def test_chooser_uses_fp8_when_the_gpu_can_and_respects_a_fixed_reserve():
 
 
 def test_host_ram_decides_between_streaming_and_resident_plans():
-    """Streaming pins a copy of the streamed weights (up to twice them in host RAM while it is made)."""
+    """Streaming pre-pins a copy of the streamed weights (up to twice them in host RAM while it is made); pinned on
+    the fly (diffusers' low_cpu_mem_usage) they are held once; and where even that doesn't fit, serve refuses."""
+    streamed = FLUX2_DEV.text_encoder_streamed(31)
     roomy = choose_memory_mode([47 * GiB], FLUX2_DEV, fp8_capable=True, host_bytes=128 * GiB)
-    assert (roomy.mode, roomy.quantization) == ("offload-text-encoder", "fp8")
-    assert roomy.peak_host_bytes == memory.HOST_BASE_BYTES + 2 * FLUX2_DEV.text_encoder_streamed(31)
+    assert (roomy.mode, roomy.quantization, roomy.low_cpu_mem_usage) == ("offload-text-encoder", "fp8", False)
+    assert roomy.peak_host_bytes == memory.HOST_BASE_BYTES + 2 * streamed
     small = choose_memory_mode([47 * GiB], FLUX2_DEV, fp8_capable=True, host_bytes=64 * GiB)
-    assert (small.mode, small.quantization, small.text_encoder_quantization) == ("full", "int4", "fp8")
+    assert (small.mode, small.quantization, small.low_cpu_mem_usage) == ("offload-text-encoder", "fp8", True)
+    assert small.peak_host_bytes == memory.HOST_BASE_BYTES + streamed
+    assert "pinned on the fly" in small.reason
     assert (
         "skipped transformer resident, text encoder streamed" in small.reason and "64.0 GiB available" in small.reason
     )
-    with pytest.raises(MemoryModeError, match="not enough host RAM.*187.7 GiB of host RAM"):
-        choose_memory_mode([23 * GiB], FLUX2_DEV, host_bytes=64 * GiB)
-    with pytest.raises(MemoryModeError, match="not enough host RAM for memory mode 'group-offload'"):
-        resolve_plan("group-offload", FLUX2_DEV, hardware=Hardware.simulate(80, 1, 64))
+    with pytest.raises(MemoryModeError, match="not enough host RAM.*needs 95.8 GiB of host RAM even pinned on the fly"):
+        choose_memory_mode([15 * GiB], FLUX2_DEV, host_bytes=64 * GiB)
+    configured = resolve_plan("offload-text-encoder", FLUX2_DEV, hardware=Hardware.simulate(80, 1, 64))
+    assert configured.low_cpu_mem_usage and configured.reason.startswith("set by configuration")
+    assert "pinned on the fly" in configured.reason
+    with pytest.raises(MemoryModeError, match="for memory mode 'group-offload': it needs 95.8 GiB even with"):
+        resolve_plan("group-offload", FLUX2_DEV, quantization="none", hardware=Hardware.simulate(80, 1, 64))
     with pytest.raises(MemoryModeError, match="no GPU, and the weights need"):
         choose_memory_mode([], flux2_dev_sizes(itemsize=4), host_bytes=128 * GiB)  # fp32 on the CPU: 210 GiB
 
@@ -185,11 +192,14 @@ def test_host_ram_decides_between_streaming_and_resident_plans():
 # doctor --gpu-memory does (less 1 GiB of CUDA context). Rows marked "any" hold for 64, 128 and 256 GB of host RAM.
 LARGEST, ONE_REFERENCE = "2048x2048 output, 4 references", "1024x1024 output, 1 reference"
 CARD_PLANS = [
-    (24, 1, 64, True, "refused: not enough host RAM"),
+    (16, 1, 64, True, "refused: not enough host RAM"),
+    (16, 1, 128, True, ("group-offload", "none", "none", 31, 13.5, 95.8, "1024x1024 output, 4 references")),
+    (16, 1, 256, True, ("group-offload", "none", "none", 31, 13.5, 187.7, "1024x1024 output, 4 references")),
+    (24, 1, 64, True, ("offload-text-encoder", "int4", "none", 31, 22.0, 37.3, ONE_REFERENCE)),
     (24, 1, 128, True, ("offload-text-encoder", "int4", "none", 31, 22.0, 70.7, ONE_REFERENCE)),
     (24, 1, 256, False, ("offload-text-encoder", "int4", "none", 31, 22.0, 70.7, ONE_REFERENCE)),
-    (48, 1, 64, True, ("full", "int4", "fp8", 31, 45.3, 4.0, LARGEST)),
-    (48, 1, 64, False, ("full", "int4", "int8", 31, 45.3, 4.0, LARGEST)),
+    (48, 1, 64, True, ("offload-text-encoder", "fp8", "none", 31, 41.7, 37.3, LARGEST)),
+    (48, 1, 64, False, ("offload-text-encoder", "int8", "none", 31, 41.7, 37.3, LARGEST)),
     (48, 1, 128, True, ("offload-text-encoder", "fp8", "none", 31, 41.7, 70.7, LARGEST)),
     (48, 1, 256, False, ("offload-text-encoder", "int8", "none", 31, 41.7, 70.7, LARGEST)),
     (80, 1, "any", True, ("full", "fp8", "none", 31, 75.1, 4.0, LARGEST)),
@@ -225,7 +235,9 @@ def test_the_plan_per_card(card, gpus, host, fp8, expected):
     peaks = (round(plan.peak_gpu_bytes / GiB, 1), round(plan.peak_host_bytes / GiB, 1))
     got = (plan.mode, plan.quantization, plan.text_encoder_quantization, plan.text_encoder_layers, *peaks)
     assert (*got, plan.sized_for) == expected
-    assert plan.prompt_expansion == (plan.text_encoder_layers is None and plan.mode != "offload-text-encoder")
+    assert plan.prompt_expansion == (plan.text_encoder_layers is None and plan.mode in ("full", "multi-gpu"))
+    streams = plan.mode not in ("full", "multi-gpu")  # pinned on the fly where twice the streamed weights don't fit
+    assert plan.low_cpu_mem_usage == (streams and (host == 64 or (card, host) == (16, 128)))
     assert plan.peak_gpu_bytes <= hardware.gpu_free_bytes[0] and plan.peak_host_bytes <= hardware.host_bytes
     if plan.mode == "multi-gpu":
         assert plan.text_encoder_device == "cuda:1"

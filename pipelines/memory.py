@@ -21,19 +21,23 @@ also runs on the CPU), `fp8` (torchao float8 weights and activations; Ada/Hopper
 weight-only), and the text encoder can be cut to the 31 decoder layers FLUX.2 reads, without `lm_head`
 (`text_encoder_layers`: bit-exact prompt embeddings, but no prompt expansion).
 
-`choose_memory_mode` (and `resolve_plan` with a `Hardware`) are pure functions of a hardware description (`Hardware`: free memory per
-GPU, host RAM, fp8 support) and the components' sizes (`ComponentSizes`: from the safetensors headers, or
-`flux2_dev_sizes()`), so they are unit tested card by card and `flux2-server doctor --json` can answer for
-hardware this machine doesn't have. What `auto` prefers, in order (the first plan whose GPU peak fits the GPU and
+`choose_memory_mode` (and `resolve_plan` given a `Hardware`) are pure functions of a hardware description
+(`Hardware`: free memory per GPU, host RAM, fp8 support) and the components' sizes (`ComponentSizes`: from the
+safetensors headers, or `flux2_dev_sizes()`), so they are unit tested card by card and `flux2-server doctor
+--json` can answer for hardware this machine doesn't have. What `auto` prefers, in order (the first plan whose GPU peak fits the GPU and
 whose host peak fits the host RAM):
 
 1. everything resident, the transformer in bf16, then in fp8 (int8 where the GPU has no fp8); for each, the text
    encoder whole (prompt expansion possible), cut to 31 layers (bit-exact), cut and fp8/int8 weight-only;
    with two GPUs, the text encoder on the second GPU before it is quantized;
 2. the transformer resident (bf16, then fp8/int8), the text encoder (cut, bf16) streamed from pinned host memory
-   every request: host RAM must hold twice the streamed weights while they are pinned;
+   every request: pre-pinned (host RAM holds the streamed weights twice while loading), else pinned on the fly
+   (`low_cpu_mem_usage`: once, slower transfers);
 3. the same with a 4-bit transformer;
-4. model CPU offload; last, the transformer streamed every step (`group-offload`).
+4. model CPU offload; last, the transformer streamed every step (`group-offload`); where even that doesn't fit
+   the host RAM, MemoryModeError says so.
+
+A configured mode (not `auto`) is kept; with `quantization=auto` it gets the least quantization that fits it.
 
 The GPU memory kept for activations follows the request's token count (`activation_reserve_bytes`); a plan is
 sized for the largest request the API accepts (2048x2048 output, 4 references) where such a plan exists without

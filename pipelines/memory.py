@@ -117,7 +117,7 @@ class ComponentSizes:
     """Bytes of each component's weights at the dtype they load in, and the parts planning needs.
 
     The parts default to "not known" (weights laid out otherwise): quantization is then taken to shrink all of a
-    component, and cutting the text encoder to be no smaller than the whole one."""
+    component, and a cut text encoder to be as large as the whole one."""
 
     transformer: int
     text_encoder: int
@@ -142,8 +142,9 @@ class ComponentSizes:
         if not self.text_encoder_layers:
             return self._quantized(self.text_encoder, quantization)
         kept = self.text_encoder_layers if layers is None else self.text_encoder_layers[:layers]
-        dropped = sum(self.text_encoder_layers) - sum(kept) + (self.text_encoder_lm_head if layers is not None else 0)
-        return self.text_encoder - dropped - sum(kept) + self._quantized(sum(kept), quantization)
+        head = self.text_encoder_lm_head if layers is not None else 0  # cutting drops lm_head too
+        others = self.text_encoder - sum(self.text_encoder_layers) - head  # embeddings, vision tower, norm, ...
+        return others + self._quantized(sum(kept), quantization)
 
     @property
     def text_encoder_truncated(self) -> int:

@@ -172,15 +172,15 @@ class Flux2Editor:
         plan = self.runtime.plan
         if not hasattr(self.pipe.tokenizer, "image_processor"):
             return "the tokenizer was saved without its image processor, so the text encoder can't see the images"
-        if is_truncated(self.pipe.text_encoder):
-            return (
-                f"the text encoder is cut to the {plan.text_encoder_layers} layers prompt encoding reads, without "
-                "lm_head, to save memory; writing text needs the whole encoder"
-            )
         if plan.mode in STREAMED_TEXT_ENCODER:
             return (
                 f"the text encoder is streamed from CPU memory layer by layer (memory mode {plan.mode}): every "
                 "generated token would stream all of it again, minutes per request"
+            )
+        if is_truncated(self.pipe.text_encoder):
+            return (
+                f"the text encoder is cut to the {plan.text_encoder_layers} layers prompt encoding reads, without "
+                "lm_head, to save memory; writing text needs the whole encoder"
             )
         if not plan.prompt_expansion:
             return f"the memory plan leaves it out: {plan.reason}"

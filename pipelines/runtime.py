@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 class RuntimeOptions:
     memory_mode: str = "auto"  # auto | full | multi-gpu | offload-text-encoder | model-offload | group-offload
     text_encoder_device: str | None = None  # e.g. cuda:1 (multi-gpu)
-    quantization: str = "none"  # none | int8 | fp8 | int4 | auto (transformer weights)
-    memory_reserve_gb: float = 10.0  # GPU memory kept free for activations when choosing a mode
+    quantization: str = "auto"  # none | int8 | fp8 | int4 | auto (transformer weights; auto may quantize both)
+    memory_reserve_gb: float | None = None  # GPU memory kept for activations; None: estimated per request size
     attention_backend: str | None = None  # a diffusers attention backend, e.g. _native_cudnn, flash, _flash_3
     compile: bool = False  # regional torch.compile of the transformer's repeated blocks
     compile_mode: str | None = None  # torch.compile mode, e.g. max-autotune-no-cudagraphs
@@ -81,7 +81,7 @@ def plan_runtime(options: RuntimeOptions, weights_dir: Path, device: str | None,
         device=device,
         text_encoder_device=options.text_encoder_device,
         quantization=options.quantization,
-        reserve_bytes=int(options.memory_reserve_gb * GiB),
+        reserve_bytes=None if options.memory_reserve_gb is None else int(options.memory_reserve_gb * GiB),
     )
     return Runtime(options=options, plan=plan, sizes=sizes, accelerator=accelerator)
 

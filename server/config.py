@@ -85,8 +85,8 @@ class Settings(BaseSettings):
     # Speed and memory (pipelines.runtime): see README "Speed and memory".
     memory_mode: str = "auto"  # auto | full | multi-gpu | offload-text-encoder | model-offload | group-offload
     text_encoder_device: str | None = None  # e.g. cuda:1: the text encoder on a second GPU (multi-gpu)
-    quantization: str = "none"  # transformer weights: none | int8 | fp8 | int4 | auto
-    memory_reserve_gb: float = 10.0  # GPU memory kept for activations when `auto` chooses a mode
+    quantization: str = "auto"  # none | int8 | fp8 | int4 | auto (transformer; auto: README "Plans by card")
+    memory_reserve_gb: float | None = None  # GPU memory kept for activations; unset: estimated by request size
     attention_backend: str | None = None  # a diffusers attention backend, e.g. _native_cudnn, flash, _flash_3
     compile: bool = False  # regional torch.compile of the transformer (compiled at start-up)
     compile_mode: str | None = None  # torch.compile mode, e.g. max-autotune-no-cudagraphs

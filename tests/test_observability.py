@@ -52,7 +52,9 @@ def test_metrics_count_jobs_steps_and_latency(server):
     failed = {
         dict(labels)["outcome"]: value - before.get((name, labels), 0.0)
         for (name, labels), value in after.items()
-        if name == "flux2_jobs_total" and dict(labels)["mode"] == "sync" and dict(labels)["outcome"] != "ok"
+        if name == "flux2_jobs_total"
+        and dict(labels)["mode"] == "sync"
+        and dict(labels)["outcome"] != "ok"
         and value != before.get((name, labels), 0.0)  # outcomes of other tests on this server stay out
     }
     assert failed == {bad.json()["detail"][0]["type"]: 1}  # counted under the error's type

@@ -154,7 +154,7 @@ def edit_call(**kwargs) -> EditCall:
 
 @pytest.mark.parametrize("mode", ["offload-text-encoder", "group-offload"])
 def test_editor_runs_each_streamed_mode_end_to_end(tiny_weights, full_edit, streams, monkeypatch, mode):
-    monkeypatch.setattr(memory, "check_plan", lambda plan: None)
+    monkeypatch.setattr(memory, "check_plan", lambda plan, hardware=None: None)
     editor = load_editor(tiny_weights, "cpu", options=RuntimeOptions(memory_mode=mode))
     caps = editor.capabilities()
     assert caps["memory"]["mode"] == mode

@@ -93,7 +93,7 @@ SECTIONS = (
     ("transformer_step", 70),
     ("lora", 35),
     ("fp8_eager", 35),
-    ("fp8_compile", 90),
+    ("fp8_compile", 120),
     ("text_encoder", 30),
     ("vae", 15),
     ("end_to_end", 60),
@@ -267,6 +267,10 @@ class Check:
         partial.write_text(json.dumps(self.report, indent=2, default=str) + "\n")
         partial.replace(self.out)
 
+    def close(self) -> None:
+        self.drop_transformer()
+        shutil.rmtree(self._scratch, ignore_errors=True)
+
     def time_left(self) -> float:
         return self.deadline - time.monotonic()
 
@@ -322,6 +326,20 @@ class Check:
         alarm = _arm(min(box.hard_s, left))
         started = time.monotonic()
         try:
+            self._run(fn, box, entry, started)
+        except SectionTimeout:  # fired while the section's failure was being recorded
+            entry.update(status="timeout", error=f"interrupted after {time.monotonic() - started:.0f} s")
+        finally:
+            _disarm(alarm)
+            entry["seconds"] = round(time.monotonic() - started, 2)
+            if entry["status"] in ("timeout", "error"):
+                self.drop_transformer()  # whatever the section was doing to the shared transformer is half done
+            free_memory()
+            self.write()
+        print(f"[{self.report['elapsed_s']:6.1f} s] {name}: {entry['status']} {entry.get('headline', '')}", flush=True)
+
+    def _run(self, fn: Callable[[Check, Box, dict], None], box: Box, entry: dict, started: float) -> None:
+        try:
             fn(self, box, entry)
             statuses = [c["status"] for c in entry.get("cases", {}).values()]
             if "error" in statuses or "timeout" in statuses:
@@ -336,7 +354,6 @@ class Check:
                 entry["status"] = "ok"
         except SectionTimeout:
             entry.update(status="timeout", error=f"interrupted after {time.monotonic() - started:.0f} s")
-            self.drop_transformer()  # whatever it was doing to the shared transformer is half done
         except Unavailable as exc:
             entry.update(status="unavailable", reason=str(exc))
         except Skipped as exc:  # a case it needed failed (that case's record says why)
@@ -344,13 +361,6 @@ class Check:
             entry.update(status="errors" if failed else "skipped", reason=str(exc))
         except Exception as exc:  # noqa: BLE001
             entry.update(status="error", error=f"{type(exc).__name__}: {exc}", traceback=tail(exc))
-            self.drop_transformer()
-        finally:
-            _disarm(alarm)
-            entry["seconds"] = round(time.monotonic() - started, 2)
-            free_memory()
-            self.write()
-        print(f"[{self.report['elapsed_s']:6.1f} s] {name}: {entry['status']} {entry.get('headline', '')}", flush=True)
 
 
 def tail(exc: BaseException, lines: int = 8) -> str:
@@ -554,6 +564,8 @@ def probe_attention_backends(check: Check, box: Box, record: dict) -> None:
     usable fused ones then timed at the step's sequence lengths with FLUX.2's heads."""
     from diffusers.models import attention_dispatch as dispatch
 
+    if check.device.type != "cuda" and not check.smoke:
+        raise Unavailable("no CUDA device: FLUX.2's attention shapes are for a GPU (--smoke probes tiny ones)")
     heads, head_dim = (48, 128) if not check.smoke else (2, 16)
     lengths = [check.scale.tokens_per_image * (1 + n) + check.scale.text_tokens for n in check.scale.references]
     record["shape"] = {"heads": heads, "head_dim": head_dim, "sequence_lengths": lengths, "layout": "B, S, H, D"}
@@ -757,6 +769,8 @@ def section_lora(check: Check, box: Box, entry: dict) -> None:
                 free_memory()
 
         check.case(entry, name, box, run)
+    if any(c["status"] == "error" for c in entry["cases"].values()):
+        check.drop_transformer()  # a failed add/remove may have left peft layers in it
     base = entry["cases"]["no_lora"].get("median_s")
     parts = [f"none {base} s"] + [
         f"{k} on {c['enabled']['median_s']} s / off {c['disabled']['median_s']} s"
@@ -1011,7 +1025,7 @@ def _plain_call(pipe, check: Check, reference, size: int):
     ).images[0]
 
 
-def _compare(check: Check, box: Box, record: dict, editor, pipe, size: int) -> None:
+def _compare(check: Check, box: Box, record: dict, editor, pipe, size: int, repeats: int) -> None:
     import numpy as np
     import PIL.Image
 
@@ -1021,12 +1035,11 @@ def _compare(check: Check, box: Box, record: dict, editor, pipe, size: int) -> N
     call = EditCall(images=[reference], prompt=PROMPT, width=size, height=size, num_inference_steps=E2E_STEPS, seed=1)
     images = {}
     record["size"] = size
+    record["editor_adapters_loaded"] = sorted(editor.adapters.loaded)  # kept, unfused, disabled for `edit`
     with peak_memory(record):
-        record["editor"] = bench(
-            lambda: images.__setitem__("editor", editor.edit(call).images[0]), box, check.scale.repeats
-        )
+        record["editor"] = bench(lambda: images.__setitem__("editor", editor.edit(call).images[0]), box, repeats)
         record["diffusers"] = bench(
-            lambda: images.__setitem__("diffusers", _plain_call(pipe, check, reference, size)), box, check.scale.repeats
+            lambda: images.__setitem__("diffusers", _plain_call(pipe, check, reference, size)), box, repeats
         )
     a, b = np.asarray(images["editor"]).astype(int), np.asarray(images["diffusers"]).astype(int)
     record["max_pixel_diff"] = int(np.abs(a - b).max())
@@ -1044,7 +1057,7 @@ def _end_to_end_tiny(check: Check, box: Box, record: dict) -> None:
     editor = load_editor(tiny, device=str(check.device), options=RuntimeOptions(memory_mode="full"))
     pipe = Flux2Pipeline(**load_components(tiny, check.dtype)).to(check.device)
     pipe.set_progress_bar_config(disable=True)
-    _compare(check, box, record, editor, pipe, 512 if not check.smoke else 64)
+    _compare(check, box, record, editor, pipe, 512 if not check.smoke else 64, check.scale.repeats)
 
 
 def _end_to_end_full(check: Check, box: Box, record: dict) -> None:
@@ -1054,6 +1067,7 @@ def _end_to_end_full(check: Check, box: Box, record: dict) -> None:
         raise Unavailable("smoke run: full size needs a GPU with about 110 GiB free")
     if check.time_left() < 60 or box.budget_s - box.elapsed() < 40:
         raise Skipped("not enough time left for a full-size pipeline")
+    free_memory()
     free, _ = torch.cuda.mem_get_info()
     if free < 112 * GiB:
         raise Unavailable(f"needs about 112 GiB free on the GPU, {gib(free)} GiB free")
@@ -1084,7 +1098,7 @@ def _end_to_end_full(check: Check, box: Box, record: dict) -> None:
     plan = MemoryPlan("full", str(check.device), reason="gpu_check: built on the GPU")
     runtime = Runtime(RuntimeOptions(memory_mode="full"), plan, sizes, Accelerator.from_settings(None, None))
     editor = Flux2Editor(pipe, tiny, 0.0, runtime)
-    _compare(check, box, record, editor, pipe, check.scale.image_size)
+    _compare(check, box, record, editor, pipe, check.scale.image_size, repeats=1)
 
 
 RUNNERS = {
@@ -1141,10 +1155,17 @@ def main(argv: list[str] | None = None) -> int:
     check = Check(args)
     check.write()
     for name, budget in SECTIONS:
-        if name in args.sections:
-            check.run_section(name, budget, RUNNERS[name])
+        if name not in args.sections:
+            continue
+        if check.device.type != "cuda" and not check.smoke and name != "environment":
+            # FLUX.2 [dev]'s sizes in fp32 on a CPU would need ~200 GB of RAM: say why, don't try
+            reason = "no CUDA device (environment.why_no_gpu says why); --smoke runs the sections on a CPU"
+            check.report["sections"][name] = {"status": "unavailable", "reason": reason}
+            continue
+        check.run_section(name, budget, RUNNERS[name])
     check.report["finished"] = True
     check.write()
+    check.close()
     print(summary(check.report))
     print(f"written: {check.out}")
     return 0

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import gpu_check
 
@@ -170,6 +171,17 @@ def test_no_section_starts_past_the_run_time_limit(tmp_path):
     assert not ran
     section = json.loads((tmp_path / "c.json").read_text())["sections"]["late"]
     assert section["status"] == "skipped" and "time limit" in section["reason"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_without_cuda_a_full_run_reports_the_environment_and_says_why_nothing_else_runs(tmp_path):
+    out = tmp_path / "full.json"
+    assert gpu_check.main(["--out", str(out), "--sections", "environment,transformer_step"]) == 0
+    report = json.loads(out.read_text())
+    environment, step = report["sections"]["environment"], report["sections"]["transformer_step"]
+    assert environment["status"] == "unavailable" and environment["why_no_gpu"]
+    assert "no CUDA device" in environment["cases"]["attention_backends"]["reason"]
+    assert step == {"status": "unavailable", "reason": step["reason"]} and "--smoke" in step["reason"]
 
 
 def test_default_output_goes_under_out_when_set(monkeypatch, tmp_path):

@@ -650,6 +650,8 @@ def _memory_case(check: Check, tiny: Path, mode: str, quantization: str, baselin
     import PIL.Image
 
     from pipelines import EditCall, load_editor
+    from pipelines.fastpath import FastPathError
+    from pipelines.memory import MemoryModeError
     from pipelines.runtime import RuntimeOptions
 
     options = RuntimeOptions(
@@ -660,7 +662,8 @@ def _memory_case(check: Check, tiny: Path, mode: str, quantization: str, baselin
     started = time.monotonic()
     try:
         editor = load_editor(tiny, device=str(check.device), options=options)
-    except ValueError as exc:  # the server's own refusal (MemoryModeError, FastPathError), said at start-up
+    except (MemoryModeError, FastPathError) as exc:  # the server's own refusal, said before loading (other
+        # errors, a ValueError from a library among them, are failures and recorded as such)
         if check.device.type == "cpu":
             raise Unavailable(f"refused by the server on a CPU: {exc}") from exc
         raise Refused(str(exc)) from exc

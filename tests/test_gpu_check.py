@@ -166,6 +166,37 @@ def test_a_failing_or_overrunning_section_is_recorded_and_the_next_one_runs(tmp_
     assert on_disk["budget_spent"]["cases"]["second"]["status"] == "skipped"
 
 
+def test_a_library_error_at_load_is_a_failure_and_only_the_servers_refusal_is_a_refusal(tmp_path, monkeypatch):
+    """offload-text-encoder's stacked group-offload hooks fail with a ValueError from diffusers: that is a finding,
+    not the server refusing the mode."""
+    import pipelines
+    from pipelines.memory import MemoryModeError
+
+    check, box, entry = _check(tmp_path), gpu_check.Box(60), {}
+
+    def load_fails(error):
+        def load_editor(*args, **kwargs):
+            raise error
+
+        return load_editor
+
+    for name, error in (
+        ("library", ValueError("Hook with name layer_execution_tracker already exists")),
+        ("server", MemoryModeError("memory mode 'group-offload' needs a CUDA GPU")),
+    ):
+        monkeypatch.setattr(pipelines, "load_editor", load_fails(error))
+        check.case(entry, name, box, lambda r: gpu_check._memory_case(check, tmp_path, "full", "none", {}, r))
+    assert (
+        entry["cases"]["library"]["status"] == "error"
+        and "layer_execution_tracker" in entry["cases"]["library"]["error"]
+    )
+    assert entry["cases"]["server"] == {
+        "status": "unavailable",  # on a CPU; `refused` on a GPU
+        "reason": "refused by the server on a CPU: memory mode 'group-offload' needs a CUDA GPU",
+        "seconds": entry["cases"]["server"]["seconds"],
+    }
+
+
 def test_no_section_starts_past_the_run_time_limit(tmp_path):
     check = _check(tmp_path, "--time-limit", "0")
     ran = []

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from pipelines.quantization import check_quantization, quantization_device, quantize_text_encoder, quantize_transformer
+
 log = logging.getLogger(__name__)
 
 GiB = 1024**3
@@ -223,48 +225,7 @@ def check_plan(plan: MemoryPlan) -> None:
             raise MemoryModeError(
                 f"text encoder device {plan.text_encoder_device} does not exist: {torch.cuda.device_count()} GPU(s)"
             )
-    if plan.quantization == "fp8" and not fp8_capable(plan.device):
-        raise MemoryModeError(
-            "fp8 quantization needs an NVIDIA GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell)"
-        )
-    if plan.quantization == "int4" and not on_cuda:
-        raise MemoryModeError("int4 quantization (torchao int4 weight-only) needs a CUDA GPU; int8 runs on the CPU")
-    if plan.quantization != "none":
-        try:
-            import torchao  # noqa: F401
-        except ImportError as exc:
-            raise MemoryModeError(
-                f"{plan.quantization} quantization needs torchao: pip install 'flux2-server[gpu]'"
-            ) from exc
-
-
-def quantize_transformer(transformer, quantization: str, device: str) -> None:
-    """Quantize the transformer's linear layers in place with torchao (on `device`, layer by layer)."""
-    if quantization == "none":
-        return
-    from torchao.quantization import quantize_
-
-    if quantization == "int8":
-        from torchao.quantization import Int8WeightOnlyConfig
-
-        config = Int8WeightOnlyConfig()
-    elif quantization == "fp8":
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
-
-        config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
-    elif quantization == "int4":
-        from torchao.quantization import Int4WeightOnlyConfig
-
-        config = Int4WeightOnlyConfig(group_size=128)
-    else:
-        raise ValueError(f"unknown quantization {quantization!r}")
-    # the base weights only: a distilled adapter's low-rank matrices (peft's lora_A/lora_B, loaded before this)
-    # are small and stay in the compute dtype, so enabling them adds no quantization error of their own
-    quantize_(transformer, config, filter_fn=_base_linear, device=device)
-
-
-def _base_linear(module: torch.nn.Module, fqn: str) -> bool:
-    return isinstance(module, torch.nn.Linear) and ".lora_" not in f".{fqn}"
+    check_quantization(plan, fp8_ok=fp8_capable(plan.device))  # pipelines.quantization: format x device x mode
 
 
 def apply_memory_plan(pipe, plan: MemoryPlan) -> None:
@@ -277,7 +238,9 @@ def apply_memory_plan(pipe, plan: MemoryPlan) -> None:
     device = torch.device(plan.device)
     cpu = torch.device("cpu")
     stream = device.type == "cuda"
-    quantize_transformer(pipe.transformer, plan.quantization, plan.device if plan.mode != "group-offload" else "cpu")
+    quantize_transformer(pipe.transformer, plan.quantization, quantization_device(plan, "transformer"))
+    te_quantization = getattr(plan, "text_encoder_quantization", "none")  # the field lands with the plan branch
+    quantize_text_encoder(pipe.text_encoder, te_quantization, quantization_device(plan, "text_encoder"))
 
     if plan.mode == "full":
         pipe.to(device)

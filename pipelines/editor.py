@@ -20,7 +20,7 @@ from pipelines.adapters import AdapterSwitch, fuse_adapter, load_adapters
 from pipelines.expansion import expand_prompt
 from pipelines.pixtral import pixtral_processor_class
 from pipelines.profiles import PROFILES
-from pipelines.runtime import Runtime, RuntimeOptions, plan_runtime, timed_warm_up
+from pipelines.runtime import Runtime, RuntimeOptions, plan_runtime
 from pipelines.safety import DEFAULT_THRESHOLD, SafetyChecker, withheld
 from weights.layout import ADAPTERS
 
@@ -161,13 +161,20 @@ class Flux2Editor:
         }
 
     def warm_up(self) -> None:
-        """One call at the most common shape (1024 px, one 1024 px reference), so that compilation happens at
-        start-up rather than in the first request; its time is reported as compile_seconds."""
-        reference = PIL.Image.new("RGB", (1024, 1024), (128, 128, 128))
-        call = EditCall(images=[reference], prompt="warm-up", width=1024, height=1024, num_inference_steps=4)
-        self.runtime.compile_seconds = timed_warm_up(lambda: self.edit(call))
+        """Calls at the configured warm-up cases (pipelines.fastpath: one and four references by default), so that
+        compilation happens at start-up rather than in a request; their times are reported per case."""
+
+        def run(case) -> None:
+            reference = PIL.Image.new("RGB", (case.size, case.size), (128, 128, 128))
+            steps = None if case.profile != "edit" else (28 if case.acceleration != "none" else 4)
+            images = [reference] * case.references
+            self.edit(
+                EditCall(images, "warm-up", case.size, case.size, case.profile, steps, acceleration=case.acceleration)
+            )
+
+        self.runtime.warm_up(run)
         self._capabilities = self._describe()
-        log.info("compiled the transformer's blocks in %.1f s (warm-up call)", self.runtime.compile_seconds)
+        log.info("warm-up with the compiled transformer: %.1f s in all", self.runtime.compile_seconds)
 
     def edit(self, call: EditCall) -> EditResult:
         profile = PROFILES[call.profile]
@@ -321,6 +328,6 @@ def load_editor(
     log.info("loaded %s (%s, %s) in %.1f s", weights_dir, runtime.plan.mode, torch_dtype, load_seconds)
     safety = SafetyChecker(safety_checker, torch_device, torch_dtype, safety_threshold) if safety_checker else None
     editor = Flux2Editor(pipe, weights_dir, load_seconds, runtime, adapters, safety, fuse)
-    if options.compile:
+    if runtime.options.compile:  # the fast path may have turned it on
         editor.warm_up()
     return editor

@@ -53,6 +53,7 @@ FAST_PATH_SETTINGS = ("auto", "on", "off")
 FAST_ATTENTION = "_native_cudnn"  # cuDNN SDPA, in every CUDA build of torch (Ampere and newer)
 FAST_PARTS = ("quantization", "attention_backend", "compile")  # what the switch sets, unless set explicitly
 DEFAULT_WARM_UP = "1,4"
+WARM_UP_SIZE = 1024  # px, output and references: the most common request
 COMPILE_BACKEND = "inductor"  # tests swap in "eager" (same dynamo graphs and recompiles, no code generation)
 
 
@@ -220,7 +221,7 @@ def parse_warm_up(spec: str | None) -> list[WarmUpCase]:
                 f"warm-up case {item!r}: profile one of {', '.join(PROFILES)}, level one of {', '.join(LEVELS)} "
                 "(levels on the edit profile only)"
             )
-        cases.append(WarmUpCase(int(refs), profile, level))
+        cases.append(WarmUpCase(int(refs), profile, level, WARM_UP_SIZE))
     return cases
 
 

@@ -5,7 +5,7 @@
 capability >= 8.9 (Ada, Hopper, Blackwell); on an Ampere GPU (8.0-8.7) cuDNN attention and compilation (no fp8
 there); on older GPUs compilation alone; on the CPU nothing (`choose_fast_path`). Each of `quantization`,
 `attention_backend` and `compile`, when set explicitly, overrides its part. `auto` is off for now: the estimate
-is 1.09 -> 0.66 s per step at 1024 px with one reference on an H200 (shared/gpu-findings), and the switch
+is 1.09 -> 0.66 s per step at 1024 px with one reference on an H200 (a FLOP-model estimate), and the switch
 becomes the default once a GPU run (benchmarks) shows that it pays with the image quality kept. When the memory
 mode is `auto` and the fp8 transformer would have to be streamed (model-offload, group-offload), the configured
 quantization is used instead: streaming costs more than fp8 saves. /health (`capabilities.fast_path`) and

@@ -147,10 +147,13 @@ def plan_runtime(options: RuntimeOptions, weights_dir: Path, device: str | None,
 
     plan = plan_for(options.quantization)
     if fast.quantization and configured.memory_mode == "auto" and plan.mode in STREAMING_MODES:
-        # an fp8 transformer that must be streamed costs more than fp8 saves: the configured quantization
-        plan = plan_for(configured.quantization)
-        options = replace(options, quantization=configured.quantization)
-        fast = replace(fast, quantization=None, reason=fast.reason + "; fp8 not used: the transformer is streamed")
+        # fp8 would leave the transformer streamed; where the configured quantization (e.g. auto: int4) keeps it
+        # resident, that is faster than anything fp8 saves
+        alternative = plan_for(configured.quantization)
+        if alternative.mode not in STREAMING_MODES:
+            plan, options = alternative, replace(options, quantization=alternative.quantization)
+            reason = f"; fp8 not used: the transformer would be streamed, {alternative.quantization} keeps it resident"
+            fast = replace(fast, quantization=None, reason=fast.reason + reason)
     check_quantization(plan, dtype)
     check_cpu_fallback(plan.device, sizes.total, options.allow_cpu)
     log.info("fast path %s: %s", fast.setting, fast.reason)

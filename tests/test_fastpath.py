@@ -152,3 +152,41 @@ def test_without_the_warm_up_a_new_reference_count_recompiles_in_the_request(tin
     images = [PIL.Image.new("RGB", (96, 64), (9, 9, 9))] * 4
     editor.edit(EditCall(images=images, prompt="p", width=256, height=192, num_inference_steps=4))
     assert fastpath.compiled_graphs() > before
+
+
+@pytest.fixture
+def simulated_gpu(monkeypatch):
+    """One GPU of compute capability 9.0 with `free` GiB free, and FLUX.2 [dev]'s sizes in bf16 (checks that ask
+    CUDA answer as that GPU would)."""
+    from pipelines import memory, quantization, runtime
+    from pipelines.memory import ComponentSizes, GiB
+
+    free = {"gib": 141}
+    monkeypatch.setattr(memory.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(memory.torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(memory, "free_gpu_bytes", lambda: [free["gib"] * GiB])
+    monkeypatch.setattr(memory, "fp8_capable", lambda device: True)
+    monkeypatch.setattr(quantization, "fp8_capable", lambda device: True)
+    monkeypatch.setattr(runtime, "gpu_capability", lambda device: H100)
+    sizes = ComponentSizes(transformer=int(60 * GiB), text_encoder=int(44.7 * GiB), vae=int(0.16 * GiB))
+    monkeypatch.setattr(runtime, "component_sizes", lambda weights, dtype: sizes)
+    return free
+
+
+def test_the_fast_path_plans_fp8_resident_on_an_h200(tiny_weights, simulated_gpu):
+    planned = plan_runtime(RuntimeOptions(fast_path="on"), tiny_weights, None, torch.bfloat16)
+    assert (planned.plan.mode, planned.plan.quantization) == ("full", "fp8")
+    assert (planned.options.attention_backend, planned.options.compile) == ("_native_cudnn", True)
+    assert planned.describe()["fast_path"]["active"] is True
+
+
+def test_the_fast_path_leaves_fp8_where_it_would_stream_the_transformer(tiny_weights, simulated_gpu):
+    """24 GB: fp8 (30 GiB) would be streamed; the configured `auto` keeps an int4 transformer resident."""
+    simulated_gpu["gib"] = 24
+    options = RuntimeOptions(fast_path="on", quantization="auto", memory_reserve_gb=4, explicit=frozenset())
+    planned = plan_runtime(options, tiny_weights, None, torch.bfloat16)
+    assert (planned.plan.mode, planned.plan.quantization) == ("offload-text-encoder", "int4")
+    assert "fp8 not used" in planned.fast_path.reason and planned.options.compile is True
+    simulated_gpu["gib"] = 16  # streamed either way: fp8 streams half the bytes of bf16, so it stays
+    planned = plan_runtime(RuntimeOptions(fast_path="on"), tiny_weights, None, torch.bfloat16)
+    assert (planned.plan.mode, planned.plan.quantization) == ("group-offload", "fp8")

@@ -134,3 +134,19 @@ def test_fast_path_on_turns_on_what_this_gpu_supports_and_caches_kernels(tiny_we
     assert [w["graphs_compiled"] > 0 for w in fast["warm_up"]] == [True, True]
     assert any((tmp_path / "cache").rglob("*")), "inductor wrote its kernels to the persistent cache"
     assert np.abs(_edit(editor).astype(int) - full_bf16).mean() < 8  # fp8 + fused kernels: close, not equal
+
+
+@pytest.mark.parametrize("mode", ["model-offload", "group-offload"])
+@pytest.mark.parametrize("quantization", ["int8", "fp8"])
+def test_quantized_transformer_streams(tiny_weights, full_bf16, mode, quantization):
+    """torchao's int8/fp8 weights moved by the offload hooks (group-offload quantizes them in CPU memory, then
+    pins and streams them); int4 is refused with these modes (tests/test_quantization.py)."""
+    pytest.importorskip("torchao")
+    if quantization == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs compute capability 8.9 (Ada, Hopper)")
+    from pipelines.runtime import RuntimeOptions
+
+    editor = load_editor(tiny_weights, options=RuntimeOptions(memory_mode=mode, quantization=quantization))
+    assert editor.capabilities()["memory"]["quantization"] == quantization
+    image = _edit(editor)
+    assert image.shape == full_bf16.shape and image.std() > 0

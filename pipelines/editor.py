@@ -161,8 +161,9 @@ class Flux2Editor:
         }
 
     def warm_up(self) -> None:
-        """Calls at the configured warm-up cases (pipelines.fastpath: one and four references by default), so that
-        compilation happens at start-up rather than in a request; their times are reported per case."""
+        """Calls at the configured warm-up cases (pipelines.fastpath: one and four references, and each distilled
+        adapter, by default), so that compilation happens at start-up rather than in a request; their times are
+        reported per case."""
 
         def run(case) -> None:
             reference = PIL.Image.new("RGB", (case.size, case.size), (128, 128, 128))
@@ -172,7 +173,8 @@ class Flux2Editor:
                 EditCall(images, "warm-up", case.size, case.size, case.profile, steps, acceleration=case.acceleration)
             )
 
-        self.runtime.warm_up(run)
+        unfused = {} if self.adapters.fused else {p.adapter: name for name, p in PROFILES.items() if p.adapter}
+        self.runtime.warm_up(run, tuple(name for adapter, name in unfused.items() if adapter in self.adapters.loaded))
         self._capabilities = self._describe()
         log.info("warm-up with the compiled transformer: %.1f s in all", self.runtime.compile_seconds)
 

@@ -84,9 +84,10 @@ class Runtime:
             self.compile_cache = fastpath.use_compile_cache(self.options.compile_cache_dir)
             compile_transformer(pipe.transformer, self.options.compile_mode)
 
-    def warm_up(self, run) -> None:
+    def warm_up(self, run, adapter_profiles: tuple[str, ...] = ()) -> None:
         """Run the configured warm-up cases (`run(case)` makes one edit call) and keep their times."""
-        self.warm_up_results = fastpath.warm_up(run, fastpath.parse_warm_up(self.options.compile_warm_up))
+        cases = fastpath.parse_warm_up(self.options.compile_warm_up, adapter_profiles)
+        self.warm_up_results = fastpath.warm_up(run, cases)
         self.compile_seconds = sum(r["seconds"] for r in self.warm_up_results)
 
     def describe(self) -> dict:

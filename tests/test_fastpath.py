@@ -101,6 +101,8 @@ def test_warm_up_cases_parse_and_refuse():
     assert parse_warm_up("1,4") == [WarmUpCase(1), WarmUpCase(4)]
     assert parse_warm_up(" 2:turbo , 4:edit:high") == [WarmUpCase(2, "turbo"), WarmUpCase(4, "edit", "high")]
     assert parse_warm_up("") == []
+    assert parse_warm_up("1,adapters", ("flash",)) == [WarmUpCase(1), WarmUpCase(1, "flash")]
+    assert parse_warm_up("1,adapters") == [WarmUpCase(1)]  # no adapter loaded (or one fused)
     for bad in ("0", "5", "1:nope", "1:turbo:high", "1:edit:ultra", "x", "1:edit:none:9"):
         with pytest.raises(FastPathError, match="warm-up case"):
             parse_warm_up(bad)
@@ -118,19 +120,21 @@ def eager_compile(monkeypatch):
     torch._dynamo.reset()
 
 
-def test_warm_up_at_one_and_four_references_leaves_nothing_to_recompile(
+def test_warm_up_at_one_and_four_references_and_the_adapter_leaves_nothing_to_recompile(
     tiny_weights, eager_compile, tmp_path, monkeypatch
 ):
     """The default warm-up compiles at one reference, recompiles once at four (dynamo then marks the sequence
-    length dynamic), and a request with two references at another size compiles nothing more."""
+    length dynamic) and once on the turbo adapter (peft's state is guarded); requests with two references at
+    another size, on the base weights or the adapter, compile nothing more."""
     from pipelines import EditCall, load_editor
 
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # restored after the test
     options = RuntimeOptions(memory_mode="full", compile=True, compile_cache_dir=str(tmp_path / "cache"))
     editor = load_editor(tiny_weights, "cpu", options=options)
     warm = editor.capabilities()["fast_path"]["warm_up"]
-    assert [w["case"] for w in warm] == ["1 reference, 256 px, edit", "4 references, 256 px, edit"]
-    assert warm[0]["graphs_compiled"] > 0 and warm[1]["graphs_compiled"] > 0  # the first shape, then dynamic
+    cases = ["1 reference, 256 px, edit", "4 references, 256 px, edit", "1 reference, 256 px, flash"]
+    assert [w["case"] for w in warm] == cases  # flash: a profile of the turbo adapter, loaded unfused
+    assert all(w["graphs_compiled"] > 0 for w in warm)  # the first shape, then dynamic, then the adapter
     assert all(w["seconds"] > 0 for w in warm)
     assert editor.capabilities()["fast_path"]["compile_seconds"] == pytest.approx(sum(w["seconds"] for w in warm))
     assert editor.capabilities()["fast_path"]["compile_cache_dir"] == str((tmp_path / "cache").resolve())
@@ -139,11 +143,13 @@ def test_warm_up_at_one_and_four_references_leaves_nothing_to_recompile(
     before = fastpath.compiled_graphs()
     images = [PIL.Image.new("RGB", (96, 64), (9, 9, 9))] * 2
     editor.edit(EditCall(images=images, prompt="p", width=320, height=192, num_inference_steps=4))
+    editor.edit(EditCall(images=images, prompt="p", width=320, height=192, profile="turbo"))
     assert fastpath.compiled_graphs() == before
 
 
 def test_without_the_warm_up_a_new_reference_count_recompiles_in_the_request(tiny_weights, eager_compile):
-    """What the warm-up saves: warmed up at one reference only, the first four-reference request compiles."""
+    """What the warm-up saves: warmed up at one reference only, a four-reference request and the first request
+    on the adapter compile."""
     from pipelines import EditCall, load_editor
 
     options = RuntimeOptions(memory_mode="full", compile=True, compile_warm_up="1", compile_cache_dir=None)
@@ -151,6 +157,9 @@ def test_without_the_warm_up_a_new_reference_count_recompiles_in_the_request(tin
     before = fastpath.compiled_graphs()
     images = [PIL.Image.new("RGB", (96, 64), (9, 9, 9))] * 4
     editor.edit(EditCall(images=images, prompt="p", width=256, height=192, num_inference_steps=4))
+    assert fastpath.compiled_graphs() > before
+    before = fastpath.compiled_graphs()
+    editor.edit(EditCall(images=images, prompt="p", width=256, height=192, profile="turbo"))
     assert fastpath.compiled_graphs() > before
 
 

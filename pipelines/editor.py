@@ -167,7 +167,7 @@ class Flux2Editor:
 
         def run(case) -> None:
             reference = PIL.Image.new("RGB", (case.size, case.size), (128, 128, 128))
-            steps = None if case.profile != "edit" else (28 if case.acceleration != "none" else 4)
+            steps = None if case.profile != "edit" else (12 if case.acceleration != "none" else 4)
             images = [reference] * case.references
             self.edit(
                 EditCall(images, "warm-up", case.size, case.size, case.profile, steps, acceleration=case.acceleration)

@@ -21,10 +21,11 @@ The parts, each also one setting:
   blocks once each (regional compilation: seconds instead of minutes). `fullgraph` stays off because the cache
   hooks (acceleration) and offload hooks decide per call outside the graph. The first call at a new shape
   pays the compile. The server warms up at start-up with the cases of `compile_warm_up` (FLUX2_COMPILE_WARM_UP,
-  default "1,4,adapters": one and four references at 1024 px on the edit profile, then one reference on a
-  profile of each distilled adapter loaded unfused): after two sequence lengths dynamo marks them dynamic, so
-  other reference counts and sizes reuse the compiled blocks, and an adapter switch recompiles once, here rather
-  than in a user's request (`test_fastpath` shows both). A case `REFS:PROFILE[:LEVEL]` adds a profile or an
+  default "1,4,adapters,levels": one and four references at 1024 px on the edit profile, then one reference on
+  a profile of each distilled adapter loaded unfused, one and four at the first acceleration level and one at
+  the other, 12 steps): after two sequence lengths dynamo marks them dynamic, so other reference counts, sizes
+  and step counts reuse the compiled blocks, and the recompiles an adapter switch or a level's cache hooks cause
+  happen here rather than in a user's request (`test_fastpath` shows it). A case `REFS:PROFILE[:LEVEL]` adds a profile or an
   acceleration level. Each case's seconds and the number of graphs it compiled are reported in
   capabilities.fast_path.warm_up: the first case's seconds are mostly compile time, a case with 0 graphs ran
   compiled code only. Compiled kernels persist across restarts in `compile_cache_dir` (TORCHINDUCTOR_CACHE_DIR,
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 FAST_PATH_SETTINGS = ("auto", "on", "off")
 FAST_ATTENTION = "_native_cudnn"  # cuDNN SDPA, in every CUDA build of torch (Ampere and newer)
 FAST_PARTS = ("quantization", "attention_backend", "compile")  # what the switch sets, unless set explicitly
-DEFAULT_WARM_UP = "1,4,adapters"
+DEFAULT_WARM_UP = "1,4,adapters,levels"
 WARM_UP_SIZE = 1024  # px, output and references: the most common request
 COMPILE_BACKEND = "inductor"  # tests swap in "eager" (same dynamo graphs and recompiles, no code generation)
 
@@ -204,10 +205,14 @@ class WarmUpCase:
         return label + (f", acceleration {self.acceleration}" if self.acceleration != "none" else "")
 
 
-def parse_warm_up(spec: str | None, adapter_profiles: tuple[str, ...] = ()) -> list[WarmUpCase]:
+def parse_warm_up(
+    spec: str | None, adapter_profiles: tuple[str, ...] = (), levels: tuple[str, ...] = ()
+) -> list[WarmUpCase]:
     """`"1,4,1:turbo,4:edit:high"`: comma-separated cases REFS[:PROFILE[:LEVEL]]; `adapters` stands for one
     reference on each of `adapter_profiles` (a profile per distilled adapter loaded unfused: switching to it
-    recompiles the blocks once, as peft's adapter state is part of what dynamo guards)."""
+    recompiles the blocks once, as peft's adapter state is part of what dynamo guards), `levels` for one and
+    four references at the first of `levels` and one at the others (the acceleration levels configured: the
+    cache hooks wrap the blocks' forward in code of their own, which needs its own two shapes to go dynamic)."""
     from pipelines.acceleration import LEVELS
     from pipelines.profiles import PROFILES
 
@@ -217,6 +222,11 @@ def parse_warm_up(spec: str | None, adapter_profiles: tuple[str, ...] = ()) -> l
             continue
         if item.strip() == "adapters":
             cases += [WarmUpCase(1, profile, "none", WARM_UP_SIZE) for profile in adapter_profiles]
+            continue
+        if item.strip() == "levels":  # the hooks' code is shared by the levels: two shapes on the first suffice
+            first = [WarmUpCase(4, "edit", levels[0], WARM_UP_SIZE)] if levels else []
+            cases += [WarmUpCase(1, "edit", level, WARM_UP_SIZE) for level in levels[:1]] + first
+            cases += [WarmUpCase(1, "edit", level, WARM_UP_SIZE) for level in levels[1:]]
             continue
         parts = item.strip().split(":")
         if len(parts) > 3 or not parts[0].isdigit() or not 1 <= int(parts[0]) <= 4:

@@ -86,7 +86,8 @@ class Runtime:
 
     def warm_up(self, run, adapter_profiles: tuple[str, ...] = ()) -> None:
         """Run the configured warm-up cases (`run(case)` makes one edit call) and keep their times."""
-        cases = fastpath.parse_warm_up(self.options.compile_warm_up, adapter_profiles)
+        levels = tuple(level for level in ("regular", "high") if self.accelerator.specs.get(level))
+        cases = fastpath.parse_warm_up(self.options.compile_warm_up, adapter_profiles, levels)
         self.warm_up_results = fastpath.warm_up(run, cases)
         self.compile_seconds = sum(r["seconds"] for r in self.warm_up_results)
 

@@ -95,8 +95,9 @@ class Settings(BaseSettings):
     # One switch for fp8 + cuDNN attention + regional compile (Ada/Hopper; what applies elsewhere): auto | on | off.
     # auto is off until a GPU run shows it pays; quantization, attention_backend and compile, when set, override it.
     fast_path: str = "auto"
-    # warm-up calls with compile: REFS[:PROFILE[:LEVEL]],... ; `adapters`: each distilled adapter (pipelines.fastpath)
-    compile_warm_up: str = "1,4,adapters"
+    # warm-up calls with compile: REFS[:PROFILE[:LEVEL]],...; `adapters`/`levels`: each distilled adapter loaded
+    # unfused / each acceleration level (pipelines.fastpath)
+    compile_warm_up: str = "1,4,adapters,levels"
     compile_cache_dir: Path | None = None  # inductor's persistent compile cache; default <data_dir>/compile-cache
     # Load full-size weights (> 8 GiB) for the CPU when torch sees no GPU (e.g. a driver too old for torch's CUDA);
     # off: serve refuses, naming the driver and torch's CUDA version. The tiny model always runs on the CPU.

@@ -102,7 +102,9 @@ def test_warm_up_cases_parse_and_refuse():
     assert parse_warm_up(" 2:turbo , 4:edit:high") == [WarmUpCase(2, "turbo"), WarmUpCase(4, "edit", "high")]
     assert parse_warm_up("") == []
     assert parse_warm_up("1,adapters", ("flash",)) == [WarmUpCase(1), WarmUpCase(1, "flash")]
-    assert parse_warm_up("1,adapters") == [WarmUpCase(1)]  # no adapter loaded (or one fused)
+    assert parse_warm_up("1,adapters,levels") == [WarmUpCase(1)]  # no adapter loaded (or one fused), no level
+    levels = parse_warm_up("levels", levels=("regular", "high"))
+    assert levels == [WarmUpCase(1, "edit", "regular"), WarmUpCase(4, "edit", "regular"), WarmUpCase(1, "edit", "high")]
     for bad in ("0", "5", "1:nope", "1:turbo:high", "1:edit:ultra", "x", "1:edit:none:9"):
         with pytest.raises(FastPathError, match="warm-up case"):
             parse_warm_up(bad)
@@ -120,12 +122,11 @@ def eager_compile(monkeypatch):
     torch._dynamo.reset()
 
 
-def test_warm_up_at_one_and_four_references_and_the_adapter_leaves_nothing_to_recompile(
-    tiny_weights, eager_compile, tmp_path, monkeypatch
-):
+def test_the_default_warm_up_leaves_nothing_to_recompile(tiny_weights, eager_compile, tmp_path, monkeypatch):
     """The default warm-up compiles at one reference, recompiles once at four (dynamo then marks the sequence
-    length dynamic) and once on the turbo adapter (peft's state is guarded); requests with two references at
-    another size, on the base weights or the adapter, compile nothing more."""
+    length dynamic), once on the turbo adapter (peft's state is guarded) and once at the first acceleration level
+    (the cache hooks); requests with two references at another size, on the base weights, the adapter or a level,
+    compile nothing more."""
     from pipelines import EditCall, load_editor
 
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # restored after the test
@@ -133,8 +134,10 @@ def test_warm_up_at_one_and_four_references_and_the_adapter_leaves_nothing_to_re
     editor = load_editor(tiny_weights, "cpu", options=options)
     warm = editor.capabilities()["fast_path"]["warm_up"]
     cases = ["1 reference, 256 px, edit", "4 references, 256 px, edit", "1 reference, 256 px, flash"]
+    cases += ["1 reference, 256 px, edit, acceleration regular", "4 references, 256 px, edit, acceleration regular"]
+    cases += ["1 reference, 256 px, edit, acceleration high"]
     assert [w["case"] for w in warm] == cases  # flash: a profile of the turbo adapter, loaded unfused
-    assert all(w["graphs_compiled"] > 0 for w in warm)  # the first shape, then dynamic, then the adapter
+    assert all(w["graphs_compiled"] > 0 for w in warm[:5])  # the first shape, then dynamic, the adapter, the cache
     assert all(w["seconds"] > 0 for w in warm)
     assert editor.capabilities()["fast_path"]["compile_seconds"] == pytest.approx(sum(w["seconds"] for w in warm))
     assert editor.capabilities()["fast_path"]["compile_cache_dir"] == str((tmp_path / "cache").resolve())
@@ -144,6 +147,8 @@ def test_warm_up_at_one_and_four_references_and_the_adapter_leaves_nothing_to_re
     images = [PIL.Image.new("RGB", (96, 64), (9, 9, 9))] * 2
     editor.edit(EditCall(images=images, prompt="p", width=320, height=192, num_inference_steps=4))
     editor.edit(EditCall(images=images, prompt="p", width=320, height=192, profile="turbo"))
+    call = EditCall(images=images, prompt="p", width=320, height=192, num_inference_steps=28, acceleration="high")
+    editor.edit(call)
     assert fastpath.compiled_graphs() == before
 
 

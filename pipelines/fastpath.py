@@ -7,9 +7,10 @@ there); on older GPUs compilation alone; on the CPU nothing (`choose_fast_path`)
 `attention_backend` and `compile`, when set explicitly, overrides its part. `auto` is off for now: the estimate
 is 1.09 -> 0.66 s per step at 1024 px with one reference on an H200 (a FLOP-model estimate), and the switch
 becomes the default once a GPU run (benchmarks) shows that it pays with the image quality kept. When the memory
-mode is `auto` and the fp8 transformer would have to be streamed (model-offload, group-offload), the configured
-quantization is used instead: streaming costs more than fp8 saves. /health (`capabilities.fast_path`) and
-`flux2-server doctor` say which path runs and why.
+mode is `auto` and an fp8 transformer would have to be streamed (model-offload, group-offload) where the
+configured quantization (e.g. `auto`: int4) keeps it resident, the configured one is used: streaming costs more
+than fp8 saves (`pipelines.runtime.plan_runtime`). /health (`capabilities.fast_path`) and `flux2-server doctor`
+say which path runs and why.
 
 The parts, each also one setting:
 
@@ -25,12 +26,12 @@ The parts, each also one setting:
   a profile of each distilled adapter loaded unfused, one and four at the first acceleration level and one at
   the other, 12 steps): after two sequence lengths dynamo marks them dynamic, so other reference counts, sizes
   and step counts reuse the compiled blocks, and the recompiles an adapter switch or a level's cache hooks cause
-  happen here rather than in a user's request (`test_fastpath` shows it). A case `REFS:PROFILE[:LEVEL]` adds a profile or an
-  acceleration level. Each case's seconds and the number of graphs it compiled are reported in
-  capabilities.fast_path.warm_up: the first case's seconds are mostly compile time, a case with 0 graphs ran
-  compiled code only. Compiled kernels persist across restarts in `compile_cache_dir` (TORCHINDUCTOR_CACHE_DIR,
-  inductor's FX-graph cache, on by default in torch 2.13; default <data_dir>/compile-cache): a restart with
-  the same shapes loads them instead of compiling again.
+  happen here rather than in a user's request (`test_fastpath` shows it on the tiny model). A case
+  `REFS:PROFILE[:LEVEL]` adds a profile or an acceleration level. Each case's seconds and the number of graphs
+  it compiled are reported in capabilities.fast_path.warm_up: the first case's seconds are mostly compile time,
+  a case with 0 graphs ran compiled code only. Compiled kernels persist across restarts in `compile_cache_dir`
+  (TORCHINDUCTOR_CACHE_DIR, inductor's FX-graph cache, on by default in torch 2.13; default
+  <data_dir>/compile-cache): a restart with the same shapes loads them instead of compiling again.
 - `compile_mode`: torch.compile's mode. Modes that record CUDA graphs (`reduce-overhead`, `max-autotune`: torch's
   `list_mode_options` has `triton.cudagraphs`) are refused: the model warms up in the loading thread and serves
   from the inference thread (server/worker.py), and CUDA graph trees are thread-local (pytorch#123177). Nor would

@@ -99,6 +99,7 @@ class Runtime:
                 "attention_backend": self.options.attention_backend or "default (PyTorch SDPA)",
                 "compile": self.options.compile,
                 "compile_mode": self.options.compile_mode,
+                # the warm-up calls together: compile time plus their few steps (per case in warm_up)
                 "compile_seconds": None if self.compile_seconds is None else round(self.compile_seconds, 3),
                 "warm_up": self.warm_up_results,  # per case: seconds, graphs compiled (0: compiled code reused)
                 "compile_cache_dir": self.compile_cache,

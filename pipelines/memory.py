@@ -173,7 +173,8 @@ def choose_memory_mode(
                 reason=f"transformer{label} and VAE resident on {device} ({gib(resident)} of {gib(free)} "
                 "free); the text encoder is streamed from CPU memory",
             )
-    quant = candidates[-1]
+    # streamed modes: the smallest quantization that can be streamed (int4 can't: pipelines.quantization)
+    quant = [q for q in candidates if q != "int4"][-1] if candidates != ["int4"] else "int4"
     t = quantized_bytes(sizes.transformer, quant, dtype_itemsize)
     if max(t, sizes.text_encoder) + sizes.vae + reserve_bytes <= free:
         return MemoryPlan(

@@ -231,3 +231,15 @@ def test_fp8_text_encoder_config_is_weight_only():
     assert isinstance(text_encoder_config("fp8"), Float8WeightOnlyConfig)
     with pytest.raises(QuantizationError):
         text_encoder_config("int4")
+
+
+def test_auto_never_streams_an_int4_transformer():
+    """Where nothing fits resident, `auto` streams int8 (fp8 where capable), not int4, which those modes refuse."""
+    from pipelines.memory import ComponentSizes, GiB, choose_memory_mode
+
+    flux2_dev = ComponentSizes(transformer=int(60 * GiB), text_encoder=int(44.7 * GiB), vae=int(0.16 * GiB))
+    plan = choose_memory_mode([12 * GiB], flux2_dev, reserve_bytes=4 * GiB, quantization="auto")
+    assert (plan.mode, plan.quantization) == ("group-offload", "int8")
+    check_quantization(plan)
+    with pytest.raises(QuantizationError, match="int4"):  # asked for explicitly: refused, not silently changed
+        check_quantization(choose_memory_mode([12 * GiB], flux2_dev, reserve_bytes=4 * GiB, quantization="int4"))

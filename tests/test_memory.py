@@ -45,7 +45,8 @@ FLUX2_DEV = ComponentSizes(transformer=64 * GiB, text_encoder=48 * GiB, vae=int(
         ([47], "none", "group-offload", "none", "cuda:0", None),  # L40S / A6000: bf16 transformer doesn't fit
         ([47], "auto", "offload-text-encoder", "int8", "cuda:0", None),  # ... unless quantized
         ([31], "auto", "offload-text-encoder", "int4", "cuda:0", None),  # 32 GB cards: int4
-        ([23], "auto", "group-offload", "int4", "cuda:0", None),  # below that (with a 10 GiB reserve): streamed
+        # below that (with a 10 GiB reserve): streamed, in int8 (int4 weights can't be streamed: refused there)
+        ([23], "auto", "group-offload", "int8", "cuda:0", None),
         ([141], "auto", "full", "none", "cuda:0", None),  # auto keeps bf16 wherever it fits
         ([79], "fp8", "offload-text-encoder", "fp8", "cuda:0", None),  # fp8 (32 GB) + text encoder (48) + reserve > 79
     ],

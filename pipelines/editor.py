@@ -10,6 +10,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 
 from pipelines.adapters import AdapterSwitch, fuse_adapter, load_adapters
 from pipelines.expansion import expand_prompt
-from pipelines.memory import STREAMED_TEXT_ENCODER, MemoryPlan, load_devices
+from pipelines.memory import STREAMED_TEXT_ENCODER, MemoryPlan, load_devices, vae_tiling_needed
 from pipelines.pixtral import pixtral_processor_class
 from pipelines.profiles import PROFILES
 from pipelines.runtime import Runtime, RuntimeOptions, plan_runtime
@@ -245,7 +246,13 @@ class Flux2Editor:
                 "without acceleration."
             )
         denoising = time.perf_counter()
-        with self.runtime.accelerator.applied(self.pipe.transformer, call.acceleration, steps):
+        tiled = vae_tiling_needed(self.runtime.plan, gen_w, gen_h)
+        if tiled:
+            say(call, f"decoding the {gen_w}x{gen_h} output in tiles: this memory plan's reserve is for smaller ones")
+        with (
+            self.runtime.accelerator.applied(self.pipe.transformer, call.acceleration, steps),
+            vae_tiling(self.pipe.vae, tiled),
+        ):
             output = self.pipe(
                 image=call.images,
                 prompt=prompt,
@@ -291,6 +298,17 @@ def say(call: EditCall, message: str) -> None:
         call.on_message(message)
     else:
         log.info(message)
+
+
+@contextmanager
+def vae_tiling(vae, tiled: bool):
+    """Decode (and encode) in tiles for one call where `tiled`; the VAE's own setting again afterwards."""
+    before = vae.use_tiling
+    vae.use_tiling = tiled or before
+    try:
+        yield
+    finally:
+        vae.use_tiling = before
 
 
 def center_crop(image: PIL.Image.Image, width: int, height: int) -> PIL.Image.Image:

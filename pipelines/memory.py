@@ -244,6 +244,20 @@ def activation_reserve_bytes(request: Request) -> int:
     return int(max(transformer, vae))
 
 
+VAE_TILING_ABOVE_PIXELS = 1024 * 1024  # smaller outputs always decode whole (a tile would be most of the image)
+
+
+def vae_tiling_needed(plan: MemoryPlan, width: int, height: int) -> bool:
+    """Whether a `width` x `height` output should be decoded in tiles on this plan: on a GPU, above ~1 MP, where
+    the untiled decode (est. VAE_DECODE_BYTES_PER_PIXEL) would not fit the activation reserve the plan kept (a plan
+    sized for smaller requests than this one, e.g. 24 GB cards: 1024x1024 with one reference). Tiled decoding
+    (diffusers' `AutoencoderKLFlux2` tiles with blended overlaps) bounds the decode's memory by the tile; the
+    pixels differ slightly at the seams, so it is used only where the whole decode could run out of memory."""
+    if not plan.device.startswith("cuda") or plan.reserve_bytes is None or width * height <= VAE_TILING_ABOVE_PIXELS:
+        return False
+    return VAE_DECODE_BYTES_PER_PIXEL * width * height > plan.reserve_bytes
+
+
 @dataclass(frozen=True)
 class Hardware:
     """What planning needs to know of a machine: detected (`detect`) or described (`simulate`, for doctor)."""

@@ -570,3 +570,34 @@ def test_load_editor_reads_each_model_onto_its_device_and_copies_nothing_after(t
     caps = editor.capabilities()
     assert set(caps["load_timings"]) == {"read", "place", "warm_up"}
     assert caps["load_seconds"] == pytest.approx(sum(caps["load_timings"].values()), abs=0.003)
+
+
+def test_vae_decodes_in_tiles_only_where_the_plan_kept_too_little_for_a_whole_decode():
+    from pipelines.memory import vae_tiling_needed
+
+    small_card = resolve_plan("auto", FLUX2_DEV, quantization="auto", hardware=Hardware.simulate(24, 1, 128))
+    assert small_card.sized_for == "1024x1024 output, 1 reference"
+    assert vae_tiling_needed(small_card, 2048, 2048)  # 6.0 GiB untiled decode against a ~4 GiB reserve
+    assert not vae_tiling_needed(small_card, 1024, 1024)  # ~1 MP and below: always whole
+    big_card = resolve_plan("auto", FLUX2_DEV, quantization="auto", hardware=Hardware.simulate(141, 1, 256))
+    assert not vae_tiling_needed(big_card, 2048, 2048)  # sized for the largest request
+    assert not vae_tiling_needed(MemoryPlan("full", "cpu"), 2048, 2048)  # the CPU: one memory, no reserve
+
+
+def test_the_editor_tiles_the_decode_for_the_call_that_needs_it(tiny_weights, monkeypatch):
+    from pipelines import EditCall, load_editor
+    from pipelines import editor as editor_module
+
+    editor = load_editor(tiny_weights, "cpu")
+    seen = []
+    decode = editor.pipe.vae.decode
+    monkeypatch.setattr(
+        editor.pipe.vae, "decode", lambda *a, **k: seen.append(editor.pipe.vae.use_tiling) or decode(*a, **k)
+    )
+    reference = PIL.Image.new("RGB", (64, 64), (10, 200, 30))
+    call = EditCall(images=[reference], prompt="p", width=64, height=64, profile="flash", seed=1)
+    whole = np.asarray(editor.edit(call).images[0])
+    monkeypatch.setattr(editor_module, "vae_tiling_needed", lambda plan, w, h: True)
+    tiled = np.asarray(editor.edit(call).images[0])
+    assert seen == [False, True] and editor.pipe.vae.use_tiling is False  # for that call only
+    assert np.array_equal(whole, tiled)  # the tiny output is smaller than one tile: the same decode

@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from pipelines import PROFILES
     from pipelines.editor import pick_dtype
-    from pipelines.memory import module_sizes, resolve_plan
+    from pipelines.memory import describe_sizes, module_sizes, resolve_plan
     from server.cli import ensure_tiny
     from weights.layout import ADAPTERS
 
@@ -342,7 +342,7 @@ def run(args: argparse.Namespace) -> dict:
             "seed": args.seed,
             "dtype": str(dtype).removeprefix("torch."),
         },
-        "weights_gib": {k: round(v / 1024**3, 2) for k, v in vars(sizes).items()},
+        "weights_gib": describe_sizes(sizes),
         "build_or_load_s": round(build_s, 2),
         "diffusers": baseline_info,
         "server": servers,

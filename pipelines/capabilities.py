@@ -36,6 +36,8 @@ class Capabilities:
     safety_checker_model: str | None
     safety_threshold: float | None
     prompt_expansion: bool
+    prompt_expansion_unavailable: str | None = None  # why not, in plain words (None when available)
+    load_timings: dict[str, float] = field(default_factory=dict)  # seconds: read, place, warm_up
     runtime: dict = field(default_factory=dict)  # pipelines.runtime.Runtime.describe(): memory mode, fast path
 
     def acceleration_runs(self, level: str) -> bool:

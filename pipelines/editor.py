@@ -10,6 +10,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,10 +20,12 @@ import torch
 from pipelines.adapters import AdapterSwitch, fuse_adapter, load_adapters
 from pipelines.capabilities import Capabilities, ProfileCapabilities
 from pipelines.expansion import expand_prompt
+from pipelines.memory import STREAMED_TEXT_ENCODER, MemoryPlan, load_devices, vae_tiling_needed
 from pipelines.pixtral import pixtral_processor_class
 from pipelines.profiles import PROFILES
-from pipelines.runtime import Runtime, RuntimeOptions, plan_runtime, timed_warm_up
+from pipelines.runtime import Runtime, RuntimeOptions, plan_runtime
 from pipelines.safety import DEFAULT_THRESHOLD, SafetyChecker, withheld
+from pipelines.text_encoder import is_truncated, load_text_encoder
 from weights.layout import ADAPTERS
 
 log = logging.getLogger(__name__)
@@ -106,11 +109,13 @@ class Flux2Editor:
         adapters: dict[str, Path] | None = None,
         safety: SafetyChecker | None = None,
         fused_adapter: str | None = None,
+        load_timings: dict[str, float] | None = None,
     ):
         self.pipe = pipe
         self.safety = safety
         self.weights_dir = weights_dir
-        self.load_seconds = load_seconds
+        self.load_seconds = load_seconds  # read + place (warm_up is added once it has run)
+        self.load_timings = dict(load_timings or {})  # read, place, warm_up (seconds)
         self.adapters = AdapterSwitch(pipe, adapters or {}, fused_adapter)
         self.runtime = runtime  # memory mode, fast path, acceleration levels (pipelines.runtime)
         self.device = pipe._execution_device
@@ -135,11 +140,13 @@ class Flux2Editor:
         return self._capabilities
 
     def _describe(self) -> Capabilities:
+        expansion_problem = self._prompt_expansion_problem()
         return Capabilities(
             device=str(self.device),
             dtype=str(self.dtype).removeprefix("torch."),
             weights=str(self.weights_dir),
-            load_seconds=round(self.load_seconds, 3),
+            load_seconds=round(self.load_seconds + self.load_timings.get("warm_up", 0.0), 3),
+            load_timings={name: round(seconds, 3) for name, seconds in self.load_timings.items()},
             profiles={
                 name: ProfileCapabilities(
                     steps=len(p.sigmas) if p.sigmas else "4-50 (default 28)",
@@ -158,17 +165,47 @@ class Flux2Editor:
             safety_checker=self.safety is not None,
             safety_checker_model=str(self.safety.directory) if self.safety else None,
             safety_threshold=self.safety.threshold if self.safety else None,
-            prompt_expansion=hasattr(self.pipe.tokenizer, "image_processor"),
+            prompt_expansion=expansion_problem is None,
+            prompt_expansion_unavailable=expansion_problem,
         )
 
+    def _prompt_expansion_problem(self) -> str | None:
+        """Why this loaded model can't expand prompts (None when it can)."""
+        plan = self.runtime.plan
+        if not hasattr(self.pipe.tokenizer, "image_processor"):
+            return "the tokenizer was saved without its image processor, so the text encoder can't see the images"
+        if plan.mode in STREAMED_TEXT_ENCODER:
+            return (
+                f"the text encoder is streamed from CPU memory layer by layer (memory mode {plan.mode}): every "
+                "generated token would stream all of it again, minutes per request"
+            )
+        if is_truncated(self.pipe.text_encoder):
+            return (
+                f"the text encoder is cut to the {plan.text_encoder_layers} layers prompt encoding reads, without "
+                "lm_head, to save memory; writing text needs the whole encoder"
+            )
+        if not plan.prompt_expansion:
+            return f"the memory plan leaves it out: {plan.reason}"
+        return None
+
     def warm_up(self) -> None:
-        """One call at the most common shape (1024 px, one 1024 px reference), so that compilation happens at
-        start-up rather than in the first request; its time is reported as compile_seconds."""
-        reference = PIL.Image.new("RGB", (1024, 1024), (128, 128, 128))
-        call = EditCall(images=[reference], prompt="warm-up", width=1024, height=1024, num_inference_steps=4)
-        self.runtime.compile_seconds = timed_warm_up(lambda: self.edit(call))
+        """Calls at the configured warm-up cases (pipelines.fastpath: one and four references, and each distilled
+        adapter, by default), so that compilation happens at start-up rather than in a request; their times are
+        reported per case."""
+
+        def run(case) -> None:
+            reference = PIL.Image.new("RGB", (case.size, case.size), (128, 128, 128))
+            steps = None if case.profile != "edit" else (12 if case.acceleration != "none" else 4)
+            images = [reference] * case.references
+            self.edit(
+                EditCall(images, "warm-up", case.size, case.size, case.profile, steps, acceleration=case.acceleration)
+            )
+
+        unfused = {} if self.adapters.fused else {p.adapter: name for name, p in PROFILES.items() if p.adapter}
+        self.runtime.warm_up(run, tuple(name for adapter, name in unfused.items() if adapter in self.adapters.loaded))
+        self.load_timings["warm_up"] = self.runtime.compile_seconds
         self._capabilities = self._describe()
-        log.info("compiled the transformer's blocks in %.1f s (warm-up call)", self.runtime.compile_seconds)
+        log.info("warm-up with the compiled transformer: %.1f s in all", self.runtime.compile_seconds)
 
     def edit(self, call: EditCall) -> EditResult:
         profile = PROFILES[call.profile]
@@ -210,7 +247,13 @@ class Flux2Editor:
                 "without acceleration."
             )
         denoising = time.perf_counter()
-        with self.runtime.accelerator.applied(self.pipe.transformer, call.acceleration, steps):
+        tiled = vae_tiling_needed(self.runtime.plan, gen_w, gen_h)
+        if tiled:
+            say(call, f"decoding the {gen_w}x{gen_h} output in tiles: this memory plan's reserve is for smaller ones")
+        with (
+            self.runtime.accelerator.applied(self.pipe.transformer, call.acceleration, steps),
+            vae_tiling(self.pipe.vae, tiled),
+        ):
             output = self.pipe(
                 image=call.images,
                 prompt=prompt,
@@ -258,6 +301,17 @@ def say(call: EditCall, message: str) -> None:
         log.info(message)
 
 
+@contextmanager
+def vae_tiling(vae, tiled: bool):
+    """Decode (and encode) in tiles for one call where `tiled`; the VAE's own setting again afterwards."""
+    before = vae.use_tiling
+    vae.use_tiling = tiled or before
+    try:
+        yield
+    finally:
+        vae.use_tiling = before
+
+
 def center_crop(image: PIL.Image.Image, width: int, height: int) -> PIL.Image.Image:
     if image.size == (width, height):
         return image
@@ -265,28 +319,46 @@ def center_crop(image: PIL.Image.Image, width: int, height: int) -> PIL.Image.Im
     return image.crop((left, top, left + width, top + height))
 
 
-def load_components(weights_dir: Path, dtype: torch.dtype) -> dict:
+def load_components(weights_dir: Path, dtype: torch.dtype, plan: MemoryPlan | None = None) -> dict:
     """Each component of a diffusers-layout FLUX.2 directory, loaded explicitly from local files.
+
+    With a `plan`, each model is read straight onto the device the plan keeps it on (`pipelines.memory.
+    load_devices`; `device_map` of diffusers' and transformers' `from_pretrained`, which build the model on the
+    meta device and copy each tensor from the file to its device: no full copy in CPU RAM first), and the text
+    encoder is cut to `plan.text_encoder_layers` (its dropped layers are not read). Without one, everything
+    loads whole on the CPU.
 
     Components are loaded one by one rather than through `Flux2Pipeline.from_pretrained` because the
     `tokenizer` component may be a bare tokenizer (see `load_tokenizer`), which `from_pretrained` refuses in
     place of the PixtralProcessor named in model_index.json; it also keeps placement per component explicit.
     """
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
-    from transformers import Mistral3ForConditionalGeneration
 
     local = {"local_files_only": True}
+    devices = load_devices(plan) if plan is not None else {}
+    placed = lambda name: {"device_map": devices[name]} if name in devices else {}
     return {
         "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(weights_dir, subfolder="scheduler", **local),
-        "vae": AutoencoderKLFlux2.from_pretrained(weights_dir, subfolder="vae", torch_dtype=dtype, **local),
-        "text_encoder": Mistral3ForConditionalGeneration.from_pretrained(
-            weights_dir / "text_encoder", dtype=dtype, **local
+        "vae": AutoencoderKLFlux2.from_pretrained(
+            weights_dir, subfolder="vae", torch_dtype=dtype, **placed("vae"), **local
+        ),
+        "text_encoder": load_text_encoder(
+            weights_dir / "text_encoder",
+            dtype,
+            num_layers=plan.text_encoder_layers if plan is not None else None,
+            device_map=devices.get("text_encoder"),
         ),
         "tokenizer": load_tokenizer(weights_dir / "tokenizer"),
         "transformer": Flux2Transformer2DModel.from_pretrained(
-            weights_dir, subfolder="transformer", torch_dtype=dtype, **local
+            weights_dir, subfolder="transformer", torch_dtype=dtype, **placed("transformer"), **local
         ),
     }
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued copies and kernels, so that a time taken next is the work's, not its queueing's."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def load_editor(
@@ -301,7 +373,11 @@ def load_editor(
     """Load FLUX.2 from a local diffusers-layout directory onto `device` (CUDA when present, else CPU), placed
     and set up as `options` say (memory mode, quantization, attention kernel, compile, acceleration levels), and
     the safety checker from `safety_checker` (an image-classification model directory) when given. `fuse` names a
-    distilled adapter to fuse into the weights for good (for a process that serves only its profiles)."""
+    distilled adapter to fuse into the weights for good (for a process that serves only its profiles).
+
+    Load time is reported in three parts (capabilities `load_timings`): `read` (weights from disk, each model
+    straight onto its device, adapters beside them), `place` (adapter fused where the transformer is, quantization,
+    offload hooks, compile set-up) and `warm_up` (the warm-up call, with compile); `load_seconds` is their sum."""
     from diffusers import Flux2Pipeline
 
     weights_dir = Path(weights_dir).resolve()
@@ -310,18 +386,30 @@ def load_editor(
     torch_dtype = pick_dtype(torch_device, dtype)
     runtime = plan_runtime(options, weights_dir, device, torch_dtype)  # refuses what can't run, before loading
     started = time.perf_counter()
-    pipe = Flux2Pipeline(**load_components(weights_dir, torch_dtype))
-    adapters = load_adapters(pipe, weights_dir)  # before placement: LoRA layers are placed with the rest
+    pipe = Flux2Pipeline(**load_components(weights_dir, torch_dtype, runtime.plan))
+    adapters = load_adapters(pipe, weights_dir)  # beside the transformer's layers, on its device
+    synchronize(torch_device)
+    read = time.perf_counter()
     if fuse is not None:
         if fuse not in adapters:
             raise ValueError(f"can't fuse the {fuse!r} adapter: it is not in {weights_dir}")
-        fuse_adapter(pipe, fuse)
+        fuse_adapter(pipe, fuse)  # where the transformer is: on the GPU when it was read there
     runtime.apply(pipe)
     pipe.set_progress_bar_config(disable=True)
-    load_seconds = time.perf_counter() - started
-    log.info("loaded %s (%s, %s) in %.1f s", weights_dir, runtime.plan.mode, torch_dtype, load_seconds)
+    synchronize(torch_device)
+    placed = time.perf_counter()
+    timings = {"read": read - started, "place": placed - read}
+    log.info(
+        "loaded %s (%s, %s) in %.1f s: read %.1f s, place %.1f s",
+        weights_dir,
+        runtime.plan.mode,
+        torch_dtype,
+        placed - started,
+        timings["read"],
+        timings["place"],
+    )
     safety = SafetyChecker(safety_checker, torch_device, torch_dtype, safety_threshold) if safety_checker else None
-    editor = Flux2Editor(pipe, weights_dir, load_seconds, runtime, adapters, safety, fuse)
-    if options.compile:
+    editor = Flux2Editor(pipe, weights_dir, placed - started, runtime, adapters, safety, fuse, load_timings=timings)
+    if runtime.options.compile:  # the fast path may have turned it on
         editor.warm_up()
     return editor

@@ -148,26 +148,54 @@ class Settings(BaseSettings):
     )
     text_encoder_device: str | None = Field(None, description="e.g. `cuda:1`: the text encoder on a second GPU")
     quantization: str = Field(
-        "none", description="transformer weights: `none`, `int8`, `fp8`, `int4`, `auto` (torchao)"
+        "auto",
+        description="transformer weights: `none`, `int8`, `fp8`, `int4` (torchao), or `auto`: the plan per card "
+        "(README: Plans by card), which may also cut and quantize the text encoder",
     )
-    memory_reserve_gb: float = Field(10.0, description="GiB of GPU memory `auto` keeps free for activations")
+    memory_reserve_gb: float | None = Field(
+        None, description="GiB of GPU memory kept for activations; unset: estimated from the request size"
+    )
     attention_backend: str | None = Field(
         None, description="e.g. `_native_cudnn`, `flash`, `_flash_3` (`*_hub` refused); default: diffusers' (SDPA)"
     )
     compile: bool = Field(False, description="regional `torch.compile` of the transformer blocks (at start-up)")
-    compile_mode: str | None = Field(None, description="torch.compile mode, e.g. `max-autotune-no-cudagraphs`")
+    compile_mode: str | None = Field(
+        None, description="torch.compile mode, e.g. `max-autotune-no-cudagraphs` (CUDA-graph modes are refused)"
+    )
     acceleration_regular: str | None = Field(
         None, description="cache spec of acceleration `regular`, or `none` to turn it off (README: Speed and memory)"
     )
     acceleration_high: str | None = Field(None, description="cache spec of acceleration `high`, or `none`")
+    fast_path: str = Field(
+        "auto",
+        description="one switch for fp8 + cuDNN attention + regional compile (Ada/Hopper; what applies elsewhere): "
+        "`auto`, `on`, `off`; `auto` is off until a GPU run shows it pays; quantization, attention_backend and "
+        "compile, when set, override their part",
+    )
+    compile_warm_up: str = Field(
+        "1,4,adapters,levels",
+        description="warm-up calls with compile: `REFS[:PROFILE[:LEVEL]],...`; `adapters`/`levels`: each distilled "
+        "adapter loaded unfused / each acceleration level",
+    )
+    compile_cache_dir: Path | None = Field(
+        None, description="inductor's persistent compile cache; default `<data_dir>/compile-cache`"
+    )
+    allow_cpu: bool = Field(
+        False,
+        description="load full-size weights (> 8 GiB) on the CPU when torch sees no GPU (e.g. a driver too old for "
+        "torch's CUDA); off: serve refuses, naming the driver and torch's CUDA version",
+    )
 
     def runtime_options(self):
-        """The speed and memory settings, as pipelines.runtime takes them (each field is a setting of that name)."""
+        """The speed and memory settings, as pipelines.runtime takes them (each field is a setting of that name),
+        with the names of those set explicitly (flags or FLUX2_* variables), which the fast path leaves alone."""
         from dataclasses import fields
 
         from pipelines.runtime import RuntimeOptions
 
-        return RuntimeOptions(**{f.name: getattr(self, f.name) for f in fields(RuntimeOptions)})
+        values = {f.name: getattr(self, f.name) for f in fields(RuntimeOptions) if f.name != "explicit"}
+        values["compile_cache_dir"] = str(self.compile_cache_dir or self.data_dir / "compile-cache")
+        return RuntimeOptions(**values, explicit=frozenset(self.model_fields_set))
 
     def keys(self) -> list[str]:
         keys = parse_keys(self.api_keys)

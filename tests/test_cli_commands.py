@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -146,3 +147,62 @@ def test_doctor_reports_the_machine(tiny_weights):
 
     if not torch.cuda.is_available():
         assert "none visible to torch" in rows["GPU"]
+
+
+def doctor_json(*args: str) -> subprocess.CompletedProcess:
+    """`flux2-server doctor --json ...` through the installed console script, without FLUX2_* settings."""
+    entry = Path(sys.executable).with_name("flux2-server")
+    assert entry.is_file(), f"{entry}: the console script `pip install -e .` installs next to python"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLUX2_")}
+    return subprocess.run(
+        [str(entry), "doctor", "--json", *args], capture_output=True, text=True, timeout=120, check=False, env=env
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (  # one H100 80 GB: fp8 transformer, text encoder cut to 31 layers, all resident
+            ["--gpu-memory", "80", "--host-memory", "128"],
+            {"mode": "full", "quantization": "fp8", "text_encoder_quantization": "none", "text_encoder_layers": 31,
+             "prompt_expansion": False, "peak_gpu_gib": 75.1, "peak_host_gib": 4.0},
+        ),
+        (  # two 48 GB cards without fp8 (A6000): int8 transformer on one, the whole bf16 encoder on the other
+            ["--gpu-memory", "48", "--gpus", "2", "--host-memory", "256", "--compute-capability", "8.6"],
+            {"mode": "multi-gpu", "quantization": "int8", "text_encoder_device": "cuda:1", "text_encoder_layers": None,
+             "prompt_expansion": True, "peak_gpu_gib": 40.9, "peak_text_encoder_gpu_gib": 45.7},
+        ),
+        (  # one 24 GB card, 128 GB of host RAM: 4-bit transformer resident, the cut encoder streamed
+            ["--gpu-memory", "24", "--host-memory", "128", "--no-fp8"],
+            {"mode": "offload-text-encoder", "quantization": "int4", "text_encoder_layers": 31,
+             "sized_for": "1024x1024 output, 1 reference", "peak_gpu_gib": 22.0, "peak_host_gib": 37.3},
+        ),
+    ],
+)  # fmt: skip
+def test_doctor_json_prints_the_plan_for_simulated_hardware(args, expected):
+    result = doctor_json(*args)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["refused"] is None and report["hardware"]["simulated"] is True
+    assert report["weights"]["dtype"] == "bfloat16" and report["weights"]["source"].startswith("FLUX.2 [dev]")
+    assert report["weights"]["gib"]["transformer"] == 60.021 and report["weights"]["gib"]["text_encoder"] == 44.725
+    assert {k: report["plan"][k] for k in expected} == expected
+    assert report["plan"]["reason"]
+
+
+def test_doctor_json_says_why_serve_would_refuse(tiny_weights):
+    refused = doctor_json("--gpu-memory", "16", "--host-memory", "64")
+    assert refused.returncode == 0, refused.stderr
+    report = json.loads(refused.stdout)
+    assert report["plan"] is None and report["refused"].startswith("not enough host RAM")
+    assert "95.8 GiB of host RAM even pinned on the fly; 64.0 GiB available" in report["refused"]
+    configured = json.loads(doctor_json("--gpu-memory", "80", "--memory-mode", "multi-gpu").stdout)
+    assert configured["refused"] == "memory mode 'multi-gpu' needs FLUX2_TEXT_ENCODER_DEVICE, e.g. cuda:1"
+    tiny = json.loads(doctor_json("--gpu-memory", "24", "--host-memory", "64", "--weights", str(tiny_weights)).stdout)
+    assert (tiny["plan"]["mode"], tiny["plan"]["quantization"], tiny["weights"]["source"]) == (
+        "full",
+        "none",
+        str(tiny_weights),
+    )
+    bad = doctor_json("--compute-capability", "8.0", "--fp8", "--gpu-memory", "80")
+    assert bad.returncode == 2 and "--compute-capability 8.0 and --fp8 disagree" in bad.stderr

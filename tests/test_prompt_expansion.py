@@ -88,3 +88,52 @@ def test_a_tokenizer_saved_alone_loads_and_says_expansion_is_unavailable(tiny_we
     refs = [decode(image_bytes(96, 96, seed=7)).convert("RGB")]
     result = editor.edit(EditCall(refs, "Make it snow", 64, 64, profile="flash", expand_prompt=True, seed=1))
     assert result.prompt == "Make it snow"
+
+
+def plan_with(monkeypatch, **fields):
+    """load_editor's plan, with `fields` set as a memory plan would set them."""
+    import dataclasses
+
+    from pipelines import runtime
+
+    resolve = runtime.resolve_plan
+    monkeypatch.setattr(runtime, "resolve_plan", lambda *a, **k: dataclasses.replace(resolve(*a, **k), **fields))
+
+
+def test_a_truncated_text_encoder_refuses_expansion_with_its_reason(tiny_weights, monkeypatch):
+    """A plan that cuts the encoder (text_encoder_layers) leaves no lm_head to generate with: the editor says so,
+    never calls generate, and a request asking for expansion gets the notice with the reason."""
+    from server.config import Settings
+    from server.schemas import Flux2EditInput
+    from server.service.edit import notices_for
+
+    plan_with(monkeypatch, text_encoder_layers=31)
+    editor = load_editor(tiny_weights, device="cpu")
+    caps = editor.capabilities()
+    assert caps.prompt_expansion is False
+    assert "cut to the 31 layers" in caps.prompt_expansion_unavailable
+
+    def generate(**inputs):
+        raise AssertionError("generate was called on a truncated text encoder")
+
+    monkeypatch.setattr(editor.pipe.text_encoder, "generate", generate)
+    refs = [decode(image_bytes(96, 96, seed=7)).convert("RGB")]
+    result = editor.edit(EditCall(refs, "Make it snow", 64, 64, profile="flash", expand_prompt=True, seed=1))
+    assert result.prompt == "Make it snow" and "prompt_expansion" not in result.timings
+
+    body = Flux2EditInput(prompt="Make it snow", image_urls=[REF], enable_prompt_expansion=True)
+    notices = notices_for(body, "edit", caps, Settings())
+    assert f"Prompt expansion is not available on this server ({caps['prompt_expansion_unavailable']})" in " ".join(
+        notices
+    )
+    assert not notices_for(body.model_copy(update={"enable_prompt_expansion": False}), "edit", caps, Settings())
+
+
+def test_a_plan_without_expansion_says_so(tiny_weights, monkeypatch):
+    plan_with(monkeypatch, prompt_expansion=False, reason="a 24 GB card: the text encoder is quantized to fit")
+    caps = load_editor(tiny_weights, device="cpu").capabilities().as_dict()
+    assert caps["prompt_expansion"] is False
+    assert (
+        caps["prompt_expansion_unavailable"]
+        == "the memory plan leaves it out: a 24 GB card: the text encoder is quantized to fit"
+    )

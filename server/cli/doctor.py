@@ -6,8 +6,6 @@ import argparse
 import importlib.metadata
 import importlib.util
 import platform
-import shutil
-import subprocess
 from pathlib import Path
 
 GiB = 1024**3
@@ -21,78 +19,101 @@ def version(package: str) -> str:
         return "not installed"
 
 
-def nvidia_driver() -> str:
-    """The NVIDIA kernel driver's version, from /proc or nvidia-smi; says so when there is none."""
-    proc = Path("/proc/driver/nvidia/version")
-    if proc.is_file():
-        for word in proc.read_text().split():
-            if word[:1].isdigit() and "." in word:
-                return word
-    if shutil.which("nvidia-smi"):
-        answer = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-            check=False,
-        )
-        if answer.returncode == 0 and answer.stdout.strip():
-            return answer.stdout.splitlines()[0].strip()
-    return "none found (no /proc/driver/nvidia, no nvidia-smi)"
-
-
 def host_memory() -> tuple[int, int] | None:
-    """(available, total) bytes of system memory, from /proc/meminfo."""
-    meminfo = Path("/proc/meminfo")
-    if not meminfo.is_file():
+    """(available, total) bytes of system memory (pipelines.memory reads /proc/meminfo)."""
+    from pipelines.memory import host_memory as read
+
+    return read()
+
+
+def simulated_hardware(args: argparse.Namespace):
+    """The `Hardware` the simulation flags describe (--gpu-memory, --gpus, --host-memory, --fp8, ...), or None when
+    none is given (then this machine is asked). Raises ValueError for a description that doesn't add up."""
+    from pipelines.memory import Hardware
+
+    given = (args.gpu_memory, args.gpus, args.host_memory, args.fp8, args.compute_capability)
+    if all(value is None for value in given):
         return None
-    values = {}
-    for line in meminfo.read_text().splitlines():
-        name, _, rest = line.partition(":")
-        values[name] = int(rest.split()[0]) * 1024
-    return values.get("MemAvailable", 0), values.get("MemTotal", 0)
+    gpus = 1 if args.gpus is None else args.gpus
+    if gpus and args.gpu_memory is None:
+        raise ValueError(f"--gpu-memory GiB is needed to simulate {gpus} GPU(s)")
+    fp8 = True if args.fp8 is None else args.fp8  # Hopper/Ada/Blackwell unless told otherwise
+    if args.compute_capability is not None:
+        major, _, minor = args.compute_capability.partition(".")
+        if not (major.isdigit() and minor.isdigit()):
+            raise ValueError(f"--compute-capability takes X.Y, e.g. 8.0 or 9.0; got {args.compute_capability!r}")
+        capable = (int(major), int(minor)) >= (8, 9)
+        if args.fp8 is not None and args.fp8 != capable:
+            raise ValueError(
+                f"--compute-capability {args.compute_capability} and --{'' if args.fp8 else 'no-'}fp8 disagree"
+            )
+        fp8 = capable
+    host = args.host_memory
+    if host is None:
+        memory = host_memory()
+        host = memory[0] / GiB if memory else None
+    return Hardware.simulate(args.gpu_memory or 0.0, gpus, host, fp8)
 
 
-def memory_mode(weights: Path | None, free_per_gpu: list[int], settings=None) -> list[tuple[str, str]]:
-    """The memory mode `serve` would run with these settings (FLUX2_MEMORY_MODE, FLUX2_QUANTIZATION, ... or the
-    flags), checked against this machine as `serve` checks it at start-up: the plan, or why it is refused. Where a
-    mode is configured, also the one `auto` would pick."""
-    if importlib.util.find_spec("pipelines.memory") is None:
-        return [
-            ("memory mode", "no memory-mode chooser in this build yet: the server puts every component on one device")
-        ]
-    if weights is None:
-        return [
-            ("memory mode", "pass --weights DIR to see the mode the server picks for those weights on this machine")
-        ]
+def plan_sizes(weights: Path | None, settings, hardware):
+    """(sizes, dtype, where the sizes come from): the weights on disk, else FLUX.2 [dev]'s real sizes."""
+    import torch
+
     from pipelines import memory
     from pipelines.editor import pick_device, pick_dtype
+
+    if hardware is not None and hardware.simulated:
+        device = torch.device(settings.device or ("cuda" if hardware.gpu_free_bytes else "cpu"))
+    else:
+        device = pick_device(settings.device)
+    dtype = pick_dtype(device, settings.dtype)
+    if weights is not None:
+        return memory.component_sizes(weights, dtype), dtype, str(weights)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return memory.flux2_dev_sizes(itemsize), dtype, "FLUX.2 [dev] (its real sizes; pass --weights DIR for others)"
+
+
+def resolve(settings, sizes, mode: str, quantization: str, free_per_gpu: list[int], hardware):
+    """What `serve` would run with these settings: (plan, None), or (None, why it would refuse)."""
+    from pipelines import memory
+
+    try:
+        return memory.resolve_plan(
+            mode,
+            sizes,
+            device=settings.device,
+            text_encoder_device=settings.text_encoder_device,
+            quantization=quantization,
+            reserve_bytes=None if settings.memory_reserve_gb is None else int(settings.memory_reserve_gb * GiB),
+            free_bytes_per_gpu=free_per_gpu,
+            hardware=hardware,
+        ), None
+    except ValueError as exc:  # MemoryModeError and bad names: what `serve` would exit with
+        return None, str(exc)
+
+
+def memory_mode(weights: Path | None, free_per_gpu: list[int], settings=None, hardware=None) -> list[tuple[str, str]]:
+    """The memory mode `serve` would run with these settings (FLUX2_MEMORY_MODE, FLUX2_QUANTIZATION, ... or the
+    flags), checked against this machine (or the simulated `hardware`) as `serve` checks it at start-up: the plan,
+    or why it is refused. Where a mode is configured, also the one `auto` would pick."""
+    from pipelines.memory import describe_sizes
     from server.config import Settings
 
     settings = settings or Settings()
-    dtype = pick_dtype(pick_device(settings.device), settings.dtype)
-    sizes = memory.component_sizes(weights, dtype)
+    sizes, dtype, source = plan_sizes(weights, settings, hardware)
 
     def plan(mode: str, quantization: str) -> str:
-        try:
-            chosen = memory.resolve_plan(
-                mode,
-                sizes,
-                device=settings.device,
-                text_encoder_device=settings.text_encoder_device,
-                quantization=quantization,
-                reserve_bytes=int(settings.memory_reserve_gb * GiB),
-                free_bytes_per_gpu=free_per_gpu,
-            )
-        except ValueError as exc:  # MemoryModeError and bad names: what `serve` would exit with
-            return f"refused: {exc}"
+        chosen, refused = resolve(settings, sizes, mode, quantization, free_per_gpu, hardware)
+        if chosen is None:
+            return f"refused: {refused}"
         te = f", text encoder on {chosen.text_encoder_device}" if chosen.text_encoder_device else ""
         return f"{chosen.mode} on {chosen.device}{te} (quantization {chosen.quantization}): {chosen.reason}"
 
     configured = plan(settings.memory_mode, settings.quantization)
     automatic = plan("auto", "auto")
+    described = ", ".join(f"{k} {v} GiB" for k, v in describe_sizes(sizes).items())
     rows = [
-        ("weights size", ", ".join(f"{k} {v} GiB" for k, v in memory.describe_sizes(sizes).items()) + f" ({dtype})"),
+        ("weights size", f"{described} ({dtype}; {source})"),
         ("memory mode", f"[configured: {settings.memory_mode}, quantization {settings.quantization}] {configured}"),
     ]
     if automatic != configured:
@@ -100,13 +121,61 @@ def memory_mode(weights: Path | None, free_per_gpu: list[int], settings=None) ->
     return rows
 
 
-def report(weights: Path | None, settings=None) -> list[tuple[str, str]]:
+def plan_json(weights: Path | None, settings, hardware) -> dict:
+    """`doctor --json`: the hardware planned for, the weights' sizes, and the plan `serve` would run or why not."""
+    from pipelines.memory import describe_hardware, describe_plan, describe_sizes
+
+    sizes, dtype, source = plan_sizes(weights, settings, hardware)
+    chosen, refused = resolve(settings, sizes, settings.memory_mode, settings.quantization, [], hardware)
+    return {
+        "hardware": describe_hardware(hardware),
+        "weights": {"source": source, "dtype": str(dtype).removeprefix("torch."), "gib": describe_sizes(sizes)},
+        "configured": {
+            "memory_mode": settings.memory_mode,
+            "quantization": settings.quantization,
+            "text_encoder_device": settings.text_encoder_device,
+            "memory_reserve_gb": settings.memory_reserve_gb,
+        },
+        "plan": None if chosen is None else describe_plan(chosen, sizes),
+        "refused": refused,
+    }
+
+
+def fast_path_rows(weights: Path | None, settings=None) -> list[tuple[str, str]]:
+    """The fast path `serve` would take with these settings on this GPU, and why (pipelines.fastpath); and, where
+    torch sees no GPU, whether `serve` would refuse these weights on the CPU (pipelines.hardware)."""
     import torch
+
+    from pipelines.fastpath import FastPathError, choose_fast_path
+    from pipelines.hardware import cpu_fallback_problem, nvidia_driver
+    from pipelines.runtime import gpu_capability
+    from server.config import Settings
+
+    settings = settings or Settings()
+    try:
+        options = settings.runtime_options()
+        fast = choose_fast_path(options.fast_path, gpu_capability(settings.device), options.explicitly_set())
+        rows = [("fast path", f"[configured: {settings.fast_path}] {fast.reason}")]
+    except FastPathError as exc:
+        rows = [("fast path", f"refused: {exc}")]
+    if weights is not None and not torch.cuda.is_available() and importlib.util.find_spec("pipelines.memory"):
+        from pipelines.memory import component_sizes
+
+        total = component_sizes(weights, torch.float32).total  # what the CPU would load (fp32)
+        problem = cpu_fallback_problem(total, settings.allow_cpu, nvidia_driver())
+        rows.append(("on the CPU", f"refused: {problem}" if problem else "allowed"))
+    return rows
+
+
+def report(weights: Path | None, settings=None, hardware=None) -> list[tuple[str, str]]:
+    import torch
+
+    from pipelines.hardware import describe_driver, describe_torch_cuda, nvidia_driver
 
     rows = [("python", platform.python_version()), ("platform", platform.platform())]
     rows += [(name, version(name)) for name in LIBRARIES]
-    rows.append(("torch CUDA build", torch.version.cuda or "none (CPU build)"))
-    rows.append(("NVIDIA driver", nvidia_driver()))
+    rows.append(("torch CUDA build", describe_torch_cuda()))
+    rows.append(("NVIDIA driver", describe_driver(nvidia_driver())))
     free_per_gpu = []
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
@@ -124,7 +193,12 @@ def report(weights: Path | None, settings=None) -> list[tuple[str, str]]:
     memory = host_memory()
     if memory:
         rows.append(("system memory", f"{memory[0] / GiB:.1f} GiB available of {memory[1] / GiB:.1f} GiB"))
-    rows += memory_mode(weights, free_per_gpu, settings)
+    if hardware is not None:
+        from pipelines.memory import describe_hardware
+
+        rows.append(("simulated hardware", ", ".join(f"{k} {v}" for k, v in describe_hardware(hardware).items())))
+    rows += memory_mode(weights, free_per_gpu, settings, hardware)
+    rows += fast_path_rows(weights, settings)
     if weights is not None:
         from weights.verify import verify
 
@@ -133,11 +207,32 @@ def report(weights: Path | None, settings=None) -> list[tuple[str, str]]:
     return rows
 
 
+SIMULATION_FLAGS = ("gpu_memory", "gpus", "host_memory", "fp8", "compute_capability", "json")
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
+    import json
+    import sys
+
+    from pipelines.memory import Hardware
     from server.config import Settings
 
-    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and k != "weights" and v is not None}
-    rows = report(args.weights, Settings(**overrides))  # FLUX2_* environment variables, overridden by the flags
+    overrides = {
+        k: v
+        for k, v in vars(args).items()
+        if k in Settings.model_fields and k != "weights" and k not in SIMULATION_FLAGS and v is not None
+    }
+    settings = Settings(**overrides)  # FLUX2_* environment variables, overridden by the flags
+    try:
+        hardware = simulated_hardware(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        document = plan_json(args.weights, settings, hardware or Hardware.detect(settings.device))
+        print(json.dumps(document, indent=2))
+        return 0
+    rows = report(args.weights, settings, hardware)
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name.ljust(width)}  {value}")
@@ -146,7 +241,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     doctor = commands.add_parser("doctor", help="GPU, driver, library versions, free memory, the memory mode chosen")
-    doctor.add_argument("--weights", type=Path, help="also check this weights directory and size the memory mode")
+    doctor.add_argument("--weights", type=Path, help="also check this weights directory and size the plan for it")
     # the same settings as `serve` (and FLUX2_* variables): the doctor answers for this configuration
     doctor.add_argument("--device", help="torch device, e.g. cuda:1 (default: CUDA when present, else CPU)")
     doctor.add_argument("--dtype", help="torch dtype, e.g. bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
@@ -155,5 +250,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     doctor.add_argument("--quantization", help="transformer weights: none, int8, fp8, int4, auto")
     doctor.add_argument("--text-encoder-device", help="e.g. cuda:1 (multi-gpu)")
-    doctor.add_argument("--memory-reserve-gb", type=float, help="GPU memory kept for activations (default 10)")
+    doctor.add_argument("--memory-reserve-gb", type=float, help="GPU memory kept for activations (default: by request)")
+    # planning for hardware this machine doesn't have: the plan `serve` would run there, or why it would refuse
+    doctor.add_argument("--json", action="store_true", help="print the plan (or the refusal) as JSON")
+    doctor.add_argument("--gpu-memory", type=float, metavar="GIB", help="simulate GPUs of this much memory each")
+    doctor.add_argument("--gpus", type=int, metavar="N", help="simulate N GPUs (default 1 with --gpu-memory)")
+    doctor.add_argument("--host-memory", type=float, metavar="GIB", help="simulate this much host RAM available")
+    doctor.add_argument(
+        "--fp8", action=argparse.BooleanOptionalAction, help="simulated GPUs run fp8 (default yes: Hopper, Ada)"
+    )
+    doctor.add_argument("--compute-capability", metavar="X.Y", help="simulated GPUs' compute capability, e.g. 8.0")
     doctor.set_defaults(func=cmd_doctor)

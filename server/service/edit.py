@@ -106,7 +106,11 @@ def notices_for(body: EditInput, profile: str, caps: Capabilities, settings: Set
             "(has_nsfw_concepts is false for each)."
         )
     if body.enable_prompt_expansion and not caps.prompt_expansion:
-        notices.append("Prompt expansion is not available on this server: the prompt was used as given.")
+        why = caps.prompt_expansion_unavailable
+        notices.append(
+            f"Prompt expansion is not available on this server{f' ({why})' if why else ''}: the prompt was used as "
+            "given."
+        )
     level = acceleration_of(body)
     if not caps.acceleration_runs(level):
         notices.append(

@@ -123,7 +123,10 @@ def announce(caps: Capabilities, settings: Settings, weights_dir: Path) -> None:
             settings.profiles,
         )
     if not caps.prompt_expansion:
-        log.warning("prompt expansion is not available on this server: requests asking for it say so in 'notices'")
+        log.warning(
+            "prompt expansion is not available on this server (%s): requests asking for it say so in 'notices'",
+            caps.prompt_expansion_unavailable,
+        )
     if settings.disable_safety_checker:
         log.warning(
             "the safety checker is TURNED OFF by configuration: outputs are not checked; requests with "

@@ -335,7 +335,10 @@ def component_sizes(weights_dir: Path, dtype: torch.dtype) -> ComponentSizes:
 
     itemsize = torch.empty((), dtype=dtype).element_size()
     return _sizes(
-        tensors(weights_dir / "transformer"), tensors(weights_dir / "text_encoder"), tensors(weights_dir / "vae"), itemsize
+        tensors(weights_dir / "transformer"),
+        tensors(weights_dir / "text_encoder"),
+        tensors(weights_dir / "vae"),
+        itemsize,
     )
 
 

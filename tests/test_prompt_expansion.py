@@ -123,7 +123,7 @@ def test_a_truncated_text_encoder_refuses_expansion_with_its_reason(tiny_weights
 
     body = Flux2EditInput(prompt="Make it snow", image_urls=[REF], enable_prompt_expansion=True)
     notices = notices_for(body, "edit", caps, Settings())
-    assert f"Prompt expansion is not available on this server ({caps['prompt_expansion_unavailable']})" in " ".join(
+    assert f"Prompt expansion is not available on this server ({caps.prompt_expansion_unavailable})" in " ".join(
         notices
     )
     assert not notices_for(body.model_copy(update={"enable_prompt_expansion": False}), "edit", caps, Settings())

@@ -240,17 +240,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
+    from server.cli.flags import add_setting_flags, worker_settings
+
     doctor = commands.add_parser("doctor", help="GPU, driver, library versions, free memory, the memory mode chosen")
     doctor.add_argument("--weights", type=Path, help="also check this weights directory and size the plan for it")
-    # the same settings as `serve` (and FLUX2_* variables): the doctor answers for this configuration
-    doctor.add_argument("--device", help="torch device, e.g. cuda:1 (default: CUDA when present, else CPU)")
-    doctor.add_argument("--dtype", help="torch dtype, e.g. bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
-    doctor.add_argument(
-        "--memory-mode", help="auto, full, multi-gpu, offload-text-encoder, model-offload, group-offload"
-    )
-    doctor.add_argument("--quantization", help="transformer weights: none, int8, fp8, int4, auto")
-    doctor.add_argument("--text-encoder-device", help="e.g. cuda:1 (multi-gpu)")
-    doctor.add_argument("--memory-reserve-gb", type=float, help="GPU memory kept for activations (default: by request)")
+    # the model's settings as `serve` and `worker` take them (and FLUX2_* variables), generated from Settings: the
+    # doctor answers for this configuration
+    add_setting_flags(doctor, worker_settings())
     # planning for hardware this machine doesn't have: the plan `serve` would run there, or why it would refuse
     doctor.add_argument("--json", action="store_true", help="print the plan (or the refusal) as JSON")
     doctor.add_argument("--gpu-memory", type=float, metavar="GIB", help="simulate GPUs of this much memory each")

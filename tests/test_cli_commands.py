@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +16,13 @@ import pytest
 from tests.conftest import data_uri, decode, image_bytes
 from weights.verify import verify
 
+# the console script pyproject.toml installs (runs this checkout's code: the tests set PYTHONPATH)
+FLUX2_SERVER = str(Path(sys.executable).parent / "flux2-server")
+
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "server.cli", *args],
+        [FLUX2_SERVER, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -132,6 +136,33 @@ def test_weights_import_stops_at_a_corrupt_blob(tiny_weights, tmp_path):
     assert result.returncode == 1
     assert "checksum mismatch: vae/diffusion_pytorch_model.safetensors: sha256 is" in result.stdout
     assert not (dest / "vae" / "diffusion_pytorch_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("kind", ["missing", "file", "empty", "broken"])
+def test_weights_verify_names_what_is_missing(kind, tiny_weights, tmp_path):
+    target = tmp_path / "weights"
+    if kind == "file":
+        target.write_text("not a folder")
+    elif kind == "empty":
+        target.mkdir()
+    elif kind == "broken":
+        shutil.copytree(tiny_weights, target)
+        (target / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+    result = cli("weights", "verify", str(target))
+    assert result.returncode == 1, result.stdout
+    assert "Traceback" not in result.stderr and result.stderr == "", result.stderr
+    assert "can run" not in result.stdout
+    assert result.stdout.splitlines()[-1].startswith("NOT USABLE")
+    expected = {
+        "missing": f"{target} is not a directory",
+        "file": f"{target} is not a directory",
+        "empty": f"missing {target / 'model_index.json'}",
+        "broken": "transformer: no weights: neither diffusion_pytorch_model.safetensors",
+    }[kind]
+    assert expected in result.stdout
+    doctor = cli("doctor", "--weights", str(target))
+    assert doctor.returncode == 1 and "Traceback" not in doctor.stderr
+    assert expected in doctor.stdout
 
 
 def test_doctor_reports_the_machine(tiny_weights):

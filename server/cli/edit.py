@@ -41,7 +41,8 @@ def input_body(args: argparse.Namespace, image_urls: list[str]):
         "num_inference_steps": args.steps,
         "output_format": FORMATS.get(args.output.suffix.lower()),
     }
-    given = {k: v for k, v in fields.items() if v is not None and k in endpoint.input_model.model_fields}
+    accepted = set(endpoint.input_model.model_fields) - set(getattr(endpoint.input_model, "IGNORED", ()))
+    given = {k: v for k, v in fields.items() if v is not None and k in accepted}
     if args.steps is not None and "num_inference_steps" not in given:
         raise SystemExit(f"error: --steps is for the base edit endpoint only; {args.endpoint} runs a fixed schedule")
     if args.output.suffix.lower() not in FORMATS:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import data_uri, decode, image_bytes
+from tests.conftest import data_uri, decode, free_port, image_bytes
 from weights.verify import verify
 
 # the console script pyproject.toml installs (runs this checkout's code: the tests set PYTHONPATH)
@@ -81,6 +81,51 @@ def test_edit_against_a_server_follows_its_steps(server, reference, tmp_path):
 def test_edit_refuses_bad_input_with_the_apis_own_ranges(reference, args, message):
     result = cli("edit", str(reference), "--prompt", "p", "--url", "http://127.0.0.1:9", *args)
     assert result.returncode != 0 and message in result.stderr
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tiny_weights, tmp_path_factory):
+    """The tiny server with an API key, for the CLI's answers to a refused key and refused input."""
+    from tests.conftest import start_server
+
+    root = tmp_path_factory.mktemp("keyed")
+    process, url = start_server(tiny_weights, root / "data", root / "server.log", env={"FLUX2_API_KEYS": "good-key"})
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def plain_error(result: subprocess.CompletedProcess) -> str:
+    """The one line an ordinary mistake gets: no traceback, non-zero exit, no httpx request log."""
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "HTTP Request:" not in result.stderr + result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+def test_edit_checks_its_inputs_before_loading_anything(tiny_weights, reference, tmp_path):
+    missing = tmp_path / "missing.png"
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("hello")
+    for image, message in ((missing, f"{missing}: no such file"), (not_an_image, "is not an image PIL can read")):
+        result = cli("edit", str(reference), str(image), "--prompt", "p", "--weights", str(tiny_weights))
+        assert message in plain_error(result)
+        assert "loading" not in result.stderr  # refused before the model load
+    broken = cli("edit", str(reference), "--prompt", "p", "--weights", str(tmp_path / "nowhere"))
+    assert "nowhere can't be loaded" in plain_error(broken) and "loading" not in broken.stderr
+
+
+def test_edit_against_a_server_answers_ordinary_mistakes_in_one_line(keyed_server, reference, tmp_path):
+    down = cli("edit", str(reference), "--prompt", "p", "--url", f"http://127.0.0.1:{free_port()}")
+    assert "no server answers at http://127.0.0.1:" in plain_error(down)
+    bad_key = cli("edit", str(reference), "--prompt", "p", "--url", keyed_server, "--key", "wrong")
+    assert "the server answered 401" in plain_error(bad_key) and "--key" in plain_error(bad_key)
+    tiny = tmp_path / "tiny.png"
+    tiny.write_bytes(image_bytes(4, 4))  # decodes, but the model refuses a reference this small
+    refused = cli("edit", str(tiny), "--prompt", "p", "--url", keyed_server, "--key", "good-key")
+    assert re.search(r"the server answered 4\d\d: .*Reference image refused", plain_error(refused))
 
 
 def fake_hf_cache(source: Path, root: Path) -> Path:

@@ -90,6 +90,7 @@ def edit_local(args: argparse.Namespace) -> int:
     weights_dir = args.weights or _default_weights()
     if weights_dir is None:
         return 2
+    check_weights(weights_dir)
     print(f"loading {weights_dir} ...", file=sys.stderr)
     settings = Settings(**{k: getattr(args, k) for k in ("device", "dtype") if getattr(args, k) is not None})
     model = Model()
@@ -143,6 +144,42 @@ def _default_weights() -> Path | None:
     return ensure_tiny()
 
 
+def check_images(paths: list[Path]) -> None:
+    """Every input exists and decodes as an image: found now, before a model loads or a request is sent."""
+    import PIL.Image
+
+    for path in paths:
+        if not path.is_file():
+            raise SystemExit(f"error: {path}: no such file" if not path.exists() else f"error: {path} is not a file")
+        try:
+            with PIL.Image.open(path) as image:
+                image.verify()
+        except (OSError, SyntaxError, ValueError) as exc:  # what PIL raises for unreadable or corrupt images
+            raise SystemExit(f"error: {path} is not an image PIL can read ({exc})") from None
+
+
+def check_weights(weights_dir: Path) -> None:
+    """The weights verify (`flux2-server weights verify`) before the minutes a load takes."""
+    from weights.verify import verify
+
+    report = verify(weights_dir)
+    if not report.ok:
+        problems = "; ".join(report.problems[:3]) + (" ..." if len(report.problems) > 3 else "")
+        raise SystemExit(f"error: {weights_dir} can't be loaded: {problems} (see `flux2-server weights verify`)")
+
+
+def server_error(response) -> str:
+    """One line for an error answer: its status and the server's own message (fal's `detail`)."""
+    try:
+        detail = response.json().get("detail", response.text)
+    except ValueError:
+        detail = response.text
+    if isinstance(detail, list):  # a validation error: the first problem is enough to act on
+        detail = "; ".join(f"{'.'.join(map(str, d.get('loc', ())))}: {d.get('msg')}" for d in detail)
+    hint = " (check --key or $FAL_KEY)" if response.status_code in (401, 403) else ""
+    return f"error: the server answered {response.status_code}: {' '.join(str(detail).split())}{hint}"
+
+
 def data_uri(path: Path) -> str:
     media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     return f"data:{media_type};base64,{base64.b64encode(path.read_bytes()).decode()}"
@@ -156,20 +193,30 @@ def edit_remote(args: argparse.Namespace) -> int:
     key = args.key or os.environ.get("FAL_KEY")
     headers = {"Authorization": f"Key {key}"} if key else {}
     base = args.url.rstrip("/")
-    with httpx.Client(headers=headers, timeout=httpx.Timeout(60, read=None)) as client:
-        submitted = client.post(f"{base}/queue/{endpoint_id}", json=body.model_dump(mode="json", exclude_unset=True))
-        if submitted.status_code != 200:
-            raise SystemExit(f"error: the server answered {submitted.status_code}: {submitted.text}")
-        handle = submitted.json()
-        print(f"request {handle['request_id']} queued at position {handle['queue_position']}", file=sys.stderr)
-        status = follow(client, handle["status_url"] + "/stream")
-        result = client.get(handle["response_url"])
-    if result.status_code != 200:
-        raise SystemExit(f"error: the request failed ({result.status_code}): {result.text}")
-    output = result.json()
-    paths = output_paths(args.output, len(output["images"]))
-    for image, path in zip(output["images"], paths):
-        path.write_bytes(fetch_image(image["url"], headers))
+    try:
+        with httpx.Client(headers=headers, timeout=httpx.Timeout(60, read=None)) as client:
+            submitted = client.post(
+                f"{base}/queue/{endpoint_id}", json=body.model_dump(mode="json", exclude_unset=True)
+            )
+            if submitted.status_code != 200:
+                raise SystemExit(server_error(submitted))
+            handle = submitted.json()
+            print(f"request {handle['request_id']} queued at position {handle['queue_position']}", file=sys.stderr)
+            status = follow(client, handle["status_url"] + "/stream")
+            result = client.get(handle["response_url"])
+            if result.status_code != 200:
+                raise SystemExit(server_error(result))
+            output = result.json()
+            images = [fetch_image(image["url"], headers) for image in output["images"]]
+    except httpx.ConnectError as exc:
+        raise SystemExit(f"error: no server answers at {args.url} ({exc}): is `flux2-server serve` running?") from None
+    except httpx.HTTPStatusError as exc:
+        raise SystemExit(server_error(exc.response)) from None
+    except httpx.HTTPError as exc:
+        raise SystemExit(f"error: talking to {args.url} failed: {type(exc).__name__}: {exc}") from None
+    paths = output_paths(args.output, len(images))
+    for image, path in zip(images, paths, strict=True):
+        path.write_bytes(image)
     timings = ", ".join(f"{k} {v:.2f} s" for k, v in output["timings"].items())
     waited = (status or {}).get("metrics", {}).get("inference_time")
     print(f"seed {output['seed']}, {timings}" + (f" (queue inference_time {waited:.2f} s)" if waited else ""))
@@ -185,7 +232,8 @@ def follow(client, stream_url: str) -> dict | None:
     last = None
     with progress_bar() as bar, client.stream("GET", stream_url, params={"logs": 0}) as response:
         if response.status_code != 200:
-            raise SystemExit(f"error: status stream answered {response.status_code}")
+            response.read()
+            raise SystemExit(server_error(response))
         for line in response.iter_lines():  # logs=0: the bar needs only `progress`
             if not line.startswith("data:"):
                 continue
@@ -210,6 +258,7 @@ def fetch_image(url: str, headers: dict) -> bytes:
 
 def cmd_edit(args: argparse.Namespace) -> int:
     started = time.perf_counter()
+    check_images(args.images)  # before a model loads (minutes) or a request is sent
     code = edit_remote(args) if args.url else edit_local(args)
     print(f"done in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return code

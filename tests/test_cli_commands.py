@@ -180,7 +180,9 @@ def test_weights_import_stops_at_a_corrupt_blob(tiny_weights, tmp_path):
     result = cli("weights", "import", str(repo / "snapshots" / "0123abcd"), str(dest))
     assert result.returncode == 1
     assert "checksum mismatch: vae/diffusion_pytorch_model.safetensors: sha256 is" in result.stdout
-    assert not (dest / "vae" / "diffusion_pytorch_model.safetensors").exists()
+    # the files copied before it went into a staging folder, removed: nothing half-made is left
+    assert not dest.exists() and list(tmp_path.iterdir()) == [tmp_path / "usb"]
+    assert f"nothing was written at {dest}" in result.stdout
 
 
 @pytest.mark.parametrize("kind", ["missing", "file", "empty", "broken"])

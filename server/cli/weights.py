@@ -80,6 +80,11 @@ def cmd_import(args: argparse.Namespace) -> int:
             result = import_snapshot(args.snapshot, args.dest, on_bytes=bar.update, plan=plan)
     except ChecksumError as exc:
         print(f"error: checksum mismatch: {exc}")
+        print(f"nothing was written at {args.dest}")
+        return 1
+    except OSError as exc:  # an unreadable file, a full disk, an existing destination
+        print(f"error: {exc}")
+        print(f"nothing was written at {args.dest}")
         return 1
     checked = len(result.copied) - len(unchecked)
     print(f"copied {len(result.copied)} files; {checked} matched the snapshot's checksums", end="")

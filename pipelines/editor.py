@@ -265,28 +265,67 @@ def center_crop(image: PIL.Image.Image, width: int, height: int) -> PIL.Image.Im
     return image.crop((left, top, left + width, top + height))
 
 
-def load_components(weights_dir: Path, dtype: torch.dtype) -> dict:
+@dataclass(frozen=True)
+class LoadProgress:
+    """Where a load is, for whoever watches it (the log, /health, a progress bar): the stage, the component being
+    read, and the safetensors bytes read so far of all there are (from the file sizes on disk)."""
+
+    stage: str  # "read" (one component after another), "adapters", "place", "warm_up", "done"
+    component: str | None
+    bytes_read: int
+    bytes_total: int
+
+    def describe(self) -> str:
+        what = f"{self.stage} {self.component}" if self.component else self.stage
+        unit, scale = ("GB", 1e9) if self.bytes_total >= 1e9 else ("MB", 1e6)
+        return f"{what} ({self.bytes_read / scale:.1f} of {self.bytes_total / scale:.1f} {unit} read)"
+
+
+LoadCallback = Callable[[LoadProgress], None]
+LOAD_ORDER = ("scheduler", "tokenizer", "vae", "text_encoder", "transformer")  # small first: a typo fails fast
+
+
+def bytes_on_disk(weights_dir: Path) -> dict[str, int]:
+    """Each component's safetensors bytes on disk: what loading it reads."""
+    return {name: sum(p.stat().st_size for p in (weights_dir / name).glob("*.safetensors")) for name in LOAD_ORDER}
+
+
+def load_components(weights_dir: Path, dtype: torch.dtype, on_progress: LoadCallback | None = None) -> dict:
     """Each component of a diffusers-layout FLUX.2 directory, loaded explicitly from local files.
 
     Components are loaded one by one rather than through `Flux2Pipeline.from_pretrained` because the
     `tokenizer` component may be a bare tokenizer (see `load_tokenizer`), which `from_pretrained` refuses in
     place of the PixtralProcessor named in model_index.json; it also keeps placement per component explicit.
+    `on_progress` hears of each component as its reading starts, and once more when all are read.
     """
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
     from transformers import Mistral3ForConditionalGeneration
 
     local = {"local_files_only": True}
-    return {
-        "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(weights_dir, subfolder="scheduler", **local),
-        "vae": AutoencoderKLFlux2.from_pretrained(weights_dir, subfolder="vae", torch_dtype=dtype, **local),
-        "text_encoder": Mistral3ForConditionalGeneration.from_pretrained(
+    loaders = {
+        "scheduler": lambda: FlowMatchEulerDiscreteScheduler.from_pretrained(
+            weights_dir, subfolder="scheduler", **local
+        ),
+        "tokenizer": lambda: load_tokenizer(weights_dir / "tokenizer"),
+        "vae": lambda: AutoencoderKLFlux2.from_pretrained(weights_dir, subfolder="vae", torch_dtype=dtype, **local),
+        "text_encoder": lambda: Mistral3ForConditionalGeneration.from_pretrained(
             weights_dir / "text_encoder", dtype=dtype, **local
         ),
-        "tokenizer": load_tokenizer(weights_dir / "tokenizer"),
-        "transformer": Flux2Transformer2DModel.from_pretrained(
+        "transformer": lambda: Flux2Transformer2DModel.from_pretrained(
             weights_dir, subfolder="transformer", torch_dtype=dtype, **local
         ),
     }
+    sizes = bytes_on_disk(weights_dir)
+    total, read = sum(sizes.values()), 0
+    components = {}
+    for name in LOAD_ORDER:
+        if on_progress is not None:
+            on_progress(LoadProgress("read", name, read, total))
+        components[name] = loaders[name]()
+        read += sizes[name]
+    if on_progress is not None:
+        on_progress(LoadProgress("read", None, read, total))
+    return components
 
 
 def load_editor(
@@ -297,11 +336,15 @@ def load_editor(
     safety_threshold: float = DEFAULT_THRESHOLD,
     options: RuntimeOptions | None = None,
     fuse: str | None = None,
+    on_progress: LoadCallback | None = None,
 ) -> Flux2Editor:
     """Load FLUX.2 from a local diffusers-layout directory onto `device` (CUDA when present, else CPU), placed
     and set up as `options` say (memory mode, quantization, attention kernel, compile, acceleration levels), and
     the safety checker from `safety_checker` (an image-classification model directory) when given. `fuse` names a
-    distilled adapter to fuse into the weights for good (for a process that serves only its profiles)."""
+    distilled adapter to fuse into the weights for good (for a process that serves only its profiles).
+
+    Each stage is logged, and told to `on_progress` when given: reading each component (with bytes read), the
+    adapters, placement on the device(s), the compile warm-up, done."""
     from diffusers import Flux2Pipeline
 
     weights_dir = Path(weights_dir).resolve()
@@ -310,12 +353,26 @@ def load_editor(
     torch_dtype = pick_dtype(torch_device, dtype)
     runtime = plan_runtime(options, weights_dir, device, torch_dtype)  # refuses what can't run, before loading
     started = time.perf_counter()
-    pipe = Flux2Pipeline(**load_components(weights_dir, torch_dtype))
+    last = LoadProgress("read", None, 0, 0)
+
+    def progress(update: LoadProgress) -> None:
+        nonlocal last
+        last = update
+        log.info("loading %s: %s", weights_dir.name, update.describe())
+        if on_progress is not None:
+            on_progress(update)
+
+    def stage(name: str) -> None:
+        progress(LoadProgress(name, None, last.bytes_read, last.bytes_total))
+
+    pipe = Flux2Pipeline(**load_components(weights_dir, torch_dtype, progress))
+    stage("adapters")
     adapters = load_adapters(pipe, weights_dir)  # before placement: LoRA layers are placed with the rest
     if fuse is not None:
         if fuse not in adapters:
             raise ValueError(f"can't fuse the {fuse!r} adapter: it is not in {weights_dir}")
         fuse_adapter(pipe, fuse)
+    stage("place")
     runtime.apply(pipe)
     pipe.set_progress_bar_config(disable=True)
     load_seconds = time.perf_counter() - started
@@ -323,5 +380,7 @@ def load_editor(
     safety = SafetyChecker(safety_checker, torch_device, torch_dtype, safety_threshold) if safety_checker else None
     editor = Flux2Editor(pipe, weights_dir, load_seconds, runtime, adapters, safety, fuse)
     if options.compile:
+        stage("warm_up")
         editor.warm_up()
+    stage("done")
     return editor

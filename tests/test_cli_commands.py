@@ -46,6 +46,8 @@ def test_edit_locally_matches_the_server_pixel_for_pixel(server, tiny_weights, r
     )  # fmt: skip
     assert local.returncode == 0, local.stderr
     assert "4/4" in local.stderr  # the step bar reached the last step
+    for stage in ("loading: read text_encoder", "loading: read transformer", "loading: place", "loading: done"):
+        assert stage in local.stderr  # the load's bar, stage by stage
     assert "seed 5, 512x512, 4 steps" in local.stdout and str(out) in local.stdout
     served = server.post(
         "fal-ai/flux-2/flash/edit",

@@ -94,7 +94,7 @@ def edit_local(args: argparse.Namespace) -> int:
     print(f"loading {weights_dir} ...", file=sys.stderr)
     settings = Settings(**{k: getattr(args, k) for k in ("device", "dtype") if getattr(args, k) is not None})
     model = Model()
-    model.loaded(ModelRunner(load_model(settings, weights_dir)))  # as the server loads it: checker, adapters
+    model.loaded(ModelRunner(load_with_a_bar(settings, weights_dir, load_model)))  # as the server loads it
     profile = BY_ID[ENDPOINTS[args.endpoint]].profile
 
     async def run(outputs: OutputStore):
@@ -130,6 +130,25 @@ def edit_local(args: argparse.Namespace) -> int:
     for path in paths:
         print(path)
     return 0
+
+
+def load_with_a_bar(settings, weights_dir: Path, load_model):
+    """The model loaded as the server loads it (checker, adapters), a bar following the bytes read and the stage;
+    log lines print above the bar."""
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with (
+        logging_redirect_tqdm(),
+        tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc="loading", file=sys.stderr) as bar,
+    ):
+
+        def on_progress(progress) -> None:
+            bar.total = progress.bytes_total
+            bar.set_description(f"loading: {progress.stage} {progress.component or ''}".rstrip())
+            bar.update(progress.bytes_read - bar.n)
+
+        return load_model(settings, weights_dir, on_progress)
 
 
 def _default_weights() -> Path | None:

@@ -190,9 +190,10 @@ def check_weights(weights_dir: Path) -> None:
 def server_error(response) -> str:
     """One line for an error answer: its status and the server's own message (fal's `detail`)."""
     try:
-        detail = response.json().get("detail", response.text)
-    except ValueError:
-        detail = response.text
+        answer = response.json()
+    except ValueError:  # not JSON: another kind of server, or a proxy's page
+        answer = None
+    detail = answer.get("detail", response.text) if isinstance(answer, dict) else response.text
     if isinstance(detail, list):  # a validation error: the first problem is enough to act on
         detail = "; ".join(f"{'.'.join(map(str, d.get('loc', ())))}: {d.get('msg')}" for d in detail)
     hint = " (check --key or $FAL_KEY)" if response.status_code in (401, 403) else ""

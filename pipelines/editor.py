@@ -319,7 +319,34 @@ def center_crop(image: PIL.Image.Image, width: int, height: int) -> PIL.Image.Im
     return image.crop((left, top, left + width, top + height))
 
 
-def load_components(weights_dir: Path, dtype: torch.dtype, plan: MemoryPlan | None = None) -> dict:
+@dataclass(frozen=True)
+class LoadProgress:
+    """Where a load is, for whoever watches it (the log, /health, a progress bar): the stage, the component being
+    read, and the safetensors bytes read so far of all there are (from the file sizes on disk)."""
+
+    stage: str  # "read" (one component after another), "adapters", "place", "warm_up", "done"
+    component: str | None
+    bytes_read: int
+    bytes_total: int
+
+    def describe(self) -> str:
+        what = f"{self.stage} {self.component}" if self.component else self.stage
+        unit, scale = ("GB", 1e9) if self.bytes_total >= 1e9 else ("MB", 1e6)
+        return f"{what} ({self.bytes_read / scale:.1f} of {self.bytes_total / scale:.1f} {unit} read)"
+
+
+LoadCallback = Callable[[LoadProgress], None]
+LOAD_ORDER = ("scheduler", "tokenizer", "vae", "text_encoder", "transformer")  # small first: a typo fails fast
+
+
+def bytes_on_disk(weights_dir: Path) -> dict[str, int]:
+    """Each component's safetensors bytes on disk: what loading it reads."""
+    return {name: sum(p.stat().st_size for p in (weights_dir / name).glob("*.safetensors")) for name in LOAD_ORDER}
+
+
+def load_components(
+    weights_dir: Path, dtype: torch.dtype, plan: MemoryPlan | None = None, on_progress: LoadCallback | None = None
+) -> dict:
     """Each component of a diffusers-layout FLUX.2 directory, loaded explicitly from local files.
 
     With a `plan`, each model is read straight onto the device the plan keeps it on (`pipelines.memory.
@@ -331,28 +358,42 @@ def load_components(weights_dir: Path, dtype: torch.dtype, plan: MemoryPlan | No
     Components are loaded one by one rather than through `Flux2Pipeline.from_pretrained` because the
     `tokenizer` component may be a bare tokenizer (see `load_tokenizer`), which `from_pretrained` refuses in
     place of the PixtralProcessor named in model_index.json; it also keeps placement per component explicit.
+    `on_progress` hears of each component as its reading starts, and once more when all are read.
     """
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
 
     local = {"local_files_only": True}
     devices = load_devices(plan) if plan is not None else {}
     placed = lambda name: {"device_map": devices[name]} if name in devices else {}
-    return {
-        "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(weights_dir, subfolder="scheduler", **local),
-        "vae": AutoencoderKLFlux2.from_pretrained(
+    loaders = {
+        "scheduler": lambda: FlowMatchEulerDiscreteScheduler.from_pretrained(
+            weights_dir, subfolder="scheduler", **local
+        ),
+        "tokenizer": lambda: load_tokenizer(weights_dir / "tokenizer"),
+        "vae": lambda: AutoencoderKLFlux2.from_pretrained(
             weights_dir, subfolder="vae", torch_dtype=dtype, **placed("vae"), **local
         ),
-        "text_encoder": load_text_encoder(
+        "text_encoder": lambda: load_text_encoder(
             weights_dir / "text_encoder",
             dtype,
             num_layers=plan.text_encoder_layers if plan is not None else None,
             device_map=devices.get("text_encoder"),
         ),
-        "tokenizer": load_tokenizer(weights_dir / "tokenizer"),
-        "transformer": Flux2Transformer2DModel.from_pretrained(
+        "transformer": lambda: Flux2Transformer2DModel.from_pretrained(
             weights_dir, subfolder="transformer", torch_dtype=dtype, **placed("transformer"), **local
         ),
     }
+    sizes = bytes_on_disk(weights_dir)
+    total, read = sum(sizes.values()), 0
+    components = {}
+    for name in LOAD_ORDER:
+        if on_progress is not None:
+            on_progress(LoadProgress("read", name, read, total))
+        components[name] = loaders[name]()
+        read += sizes[name]
+    if on_progress is not None:
+        on_progress(LoadProgress("read", None, read, total))
+    return components
 
 
 def synchronize(device: torch.device) -> None:
@@ -369,6 +410,7 @@ def load_editor(
     safety_threshold: float = DEFAULT_THRESHOLD,
     options: RuntimeOptions | None = None,
     fuse: str | None = None,
+    on_progress: LoadCallback | None = None,
 ) -> Flux2Editor:
     """Load FLUX.2 from a local diffusers-layout directory onto `device` (CUDA when present, else CPU), placed
     and set up as `options` say (memory mode, quantization, attention kernel, compile, acceleration levels), and
@@ -377,7 +419,9 @@ def load_editor(
 
     Load time is reported in three parts (capabilities `load_timings`): `read` (weights from disk, each model
     straight onto its device, adapters beside them), `place` (adapter fused where the transformer is, quantization,
-    offload hooks, compile set-up) and `warm_up` (the warm-up call, with compile); `load_seconds` is their sum."""
+    offload hooks, compile set-up) and `warm_up` (the warm-up call, with compile); `load_seconds` is their sum.
+    Each stage is logged, and told to `on_progress` when given: reading each component (with bytes read), the
+    adapters, placement on the device(s), the compile warm-up, done."""
     from diffusers import Flux2Pipeline
 
     weights_dir = Path(weights_dir).resolve()
@@ -386,7 +430,20 @@ def load_editor(
     torch_dtype = pick_dtype(torch_device, dtype)
     runtime = plan_runtime(options, weights_dir, device, torch_dtype)  # refuses what can't run, before loading
     started = time.perf_counter()
-    pipe = Flux2Pipeline(**load_components(weights_dir, torch_dtype, runtime.plan))
+    last = LoadProgress("read", None, 0, 0)
+
+    def progress(update: LoadProgress) -> None:
+        nonlocal last
+        last = update
+        log.info("loading %s: %s", weights_dir.name, update.describe())
+        if on_progress is not None:
+            on_progress(update)
+
+    def stage(name: str) -> None:
+        progress(LoadProgress(name, None, last.bytes_read, last.bytes_total))
+
+    pipe = Flux2Pipeline(**load_components(weights_dir, torch_dtype, runtime.plan, progress))
+    stage("adapters")
     adapters = load_adapters(pipe, weights_dir)  # beside the transformer's layers, on its device
     synchronize(torch_device)
     read = time.perf_counter()
@@ -394,6 +451,7 @@ def load_editor(
         if fuse not in adapters:
             raise ValueError(f"can't fuse the {fuse!r} adapter: it is not in {weights_dir}")
         fuse_adapter(pipe, fuse)  # where the transformer is: on the GPU when it was read there
+    stage("place")
     runtime.apply(pipe)
     pipe.set_progress_bar_config(disable=True)
     synchronize(torch_device)
@@ -411,5 +469,7 @@ def load_editor(
     safety = SafetyChecker(safety_checker, torch_device, torch_dtype, safety_threshold) if safety_checker else None
     editor = Flux2Editor(pipe, weights_dir, placed - started, runtime, adapters, safety, fuse, load_timings=timings)
     if runtime.options.compile:  # the fast path may have turned it on
+        stage("warm_up")
         editor.warm_up()
+    stage("done")
     return editor

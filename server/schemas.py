@@ -8,9 +8,10 @@ fal-ai/flux-2/turbo/edit and fal-ai/flux-2/flash/edit.
 from __future__ import annotations
 
 from enum import Enum
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic.json_schema import SkipJsonSchema
 
 MIN_SIDE, MAX_SIDE = 512, 2048
 MAX_REFERENCE_IMAGES = 4
@@ -114,6 +115,11 @@ class Flux2FastEditInput(_EditInputCommon):
         description="The size of the generated image (512-2048 px a side).",
         examples=["square_hd", {"height": 1152, "width": 2016}],
     )
+    # The base endpoint's fields, accepted as fal accepts them and ignored by the fixed schedule; kept (not in the
+    # schema, as fal's lists neither) so that the answer can say they were ignored, even after a trip through the queue.
+    num_inference_steps: SkipJsonSchema[Any] = None
+    acceleration: SkipJsonSchema[Any] = None
+    IGNORED: ClassVar[tuple[str, ...]] = ("num_inference_steps", "acceleration")
 
 
 EditInput = Flux2EditInput | Flux2FastEditInput  # the body of any of the three endpoints

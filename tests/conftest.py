@@ -96,3 +96,16 @@ def fake_server(tmp_path, monkeypatch):
     yield start
     for client in opened:
         client.__exit__(None, None, None)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The suite ends by saying what it skipped and why (e.g. no redis-server, no chromium), with counts."""
+    reasons: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        reasons[reason] = reasons.get(reason, 0) + 1
+    if reasons:
+        terminalreporter.section("skipped, and why")
+        for reason, count in sorted(reasons.items(), key=lambda item: -item[1]):
+            terminalreporter.write_line(f"{count:4} {reason}")

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,13 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import data_uri, decode, image_bytes
+from tests.conftest import data_uri, decode, free_port, image_bytes
 from weights.verify import verify
+
+# the console script pyproject.toml installs (runs this checkout's code: the tests set PYTHONPATH)
+FLUX2_SERVER = str(Path(sys.executable).parent / "flux2-server")
 
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "server.cli", *args],
+        [FLUX2_SERVER, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -43,6 +47,8 @@ def test_edit_locally_matches_the_server_pixel_for_pixel(server, tiny_weights, r
     )  # fmt: skip
     assert local.returncode == 0, local.stderr
     assert "4/4" in local.stderr  # the step bar reached the last step
+    for stage in ("loading: read text_encoder", "loading: read transformer", "loading: place", "loading: done"):
+        assert stage in local.stderr  # the load's bar, stage by stage
     assert "seed 5, 512x512, 4 steps" in local.stdout and str(out) in local.stdout
     served = server.post(
         "fal-ai/flux-2/flash/edit",
@@ -78,6 +84,51 @@ def test_edit_against_a_server_follows_its_steps(server, reference, tmp_path):
 def test_edit_refuses_bad_input_with_the_apis_own_ranges(reference, args, message):
     result = cli("edit", str(reference), "--prompt", "p", "--url", "http://127.0.0.1:9", *args)
     assert result.returncode != 0 and message in result.stderr
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tiny_weights, tmp_path_factory):
+    """The tiny server with an API key, for the CLI's answers to a refused key and refused input."""
+    from tests.conftest import start_server
+
+    root = tmp_path_factory.mktemp("keyed")
+    process, url = start_server(tiny_weights, root / "data", root / "server.log", env={"FLUX2_API_KEYS": "good-key"})
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def plain_error(result: subprocess.CompletedProcess) -> str:
+    """The one line an ordinary mistake gets: no traceback, non-zero exit, no httpx request log."""
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "HTTP Request:" not in result.stderr + result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+def test_edit_checks_its_inputs_before_loading_anything(tiny_weights, reference, tmp_path):
+    missing = tmp_path / "missing.png"
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("hello")
+    for image, message in ((missing, f"{missing}: no such file"), (not_an_image, "is not an image PIL can read")):
+        result = cli("edit", str(reference), str(image), "--prompt", "p", "--weights", str(tiny_weights))
+        assert message in plain_error(result)
+        assert "loading" not in result.stderr  # refused before the model load
+    broken = cli("edit", str(reference), "--prompt", "p", "--weights", str(tmp_path / "nowhere"))
+    assert "nowhere can't be loaded" in plain_error(broken) and "loading" not in broken.stderr
+
+
+def test_edit_against_a_server_answers_ordinary_mistakes_in_one_line(keyed_server, reference, tmp_path):
+    down = cli("edit", str(reference), "--prompt", "p", "--url", f"http://127.0.0.1:{free_port()}")
+    assert "no server answers at http://127.0.0.1:" in plain_error(down)
+    bad_key = cli("edit", str(reference), "--prompt", "p", "--url", keyed_server, "--key", "wrong")
+    assert "the server answered 401" in plain_error(bad_key) and "--key" in plain_error(bad_key)
+    tiny = tmp_path / "tiny.png"
+    tiny.write_bytes(image_bytes(4, 4))  # decodes, but the model refuses a reference this small
+    refused = cli("edit", str(tiny), "--prompt", "p", "--url", keyed_server, "--key", "good-key")
+    assert re.search(r"the server answered 4\d\d: .*Reference image refused", plain_error(refused))
 
 
 def fake_hf_cache(source: Path, root: Path) -> Path:
@@ -132,7 +183,36 @@ def test_weights_import_stops_at_a_corrupt_blob(tiny_weights, tmp_path):
     result = cli("weights", "import", str(repo / "snapshots" / "0123abcd"), str(dest))
     assert result.returncode == 1
     assert "checksum mismatch: vae/diffusion_pytorch_model.safetensors: sha256 is" in result.stdout
-    assert not (dest / "vae" / "diffusion_pytorch_model.safetensors").exists()
+    # the files copied before it went into a staging folder, removed: nothing half-made is left
+    assert not dest.exists() and list(tmp_path.iterdir()) == [tmp_path / "usb"]
+    assert f"nothing was written at {dest}" in result.stdout
+
+
+@pytest.mark.parametrize("kind", ["missing", "file", "empty", "broken"])
+def test_weights_verify_names_what_is_missing(kind, tiny_weights, tmp_path):
+    target = tmp_path / "weights"
+    if kind == "file":
+        target.write_text("not a folder")
+    elif kind == "empty":
+        target.mkdir()
+    elif kind == "broken":
+        shutil.copytree(tiny_weights, target)
+        (target / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+    result = cli("weights", "verify", str(target))
+    assert result.returncode == 1, result.stdout
+    assert "Traceback" not in result.stderr and result.stderr == "", result.stderr
+    assert "can run" not in result.stdout
+    assert result.stdout.splitlines()[-1].startswith("NOT USABLE")
+    expected = {
+        "missing": f"{target} is not a directory",
+        "file": f"{target} is not a directory",
+        "empty": f"missing {target / 'model_index.json'}",
+        "broken": "transformer: no weights: neither diffusion_pytorch_model.safetensors",
+    }[kind]
+    assert expected in result.stdout
+    doctor = cli("doctor", "--weights", str(target))
+    assert doctor.returncode == 1 and "Traceback" not in doctor.stderr
+    assert expected in doctor.stdout
 
 
 def test_doctor_reports_the_machine(tiny_weights):

@@ -109,3 +109,22 @@ def test_an_upload_begun_on_one_front_end_is_finished_on_another(fake_server, tm
     assert second.post(f"{upload_path}/complete", json={"parts": parts}).status_code == 200
     name = target["file_url"].rpartition("/")[2]
     assert (tmp_path / "data" / "files" / name).read_bytes() == b"\x89PNG part one part two"
+
+
+def test_flash_and_turbo_say_they_ignored_the_base_endpoints_fields(fake_server):
+    """fal accepts num_inference_steps and acceleration on flash/turbo and ignores them: so do we, and say so."""
+    editor = FakeEditor()
+    client, _ = fake_server(editor)
+    flash = client.post(f"/{FLASH}", json={**BODY, "num_inference_steps": 40}).json()
+    assert "The flash profile runs a fixed schedule: num_inference_steps was ignored." in flash["notices"]
+    assert editor.calls[-1].num_inference_steps is None  # the profile's own schedule ran
+    handle = client.post(f"/queue/{TURBO}", json={**BODY, "num_inference_steps": 12, "acceleration": "high"}).json()
+    wait_status(client, handle, "COMPLETED")
+    turbo = client.get(handle["response_url"]).json()  # through the queue row: still noticed
+    assert (
+        "The turbo profile runs a fixed schedule: num_inference_steps and acceleration were ignored."
+        in (turbo["notices"])
+    )
+    assert editor.calls[-1].acceleration == "none"
+    plain = client.post(f"/{FLASH}", json=BODY).json()
+    assert not any("ignored" in notice for notice in plain["notices"])

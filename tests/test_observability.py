@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 
@@ -87,24 +88,39 @@ def slow_loading(monkeypatch):
 
 
 @pytest.fixture
-def in_process(tiny_weights, tmp_path):
-    """Start the app in this process with uvicorn; yields its URL once it accepts connections."""
-    port = free_port()
-    config = uvicorn.Config(
-        create_app(Settings(data_dir=tmp_path / "data"), tiny_weights, tiny=True),
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-    )
-    uv = uvicorn.Server(config)
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not uv.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    uv.should_exit = True
-    thread.join(timeout=30)
+def in_process_app(tiny_weights, tmp_path):
+    """Call it to start the app in this process with uvicorn (after patching what the test patches); it returns
+    the URL once the server accepts connections."""
+    servers = []
+
+    def start() -> str:
+        port = free_port()
+        config = uvicorn.Config(
+            create_app(Settings(data_dir=tmp_path / "data"), tiny_weights, tiny=True),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+        )
+        uv = uvicorn.Server(config)
+        thread = threading.Thread(target=uv.run, daemon=True)
+        thread.start()
+        servers.append((uv, thread))
+        deadline = time.monotonic() + 60
+        while not uv.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{port}"
+
+    start.weights = tiny_weights
+    yield start
+    for uv, thread in servers:
+        uv.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture
+def in_process(in_process_app):
+    """The app started in this process; yields its URL once it accepts connections."""
+    return in_process_app()
 
 
 def test_ready_only_once_the_model_is_loaded_and_requests_meanwhile_wait(slow_loading, in_process):
@@ -127,6 +143,40 @@ def test_ready_only_once_the_model_is_loaded_and_requests_meanwhile_wait(slow_lo
         assert wait_done(c, handle)["error"] is None
         ready = c.get(in_process + "/ready")
         assert ready.status_code == 200 and ready.json() == {"ready": True, "model": "loaded", "error": None}
+
+
+def test_health_shows_the_load_progress(monkeypatch, in_process_app, caplog):
+    """While the real loader reads the transformer (held there by the test), /health says so, with bytes."""
+    reading_transformer, release = threading.Event(), threading.Event()
+    real_load = server.service.model.load_model
+
+    def load(settings, weights_dir, on_progress):
+        def watched(progress):
+            on_progress(progress)
+            if progress.component == "transformer":
+                reading_transformer.set()
+                release.wait(60)
+
+        return real_load(settings, weights_dir, watched)
+
+    monkeypatch.setattr(server.service.model, "load_model", load)
+    caplog.set_level(logging.INFO, logger="pipelines.editor")
+    url = in_process_app()
+    with httpx.Client(timeout=60) as c:
+        assert reading_transformer.wait(60)
+        loading = c.get(url + "/health").json()["loading"]
+        assert loading["stage"] == "read" and loading["component"] == "transformer"
+        assert 0 < loading["bytes_read"] < loading["bytes_total"]  # the text encoder and the VAE are read
+        transformer = sum(p.stat().st_size for p in (in_process_app.weights / "transformer").glob("*.safetensors"))
+        assert loading["bytes_total"] - loading["bytes_read"] >= transformer
+        release.set()
+        deadline = time.monotonic() + 60
+        while (health := c.get(url + "/health").json())["model"] == "loading" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert health["model"] == "loaded" and health["loading"] is None
+    stages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loading ")]
+    for stage in ("read text_encoder", "read transformer", "adapters", "place", "done"):
+        assert any(f": {stage} (" in message for message in stages), stages
 
 
 def test_a_model_that_fails_to_load_fails_health_and_ready_and_keeps_queued_work(slow_loading, in_process):

@@ -106,3 +106,19 @@ def test_unknown_endpoint_id_is_a_404_naming_the_served_ones(server):
     response = server.client.get(f"{server.url}/openapi.json", params={"endpoint_id": "fal-ai/flux/dev"})
     assert response.status_code == 404
     assert "fal-ai/flux-2/turbo/edit" in response.json()["detail"]
+
+
+def test_docs_page_is_served_without_internet(fake_server):
+    """/docs loads Swagger UI from this server (swagger-ui-bundle), never from a CDN: air-gapped browsers see it."""
+    import re
+
+    from tests.fake_editor import FakeEditor
+
+    client, _ = fake_server(FakeEditor())
+    page = client.get("/docs")
+    assert page.status_code == 200
+    urls = re.findall(r"""(?:src|href|url)\s*[=:]\s*['"]([^'"]+)['"]""", page.text)
+    assert any(u.endswith("swagger-ui-bundle.js") for u in urls) and any(u.endswith(".css") for u in urls)
+    for url in urls:
+        assert url.startswith("/"), f"/docs refers to {url}: not served by this server"
+        assert client.get(url).status_code == 200, url

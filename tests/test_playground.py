@@ -90,8 +90,11 @@ def test_playground_end_to_end(server, page, tmp_path):
     assert f"{server.url}/files/upload-" in curl
     page.click("[data-snippet=python]")
     python = page.locator("#snippet").inner_text()
-    host = server.url.removeprefix("http://")
-    assert f'os.environ["FAL_QUEUE_RUN_HOST"] = "{host}/queue"' in python and '"seed": 7' in python
+    # served over http://, which fal_client can't use: the snippet says what to run first and gives the TLS form
+    assert "this page is served over http://: it can't reach this address" in python
+    assert "flux2-server tls 127.0.0.1 --out tls" in python and "--ssl-certfile tls/server.pem" in python
+    assert 'os.environ["FAL_QUEUE_RUN_HOST"] = "127.0.0.1:8443/queue"' in python and '"seed": 7' in python
+    assert 'os.environ["SSL_CERT_FILE"] = "tls/ca.pem"' in python
     page.click("[data-snippet=js]")
     assert f'proxyUrl: "{server.url}/api/fal/proxy"' in page.locator("#snippet").inner_text()
     page.click("[data-snippet=curl]")
@@ -111,6 +114,33 @@ def test_playground_end_to_end(server, page, tmp_path):
     assert page.locator("[data-field=guidance_scale]").get_attribute("class") == "field invalid"
     assert "The server refused the request (422)" in page.locator("#banner").inner_text()
     assert page.locator(".result").count() == 1  # nothing new was run
+
+
+def test_switching_endpoint_with_a_changed_field_focused(server, page):
+    """No uncaught error when the endpoint changes while an edited field (gone from the new schema) has focus; no
+    request of the page fails (the favicon included)."""
+    errors, failed = [], []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    page.goto(server.url + "/?endpoint_id=fal-ai/flux-2/edit")
+    page.wait_for_selector("body[data-ready=true]")
+    page.fill("#f-num_inference_steps", "30")  # changed, and still focused
+    page.focus("#f-num_inference_steps")
+    page.select_option("#endpoint", "fal-ai/flux-2/flash/edit")
+    page.wait_for_function("!document.querySelector('[data-field=num_inference_steps]')")
+    page.fill("#f-prompt", "a red hat")  # the form still works: the snippet follows it
+    assert '"prompt":"a red hat"' in page.locator("#snippet").inner_text()
+    # the page's icon, and the one browsers ask /favicon.ico for unasked, both decode as images
+    icon = page.get_attribute("link[rel=icon]", "href")
+    for url in (icon, "/favicon.ico"):
+        width = page.evaluate(
+            "(url) => new Promise((done) => { const i = new Image(); i.onload = () => done(i.naturalWidth); "
+            "i.onerror = () => done(0); i.src = url; })",
+            url,
+        )
+        assert width > 0, url
+    assert errors == [], errors
+    assert failed == [], failed
 
 
 def test_playground_assets_are_served_without_a_key(server):

@@ -125,3 +125,24 @@ def test_verify_accepts_the_tokenizer_saved_alone(broken, tokenizer_class, ok):
     assert report.ok is ok
     if not ok:
         assert "CLIPTokenizer" in report.components["tokenizer"]
+
+
+def test_a_failed_import_leaves_nothing_half_made(tiny_weights, tmp_path):
+    """An unreadable file midway: the files copied before it are removed with their staging folder."""
+    from weights.importer import import_snapshot, plan_import, staging_dir
+
+    files, skipped = plan_import(tiny_weights)
+    middle = len(files) // 2
+    files[middle].path = tmp_path  # a folder where a file should be: reading it fails (IsADirectoryError)
+    dest = tmp_path / "models" / "FLUX.2-dev"
+    with pytest.raises(IsADirectoryError):
+        import_snapshot(tiny_weights, dest, plan=(files, skipped))
+    assert not dest.exists() and not staging_dir(dest).exists()
+    assert list((tmp_path / "models").iterdir()) == []
+    # the same import, readable, lands whole; one into an existing non-empty folder is refused untouched
+    files[middle].path = tiny_weights / files[middle].relative
+    result = import_snapshot(tiny_weights, dest, plan=(files, skipped))
+    assert len(result.copied) == len(files) and verify(dest).ok
+    with pytest.raises(FileExistsError):
+        import_snapshot(tiny_weights, dest, plan=(files, skipped))
+    assert verify(dest).ok

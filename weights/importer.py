@@ -7,6 +7,8 @@ symlinks into `../../blobs/<name>`, where the blob's name is its checksum: the s
 `.cache/huggingface/download/<path>.metadata`. Either way each file is hashed while it is copied and compared
 with that checksum; a mismatch stops the import, naming the file. Files with no reference checksum are copied and
 their sha256 recorded. Every copied file's sha256 goes into `<dest>/SHA256SUMS` (`sha256sum -c` format).
+The copy is made in a staging folder beside the destination and renamed to it at the end: a failed import leaves
+no destination behind.
 
 Only the diffusers layout is copied (`model_index.json`, the component folders, `loras/` and `safety_checker/`
 if present): the
@@ -18,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,17 +135,37 @@ def copy_checked(source: SourceFile, dest: Path, on_bytes: Callable[[int], None]
     return sha256.hexdigest()
 
 
+def staging_dir(dest: Path) -> Path:
+    """Where an import is built before it becomes `dest`: beside it, so the final rename stays on one filesystem."""
+    return dest.with_name(f".{dest.name}.importing")
+
+
 def import_snapshot(
     snapshot: Path, dest: Path, on_bytes: Callable[[int], None] | None = None, plan=None
 ) -> ImportResult:
-    """Copy the diffusers layout of `snapshot` into `dest`, checking each file; writes `dest/SHA256SUMS`."""
+    """Copy the diffusers layout of `snapshot` into `dest`, checking each file; writes `dest/SHA256SUMS`.
+
+    The files go into a staging folder beside `dest`, renamed to `dest` once all are copied and checked: a failure
+    (a checksum mismatch, an unreadable file, a full disk) removes it and leaves nothing half-made. `dest` must not
+    exist yet, or be empty. A staging folder left by an interrupted import is started over."""
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise FileExistsError(f"{dest} already exists and is not empty: import into a new folder")
     files, skipped = plan or plan_import(snapshot)
     result = ImportResult(skipped=skipped, total_bytes=sum(f.size for f in files))
-    dest.mkdir(parents=True, exist_ok=True)
-    for source in files:
-        digest = copy_checked(source, dest / source.relative, on_bytes)
-        checked = f"{source.expected[0]} matches" if source.expected else "no reference checksum"
-        result.copied.append((source.relative, digest, checked))
-    manifest = "".join(f"{digest}  {relative}\n" for relative, digest, _ in result.copied)
-    (dest / MANIFEST).write_text(manifest)
+    staging = staging_dir(dest)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        for source in files:
+            digest = copy_checked(source, staging / source.relative, on_bytes)
+            checked = f"{source.expected[0]} matches" if source.expected else "no reference checksum"
+            result.copied.append((source.relative, digest, checked))
+        manifest = "".join(f"{digest}  {relative}\n" for relative, digest, _ in result.copied)
+        (staging / MANIFEST).write_text(manifest)
+        if dest.exists():
+            dest.rmdir()  # empty (checked above)
+        staging.rename(dest)
+    except BaseException:  # also Ctrl-C: nothing half-made stays behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return result

@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if settings is not None:  # `serve` and `worker` run in a child that is started again if it dies
         return supervisor.supervise(argv, settings.log_format)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request is noise on a command line
     return args.func(args)
 
 

@@ -236,7 +236,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name.ljust(width)}  {value}")
-    return 0
+    # the weights it was given can't serve: a failure, for scripts as for people
+    weights_ok = dict(rows).get("weights", "").endswith(": ok") if args.weights is not None else True
+    return 0 if weights_ok else 1
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:

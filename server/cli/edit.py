@@ -41,7 +41,8 @@ def input_body(args: argparse.Namespace, image_urls: list[str]):
         "num_inference_steps": args.steps,
         "output_format": FORMATS.get(args.output.suffix.lower()),
     }
-    given = {k: v for k, v in fields.items() if v is not None and k in endpoint.input_model.model_fields}
+    accepted = set(endpoint.input_model.model_fields) - set(getattr(endpoint.input_model, "IGNORED", ()))
+    given = {k: v for k, v in fields.items() if v is not None and k in accepted}
     if args.steps is not None and "num_inference_steps" not in given:
         raise SystemExit(f"error: --steps is for the base edit endpoint only; {args.endpoint} runs a fixed schedule")
     if args.output.suffix.lower() not in FORMATS:
@@ -89,10 +90,11 @@ def edit_local(args: argparse.Namespace) -> int:
     weights_dir = args.weights or _default_weights()
     if weights_dir is None:
         return 2
+    check_weights(weights_dir)
     print(f"loading {weights_dir} ...", file=sys.stderr)
     settings = Settings(**{k: getattr(args, k) for k in ("device", "dtype") if getattr(args, k) is not None})
     model = Model()
-    model.loaded(ModelRunner(load_model(settings, weights_dir)))  # as the server loads it: checker, adapters
+    model.loaded(ModelRunner(load_with_a_bar(settings, weights_dir, load_model)))  # as the server loads it
     profile = BY_ID[ENDPOINTS[args.endpoint]].profile
 
     async def run(outputs: OutputStore):
@@ -130,6 +132,25 @@ def edit_local(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_with_a_bar(settings, weights_dir: Path, load_model):
+    """The model loaded as the server loads it (checker, adapters), a bar following the bytes read and the stage;
+    log lines print above the bar."""
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with (
+        logging_redirect_tqdm(),
+        tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc="loading", file=sys.stderr) as bar,
+    ):
+
+        def on_progress(progress) -> None:
+            bar.total = progress.bytes_total
+            bar.set_description(f"loading: {progress.stage} {progress.component or ''}".rstrip())
+            bar.update(progress.bytes_read - bar.n)
+
+        return load_model(settings, weights_dir, on_progress)
+
+
 def _default_weights() -> Path | None:
     import torch
 
@@ -140,6 +161,43 @@ def _default_weights() -> Path | None:
         return None
     print("no --weights and no GPU: using the TINY random-weight model (its images are noise)", file=sys.stderr)
     return ensure_tiny()
+
+
+def check_images(paths: list[Path]) -> None:
+    """Every input exists and decodes as an image: found now, before a model loads or a request is sent."""
+    import PIL.Image
+
+    for path in paths:
+        if not path.is_file():
+            raise SystemExit(f"error: {path}: no such file" if not path.exists() else f"error: {path} is not a file")
+        try:
+            with PIL.Image.open(path) as image:
+                image.verify()
+        except (OSError, SyntaxError, ValueError) as exc:  # what PIL raises for unreadable or corrupt images
+            raise SystemExit(f"error: {path} is not an image PIL can read ({exc})") from None
+
+
+def check_weights(weights_dir: Path) -> None:
+    """The weights verify (`flux2-server weights verify`) before the minutes a load takes."""
+    from weights.verify import verify
+
+    report = verify(weights_dir)
+    if not report.ok:
+        problems = "; ".join(report.problems[:3]) + (" ..." if len(report.problems) > 3 else "")
+        raise SystemExit(f"error: {weights_dir} can't be loaded: {problems} (see `flux2-server weights verify`)")
+
+
+def server_error(response) -> str:
+    """One line for an error answer: its status and the server's own message (fal's `detail`)."""
+    try:
+        answer = response.json()
+    except ValueError:  # not JSON: another kind of server, or a proxy's page
+        answer = None
+    detail = answer.get("detail", response.text) if isinstance(answer, dict) else response.text
+    if isinstance(detail, list):  # a validation error: the first problem is enough to act on
+        detail = "; ".join(f"{'.'.join(map(str, d.get('loc', ())))}: {d.get('msg')}" for d in detail)
+    hint = " (check --key or $FAL_KEY)" if response.status_code in (401, 403) else ""
+    return f"error: the server answered {response.status_code}: {' '.join(str(detail).split())}{hint}"
 
 
 def data_uri(path: Path) -> str:
@@ -155,20 +213,30 @@ def edit_remote(args: argparse.Namespace) -> int:
     key = args.key or os.environ.get("FAL_KEY")
     headers = {"Authorization": f"Key {key}"} if key else {}
     base = args.url.rstrip("/")
-    with httpx.Client(headers=headers, timeout=httpx.Timeout(60, read=None)) as client:
-        submitted = client.post(f"{base}/queue/{endpoint_id}", json=body.model_dump(mode="json", exclude_unset=True))
-        if submitted.status_code != 200:
-            raise SystemExit(f"error: the server answered {submitted.status_code}: {submitted.text}")
-        handle = submitted.json()
-        print(f"request {handle['request_id']} queued at position {handle['queue_position']}", file=sys.stderr)
-        status = follow(client, handle["status_url"] + "/stream")
-        result = client.get(handle["response_url"])
-    if result.status_code != 200:
-        raise SystemExit(f"error: the request failed ({result.status_code}): {result.text}")
-    output = result.json()
-    paths = output_paths(args.output, len(output["images"]))
-    for image, path in zip(output["images"], paths):
-        path.write_bytes(fetch_image(image["url"], headers))
+    try:
+        with httpx.Client(headers=headers, timeout=httpx.Timeout(60, read=None)) as client:
+            submitted = client.post(
+                f"{base}/queue/{endpoint_id}", json=body.model_dump(mode="json", exclude_unset=True)
+            )
+            if submitted.status_code != 200:
+                raise SystemExit(server_error(submitted))
+            handle = submitted.json()
+            print(f"request {handle['request_id']} queued at position {handle['queue_position']}", file=sys.stderr)
+            status = follow(client, handle["status_url"] + "/stream")
+            result = client.get(handle["response_url"])
+            if result.status_code != 200:
+                raise SystemExit(server_error(result))
+            output = result.json()
+            images = [fetch_image(image["url"], headers) for image in output["images"]]
+    except httpx.ConnectError as exc:
+        raise SystemExit(f"error: no server answers at {args.url} ({exc}): is `flux2-server serve` running?") from None
+    except httpx.HTTPStatusError as exc:
+        raise SystemExit(server_error(exc.response)) from None
+    except httpx.HTTPError as exc:
+        raise SystemExit(f"error: talking to {args.url} failed: {type(exc).__name__}: {exc}") from None
+    paths = output_paths(args.output, len(images))
+    for image, path in zip(images, paths, strict=True):
+        path.write_bytes(image)
     timings = ", ".join(f"{k} {v:.2f} s" for k, v in output["timings"].items())
     waited = (status or {}).get("metrics", {}).get("inference_time")
     print(f"seed {output['seed']}, {timings}" + (f" (queue inference_time {waited:.2f} s)" if waited else ""))
@@ -184,7 +252,8 @@ def follow(client, stream_url: str) -> dict | None:
     last = None
     with progress_bar() as bar, client.stream("GET", stream_url, params={"logs": 0}) as response:
         if response.status_code != 200:
-            raise SystemExit(f"error: status stream answered {response.status_code}")
+            response.read()
+            raise SystemExit(server_error(response))
         for line in response.iter_lines():  # logs=0: the bar needs only `progress`
             if not line.startswith("data:"):
                 continue
@@ -209,6 +278,7 @@ def fetch_image(url: str, headers: dict) -> bytes:
 
 def cmd_edit(args: argparse.Namespace) -> int:
     started = time.perf_counter()
+    check_images(args.images)  # before a model loads (minutes) or a request is sent
     code = edit_remote(args) if args.url else edit_local(args)
     print(f"done in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return code

@@ -18,12 +18,18 @@ def cmd_weights_verify(args: argparse.Namespace) -> int:
     from weights.verify import verify
 
     report = verify(args.directory)
+    if not Path(args.directory).is_dir():  # nothing to list: say what is wrong and stop
+        print(f"error: {report.problems[0]}")
+        print("NOT USABLE: give the folder that holds model_index.json (see `flux2-server weights import`)")
+        return 1
     for component, state in report.components.items():
         print(f"{component:14} {state}")
     for adapter, state in report.adapters.items():
         print(f"{'loras/' + adapter:14} {state}")
     for name, profile in PROFILES.items():
-        if profile.adapter is None or report.adapters.get(profile.adapter) == "ok":
+        if not report.ok:  # a broken base model runs no profile, with or without its adapter
+            can = "can't run: the weights have problems (below)"
+        elif profile.adapter is None or report.adapters.get(profile.adapter) == "ok":
             can = "can run" + (f" (distilled adapter {profile.adapter!r})" if profile.adapter else "")
         else:
             can = f"can't run: {report.adapters[profile.adapter]} (or serve with --allow-undistilled)"
@@ -74,6 +80,11 @@ def cmd_import(args: argparse.Namespace) -> int:
             result = import_snapshot(args.snapshot, args.dest, on_bytes=bar.update, plan=plan)
     except ChecksumError as exc:
         print(f"error: checksum mismatch: {exc}")
+        print(f"nothing was written at {args.dest}")
+        return 1
+    except OSError as exc:  # an unreadable file, a full disk, an existing destination
+        print(f"error: {exc}")
+        print(f"nothing was written at {args.dest}")
         return 1
     checked = len(result.copied) - len(unchecked)
     print(f"copied {len(result.copied)} files; {checked} matched the snapshot's checksums", end="")

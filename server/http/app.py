@@ -117,4 +117,5 @@ def create_app(settings: Settings, weights_dir: Path | None, tiny: bool = False)
     else:
         app.include_router(files.router)  # files in a bucket, streamed through this server
     app.mount("/static", playground.static_files, name="static")
+    app.mount(openapi.DOCS_ASSETS, openapi.docs_assets, name="docs-assets")
     return app

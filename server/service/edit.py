@@ -111,6 +111,12 @@ def notices_for(body: EditInput, profile: str, caps: Capabilities, settings: Set
             f"Prompt expansion is not available on this server{f' ({why})' if why else ''}: the prompt was used as "
             "given."
         )
+    ignored = [name for name in getattr(body, "IGNORED", ()) if name in body.model_fields_set]
+    if ignored:
+        notices.append(
+            f"The {profile} profile runs a fixed schedule: {' and '.join(ignored)} "
+            f"{'was' if len(ignored) == 1 else 'were'} ignored."
+        )
     level = acceleration_of(body)
     if not caps.acceleration_runs(level):
         notices.append(
@@ -133,7 +139,8 @@ def edit_call(body: EditInput, profile: str, images: list, width: int, height: i
         width=width,
         height=height,
         profile=profile,
-        num_inference_steps=getattr(body, "num_inference_steps", None),  # only the base input has it
+        # only the base input's step count counts (flash and turbo run a fixed schedule)
+        num_inference_steps=body.num_inference_steps if isinstance(body, Flux2EditInput) else None,
         guidance_scale=body.guidance_scale,
         seed=seed,
         num_images=body.num_images,

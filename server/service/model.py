@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from pipelines import PROFILES, Flux2Editor, load_editor
 from pipelines.capabilities import Capabilities
+from pipelines.editor import LoadProgress
 from server.config import Settings
 from server.errors import Unavailable
 from server.service.runner import ModelRunner
@@ -35,6 +37,7 @@ class Model:
     def __init__(self, state: ModelState = ModelState.LOADING):
         self.state = state
         self.error: str | None = None
+        self.progress: LoadProgress | None = None  # while LOADING: the load's last stage (for /health)
         self._runner: ModelRunner | None = None
         self._settled = asyncio.Event()
         if state is not ModelState.LOADING:
@@ -57,12 +60,15 @@ class Model:
     async def load(self, settings: Settings, weights_dir: Path) -> None:
         """Load in a thread (the event loop keeps serving /health meanwhile); a failure is kept, not raised."""
         try:
-            editor = await asyncio.to_thread(load_model, settings, weights_dir)
+            editor = await asyncio.to_thread(load_model, settings, weights_dir, self._loading)
         except Exception as exc:
             log.exception("the model failed to load from %s: /health and /ready answer 503", weights_dir)
             self.failed(f"{type(exc).__name__}: {exc}")
             return
         self.loaded(ModelRunner(editor, settings.job_timeout_s))
+
+    def _loading(self, progress: LoadProgress) -> None:  # on the loading thread: one attribute, swapped whole
+        self.progress = progress
 
     async def ready(self) -> ModelRunner:
         """The runner, once loaded; requests that arrive while it loads wait. Unavailable (503) if it failed."""
@@ -99,7 +105,9 @@ def adapter_to_fuse(settings: Settings, weights_dir: Path) -> str | None:
     return name if name is not None and ADAPTERS[name].path(weights_dir).is_file() else None
 
 
-def load_model(settings: Settings, weights_dir: Path) -> Flux2Editor:
+def load_model(
+    settings: Settings, weights_dir: Path, on_progress: Callable[[LoadProgress], None] | None = None
+) -> Flux2Editor:
     editor = load_editor(
         weights_dir,
         settings.device,
@@ -108,6 +116,7 @@ def load_model(settings: Settings, weights_dir: Path) -> Flux2Editor:
         settings.safety_threshold,
         settings.runtime_options(),  # memory mode, quantization, fast path, acceleration levels
         fuse=adapter_to_fuse(settings, weights_dir),
+        on_progress=on_progress,
     )
     announce(editor.capabilities(), settings, weights_dir)
     return editor

@@ -1,5 +1,7 @@
 """Liveness (/health), readiness (/ready) and what this server can do."""
 
+import dataclasses
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
@@ -18,6 +20,11 @@ class Health(BaseModel):
     queued: int = Field(description="Queue requests not started yet.")
     waiting: int | None = Field(None, description="Edits handed to the model and not finished (once loaded).")
     capabilities: dict | None = Field(None, description="What the loaded model can and can't do (once loaded).")
+    loading: dict | None = Field(
+        None,
+        description="While the model loads: {stage (read, adapters, place, warm_up, done), component (being read), "
+        "bytes_read, bytes_total} (safetensors bytes on disk).",
+    )
     workers: list[dict] = Field(description="Live queue workers, as each advertises itself (heartbeat not expired).")
     allow_undistilled: bool = Field(description="Whether distilled profiles may run on the base weights.")
     safety_checker_disabled: bool = Field(description="Whether the operator turned the safety checker off.")
@@ -44,6 +51,9 @@ async def health(request: Request) -> JSONResponse:
         allow_undistilled=the.settings.allow_undistilled,
         safety_checker_disabled=the.settings.disable_safety_checker,
     )
+    progress = the.model.progress
+    if model is ModelState.LOADING and progress is not None:
+        answer.loading = dataclasses.asdict(progress)
     if model is ModelState.LOADED:
         runner = the.model.runner
         answer.waiting = runner.waiting  # edits submitted to the model and not finished, running included

@@ -1,5 +1,6 @@
 """GET /openapi.json: the whole API, or with `?endpoint_id=fal-ai/flux-2/edit` one endpoint's queue API as fal
-serves it (fal.ai/api/openapi/queue/openapi.json?endpoint_id=...); and GET /docs, Swagger UI on it.
+serves it (fal.ai/api/openapi/queue/openapi.json?endpoint_id=...); and GET /docs, Swagger UI on it
+(its assets from the swagger-ui-bundle package under /docs-assets: no CDN).
 
 Both documents come from the same FastAPI-generated schema (itself built from the pydantic models): the
 per-endpoint one takes that endpoint's queue operations, puts them at fal's paths (`/{endpoint_id}`,
@@ -15,6 +16,8 @@ import copy
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from swagger_ui_bundle import swagger_ui_path
 
 from server.endpoints import APP_PATH, BY_ID, ENDPOINTS
 from server.http.context import services
@@ -108,8 +111,19 @@ async def openapi(
     return JSONResponse(endpoint_openapi(full, endpoint_id, base_url))
 
 
+# Swagger UI's script, style and icon, from the swagger-ui-bundle package (FastAPI's documented self-hosting of
+# the docs assets): /docs works without internet, like the playground at /.
+DOCS_ASSETS = "/docs-assets"
+docs_assets = StaticFiles(directory=swagger_ui_path)
+
+
 @router.get("/docs")
 async def docs() -> HTMLResponse:
-    """Swagger UI. Its script and style come from a CDN, so this page needs internet in the browser; the
-    playground at / is entirely served by this server."""
-    return get_swagger_ui_html(openapi_url="/openapi.json", title="flux2-server API")
+    """Swagger UI on /openapi.json, every asset served by this server."""
+    return get_swagger_ui_html(
+        openapi_url="/openapi.json",
+        title="flux2-server API",
+        swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+        swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+        swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
+    )

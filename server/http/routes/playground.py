@@ -17,3 +17,9 @@ static_files = StaticFiles(directory=STATIC_DIR)
 @router.get("/")
 async def playground() -> FileResponse:
     return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/favicon.ico")
+async def favicon() -> FileResponse:
+    """Where browsers look for an icon unasked (the playground's page names /static/favicon.svg)."""
+    return FileResponse(STATIC_DIR / "favicon.ico", media_type="image/x-icon")

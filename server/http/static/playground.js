@@ -167,6 +167,9 @@ function readValues(raw = false) {
     const element = field.querySelector(`[name="${name}"]`);
     if (!element) continue;
     if (raw) { values[name] = element.type === "checkbox" ? element.checked : element.value; continue; }
+    // A field of the previous endpoint's form, being replaced: removing a focused, edited field fires its
+    // `change` after the new schema is in place (and the new endpoint may not have it).
+    if (!(name in state.schema.properties)) continue;
     const schema = resolve(state.schema.properties[name]);
     if (element.type === "checkbox") values[name] = element.checked;
     else if (element.tagName === "SELECT" && schema.anyOf) {
@@ -406,12 +409,25 @@ function snippetFor(kind) {
     ].join("\n");
   }
   if (kind === "python") {
+    // fal_client always speaks https: on an http:// page, say what to run first and give the TLS form
+    const tls = location.protocol === "https:";
+    const runHost = tls ? host : `${location.hostname}:8443`;
+    const setup = tls
+      ? ["# fal_client speaks https only and must trust this server's certificate (README, \"fal's Python client\")."]
+      : [
+          "# fal_client speaks https only, and this page is served over http://: it can't reach this address.",
+          "# First serve TLS (README, \"fal's Python client\"), on the server:",
+          `#   flux2-server tls ${location.hostname} --out tls`,
+          "#   flux2-server serve ... --port 8443 --ssl-certfile tls/server.pem --ssl-keyfile tls/server-key.pem",
+          "# then copy tls/ca.pem here and run this:",
+        ];
     return [
-      "# fal_client speaks https only: serve with --ssl-certfile/--ssl-keyfile and trust its CA (README, \"fal's Python client\").",
+      ...setup,
       "import os",
-      `os.environ["FAL_RUN_HOST"] = "${host}"`,
-      `os.environ["FAL_QUEUE_RUN_HOST"] = "${host}/queue"`,
-      "# os.environ[\"SSL_CERT_FILE\"] = \"tls/ca.pem\"; os.environ[\"FAL_KEY\"] = \"...\"",
+      `os.environ["FAL_RUN_HOST"] = "${runHost}"`,
+      `os.environ["FAL_QUEUE_RUN_HOST"] = "${runHost}/queue"`,
+      `${tls ? "# " : ""}os.environ["SSL_CERT_FILE"] = "tls/ca.pem"  # the CA that signed the server's certificate`,
+      "# os.environ[\"FAL_KEY\"] = \"...\"  # one of the server's API keys, if it has any",
       "import fal_client  # reads the hosts above at import",
       "",
       "result = fal_client.subscribe(",

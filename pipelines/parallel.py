@@ -39,6 +39,7 @@ import traceback
 from contextlib import contextmanager
 from multiprocessing.connection import wait
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -144,6 +145,13 @@ class GroupSpec:
     cpu_threads: int | None = None  # torch threads of a CPU rank (default: the cores shared among the CPU ranks)
 
 
+def _on_device(capabilities, device: str):
+    """An editor's capabilities (a dict, or a dataclass with a `device` field) naming the group's devices."""
+    if isinstance(capabilities, dict):
+        return {**capabilities, "device": device}
+    return dataclasses.replace(capabilities, device=device)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -195,9 +203,7 @@ def _rank_main(rank: int, world: int, init_method: str, spec: GroupSpec, conn, c
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
-    capabilities = dict(editor.capabilities())
-    capabilities["device"] = spec.devices[rank]
-    conn.send(("ready", capabilities, editor.size_multiple, editor.pipe.image_processor))
+    conn.send(("ready", editor.capabilities(), editor.size_multiple, editor.pipe.image_processor))
     while True:
         try:
             call = conn.recv()
@@ -239,7 +245,10 @@ class ProcessGroupEditor:
         self._cancel = self._context.Value("b", 0)
         self._processes: list = []
         self._conns: list = []
-        self._ready: dict | None = None
+        self._ready = None  # rank 0's capabilities once every rank of the current start is loaded
+        self._capabilities = None  # the same, kept across restarts
+        self._image_processor: Any = None  # rank 0's pipeline's, for `reference_problem`
+        self.size_multiple = 0  # rank 0's editor's, once loaded
         self.load_seconds = 0.0
         self.weights_dir = Path(spec.weights_dir)
         self.start()
@@ -296,7 +305,7 @@ class ProcessGroupEditor:
     def pids(self) -> list[int]:
         return [process.pid for process in self._processes]
 
-    def wait_ready(self) -> dict:
+    def wait_ready(self):
         """Wait until every rank has loaded; raises RankFailed (and restarts the group) if one could not."""
         if self._ready is not None:
             return self._ready
@@ -313,11 +322,9 @@ class ProcessGroupEditor:
             answers[rank] = message
         _, capabilities, self.size_multiple, self._image_processor = answers[0]
         self.load_seconds = time.perf_counter() - self._started
-        mode = {"mode": "context", "kind": self.spec.kind} if self.world > 1 else {"mode": "replica"}
-        capabilities["parallel"] = {**mode, "devices": list(self.spec.devices)}
-        capabilities["load_seconds"] = round(self.load_seconds, 3)
-        self._ready = capabilities
-        return capabilities
+        self._capabilities = _on_device(capabilities, self.device)
+        self._ready = self._capabilities
+        return self._capabilities
 
     def _next_message(self, finished: dict, timeout: float):
         """(message, rank) from the first rank that has one; (None, rank) when a rank died or time ran out."""
@@ -326,12 +333,12 @@ class ProcessGroupEditor:
         ready = wait([*pending, *sentinels], timeout=max(timeout, 0))
         if not ready:
             return None, min(pending.values())
-        for item in ready:  # messages first: a rank that answered and exited has its answer read
-            if item in pending:
+        for conn, rank in pending.items():  # messages first: a rank that answered and exited has its answer read
+            if conn in ready:
                 try:
-                    return item.recv(), pending[item]
+                    return conn.recv(), rank
                 except EOFError:
-                    return None, pending[item]
+                    return None, rank
         return None, sentinels[ready[0]]
 
     def _fail(self, why: str, cause: BaseException | None = None):
@@ -340,15 +347,25 @@ class ProcessGroupEditor:
 
     # ---- what the server calls
 
-    def capabilities(self) -> dict:
-        return self.wait_ready()
+    def capabilities(self):
+        """Rank 0's editor's capabilities, with the group's devices. Known from the first start on (they don't
+        change with a restart), so asking never waits for a group that is restarting."""
+        if self._capabilities is None:
+            return self.wait_ready()
+        return self._capabilities
+
+    def describe(self) -> dict:
+        """For /health: how this group runs, its devices, whether it is ready, and how often it was restarted."""
+        mode = {"mode": "context", "kind": self.spec.kind} if self.world > 1 else {"mode": "replica"}
+        return {**mode, "devices": list(self.spec.devices), "ready": self._ready is not None, "restarts": self.restarts}
 
     @property
     def device(self) -> str:
         return ",".join(self.spec.devices)
 
     def reference_problem(self, image) -> str | None:
-        self.wait_ready()
+        if self._image_processor is None:
+            self.wait_ready()
         try:
             self._image_processor.check_image_input(image)
         except ValueError as exc:

@@ -135,7 +135,7 @@ def test_context_parallel_on_two_gpus_gives_the_one_gpu_image(tiny_weights, full
         split = np.asarray(group.edit(call).images[0], dtype=np.int16)
         assert steps == [1, 2, 3, 4]
         assert np.abs(split - _edit(full_bf16).astype(np.int16)).max() <= 2  # bf16: the split sums in another order
-        assert group.capabilities()["parallel"]["devices"] == ["cuda:0", "cuda:1"]
+        assert group.capabilities()["device"] == "cuda:0,cuda:1"
     finally:
         group.stop()
 

@@ -374,6 +374,10 @@ class ProcessGroupEditor:
 
     def edit(self, call: EditCall) -> EditResult:
         with self._lock:
+            dead = [rank for rank, process in enumerate(self._processes) if not process.is_alive()]
+            if dead:  # died while idle (the OOM killer, an operator): start again before taking this request
+                log.warning("rank %d of the group on %s died while idle", dead[0], self.spec.devices)
+                self.restart()
             self.wait_ready()
             self._cancel.value = 0
             references = reference_tokens(call.images, self.size_multiple, self._image_processor)
@@ -381,8 +385,11 @@ class ProcessGroupEditor:
             wire = dataclasses.replace(
                 call, width=width, height=height, on_step=None, should_cancel=None, on_message=None
             )
-            for conn in self._conns:
-                conn.send(wire)
+            for rank, conn in enumerate(self._conns):
+                try:
+                    conn.send(wire)
+                except OSError as exc:  # it died just now
+                    self._fail(f"rank {rank} ({self.spec.devices[rank]}) could not be reached: {exc}", exc)
             outcomes: dict[int, tuple] = {}
             first_done: float | None = None  # when the first rank finished: the others must follow soon
             stopped_by: Exception | None = None  # what `should_cancel` raised, raised once every rank has stopped

@@ -134,3 +134,14 @@ def test_a_rank_killed_mid_request_fails_it_and_the_group_restarts(group):
         group.edit(call(on_step=kill_rank_one))
     assert group.restarts == restarts + 1
     assert group.edit(call()).images[0].size == (64, 64)
+
+
+@multiprocess
+def test_a_rank_that_died_while_idle_is_restarted_before_the_next_request(group):
+    group.wait_ready()
+    restarts = group.restarts
+    process = group._processes[0]
+    os.kill(process.pid, signal.SIGKILL)
+    process.join(timeout=30)
+    assert group.edit(call()).images[0].size == (64, 64)  # not failed: restarted first
+    assert group.restarts == restarts + 1

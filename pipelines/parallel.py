@@ -19,8 +19,11 @@ process only, and the group restarts (see `pipelines.gpu_groups` for how GPUs ar
   them see the same answer at the same step and leave the loop together (a rank that left alone would leave the
   others waiting in the next all-to-all).
 - Failure: a rank that dies, or that finishes (fails, is cancelled) while another is still running after
-  `straggler_timeout_s` (that one is then stuck in a collective), fails the request with `RankFailed`; the whole group is stopped and started again (the next call
-  waits for it). An error every rank reports (a bad input: the ranks raise it together) fails just that request.
+  `straggler_timeout_s` (that one is then stuck in a collective), fails the request with `RankFailed`; the whole
+  group is stopped and started again (the next call waits for it). An error every rank reports (a bad input: the
+  ranks raise it together) fails just that request. A rank found dead between requests is restarted first.
+- Sizes: Ulysses splits the image tokens (the output's and the references') evenly across the ranks; a size whose
+  tokens don't split is generated a few 16-pixel rows or columns larger and centre-cropped (`generation_size`).
 
 Ring attention (`ring_degree`) is refused: it needs the attention kernel to return its log-sum-exp, which diffusers'
 native SDPA backend (the server's default) does not ("Native attention does not support return_lse=True", measured

@@ -466,10 +466,8 @@ def step(transformer, inputs: dict) -> torch.Tensor:
 
 def quantize(check: Check, transformer, quantization: str) -> None:
     """The server's own quantization of the transformer (its layer filter included)."""
-    try:  # where it lives once issue 13's quantization module lands; before that, pipelines.memory
-        from pipelines.quantization import quantize_transformer
-    except ImportError:
-        from pipelines.memory import quantize_transformer
+    from pipelines.quantization import quantize_transformer
+
     quantize_transformer(transformer, quantization, str(check.device))
 
 
@@ -623,13 +621,14 @@ def probe_attention_backends(check: Check, box: Box, record: dict) -> None:
 
 def section_memory_modes(check: Check, box: Box, entry: dict) -> None:
     """Every memory mode (bf16), then every quantization with everything resident, then two mixes the card plans
-    use (fp8 transformer with a streamed text encoder; int4 with everything streamed), on the tiny model."""
+    use or may use (fp8 and int4 transformers with a streamed text encoder; int8 weights streamed block by block, which
+    only a GPU shows works with torchao's tensors), on the tiny model."""
     from pipelines.memory import MODES, QUANTIZATIONS
 
     tiny = check.tiny_dir()
     plan = [(mode, "none") for mode in MODES]
     plan += [("full", q) for q in QUANTIZATIONS if q != "none"]
-    plan += [("offload-text-encoder", "fp8"), ("group-offload", "int4")]
+    plan += [("offload-text-encoder", "fp8"), ("offload-text-encoder", "int4"), ("group-offload", "int8")]
     baseline: dict = {}
 
     for mode, quantization in plan:
@@ -651,7 +650,9 @@ def _memory_case(check: Check, tiny: Path, mode: str, quantization: str, baselin
 
     from pipelines import EditCall, load_editor
     from pipelines.fastpath import FastPathError
+    from pipelines.hardware import CPUFallbackError
     from pipelines.memory import MemoryModeError
+    from pipelines.quantization import QuantizationError
     from pipelines.runtime import RuntimeOptions
 
     options = RuntimeOptions(
@@ -662,8 +663,9 @@ def _memory_case(check: Check, tiny: Path, mode: str, quantization: str, baselin
     started = time.monotonic()
     try:
         editor = load_editor(tiny, device=str(check.device), options=options)
-    except (MemoryModeError, FastPathError) as exc:  # the server's own refusal, said before loading (other
-        # errors, a ValueError from a library among them, are failures and recorded as such)
+    except (MemoryModeError, FastPathError, QuantizationError, CPUFallbackError) as exc:
+        # the server's own refusal, said before loading (other errors, a ValueError from a library among them, are
+        # failures and recorded as such)
         if check.device.type == "cpu":
             raise Unavailable(f"refused by the server on a CPU: {exc}") from exc
         raise Refused(str(exc)) from exc

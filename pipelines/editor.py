@@ -10,6 +10,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,10 +19,10 @@ import torch
 
 from pipelines.adapters import AdapterSwitch, fuse_adapter, load_adapters
 from pipelines.expansion import expand_prompt
-from pipelines.memory import STREAMED_TEXT_ENCODER, MemoryPlan, load_devices
+from pipelines.memory import STREAMED_TEXT_ENCODER, MemoryPlan, load_devices, vae_tiling_needed
 from pipelines.pixtral import pixtral_processor_class
 from pipelines.profiles import PROFILES
-from pipelines.runtime import Runtime, RuntimeOptions, plan_runtime, timed_warm_up
+from pipelines.runtime import Runtime, RuntimeOptions, plan_runtime
 from pipelines.safety import DEFAULT_THRESHOLD, SafetyChecker, withheld
 from pipelines.text_encoder import is_truncated, load_text_encoder
 from weights.layout import ADAPTERS
@@ -187,14 +188,23 @@ class Flux2Editor:
         return None
 
     def warm_up(self) -> None:
-        """One call at the most common shape (1024 px, one 1024 px reference), so that compilation happens at
-        start-up rather than in the first request; its time is reported as compile_seconds."""
-        reference = PIL.Image.new("RGB", (1024, 1024), (128, 128, 128))
-        call = EditCall(images=[reference], prompt="warm-up", width=1024, height=1024, num_inference_steps=4)
-        self.runtime.compile_seconds = timed_warm_up(lambda: self.edit(call))
+        """Calls at the configured warm-up cases (pipelines.fastpath: one and four references, and each distilled
+        adapter, by default), so that compilation happens at start-up rather than in a request; their times are
+        reported per case."""
+
+        def run(case) -> None:
+            reference = PIL.Image.new("RGB", (case.size, case.size), (128, 128, 128))
+            steps = None if case.profile != "edit" else (12 if case.acceleration != "none" else 4)
+            images = [reference] * case.references
+            self.edit(
+                EditCall(images, "warm-up", case.size, case.size, case.profile, steps, acceleration=case.acceleration)
+            )
+
+        unfused = {} if self.adapters.fused else {p.adapter: name for name, p in PROFILES.items() if p.adapter}
+        self.runtime.warm_up(run, tuple(name for adapter, name in unfused.items() if adapter in self.adapters.loaded))
         self.load_timings["warm_up"] = self.runtime.compile_seconds
         self._capabilities = self._describe()
-        log.info("compiled the transformer's blocks in %.1f s (warm-up call)", self.runtime.compile_seconds)
+        log.info("warm-up with the compiled transformer: %.1f s in all", self.runtime.compile_seconds)
 
     def edit(self, call: EditCall) -> EditResult:
         profile = PROFILES[call.profile]
@@ -236,7 +246,13 @@ class Flux2Editor:
                 "without acceleration."
             )
         denoising = time.perf_counter()
-        with self.runtime.accelerator.applied(self.pipe.transformer, call.acceleration, steps):
+        tiled = vae_tiling_needed(self.runtime.plan, gen_w, gen_h)
+        if tiled:
+            say(call, f"decoding the {gen_w}x{gen_h} output in tiles: this memory plan's reserve is for smaller ones")
+        with (
+            self.runtime.accelerator.applied(self.pipe.transformer, call.acceleration, steps),
+            vae_tiling(self.pipe.vae, tiled),
+        ):
             output = self.pipe(
                 image=call.images,
                 prompt=prompt,
@@ -282,6 +298,17 @@ def say(call: EditCall, message: str) -> None:
         call.on_message(message)
     else:
         log.info(message)
+
+
+@contextmanager
+def vae_tiling(vae, tiled: bool):
+    """Decode (and encode) in tiles for one call where `tiled`; the VAE's own setting again afterwards."""
+    before = vae.use_tiling
+    vae.use_tiling = tiled or before
+    try:
+        yield
+    finally:
+        vae.use_tiling = before
 
 
 def center_crop(image: PIL.Image.Image, width: int, height: int) -> PIL.Image.Image:
@@ -382,6 +409,6 @@ def load_editor(
     )
     safety = SafetyChecker(safety_checker, torch_device, torch_dtype, safety_threshold) if safety_checker else None
     editor = Flux2Editor(pipe, weights_dir, placed - started, runtime, adapters, safety, fuse, load_timings=timings)
-    if options.compile:
+    if runtime.options.compile:  # the fast path may have turned it on
         editor.warm_up()
     return editor

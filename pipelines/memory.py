@@ -55,6 +55,14 @@ from pathlib import Path
 
 import torch
 
+from pipelines.quantization import (
+    check_quantization,
+    fp8_capable,
+    quantization_device,
+    quantize_text_encoder,
+    quantize_transformer,
+)
+
 log = logging.getLogger(__name__)
 
 GiB = 1024**3
@@ -234,6 +242,20 @@ def activation_reserve_bytes(request: Request) -> int:
     transformer = ACTIVATION_BASE_BYTES + ACTIVATION_BYTES_PER_TOKEN * request.tokens
     vae = VAE_DECODE_BYTES_PER_PIXEL * request.width * request.height
     return int(max(transformer, vae))
+
+
+VAE_TILING_ABOVE_PIXELS = 1024 * 1024  # smaller outputs always decode whole (a tile would be most of the image)
+
+
+def vae_tiling_needed(plan: MemoryPlan, width: int, height: int) -> bool:
+    """Whether a `width` x `height` output should be decoded in tiles on this plan: on a GPU, above ~1 MP, where
+    the untiled decode (est. VAE_DECODE_BYTES_PER_PIXEL) would not fit the activation reserve the plan kept (a plan
+    sized for smaller requests than this one, e.g. 24 GB cards: 1024x1024 with one reference). Tiled decoding
+    (diffusers' `AutoencoderKLFlux2` tiles with blended overlaps) bounds the decode's memory by the tile; the
+    pixels differ slightly at the seams, so it is used only where the whole decode could run out of memory."""
+    if not plan.device.startswith("cuda") or plan.reserve_bytes is None or width * height <= VAE_TILING_ABOVE_PIXELS:
+        return False
+    return VAE_DECODE_BYTES_PER_PIXEL * width * height > plan.reserve_bytes
 
 
 @dataclass(frozen=True)
@@ -423,7 +445,7 @@ def _candidates(quantization: str, fp8: bool, two_gpus: bool) -> Iterator[tuple[
     for q in slow:
         yield from resident(q)
         yield from streamed(q)
-    for q in fast + slow:
+    for q in fast:  # never int4: its GPU-packed weights are not moved back to CPU memory (pipelines.quantization)
         yield MemoryPlan("model-offload", "", quantization=q), "each component moved to the GPU whole when used"
 
 
@@ -583,12 +605,6 @@ def free_gpu_bytes() -> list[int]:
     return [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
 
 
-def fp8_capable(device: str) -> bool:
-    if not device.startswith("cuda") or not torch.cuda.is_available():
-        return False
-    return torch.cuda.get_device_capability(torch.device(device)) >= (8, 9)
-
-
 def check_plan(plan: MemoryPlan, hardware: Hardware | None = None) -> None:
     """Refuse, plainly, a plan this machine cannot run (raised at start-up, before any weight is loaded).
 
@@ -622,49 +638,12 @@ def check_plan(plan: MemoryPlan, hardware: Hardware | None = None) -> None:
     if plan.mode == "multi-gpu" and (not plan.text_encoder_device or not plan.text_encoder_device.startswith("cuda")):
         raise MemoryModeError("memory mode 'multi-gpu' needs FLUX2_TEXT_ENCODER_DEVICE, e.g. cuda:1")
     fp8 = hardware.fp8 if simulated else fp8_capable(plan.device)
-    if "fp8" in (plan.quantization, plan.text_encoder_quantization) and not fp8:
+    if plan.text_encoder_quantization == "fp8" and not fp8:
         raise MemoryModeError(
             "fp8 quantization needs an NVIDIA GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell)"
         )
-    if plan.quantization == "int4" and not on_cuda:
-        raise MemoryModeError("int4 quantization (torchao int4 weight-only) needs a CUDA GPU; int8 runs on the CPU")
-    quantized = [q for q in (plan.quantization, plan.text_encoder_quantization) if q != "none"]
-    if quantized and not simulated:
-        try:
-            import torchao  # noqa: F401
-        except ImportError as exc:
-            raise MemoryModeError(
-                f"{quantized[0]} quantization needs torchao: pip install 'flux2-server[gpu]'"
-            ) from exc
-
-
-def quantize_transformer(transformer, quantization: str, device: str) -> None:
-    """Quantize the transformer's linear layers in place with torchao (on `device`, layer by layer)."""
-    if quantization == "none":
-        return
-    from torchao.quantization import quantize_
-
-    if quantization == "int8":
-        from torchao.quantization import Int8WeightOnlyConfig
-
-        config = Int8WeightOnlyConfig()
-    elif quantization == "fp8":
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
-
-        config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
-    elif quantization == "int4":
-        from torchao.quantization import Int4WeightOnlyConfig
-
-        config = Int4WeightOnlyConfig(group_size=128)
-    else:
-        raise ValueError(f"unknown quantization {quantization!r}")
-    # the base weights only: a distilled adapter's low-rank matrices (peft's lora_A/lora_B, loaded before this)
-    # are small and stay in the compute dtype, so enabling them adds no quantization error of their own
-    quantize_(transformer, config, filter_fn=_base_linear, device=device)
-
-
-def _base_linear(module: torch.nn.Module, fqn: str) -> bool:
-    return isinstance(module, torch.nn.Linear) and ".lora_" not in f".{fqn}"
+    # pipelines.quantization: format x device x mode x dtype (torchao's presence only where this is the machine)
+    check_quantization(plan, fp8_ok=fp8, need_torchao=not simulated)
 
 
 STREAMED_TEXT_ENCODER = ("offload-text-encoder", "group-offload")  # modes that stream the text encoder's layers
@@ -699,7 +678,8 @@ def apply_memory_plan(pipe, plan: MemoryPlan) -> None:
     """
     device = torch.device(plan.device)
     stream = use_streams(device)
-    quantize_transformer(pipe.transformer, plan.quantization, plan.device if plan.mode != "group-offload" else "cpu")
+    quantize_transformer(pipe.transformer, plan.quantization, quantization_device(plan, "transformer"))
+    quantize_text_encoder(pipe.text_encoder, plan.text_encoder_quantization, quantization_device(plan, "text_encoder"))
 
     if plan.mode == "full":
         pipe.to(device)

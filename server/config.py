@@ -92,14 +92,27 @@ class Settings(BaseSettings):
     compile_mode: str | None = None  # torch.compile mode, e.g. max-autotune-no-cudagraphs
     acceleration_regular: str | None = None  # cache spec of acceleration "regular" (pipelines.acceleration)
     acceleration_high: str | None = None  # cache spec of acceleration "high"
+    # One switch for fp8 + cuDNN attention + regional compile (Ada/Hopper; what applies elsewhere): auto | on | off.
+    # auto is off until a GPU run shows it pays; quantization, attention_backend and compile, when set, override it.
+    fast_path: str = "auto"
+    # warm-up calls with compile: REFS[:PROFILE[:LEVEL]],...; `adapters`/`levels`: each distilled adapter loaded
+    # unfused / each acceleration level (pipelines.fastpath)
+    compile_warm_up: str = "1,4,adapters,levels"
+    compile_cache_dir: Path | None = None  # inductor's persistent compile cache; default <data_dir>/compile-cache
+    # Load full-size weights (> 8 GiB) for the CPU when torch sees no GPU (e.g. a driver too old for torch's CUDA);
+    # off: serve refuses, naming the driver and torch's CUDA version. The tiny model always runs on the CPU.
+    allow_cpu: bool = False
 
     def runtime_options(self):
-        """The speed and memory settings, as pipelines.runtime takes them (each field is a setting of that name)."""
+        """The speed and memory settings, as pipelines.runtime takes them (each field is a setting of that name),
+        with the names of those set explicitly (flags or FLUX2_* variables), which the fast path leaves alone."""
         from dataclasses import fields
 
         from pipelines.runtime import RuntimeOptions
 
-        return RuntimeOptions(**{f.name: getattr(self, f.name) for f in fields(RuntimeOptions)})
+        values = {f.name: getattr(self, f.name) for f in fields(RuntimeOptions) if f.name != "explicit"}
+        values["compile_cache_dir"] = str(self.compile_cache_dir or self.data_dir / "compile-cache")
+        return RuntimeOptions(**values, explicit=frozenset(self.model_fields_set))
 
     def keys(self) -> list[str]:
         from server.auth import parse_keys

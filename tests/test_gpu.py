@@ -151,3 +151,69 @@ def test_a_replica_on_the_second_gpu_sees_only_that_gpu(tiny_weights):
         assert result.images[0].size == (512, 512)
     finally:
         replica.stop()
+
+
+def test_fp8_quantizes_the_block_layers_only_on_cuda(tiny_weights):
+    pytest.importorskip("torchao")
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs compute capability 8.9 (Ada, Hopper)")
+    from pipelines.quantization import TRANSFORMER_BLOCKS, quantized_layers
+    from pipelines.runtime import RuntimeOptions
+
+    editor = load_editor(tiny_weights, options=RuntimeOptions(memory_mode="full", quantization="fp8"))
+    quantized = quantized_layers(editor.pipe.transformer)
+    assert quantized and all(name.startswith(TRANSFORMER_BLOCKS) for name in quantized)
+    assert set(quantized.values()) == {"Float8Tensor"}
+    assert _edit(editor).std() > 0
+
+
+def test_int4_uses_the_tinygemm_layout_on_cuda(tiny_weights):
+    """torchao's default int4 packing needs mslk (absent); the tile-packed layout is made on the GPU."""
+    pytest.importorskip("torchao")
+    from pipelines.quantization import quantize_transformer, quantized_layers
+
+    transformer = load_editor(tiny_weights, options=None).pipe.transformer  # bf16 on CUDA
+    quantize_transformer(transformer, "int4", "cuda", int4_group_size=32)
+    assert set(quantized_layers(transformer).values()) == {"Int4TilePackedTo4dTensor"}
+
+
+def test_int8_text_encoder_on_cuda(tiny_weights):
+    pytest.importorskip("torchao")
+    from pipelines.quantization import quantize_text_encoder, quantized_layers
+
+    editor = load_editor(tiny_weights)
+    quantize_text_encoder(editor.pipe.text_encoder, "int8", "cuda")
+    assert len(quantized_layers(editor.pipe.text_encoder)) == 30 * 7
+    assert _edit(editor).std() > 0
+
+
+def test_fast_path_on_turns_on_what_this_gpu_supports_and_caches_kernels(tiny_weights, full_bf16, tmp_path):
+    from pipelines.runtime import RuntimeOptions
+
+    options = RuntimeOptions(memory_mode="full", fast_path="on", compile_cache_dir=str(tmp_path / "cache"))
+    editor = load_editor(tiny_weights, options=options)
+    fast = editor.capabilities()["fast_path"]
+    assert fast["active"] and fast["compile"] is True
+    if torch.cuda.get_device_capability() >= (8, 9):
+        assert editor.capabilities()["memory"]["quantization"] == "fp8"
+        assert fast["attention_backend"] == "_native_cudnn"
+    assert len(fast["warm_up"]) == 6  # 1 and 4 references, the turbo adapter, the acceleration levels
+    assert all(w["graphs_compiled"] > 0 for w in fast["warm_up"][:5])
+    assert any((tmp_path / "cache").rglob("*")), "inductor wrote its kernels to the persistent cache"
+    assert np.abs(_edit(editor).astype(int) - full_bf16).mean() < 8  # fp8 + fused kernels: close, not equal
+
+
+@pytest.mark.parametrize("mode", ["model-offload", "group-offload"])
+@pytest.mark.parametrize("quantization", ["int8", "fp8"])
+def test_quantized_transformer_streams(tiny_weights, full_bf16, mode, quantization):
+    """torchao's int8/fp8 weights moved by the offload hooks (group-offload quantizes them in CPU memory, then
+    pins and streams them); int4 is refused with these modes (tests/test_quantization.py)."""
+    pytest.importorskip("torchao")
+    if quantization == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs compute capability 8.9 (Ada, Hopper)")
+    from pipelines.runtime import RuntimeOptions
+
+    editor = load_editor(tiny_weights, options=RuntimeOptions(memory_mode=mode, quantization=quantization))
+    assert editor.capabilities()["memory"]["quantization"] == quantization
+    image = _edit(editor)
+    assert image.shape == full_bf16.shape and image.std() > 0

@@ -40,9 +40,9 @@ UNAVAILABLE_ON_CPU = {
     ("memory_modes", "model-offload/none"): "refused by the server on a CPU",
     ("memory_modes", "group-offload/none"): "refused by the server on a CPU",
     ("memory_modes", "full/fp8"): "refused by the server on a CPU",
-    ("memory_modes", "full/int4"): "refused by the server on a CPU",
     ("memory_modes", "offload-text-encoder/fp8"): "refused by the server on a CPU",
-    ("memory_modes", "group-offload/int4"): "refused by the server on a CPU",
+    ("memory_modes", "offload-text-encoder/int4"): "refused by the server on a CPU",
+    ("memory_modes", "group-offload/int8"): "refused by the server on a CPU",
 }
 
 

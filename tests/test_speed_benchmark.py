@@ -66,7 +66,8 @@ def test_speed_benchmark_runs_every_case_against_diffusers_on_the_tiny_model(tmp
                 assert r["psnr_vs_diffusers"] == "inf" and r["ssim_vs_diffusers"] == 1.0
                 assert r["steps"] == {"edit": 8, "turbo": 8, "flash": 4}[r["profile"]]
             if r["quantization"] == "int8":  # the quantization's cost against plain diffusers in bf16/fp32
-                assert r["psnr_vs_diffusers"] != "inf" and 0 < r["ssim_vs_diffusers"] < 1
+                # (small: only the blocks' layers are quantized, so SSIM may round to 1.0; PSNR is finite)
+                assert r["psnr_vs_diffusers"] != "inf" and 0 < r["ssim_vs_diffusers"] <= 1
         else:
             assert r["full_steps"] < r["steps"] and "psnr_vs_none" in r and "ssim_vs_none" in r
     table = (tmp_path / "speed.md").read_text()

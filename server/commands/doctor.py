@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import platform
-import shutil
-import subprocess
 from pathlib import Path
 
 GiB = 1024**3
@@ -18,26 +16,6 @@ def version(package: str) -> str:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
-
-
-def nvidia_driver() -> str:
-    """The NVIDIA kernel driver's version, from /proc or nvidia-smi; says so when there is none."""
-    proc = Path("/proc/driver/nvidia/version")
-    if proc.is_file():
-        for word in proc.read_text().split():
-            if word[:1].isdigit() and "." in word:
-                return word
-    if shutil.which("nvidia-smi"):
-        answer = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-            check=False,
-        )
-        if answer.returncode == 0 and answer.stdout.strip():
-            return answer.stdout.splitlines()[0].strip()
-    return "none found (no /proc/driver/nvidia, no nvidia-smi)"
 
 
 def host_memory() -> tuple[int, int] | None:
@@ -197,13 +175,41 @@ def plan_json(weights: Path | None, settings, hardware) -> dict:
     }
 
 
+def fast_path_rows(weights: Path | None, settings=None) -> list[tuple[str, str]]:
+    """The fast path `serve` would take with these settings on this GPU, and why (pipelines.fastpath); and, where
+    torch sees no GPU, whether `serve` would refuse these weights on the CPU (pipelines.hardware)."""
+    import torch
+
+    from pipelines.fastpath import FastPathError, choose_fast_path
+    from pipelines.hardware import cpu_fallback_problem, nvidia_driver
+    from pipelines.runtime import gpu_capability
+    from server.config import Settings
+
+    settings = settings or Settings()
+    try:
+        options = settings.runtime_options()
+        fast = choose_fast_path(options.fast_path, gpu_capability(settings.device), options.explicitly_set())
+        rows = [("fast path", f"[configured: {settings.fast_path}] {fast.reason}")]
+    except FastPathError as exc:
+        rows = [("fast path", f"refused: {exc}")]
+    if weights is not None and not torch.cuda.is_available() and importlib.util.find_spec("pipelines.memory"):
+        from pipelines.memory import component_sizes
+
+        total = component_sizes(weights, torch.float32).total  # what the CPU would load (fp32)
+        problem = cpu_fallback_problem(total, settings.allow_cpu, nvidia_driver())
+        rows.append(("on the CPU", f"refused: {problem}" if problem else "allowed"))
+    return rows
+
+
 def report(weights: Path | None, settings=None, hardware=None) -> list[tuple[str, str]]:
     import torch
 
+    from pipelines.hardware import describe_driver, describe_torch_cuda, nvidia_driver
+
     rows = [("python", platform.python_version()), ("platform", platform.platform())]
     rows += [(name, version(name)) for name in LIBRARIES]
-    rows.append(("torch CUDA build", torch.version.cuda or "none (CPU build)"))
-    rows.append(("NVIDIA driver", nvidia_driver()))
+    rows.append(("torch CUDA build", describe_torch_cuda()))
+    rows.append(("NVIDIA driver", describe_driver(nvidia_driver())))
     free_per_gpu = []
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
@@ -226,6 +232,7 @@ def report(weights: Path | None, settings=None, hardware=None) -> list[tuple[str
 
         rows.append(("simulated hardware", ", ".join(f"{k} {v}" for k, v in describe_hardware(hardware).items())))
     rows += memory_mode(weights, free_per_gpu, settings, hardware)
+    rows += fast_path_rows(weights, settings)
     if weights is not None:
         from weights.verify import verify
 

@@ -122,6 +122,37 @@ def test_truncated_text_encoder_is_bit_exact_on_the_gpu(tiny_weights, monkeypatc
     assert np.array_equal(_edit(cut), _edit(whole))
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_context_parallel_on_two_gpus_gives_the_one_gpu_image(tiny_weights, full_bf16):
+    """NCCL for the Ulysses all-to-alls (gloo beside it for the agreed cancel), each rank on its own GPU."""
+    from pipelines.parallel import GroupSpec, ProcessGroupEditor
+
+    group = ProcessGroupEditor(GroupSpec(str(tiny_weights), ["cuda:0", "cuda:1"]))
+    try:
+        steps = []
+        call = EditCall(images=[_reference()], prompt="p", width=512, height=512, seed=1, profile="flash")
+        call.on_step = lambda step, total: steps.append(step)
+        split = np.asarray(group.edit(call).images[0], dtype=np.int16)
+        assert steps == [1, 2, 3, 4]
+        assert np.abs(split - _edit(full_bf16).astype(np.int16)).max() <= 2  # bf16: the split sums in another order
+        assert group.capabilities()["device"] == "cuda:0,cuda:1"
+    finally:
+        group.stop()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_replica_on_the_second_gpu_sees_only_that_gpu(tiny_weights):
+    from pipelines.parallel import GroupSpec, ProcessGroupEditor
+
+    replica = ProcessGroupEditor(GroupSpec(str(tiny_weights), ["cuda:1"]))
+    try:
+        assert replica.capabilities()["device"] == "cuda:1"  # the rank's CUDA_VISIBLE_DEVICES=1: its cuda:0
+        result = replica.edit(EditCall(images=[_reference()], prompt="p", width=512, height=512, profile="flash"))
+        assert result.images[0].size == (512, 512)
+    finally:
+        replica.stop()
+
+
 def test_fp8_quantizes_the_block_layers_only_on_cuda(tiny_weights):
     pytest.importorskip("torchao")
     if torch.cuda.get_device_capability() < (8, 9):

@@ -121,6 +121,41 @@ def memory_mode(weights: Path | None, free_per_gpu: list[int], settings=None, ha
     return rows
 
 
+def gpu_groups(args: argparse.Namespace, hardware) -> dict | None:
+    """How `serve --gpus ... --parallel ...` would group this machine's (or the simulated) GPUs: the plan's JSON,
+    or {"refused": why}; None when --use-gpus is not given."""
+    from pipelines.gpu_groups import GpuPlanError, attention_heads, plan_groups
+
+    if args.use_gpus is None:
+        return None
+    available = len(hardware.gpu_free_bytes) if hardware is not None else _visible_gpus()
+    try:
+        plan = plan_groups(
+            args.use_gpus,
+            available,
+            args.parallel or "none",
+            args.group_size,
+            heads=attention_heads(args.weights),
+            memory_mode=args.memory_mode,
+        )
+    except GpuPlanError as exc:
+        return {"refused": str(exc)}
+    return {**plan.to_json(), "plan": plan.describe()}
+
+
+def one_gpu_each(hardware):
+    """With several --use-gpus every replica or rank holds a whole model on its own GPU: plan memory for one."""
+    import dataclasses
+
+    return dataclasses.replace(hardware, gpu_free_bytes=hardware.gpu_free_bytes[:1])
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def plan_json(weights: Path | None, settings, hardware) -> dict:
     """`doctor --json`: the hardware planned for, the weights' sizes, and the plan `serve` would run or why not."""
     from pipelines.memory import describe_hardware, describe_plan, describe_sizes
@@ -208,19 +243,20 @@ def report(weights: Path | None, settings=None, hardware=None) -> list[tuple[str
 
 
 SIMULATION_FLAGS = ("gpu_memory", "gpus", "host_memory", "fp8", "compute_capability", "json")
+GROUP_FLAGS = ("use_gpus", "parallel", "group_size")  # serve's --gpus/--parallel/--group-size, asked of doctor
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     import json
     import sys
 
-    from pipelines.memory import Hardware
+    from pipelines.memory import Hardware, describe_hardware
     from server.config import Settings
 
     overrides = {
         k: v
         for k, v in vars(args).items()
-        if k in Settings.model_fields and k != "weights" and k not in SIMULATION_FLAGS and v is not None
+        if k in Settings.model_fields and k != "weights" and k not in SIMULATION_FLAGS + GROUP_FLAGS and v is not None
     }
     settings = Settings(**overrides)  # FLUX2_* environment variables, overridden by the flags
     try:
@@ -228,11 +264,22 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    groups = gpu_groups(args, hardware)
+    described = hardware
+    if groups is not None and "groups" in groups and len(groups["groups"]) * len(groups["groups"][0]) > 1:
+        described = hardware or Hardware.detect(settings.device)
+        hardware = one_gpu_each(described)
+        groups["memory_plan"] = "for one GPU: every replica or rank holds a whole model on its own GPU"
     if args.json:
         document = plan_json(args.weights, settings, hardware or Hardware.detect(settings.device))
+        if groups is not None:
+            document["hardware"] = describe_hardware(described or Hardware.detect(settings.device))
+            document["gpu_groups"] = groups
         print(json.dumps(document, indent=2))
         return 0
     rows = report(args.weights, settings, hardware)
+    if groups is not None:
+        rows.append(("gpu groups", groups.get("plan") or f"refused: {groups['refused']}"))
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name.ljust(width)}  {value}")
@@ -258,4 +305,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--fp8", action=argparse.BooleanOptionalAction, help="simulated GPUs run fp8 (default yes: Hopper, Ada)"
     )
     doctor.add_argument("--compute-capability", metavar="X.Y", help="simulated GPUs' compute capability, e.g. 8.0")
+    # several GPUs: how serve would group them (pipelines.gpu_groups), on this machine or the simulated one
+    doctor.add_argument("--use-gpus", metavar="LIST", help="the GPUs serve would use: all, or indices like 0,1,2,3")
+    doctor.add_argument("--parallel", choices=("none", "context"), help="none: replicas; context: split each request")
+    doctor.add_argument("--group-size", type=int, metavar="N", help="GPUs per context-parallel group (default all)")
     doctor.set_defaults(func=cmd_doctor)

@@ -142,6 +142,17 @@ class Settings(BaseSettings):
         default = Path(weights_dir) / SAFETY_CHECKER_DIR
         return default if default.is_dir() else None
 
+    # Several GPUs (pipelines.gpu_groups, pipelines.parallel): see README "Several GPUs in one box".
+    gpus: str | None = Field(
+        None,
+        description="`all` or GPU indices like `0,1,2,3`: one model per GPU (replicas), each taking requests from "
+        "the same queue; with `--device cpu`, that many CPU processes; default: one model in this process",
+    )
+    parallel: Literal["none", "context"] = Field(
+        "none", description="`context`: split each request across a group of GPUs (Ulysses context parallel)"
+    )
+    group_size: int | None = Field(None, description="GPUs per context-parallel group (default: all of --gpus)")
+
     # Speed and memory (pipelines.runtime): see README "Speed and memory".
     memory_mode: str = Field(
         "auto", description="`auto`, `full`, `multi-gpu`, `offload-text-encoder`, `model-offload`, `group-offload`"

@@ -295,7 +295,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     doctor.add_argument("--weights", type=Path, help="also check this weights directory and size the plan for it")
     # the model's settings as `serve` and `worker` take them (and FLUX2_* variables), generated from Settings: the
     # doctor answers for this configuration
-    add_setting_flags(doctor, worker_settings())
+    # (but serve's --gpus/--parallel/--group-size: doctor asks those as --use-gpus/--parallel/--group-size below, since
+    # its --gpus is the number of simulated GPUs)
+    add_setting_flags(doctor, [name for name in worker_settings() if name not in ("gpus", "parallel", "group_size")])
     # planning for hardware this machine doesn't have: the plan `serve` would run there, or why it would refuse
     doctor.add_argument("--json", action="store_true", help="print the plan (or the refusal) as JSON")
     doctor.add_argument("--gpu-memory", type=float, metavar="GIB", help="simulate GPUs of this much memory each")

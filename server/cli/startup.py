@@ -78,13 +78,18 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def runtime_problem(settings, weights_dir: Path) -> str | None:
-    """Why the configured memory mode / fast path / acceleration can't run here, checked before loading."""
+    """Why the configured memory mode / fast path / acceleration, or the --gpus/--parallel grouping, can't run here,
+    checked before loading."""
     from pipelines.editor import pick_device, pick_dtype
     from pipelines.runtime import plan_runtime
 
     try:
         dtype = pick_dtype(pick_device(settings.device), settings.dtype)
         plan_runtime(settings.runtime_options(), weights_dir, settings.device, dtype)
+        if settings.gpus is not None:
+            from server.service.replicas import plan
+
+            plan(settings, weights_dir)  # GpuPlanError (a ValueError) says why not
     except ValueError as exc:
         return str(exc)
     return None

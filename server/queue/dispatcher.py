@@ -140,6 +140,11 @@ class Dispatcher:
         await self.service.model.settled()  # queued requests wait (in the store) while the model loads
         if self.service.model.state is not ModelState.LOADED:
             return  # it failed to load: nothing runs here, /health and /ready say why
+        # one loop per replica (`serve --gpus`): each claims the next request when its model is free
+        replicas = getattr(self.service.model.runner, "replicas", 1)
+        await asyncio.gather(*(self._loop() for _ in range(replicas)))
+
+    async def _loop(self) -> None:
         while not self.stopping:
             self._wakeup.clear()
             try:

@@ -10,6 +10,7 @@ import socket
 import uuid
 
 from server.queue.backend import QueueBackend
+from server.service.replicas import ReplicaRunner
 from server.service.runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,9 @@ async def advertise(store: QueueBackend, worker_id: str, info, ttl_s: float) -> 
 def worker_info(runner: ModelRunner, profiles: list[str], started: float) -> dict:
     """What a worker advertises (JSON): where it runs, what it serves, whether it is busy, what it can do."""
     caps = runner.editor.capabilities()
+    several = {"replicas": runner.describe()} if isinstance(runner, ReplicaRunner) else {}  # --gpus
     return {
+        **several,
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "profiles": profiles,

@@ -18,6 +18,7 @@ import PIL.Image
 
 from pipelines import Cancelled, EditCall, EditResult
 from pipelines.capabilities import Capabilities
+from pipelines.parallel import RankFailed
 from server.config import Settings
 from server.errors import InferenceError, Unavailable
 from server.files.outputs import OutputStore
@@ -216,7 +217,7 @@ class EditService:
         call = dataclasses.replace(prepared.call, on_step=step, on_message=on_message, should_cancel=should_cancel)
         try:
             return await self.model.runner.run(call)
-        except (Cancelled, InferenceError):
+        except (Cancelled, InferenceError, RankFailed):  # RankFailed: a replica's process died (re-queued once)
             raise
         except Exception as exc:
             raise InferenceError(f"{type(exc).__name__}: {exc}") from exc

@@ -13,9 +13,10 @@ import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from server.service.model import Model, ModelState
+from server.service.replicas import ReplicaRunner
 
 # Seconds. Steps of FLUX.2 [dev] run ~0.1 s (H100, 1 MP) to minutes (the tiny model on a CPU is ~0.05 s).
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -90,6 +91,9 @@ class LiveState:
             "Edits handed to the model and not finished, the running one included.",
             runner.waiting,
         )
+        if isinstance(runner, ReplicaRunner):  # --gpus: each replica's state (its memory is in its own process)
+            yield from _replicas(runner)
+            return
         device = runner.editor.device
         if device.type == "cuda":
             yield from _cuda_memory(device)
@@ -97,6 +101,24 @@ class LiveState:
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, value=value)
+
+
+LABELS = ["replica", "devices"]  # the replica's index (CPU replicas share the device name "cpu") and its devices
+
+
+def _replicas(runner: ReplicaRunner):
+    described = runner.describe()
+    families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
+        "busy": GaugeMetricFamily("flux2_replica_busy", "1 while the replica runs an edit.", labels=LABELS),
+        "ready": GaugeMetricFamily("flux2_replica_ready", "1 once the replica's model is loaded.", labels=LABELS),
+        "restarts": CounterMetricFamily(
+            "flux2_replica_restarts", "Times the replica's processes were restarted after one failed.", labels=LABELS
+        ),
+    }
+    for index, replica in enumerate(described):
+        for name, family in families.items():
+            family.add_metric([str(index), ",".join(replica["devices"])], int(replica[name]))
+    yield from families.values()
 
 
 def _cuda_memory(device):

@@ -60,12 +60,16 @@ class Model:
     async def load(self, settings: Settings, weights_dir: Path) -> None:
         """Load in a thread (the event loop keeps serving /health meanwhile); a failure is kept, not raised."""
         try:
-            editor = await asyncio.to_thread(load_model, settings, weights_dir, self._loading)
+            if settings.gpus is not None:  # several devices: replicas or context-parallel groups
+                runner: ModelRunner = await asyncio.to_thread(load_replicas, settings, weights_dir)
+            else:
+                editor = await asyncio.to_thread(load_model, settings, weights_dir, self._loading)
+                runner = ModelRunner(editor, settings.job_timeout_s)
         except Exception as exc:
             log.exception("the model failed to load from %s: /health and /ready answer 503", weights_dir)
             self.failed(f"{type(exc).__name__}: {exc}")
             return
-        self.loaded(ModelRunner(editor, settings.job_timeout_s))
+        self.loaded(runner)
 
     def _loading(self, progress: LoadProgress) -> None:  # on the loading thread: one attribute, swapped whole
         self.progress = progress
@@ -120,6 +124,15 @@ def load_model(
     )
     announce(editor.capabilities(), settings, weights_dir)
     return editor
+
+
+def load_replicas(settings: Settings, weights_dir: Path) -> ModelRunner:
+    """`--gpus`: one model per GPU or per group of GPUs, each in its own process(es), used as one runner."""
+    from server.service.replicas import ReplicaRunner, load_groups
+
+    editors = load_groups(settings, weights_dir, adapter_to_fuse(settings, weights_dir))
+    announce(editors[0].capabilities(), settings, weights_dir)
+    return ReplicaRunner(editors, settings.job_timeout_s)
 
 
 def announce(caps: Capabilities, settings: Settings, weights_dir: Path) -> None:

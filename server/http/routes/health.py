@@ -8,6 +8,7 @@ from pydantic import BaseModel, Field
 
 from server.http.context import services
 from server.service.model import ModelState
+from server.service.replicas import ReplicaRunner
 
 router = APIRouter(tags=["health"])
 
@@ -24,6 +25,11 @@ class Health(BaseModel):
         None,
         description="While the model loads: {stage (read, adapters, place, warm_up, done), component (being read), "
         "bytes_read, bytes_total} (safetensors bytes on disk).",
+    )
+    replicas: list[dict] | None = Field(
+        None,
+        description="With --gpus: each replica (one GPU, or a context-parallel group): mode, devices, ready, "
+        "restarts, busy.",
     )
     workers: list[dict] = Field(description="Live queue workers, as each advertises itself (heartbeat not expired).")
     allow_undistilled: bool = Field(description="Whether distilled profiles may run on the base weights.")
@@ -58,6 +64,8 @@ async def health(request: Request) -> JSONResponse:
         runner = the.model.runner
         answer.waiting = runner.waiting  # edits submitted to the model and not finished, running included
         answer.capabilities = runner.editor.capabilities().as_dict()
+        if isinstance(runner, ReplicaRunner):
+            answer.replicas = runner.describe()
     return JSONResponse(answer.model_dump(mode="json"), status_code=503 if model is ModelState.FAILED else 200)
 
 

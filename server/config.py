@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     )
     retention_sweep_every_s: float = Field(600.0, description="seconds between sweeps of expired requests and files")
     webhook_backoff_s: float = Field(1.0, description="first webhook retry delay in seconds (doubles, 6 attempts)")
+    stream_keepalive_s: float = Field(
+        15.0, description="seconds between keep-alive comments on a quiet status stream (as fal's, every 15 s)"
+    )
     job_timeout_s: float | None = Field(
         1800.0, description="seconds a job may run; a job running longer is stopped at its next step and failed (504)"
     )

@@ -122,14 +122,27 @@ class WorkerCrashed(ServerError):
     error_type = "worker_crashed"
 
 
+# The 5xx error_types that may well succeed if the same request is sent again (the device's memory was released; a
+# fault outside the model). Every 5xx answer says which it is in fal's `X-Fal-Retryable` header.
+RETRYABLE = frozenset({"out_of_memory", "internal_error"})
+
+
+def retryable_headers(status: int, error_type: str | None) -> dict[str, str]:
+    """`X-Fal-Retryable: true|false` on a 5xx answer (fal's header), nothing on any other."""
+    return {"X-Fal-Retryable": str(error_type in RETRYABLE).lower()} if status >= 500 else {}
+
+
 def answer_for(exc: BaseException) -> ErrorAnswer:
     """What a request that ended in `exc` answers, and how it is counted."""
     if isinstance(exc, ServerError):
-        return exc.answer()
-    if isinstance(exc, Cancelled):
-        return RequestCancelled().answer()
-    cause = f"{type(exc).__name__}: {exc}"
-    return ErrorAnswer(500, "internal_error", {"detail": f"Internal server error: {cause}"}, cause)
+        answer = exc.answer()
+    elif isinstance(exc, Cancelled):
+        answer = RequestCancelled().answer()
+    else:
+        cause = f"{type(exc).__name__}: {exc}"
+        answer = ErrorAnswer(500, "internal_error", {"detail": f"Internal server error: {cause}"}, cause)
+    answer.headers.update(retryable_headers(answer.status, answer.error_type))
+    return answer
 
 
 def outcome(exc: BaseException | None) -> str:

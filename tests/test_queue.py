@@ -35,7 +35,16 @@ def wait_done(client: httpx.Client, handle: dict, timeout: float = 300) -> dict:
 def test_submit_status_result_shapes(server):
     c = server.client
     handle = submit(c, server.url, "fal-ai/flux-2/turbo/edit", QUICK)
-    assert set(handle) == {"request_id", "response_url", "status_url", "cancel_url", "queue_position"}
+    assert set(handle) == {
+        "status",
+        "request_id",
+        "gateway_request_id",
+        "response_url",
+        "status_url",
+        "cancel_url",
+        "queue_position",
+    }
+    assert handle["status"] == "IN_QUEUE" and handle["gateway_request_id"] == handle["request_id"]
     assert handle["response_url"] == f"{server.url}/queue/fal-ai/flux-2/requests/{handle['request_id']}"
     assert handle["status_url"] == handle["response_url"] + "/status"
     done = wait_done(c, handle)

@@ -98,7 +98,7 @@ class Dispatcher:
         mode = "sync" if request.id in self._waiters else "queue"
         self.service.metrics.job_finished(request.endpoint_id, mode, outcome, time.time() - request.created_at)
         if request.webhook_url and self.webhooks is not None:
-            self.webhooks.send(request.webhook_url, webhook_payload(request.id, status_code, result, error))
+            self.webhooks.send(request.webhook_url, webhook_payload(request.id, status_code, result))
         return True
 
     def fail(self, request: QueuedRequest, error: BaseException, only_if_queued: bool = False) -> bool:

@@ -21,14 +21,14 @@ ATTEMPTS = 6
 TIMEOUT_S = 10.0
 
 
-def webhook_payload(request_id: str, status_code: int, result: dict, error: str | None) -> dict:
+def webhook_payload(request_id: str, status_code: int, result: dict) -> dict:
     ok = status_code < 400
     return {
         "request_id": request_id,
         "gateway_request_id": request_id,
         "status": "OK" if ok else "ERROR",
         "payload": result,
-        "error": None if ok else f"Invalid status code: {status_code}" + (f" ({error})" if error else ""),
+        "error": None if ok else f"Invalid status code: {status_code}",  # fal's string; the details are in payload
     }
 
 

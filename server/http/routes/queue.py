@@ -7,6 +7,7 @@ build those paths with the endpoint's own path (`.../fal-ai/flux-2/edit/requests
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import Callable
 from typing import Annotated, Literal
@@ -15,10 +16,11 @@ from fastapi import APIRouter, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.endpoints import APP_PATH, ENDPOINTS, Endpoint
+from server.errors import retryable_headers
 from server.http.callers import caller
 from server.http.context import services
 from server.http.responses import MODEL_FAILED, NOT_FOUND, TIMED_OUT, UNAVAILABLE
-from server.logs import request_id_var
+from server.logs import set_fal_request_id
 from server.queue.backend import PRIORITIES, SYNC, QueuedRequest
 from server.schemas import CancelAnswer, EditInput, EditOutput, Message, Progress, QueueStatus, QueueSubmitted
 from server.service.model import ModelState
@@ -79,10 +81,10 @@ def admit(
     """Refuse a request now (503 as configured, 429 over the caller's limit) or give its id and the call that
     queues it (durably). `sync`: its caller awaits it in this process (`Dispatcher.submit_and_wait`)."""
     the = services(request)
+    request_id = str(uuid.uuid4())
+    set_fal_request_id(request.scope, request_id)  # a refusal below carries it too
     if the.model.state is ModelState.LOADED:  # refused now (503), rather than accepted and failed
         the.edits.check_available(endpoint.profile, body)
-    request_id = str(uuid.uuid4())
-    request_id_var.set(request_id)
     the.quotas.claim(caller(request), request_id, the.store)  # counts until the queue has it COMPLETED
 
     def add() -> None:
@@ -145,7 +147,9 @@ def _add_submit_route(endpoint: Endpoint) -> None:
     ) -> QueueSubmitted:
         queued = enqueue(request, endpoint, body, fal_webhook, x_fal_queue_priority, x_fal_request_timeout)
         position = services(request).store.position(queued)
-        return QueueSubmitted(request_id=queued.id, queue_position=position, **queued.urls)
+        return QueueSubmitted(
+            request_id=queued.id, gateway_request_id=queued.id, queue_position=position, **queued.urls
+        )
 
     submit.__name__ = f"submit_{endpoint.profile}"
     router.add_api_route(
@@ -158,6 +162,7 @@ def _add_submit_route(endpoint: Endpoint) -> None:
 
 
 def _get(request: Request, request_id: str) -> QueuedRequest:
+    set_fal_request_id(request.scope, request_id)
     queued = services(request).store.get(request_id)
     if queued is None:
         raise HTTPException(404, f"Request {request_id} not found")
@@ -194,17 +199,24 @@ async def status(request: Request, request_id: str, logs: bool = False) -> JSONR
 
 
 async def status_stream(request: Request, request_id: str, logs: bool = True) -> StreamingResponse:
-    """Server-sent events: one `data:` event per change of status (or new log line), ending at COMPLETED."""
+    """Server-sent events: one `data:` event per change of status (or new log line), ending at COMPLETED; a
+    `: keep-alive` comment when nothing changed for FLUX2_STREAM_KEEPALIVE_S."""
     _get(request, request_id)
+
+    keepalive_s = services(request).settings.stream_keepalive_s
 
     async def events():
         last = None
+        sent = time.monotonic()
         while True:
             current = status_of(request, _get(request, request_id), logs)
             payload = current.model_dump_json()
             if payload != last:
                 yield f"data: {payload}\n\n"
-                last = payload
+                last, sent = payload, time.monotonic()
+            elif time.monotonic() - sent >= keepalive_s:  # a comment line, as fal's stream sends while quiet
+                yield ": keep-alive\n\n"
+                sent = time.monotonic()
             if current.status == "COMPLETED" or await request.is_disconnected():
                 return
             await asyncio.sleep(STREAM_POLL_S)
@@ -217,6 +229,7 @@ def result_response(queued: QueuedRequest) -> JSONResponse:
     if queued.error_type == "request_timeout":
         headers["x-fal-request-timeout-type"] = "user"  # fal's mark: the caller's own start deadline passed
     assert queued.result is not None and queued.status_code is not None, "only a COMPLETED request has a result"
+    headers.update(retryable_headers(queued.status_code, queued.error_type))
     return JSONResponse(json.loads(queued.result), status_code=queued.status_code, headers=headers)
 
 
@@ -228,8 +241,13 @@ async def result(request: Request, request_id: str) -> JSONResponse:
 
 
 async def cancel(request: Request, request_id: str) -> JSONResponse:
-    """A queued request is cancelled at once; a running one stops at its next denoising step."""
-    if not services(request).dispatcher.cancel(_get(request, request_id)):
+    """A queued request is cancelled at once; a running one stops at its next denoising step. fal's answers:
+    CANCELLATION_REQUESTED (202), ALREADY_COMPLETED (400), NOT_FOUND (404)."""
+    set_fal_request_id(request.scope, request_id)
+    queued = services(request).store.get(request_id)
+    if queued is None:
+        return JSONResponse(CancelAnswer(status="NOT_FOUND").model_dump(), status_code=404)
+    if not services(request).dispatcher.cancel(queued):
         return JSONResponse(CancelAnswer(status="ALREADY_COMPLETED").model_dump(), status_code=400)
     return JSONResponse(CancelAnswer(status="CANCELLATION_REQUESTED").model_dump(), status_code=202)
 
@@ -262,7 +280,10 @@ for _app_path in (APP_PATH, *(e.endpoint_id for e in ENDPOINTS)):
         methods=["PUT"],
         status_code=202,
         response_model=CancelAnswer,
-        responses={400: {"model": CancelAnswer, "description": "ALREADY_COMPLETED"}, **NOT_FOUND},
+        responses={
+            400: {"model": CancelAnswer, "description": "ALREADY_COMPLETED"},
+            404: {"model": CancelAnswer, "description": "NOT_FOUND: unknown or expired id"},
+        },
         include_in_schema=_canonical,
     )
     router.add_api_route(

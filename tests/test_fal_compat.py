@@ -68,3 +68,14 @@ def test_a_quiet_status_stream_sends_keep_alive_comments(fake_server):
         lines = list(stream.iter_lines())
     assert ": keep-alive" in lines
     assert '"COMPLETED"' in [line for line in lines if line.startswith("data:")][-1]
+
+
+def test_unknown_paths_answer_fals_404_naming_the_served_endpoints(fake_server):
+    client, _ = fake_server(FakeEditor())
+    for path in ("/fal-ai/flux-2", "/queue/fal-ai/flux-2/dev", "/nothing/here"):
+        answer = client.post(path, json=BODY)
+        assert answer.status_code == 404
+        detail = answer.json()["detail"]
+        assert detail.startswith(f"Path {path} not found") and "fal-ai/flux-2/flash/edit" in detail, detail
+    known = client.get("/queue/fal-ai/flux-2/requests/00000000-0000-0000-0000-000000000000/status")
+    assert known.json() == {"detail": "Request 00000000-0000-0000-0000-000000000000 not found"}  # a route's own 404

@@ -53,6 +53,21 @@ class InputError(ServerError):
         return ErrorAnswer(self.status, self.error_type, {"detail": [self.detail]}, self.detail["msg"])
 
 
+class InvalidBody(ServerError):
+    """A queued body that fails the endpoint's schema, found when the request runs (as fal's queue validates):
+    a 422 with the validation errors in FastAPI's shape, as the sync endpoint answers the same body at once."""
+
+    status = 422
+    error_type = "validation_error"
+
+    def __init__(self, errors: list[dict]):
+        self.errors = [{**error, "loc": ["body", *error["loc"]]} for error in errors]
+        super().__init__(self.errors[0]["msg"] if self.errors else "Invalid body")
+
+    def answer(self) -> ErrorAnswer:
+        return ErrorAnswer(self.status, self.error_type, {"detail": self.errors}, str(self))
+
+
 class Unavailable(ServerError):
     """This server can't serve the request as configured (a missing adapter, the model failed to load): a 503
     saying what is missing."""

@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 
 from tests.conftest import data_uri, image_bytes
 from tests.fake_editor import FakeEditor
+from tests.test_webhooks import Receiver
 
 BODY = {"prompt": "p", "image_urls": [data_uri(image_bytes(64, 64))], "image_size": "square", "seed": 1}
 FLASH = "fal-ai/flux-2/flash/edit"
@@ -79,3 +80,24 @@ def test_unknown_paths_answer_fals_404_naming_the_served_endpoints(fake_server):
         assert detail.startswith(f"Path {path} not found") and "fal-ai/flux-2/flash/edit" in detail, detail
     known = client.get("/queue/fal-ai/flux-2/requests/00000000-0000-0000-0000-000000000000/status")
     assert known.json() == {"detail": "Request 00000000-0000-0000-0000-000000000000 not found"}  # a route's own 404
+
+
+def test_the_queue_validates_a_body_when_the_request_runs(fake_server):
+    receiver = Receiver(failures=0)
+    client, _ = fake_server(FakeEditor(), fetch_allow="127.0.0.1/32")
+    missing_prompt = {key: value for key, value in BODY.items() if key != "prompt"}
+    submitted = client.post(f"/queue/{FLASH}", params={"fal_webhook": receiver.url}, json=missing_prompt)
+    assert submitted.status_code == 200 and submitted.json()["status"] == "IN_QUEUE"  # accepted: it gets an id
+    status = wait_completed(client, submitted.json())
+    assert status["error_type"] == "validation_error" and status["error"] == "Field required"
+    result = client.get(submitted.json()["response_url"])
+    assert result.status_code == 422
+    [error] = result.json()["detail"]
+    assert error["loc"] == ["body", "prompt"] and error["type"] == "missing"
+    [webhook] = receiver.wait_for(1)  # fal's ERROR webhook, the 422 body as its payload
+    assert webhook["status"] == "ERROR" and webhook["error"] == "Invalid status code: 422"
+    assert webhook["payload"] == result.json()
+
+    not_json = client.post(f"/queue/{FLASH}", content=b"{nope", headers={"content-type": "application/json"})
+    assert not_json.status_code == 422 and not_json.json()["detail"][0]["type"] == "json_invalid"
+    assert not_json.headers["x-fal-request-id"]

@@ -13,7 +13,9 @@ from collections.abc import Callable
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
 
 from server.endpoints import APP_PATH, ENDPOINTS, Endpoint
 from server.errors import retryable_headers
@@ -72,18 +74,19 @@ def _queue_url(request: Request) -> str:
 def admit(
     request: Request,
     endpoint: Endpoint,
-    body: EditInput,
+    body: EditInput | str,
     webhook_url: str | None = None,
     priority: str = "normal",
     start_timeout_s: float | None = None,
     sync: bool = False,
 ) -> tuple[str, Callable[[], None]]:
     """Refuse a request now (503 as configured, 429 over the caller's limit) or give its id and the call that
-    queues it (durably). `sync`: its caller awaits it in this process (`Dispatcher.submit_and_wait`)."""
+    queues it (durably). `sync`: its caller awaits it in this process (`Dispatcher.submit_and_wait`). A `str` body is
+    JSON that did not pass the endpoint's schema: queued as it is, it fails with 422 when it runs (fal's queue)."""
     the = services(request)
     request_id = str(uuid.uuid4())
     set_fal_request_id(request.scope, request_id)  # a refusal below carries it too
-    if the.model.state is ModelState.LOADED:  # refused now (503), rather than accepted and failed
+    if the.model.state is ModelState.LOADED and not isinstance(body, str):  # refused now (503), not failed later
         the.edits.check_available(endpoint.profile, body)
     the.quotas.claim(caller(request), request_id, the.store)  # counts until the queue has it COMPLETED
 
@@ -91,7 +94,7 @@ def admit(
         the.store.add(
             request_id,
             endpoint.endpoint_id,
-            body.model_dump_json(exclude_unset=True),
+            body if isinstance(body, str) else body.model_dump_json(exclude_unset=True),
             PRIORITIES[priority],
             SYNC if sync else _queue_url(request),
             the.settings.public_url or str(request.base_url),
@@ -105,7 +108,7 @@ def admit(
 def enqueue(
     request: Request,
     endpoint: Endpoint,
-    body: EditInput,
+    body: EditInput | str,
     webhook_url: str | None = None,
     priority: str = "normal",
     start_timeout_s: float | None = None,
@@ -128,9 +131,23 @@ async def wait_completed(request: Request, request_id: str) -> QueuedRequest:
         await store.wait_completed(request_id, timeout_s=1.0)
 
 
+async def queued_body(request: Request, endpoint: Endpoint) -> EditInput | str:
+    """A submit's body: the endpoint's input if it validates, else its JSON text, queued to fail with 422 when it
+    runs (fal's queue accepts any JSON and validates when the request runs). A body that isn't JSON is a 422 now."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:  # FastAPI's own answer to a body that isn't JSON
+        error = {"type": "json_invalid", "loc": ["body", 0], "msg": "JSON decode error", "input": {}}
+        raise RequestValidationError([{**error, "ctx": {"error": str(exc)}}]) from exc
+    try:
+        return endpoint.input_model.model_validate(data)
+    except ValidationError:
+        return json.dumps(data)
+
+
 def _add_submit_route(endpoint: Endpoint) -> None:
     async def submit(
-        body: endpoint.input_model,  # type: ignore[name-defined]  # FastAPI reads it at run time
         request: Request,
         fal_webhook: Annotated[
             str | None,
@@ -145,6 +162,7 @@ def _add_submit_route(endpoint: Endpoint) -> None:
             float | None, Header(gt=0.1, description="seconds to start within (over 0.1, as on fal)")
         ] = None,
     ) -> QueueSubmitted:
+        body = await queued_body(request, endpoint)
         queued = enqueue(request, endpoint, body, fal_webhook, x_fal_queue_priority, x_fal_request_timeout)
         position = services(request).store.position(queued)
         return QueueSubmitted(
@@ -157,7 +175,18 @@ def _add_submit_route(endpoint: Endpoint) -> None:
         submit,
         methods=["POST"],
         summary=f"Queue: {endpoint.summary}",
+        description="The body is validated when the request runs, as on fal: a body that fails the schema is "
+        "queued, and its result is the 422. A body that is not JSON is refused now (422).",
         responses=UNAVAILABLE,
+        # the body is read by `queued_body`, so its schema is declared here (the sync endpoint's component)
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": f"#/components/schemas/{endpoint.input_model.__name__}"}}
+                },
+            }
+        },
     )
 
 

@@ -11,7 +11,10 @@ import time
 import uuid
 from collections.abc import Callable
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
+import anyio
+import httpcore
 from fastapi import APIRouter, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -23,12 +26,14 @@ from server.http.callers import caller
 from server.http.context import services
 from server.http.responses import MODEL_FAILED, NOT_FOUND, TIMED_OUT, UNAVAILABLE
 from server.logs import set_fal_request_id
+from server.net.guard import AddressPolicy, AddressRefused
 from server.queue.backend import PRIORITIES, SYNC, QueuedRequest
 from server.schemas import CancelAnswer, EditInput, EditOutput, Message, Progress, QueueStatus, QueueSubmitted
 from server.service.model import ModelState
 
 router = APIRouter(prefix="/queue", tags=["queue"])
 STREAM_POLL_S = 0.1
+WEBHOOK_RESOLVE_S = 5.0
 
 QUEUE_HOST_FLAG = "flux2.queue_host"
 STREAM_RESPONSE = {
@@ -146,6 +151,21 @@ async def queued_body(request: Request, endpoint: Endpoint) -> EditInput | str:
         return json.dumps(data)
 
 
+async def check_webhook_url(request: Request, url: str) -> None:
+    """A 422 now for a webhook URL the SSRF guard refuses (server/net/guard.py), rather than a request whose
+    webhook is silently dropped. A host that can't be resolved now is accepted: delivery is retried."""
+    parts = urlsplit(url)
+    policy = AddressPolicy.parse(services(request).settings.fetch_allow)
+    try:
+        with anyio.fail_after(WEBHOOK_RESOLVE_S):
+            await policy.resolve(parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
+    except AddressRefused as exc:
+        error = {"type": "webhook_refused", "loc": ["query", "fal_webhook"], "msg": str(exc), "input": url}
+        raise RequestValidationError([error]) from exc
+    except (TimeoutError, httpcore.ConnectError, ValueError):
+        pass
+
+
 def _add_submit_route(endpoint: Endpoint) -> None:
     async def submit(
         request: Request,
@@ -162,6 +182,8 @@ def _add_submit_route(endpoint: Endpoint) -> None:
             float | None, Header(gt=0.1, description="seconds to start within (over 0.1, as on fal)")
         ] = None,
     ) -> QueueSubmitted:
+        if fal_webhook:
+            await check_webhook_url(request, fal_webhook)
         body = await queued_body(request, endpoint)
         queued = enqueue(request, endpoint, body, fal_webhook, x_fal_queue_priority, x_fal_request_timeout)
         position = services(request).store.position(queued)

@@ -76,7 +76,16 @@ class Settings(BaseSettings):
         7 * 24 * 3600, description="seconds finished requests, their logs and files are kept (default 7 days)"
     )
     retention_sweep_every_s: float = Field(600.0, description="seconds between sweeps of expired requests and files")
-    webhook_backoff_s: float = Field(1.0, description="first webhook retry delay in seconds (doubles, 6 attempts)")
+    webhook_backoff_s: float = Field(
+        14.0, description="first webhook retry delay in seconds (doubling: 10 attempts over about 2 hours, as fal)"
+    )
+    webhook_attempts: int = Field(10, description="attempts per webhook delivery (fal: 10)")
+    webhook_user_id: str = Field(
+        "flux2-server", description="the user id webhooks are signed for (`X-Fal-Webhook-User-Id`; fal: your account)"
+    )
+    stream_keepalive_s: float = Field(
+        15.0, description="seconds between keep-alive comments on a quiet status stream (as fal's, every 15 s)"
+    )
     job_timeout_s: float | None = Field(
         1800.0, description="seconds a job may run; a job running longer is stopped at its next step and failed (504)"
     )

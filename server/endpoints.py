@@ -15,11 +15,18 @@ class Endpoint:
     input_model: type[Flux2EditInput | Flux2FastEditInput]
     profile: str  # key into pipelines.PROFILES
     summary: str
+    schema_name: str  # fal's name of its input/output schemas, without `Input`/`Output` (fal-js's types too)
 
 
 ENDPOINTS = (
-    Endpoint("fal-ai/flux-2/edit", Flux2EditInput, "edit", "FLUX.2 [dev] edit: full quality, configurable steps"),
-    Endpoint("fal-ai/flux-2/turbo/edit", Flux2FastEditInput, "turbo", "FLUX.2 [dev] Turbo edit: 8 steps"),
-    Endpoint("fal-ai/flux-2/flash/edit", Flux2FastEditInput, "flash", "FLUX.2 [dev] Flash edit: 4 steps"),
+    Endpoint(
+        "fal-ai/flux-2/edit", Flux2EditInput, "edit", "FLUX.2 [dev] edit: full quality, configurable steps", "Flux2Edit"
+    ),
+    Endpoint(
+        "fal-ai/flux-2/turbo/edit", Flux2FastEditInput, "turbo", "FLUX.2 [dev] Turbo edit: 8 steps", "Flux2TurboEdit"
+    ),
+    Endpoint(
+        "fal-ai/flux-2/flash/edit", Flux2FastEditInput, "flash", "FLUX.2 [dev] Flash edit: 4 steps", "Flux2FlashEdit"
+    ),
 )
 BY_ID = {e.endpoint_id: e for e in ENDPOINTS}

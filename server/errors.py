@@ -53,6 +53,21 @@ class InputError(ServerError):
         return ErrorAnswer(self.status, self.error_type, {"detail": [self.detail]}, self.detail["msg"])
 
 
+class InvalidBody(ServerError):
+    """A queued body that fails the endpoint's schema, found when the request runs (as fal's queue validates):
+    a 422 with the validation errors in FastAPI's shape, as the sync endpoint answers the same body at once."""
+
+    status = 422
+    error_type = "validation_error"
+
+    def __init__(self, errors: list[dict]):
+        self.errors = [{**error, "loc": ["body", *error["loc"]]} for error in errors]
+        super().__init__(self.errors[0]["msg"] if self.errors else "Invalid body")
+
+    def answer(self) -> ErrorAnswer:
+        return ErrorAnswer(self.status, self.error_type, {"detail": self.errors}, str(self))
+
+
 class Unavailable(ServerError):
     """This server can't serve the request as configured (a missing adapter, the model failed to load): a 503
     saying what is missing."""
@@ -122,14 +137,27 @@ class WorkerCrashed(ServerError):
     error_type = "worker_crashed"
 
 
+# The 5xx error_types that may well succeed if the same request is sent again (the device's memory was released; a
+# fault outside the model). Every 5xx answer says which it is in fal's `X-Fal-Retryable` header.
+RETRYABLE = frozenset({"out_of_memory", "internal_error"})
+
+
+def retryable_headers(status: int, error_type: str | None) -> dict[str, str]:
+    """`X-Fal-Retryable: true|false` on a 5xx answer (fal's header), nothing on any other."""
+    return {"X-Fal-Retryable": str(error_type in RETRYABLE).lower()} if status >= 500 else {}
+
+
 def answer_for(exc: BaseException) -> ErrorAnswer:
     """What a request that ended in `exc` answers, and how it is counted."""
     if isinstance(exc, ServerError):
-        return exc.answer()
-    if isinstance(exc, Cancelled):
-        return RequestCancelled().answer()
-    cause = f"{type(exc).__name__}: {exc}"
-    return ErrorAnswer(500, "internal_error", {"detail": f"Internal server error: {cause}"}, cause)
+        answer = exc.answer()
+    elif isinstance(exc, Cancelled):
+        answer = RequestCancelled().answer()
+    else:
+        cause = f"{type(exc).__name__}: {exc}"
+        answer = ErrorAnswer(500, "internal_error", {"detail": f"Internal server error: {cause}"}, cause)
+    answer.headers.update(retryable_headers(answer.status, answer.error_type))
+    return answer
 
 
 def outcome(exc: BaseException | None) -> str:

@@ -77,14 +77,39 @@ def logging_config(log_format: str = "text", level: str = "info") -> dict:
     }
 
 
+FAL_REQUEST_ID = "flux2.fal_request_id"  # the scope key of a response's fal request id (a one-entry dict)
+
+
+def set_fal_request_id(scope: dict, request_id: str) -> None:
+    """This HTTP request concerns the fal request `request_id`: log with it, and answer with `x-fal-request-id`."""
+    if not _ACCEPTED_ID.match(request_id):  # a path segment that can't be an id of ours: not echoed in a header
+        return
+    request_id_var.set(request_id)
+    if FAL_REQUEST_ID in scope:
+        scope[FAL_REQUEST_ID]["id"] = request_id
+
+
 def request_ids(app):
     """ASGI middleware: every HTTP request runs with a request id (the client's `X-Request-Id` when it is a
-    plausible id, else a fresh one)."""
+    plausible id, else a fresh one). A response about a fal request (set_fal_request_id: submit, status, cancel,
+    result, a sync call, a 422 for its body) carries its id in `x-fal-request-id`, as fal's do."""
 
     async def middleware(scope, receive, send):
-        if scope["type"] == "http":
-            given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-            request_id_var.set(given if _ACCEPTED_ID.match(given) else uuid.uuid4().hex)
-        await app(scope, receive, send)
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id_var.set(given if _ACCEPTED_ID.match(given) else uuid.uuid4().hex)
+        fal_id: dict[str, str | None] = {"id": None}  # shared by the copies of the scope further in
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start" and fal_id["id"]:
+                headers = list(message.get("headers", []))
+                if not any(name.lower() == b"x-fal-request-id" for name, _ in headers):
+                    headers.append((b"x-fal-request-id", fal_id["id"].encode("latin-1")))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await app({**scope, FAL_REQUEST_ID: fal_id}, receive, send_with_id)
 
     return middleware

@@ -27,6 +27,7 @@ from server.queue.backend import QueueBackend
 from server.queue.connect import open_configured_queue
 from server.queue.dispatcher import Dispatcher
 from server.queue.heartbeat import advertise, new_worker_id, worker_info
+from server.queue.webhook_signing import WebhookSigner
 from server.queue.webhooks import WebhookSender
 from server.service.edit import EditService
 from server.service.metrics import Metrics
@@ -49,6 +50,7 @@ class Services:
     api_keys: list[str]
     worker_id: str  # this process in the queue (its consumer name, its heartbeat)
     profiles: list[str]  # the profiles the model here serves
+    webhook_signer: WebhookSigner  # its public key: GET /.well-known/jwks.json
 
     async def heartbeat(self) -> None:
         """Once the model is loaded, advertise this process as a worker until cancelled."""
@@ -80,7 +82,9 @@ async def open_services(
     profiles = served_profiles(settings)
     try:
         async with outbound_client(settings) as client:
-            webhooks = WebhookSender(client, settings.webhook_backoff_s)
+            signer = WebhookSigner.load_or_create(settings.data_dir, settings.webhook_user_id)
+            webhooks = WebhookSender(client, store, signer, settings.webhook_backoff_s, settings.webhook_attempts)
+            webhooks.start()  # and picks up deliveries a stopped process left
             edits = EditService(settings, model, outputs, client, metrics)
             try:
                 yield Services(
@@ -97,6 +101,7 @@ async def open_services(
                     api_keys=settings.keys(),
                     worker_id=worker_id,
                     profiles=profiles,
+                    webhook_signer=signer,
                 )
             finally:
                 await webhooks.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import SkipJsonSchema
 
 MIN_SIDE, MAX_SIDE = 512, 2048
@@ -37,14 +37,14 @@ NAMED_SIZES: dict[ImageSizeName, tuple[int, int]] = {
 }
 
 
-# Input scalars are strict: a number field takes JSON numbers (an integer one, integers), a boolean field true or
-# false; pydantic's default coercions (0 or "yes" for true, false for 0, "2" for 2) would accept requests that the
-# schema in /openapi.json says are invalid. Enum and literal fields stay as they are (strings, as JSON has them).
+# Input scalars are validated as fal's framework validates them: pydantic's default (lax) mode, so "2" or 2.0 for an
+# integer, "3.5" for a float and "true" or 1 for a boolean are accepted and converted (what form frontends, Python code
+# computing sizes as floats and LLM tool calls send). /openapi.json still states the real types.
 
 
 class ImageSize(BaseModel):
-    width: int = Field(512, strict=True, ge=MIN_SIDE, le=MAX_SIDE, description="The width of the generated image.")
-    height: int = Field(512, strict=True, ge=MIN_SIDE, le=MAX_SIDE, description="The height of the generated image.")
+    width: int = Field(512, ge=MIN_SIDE, le=MAX_SIDE, description="The width of the generated image.")
+    height: int = Field(512, ge=MIN_SIDE, le=MAX_SIDE, description="The height of the generated image.")
 
 
 class Acceleration(str, Enum):
@@ -66,25 +66,22 @@ class _EditInputCommon(BaseModel):
     )
     guidance_scale: float = Field(
         2.5,
-        strict=True,
         ge=0,
         le=20,
         description="Guidance Scale is a measure of how close you want the model to stick to your prompt.",
     )
     seed: int | None = Field(
         None,
-        strict=True,
-        ge=0,
-        le=2**64 - 1,
-        description="The seed to use for the generation. If not provided, a random seed will be used.",
+        description="The seed to use for the generation. If not provided, a random seed will be used. Any integer "
+        "(as on fal): it is mapped onto the generator's range (modulo 2**64), and the output echoes it as given.",
     )
-    num_images: int = Field(1, strict=True, ge=1, le=4, description="The number of images to generate.")
-    enable_prompt_expansion: StrictBool = Field(False, description="If set to true, the prompt will be expanded.")
-    sync_mode: StrictBool = Field(
+    num_images: int = Field(1, ge=1, le=4, description="The number of images to generate.")
+    enable_prompt_expansion: bool = Field(False, description="If set to true, the prompt will be expanded.")
+    sync_mode: bool = Field(
         False,
         description="If true, the media will be returned as a data URI and the output won't be stored.",
     )
-    enable_safety_checker: StrictBool = Field(True, description="If set to true, the safety checker will be enabled.")
+    enable_safety_checker: bool = Field(True, description="If set to true, the safety checker will be enabled.")
     output_format: OutputFormat = Field("png", description="The format of the generated image.")
     image_urls: list[str] = Field(
         min_length=1,
@@ -96,9 +93,7 @@ class _EditInputCommon(BaseModel):
 class Flux2EditInput(_EditInputCommon):
     """Input of fal-ai/flux-2/edit (full quality)."""
 
-    num_inference_steps: int = Field(
-        28, strict=True, ge=4, le=50, description="The number of inference steps to perform."
-    )
+    num_inference_steps: int = Field(28, ge=4, le=50, description="The number of inference steps to perform.")
     image_size: ImageSize | ImageSizeName | None = Field(
         None,
         description="The size of the generated image (512-2048 px a side). Not set: the first input image's size.",
@@ -151,9 +146,11 @@ class EditOutput(BaseModel):
 
 
 class QueueSubmitted(BaseModel):
-    """fal's answer to a queue submit."""
+    """fal's answer to a queue submit (fal-js types it as an IN_QUEUE status)."""
 
+    status: Literal["IN_QUEUE"] = "IN_QUEUE"
     request_id: str
+    gateway_request_id: str = Field(description="fal's gateway id of the request; here the same as request_id.")
     response_url: str
     status_url: str
     cancel_url: str
@@ -196,4 +193,4 @@ class Message(BaseModel):
 
 
 class CancelAnswer(BaseModel):
-    status: Literal["CANCELLATION_REQUESTED", "ALREADY_COMPLETED"]
+    status: Literal["CANCELLATION_REQUESTED", "ALREADY_COMPLETED", "NOT_FOUND"]

@@ -75,7 +75,7 @@ def test_out_of_memory_fails_that_request_on_both_paths(fake_server, mode):
         handle = client.post(f"/queue/{FLASH}", json=BODY).json()
         assert wait_status(client, handle, "COMPLETED")["error_type"] == "out_of_memory"
         answer = client.get(handle["response_url"])
-    assert answer.status_code == 500
+    assert answer.status_code == 500 and answer.headers["x-fal-retryable"] == "true"  # the memory was released
     assert answer.json()["detail"].startswith("Inference failed: CUDA out of memory (fake)")
 
 
@@ -83,6 +83,7 @@ def test_a_job_past_its_time_limit_stops_at_its_next_step(fake_server):
     client, _ = fake_server(FakeEditor(step_s=0.05), job_timeout_s=0.2)
     answer = client.post("/fal-ai/flux-2/edit", json={**BODY, "num_inference_steps": 50})
     assert answer.status_code == 504 and "time limit of 0.2 s" in answer.json()["detail"]
+    assert answer.headers["x-fal-retryable"] == "false"  # the same request would run as long again
 
 
 def test_status_carries_structured_progress(fake_server):

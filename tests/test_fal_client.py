@@ -95,3 +95,30 @@ def test_fal_client_python(tls_server, tmp_path):
     # a large local file as a data URI through the real client
     assert out["large_data_uri_chars"] > 30_000_000
     assert pixels(out["large"]).shape == (512, 512, 3)
+
+
+def test_fal_shapes_as_the_python_client_sees_them(tls_server):
+    """Issue 16 through fal_client: lax inputs, any integer seed, queue-time validation with the request id on the
+    error, a refused webhook URL at submit, and an unknown endpoint's 404 naming the served ones."""
+    url, ca = tls_server
+    host = url.removeprefix("https://")
+    env = {**os.environ, "FAL_RUN_HOST": host, "FAL_QUEUE_RUN_HOST": f"{host}/queue", "FAL_KEY": "studio-secret"}
+    script = SCRIPT.with_name("fal_client_compat_script.py")
+    refused_hook = "http://127.0.0.1:9/hook"  # loopback: the SSRF guard refuses it (no FLUX2_FETCH_ALLOW here)
+    ran = subprocess.run(
+        [sys.executable, str(script), data_uri(image_bytes(64, 64)), refused_hook],
+        env={**env, "SSL_CERT_FILE": str(ca)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert ran.returncode == 0, ran.stderr
+    out = json.loads(ran.stdout)
+    assert out["lax"] == {"seed": -7, "width": 512}
+    invalid = out["invalid_queued"]
+    assert invalid["status"] == 422 and invalid["request_id"] == invalid["expected"]
+    assert invalid["body"]["detail"][0]["loc"] == ["body", "prompt"]
+    refused = out["refused_webhook"]
+    assert refused["status"] == 422 and refused["body"]["detail"][0]["loc"] == ["query", "fal_webhook"]
+    assert out["unknown"]["status"] == 404 and "fal-ai/flux-2/edit" in out["unknown"]["body"]["detail"]

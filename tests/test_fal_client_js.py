@@ -113,3 +113,29 @@ def test_cors_for_browser_pages_on_allowed_origins_only(keyed_server, server):
     # closed by default: the shared test server has no CORS origins configured
     closed = server.client.get(f"{server.url}/health", headers={"Origin": "http://studio.example"})
     assert "access-control-allow-origin" not in closed.headers
+
+
+def test_fal_shapes_as_the_js_client_sees_them(keyed_server, tmp_path):
+    """Issue 16 through @fal-ai/client: IN_QUEUE submit, lax inputs, queue-time validation, request ids on errors
+    (ApiError.requestId), cancel NOT_FOUND, and the 404 of an unknown endpoint."""
+    url, _ = keyed_server
+    (tmp_path / "input.png").write_bytes(image_bytes(64, 64, seed=3))
+    ran = subprocess.run(
+        ["node", str(JS_DIR / "fal_compat_test.mjs"), f"{url}/api/fal/proxy", str(tmp_path / "input.png")],
+        env={**os.environ, "FAL_KEY": "js-key"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert ran.returncode == 0, ran.stderr + ran.stdout
+    out = json.loads(ran.stdout)
+    assert out["submitted"] == {"status": "IN_QUEUE", "sameGatewayId": True}
+    assert out["result"]["seed"] == -3 and out["result"]["requestId"] == out["result"]["expected"]
+    invalid = out["invalidQueued"]
+    assert invalid["status"] == 422 and invalid["validation"] and invalid["requestId"] == invalid["expected"]
+    assert invalid["body"]["detail"][0]["loc"] == ["body", "prompt"]
+    assert out["invalidRun"]["status"] == 422 and len(out["invalidRun"]["requestId"]) == 36
+    assert out["cancelUnknown"]["status"] == 404 and out["cancelUnknown"]["body"] == {"status": "NOT_FOUND"}
+    unknown = out["unknownEndpoint"]
+    assert unknown["status"] == 404 and "fal-ai/flux-2/flash/edit" in unknown["body"]["detail"]

@@ -81,6 +81,8 @@ def test_per_endpoint_document_like_fals(server, endpoint):
     _resolve_all(spec["paths"], schemas)
     body = spec["paths"][f"/{eid}"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
     model = schemas[body.rsplit("/", 1)[1]]
+    # fal's schema names for this endpoint (as in fal-js's types): Flux2EditInput, Flux2TurboEditInput, ...
+    assert body == f"#/components/schemas/{endpoint.schema_name}Input"
     assert model["required"] == ["prompt", "image_urls"]
     assert model["properties"]["guidance_scale"]["maximum"] == 20
     if endpoint.profile == "edit":
@@ -92,11 +94,12 @@ def test_per_endpoint_document_like_fals(server, endpoint):
             "title": "Num Inference Steps",
             "description": "The number of inference steps to perform.",
         }
-        assert "Flux2FastEditInput" not in schemas
     else:
-        assert "num_inference_steps" not in model["properties"] and "Flux2EditInput" not in schemas
+        assert "num_inference_steps" not in model["properties"]
+    assert "Flux2FastEditInput" not in schemas and "EditOutput" not in schemas
+    assert {"Flux2EditInput", "Flux2TurboEditInput", "Flux2FlashEditInput"} & set(schemas) == {body.rsplit("/")[-1]}
     result = spec["paths"][request]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
-    assert result == {"$ref": "#/components/schemas/EditOutput"}
+    assert result == {"$ref": f"#/components/schemas/{endpoint.schema_name}Output"}
     assert spec["paths"][request + "/status"]["get"]["security"] == [{"apiKeyAuth": []}]
     assert spec["components"]["securitySchemes"]["apiKeyAuth"]["name"] == "Authorization"
     assert "Health" not in schemas  # only what this endpoint's operations use

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,24 @@ RECORD_STATUS = """() => {
   new MutationObserver(() => window.statusTexts.push(document.querySelector("#status-text").textContent))
     .observe(document.querySelector("#status-text"), { childList: true, characterData: true, subtree: true });
 }"""
+
+
+JS_DIR = Path(__file__).with_name("js")  # @fal-ai/client is installed there
+
+
+def run_js_snippet_under_node(snippet: str, url: str) -> None:
+    """The JS tab's snippet, as a user pastes it, runs under Node with the unmodified @fal-ai/client and gets its
+    image from this server (a plain-string proxyUrl would send it to fal.run instead)."""
+    if shutil.which("node") is None or not (JS_DIR / "node_modules" / "@fal-ai" / "client").is_dir():
+        pytest.skip("needs node and `npm install --prefix tests/js`")
+    script = JS_DIR / f"snippet-{os.getpid()}.mjs"  # beside node_modules, so the import resolves
+    script.write_text(snippet)
+    try:
+        ran = subprocess.run(["node", str(script)], capture_output=True, text=True, timeout=300, check=False)
+    finally:
+        script.unlink()
+    assert ran.returncode == 0, ran.stderr + ran.stdout
+    assert f"{url}/files/" in ran.stdout.splitlines()[-1] and "COMPLETED" in ran.stdout
 
 
 @pytest.fixture
@@ -96,7 +115,9 @@ def test_playground_end_to_end(server, page, tmp_path):
     assert 'os.environ["FAL_QUEUE_RUN_HOST"] = "127.0.0.1:8443/queue"' in python and '"seed": 7' in python
     assert 'os.environ["SSL_CERT_FILE"] = "tls/ca.pem"' in python
     page.click("[data-snippet=js]")
-    assert f'proxyUrl: "{server.url}/api/fal/proxy"' in page.locator("#snippet").inner_text()
+    js = page.locator("#snippet").inner_text()
+    assert f'proxyUrl: {{ url: "{server.url}/api/fal/proxy", when: "always" }}' in js
+    run_js_snippet_under_node(js, server.url)
     page.click("[data-snippet=curl]")
 
     screenshot = tmp_path / "playground.png"

@@ -35,7 +35,16 @@ def wait_done(client: httpx.Client, handle: dict, timeout: float = 300) -> dict:
 def test_submit_status_result_shapes(server):
     c = server.client
     handle = submit(c, server.url, "fal-ai/flux-2/turbo/edit", QUICK)
-    assert set(handle) == {"request_id", "response_url", "status_url", "cancel_url", "queue_position"}
+    assert set(handle) == {
+        "status",
+        "request_id",
+        "gateway_request_id",
+        "response_url",
+        "status_url",
+        "cancel_url",
+        "queue_position",
+    }
+    assert handle["status"] == "IN_QUEUE" and handle["gateway_request_id"] == handle["request_id"]
     assert handle["response_url"] == f"{server.url}/queue/fal-ai/flux-2/requests/{handle['request_id']}"
     assert handle["status_url"] == handle["response_url"] + "/status"
     done = wait_done(c, handle)
@@ -59,7 +68,10 @@ def test_unknown_and_invalid(server):
     assert c.get(f"{server.url}/queue/fal-ai/flux-2/requests/nope/status").status_code == 404
     assert c.get(f"{server.url}/queue/fal-ai/flux-2/requests/nope").status_code == 404
     assert c.put(f"{server.url}/queue/fal-ai/flux-2/requests/nope/cancel").status_code == 404
-    bad = c.post(f"{server.url}/queue/fal-ai/flux-2/edit", json={**QUICK, "num_images": 9})
+    # fal's queue validates when the request runs: an invalid body gets an id, and its result is the 422
+    queued = c.post(f"{server.url}/queue/fal-ai/flux-2/edit", json={**QUICK, "num_images": 9})
+    assert queued.status_code == 200 and wait_done(c, queued.json())["error_type"] == "validation_error"
+    bad = c.get(queued.json()["response_url"])
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "num_images"]
     bad = c.post(f"{server.url}/queue/fal-ai/flux-2/edit", json=QUICK, headers={"X-Fal-Queue-Priority": "urgent"})
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["header", "x-fal-queue-priority"]

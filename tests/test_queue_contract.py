@@ -102,6 +102,22 @@ def test_uploads_and_their_parts_are_kept_until_removed_or_expired(queue):
     assert queue.get_upload("short") is None
 
 
+def test_pending_webhooks_are_kept_and_taken_once_their_lease_runs_out(queue):
+    delivery = {"request_id": "r", "url": "http://hook", "body": "{}", "attempts_made": 2, "next_at": 1.0}
+    queue.save_webhook("r", delivery, lease_s=60)  # its process holds it
+    queue.save_webhook("s", {**delivery, "request_id": "s"}, lease_s=0.05)  # ... and this one's process stopped
+    time.sleep(0.1)
+    assert queue.take_webhooks(lease_s=60) == [{**delivery, "request_id": "s"}]
+    assert queue.take_webhooks(lease_s=60) == []  # taken: leased to the taker now
+    queue.webhook_done("r")
+    queue.save_webhook("s", {**delivery, "request_id": "s", "attempts_made": 3}, lease_s=0.05)
+    time.sleep(0.1)
+    assert queue.take_webhooks(lease_s=60) == [{**delivery, "request_id": "s", "attempts_made": 3}]
+    queue.webhook_done("s")
+    time.sleep(0.1)
+    assert queue.take_webhooks(lease_s=0) == []
+
+
 def test_workers_advertise_until_their_heartbeat_expires(queue):
     queue.heartbeat("w1", {"profiles": ["flash"]}, ttl_s=0.2)
     assert queue.workers() == [{"id": "w1", "profiles": ["flash"]}]

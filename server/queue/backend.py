@@ -156,4 +156,15 @@ class QueueBackend(Protocol):
     def remove_upload(self, token: str) -> None:
         """The upload is finished (or abandoned): forget it and its parts."""
 
+    def save_webhook(self, request_id: str, delivery: dict, lease_s: float) -> None:
+        """Keep the pending webhook delivery of `request_id` (JSON: URL, body, attempts made, when next), leased to
+        this process for `lease_s` (no other process takes it meanwhile)."""
+
+    def webhook_done(self, request_id: str) -> None:
+        """The webhook of `request_id` was delivered (or given up): forget it."""
+
+    def take_webhooks(self, lease_s: float) -> list[dict]:
+        """The pending deliveries whose lease ran out (the process that made them stopped), now leased to the
+        caller for `lease_s`."""
+
     def close(self) -> None: ...

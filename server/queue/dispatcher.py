@@ -15,15 +15,19 @@ when it is claimed a third time, instead of taking down every restart (or every 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable
+
+from pydantic import ValidationError
 
 from pipelines import Cancelled
 from server.endpoints import BY_ID, ENDPOINTS
 from server.errors import (
     CANCELLED,
     InferenceError,
+    InvalidBody,
     RequestCancelled,
     ServerError,
     StartDeadlinePassed,
@@ -98,7 +102,7 @@ class Dispatcher:
         mode = "sync" if request.id in self._waiters else "queue"
         self.service.metrics.job_finished(request.endpoint_id, mode, outcome, time.time() - request.created_at)
         if request.webhook_url and self.webhooks is not None:
-            self.webhooks.send(request.webhook_url, webhook_payload(request.id, status_code, result, error))
+            self.webhooks.send(request.webhook_url, webhook_payload(request.id, status_code, result))
         return True
 
     def fail(self, request: QueuedRequest, error: BaseException, only_if_queued: bool = False) -> bool:
@@ -196,7 +200,12 @@ class Dispatcher:
             self.fail(request, Unavailable("The server stopped before this sync request ran; nobody awaits it."))
             return
         endpoint = BY_ID[request.endpoint_id]
-        body = endpoint.input_model.model_validate_json(request.input)
+        try:  # a queued body is validated when it runs, as on fal (the submit accepted any JSON)
+            body = endpoint.input_model.model_validate_json(request.input)
+        except ValidationError as exc:
+            self.store.log(request.id, f"Invalid input: {exc.error_count()} error(s)", "ERROR")
+            self.fail(request, InvalidBody(json.loads(exc.json(include_url=False))))  # JSON-safe, like FastAPI's
+            return
         started = time.perf_counter()
         try:
             output = await self.service.edit(

@@ -438,6 +438,31 @@ class RedisQueue:
     def remove_upload(self, token: str) -> None:
         self.redis.delete(f"{PREFIX}upload:{token}", f"{PREFIX}upload-parts:{token}")
 
+    # pending webhook deliveries: one hash (request id -> delivery), and a lease key per delivery held by the
+    # process sending it (SET NX: of two processes, only one takes a delivery whose lease ran out)
+    def save_webhook(self, request_id: str, delivery: dict, lease_s: float) -> None:
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(f"{PREFIX}webhooks", request_id, json.dumps(delivery))
+            pipe.set(f"{PREFIX}webhook-lease:{request_id}", self.consumer, px=max(1, int(lease_s * 1000)))
+            pipe.execute()
+
+    def webhook_done(self, request_id: str) -> None:
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hdel(f"{PREFIX}webhooks", request_id)
+            pipe.delete(f"{PREFIX}webhook-lease:{request_id}")
+            pipe.execute()
+
+    def take_webhooks(self, lease_s: float) -> list[dict]:
+        taken = []
+        for request_id, delivery in self.redis.hgetall(f"{PREFIX}webhooks").items():
+            lease = f"{PREFIX}webhook-lease:{request_id}"
+            if self.redis.set(lease, self.consumer, nx=True, px=max(1, int(lease_s * 1000))):
+                if self.redis.hexists(f"{PREFIX}webhooks", request_id):  # not delivered meanwhile
+                    taken.append(json.loads(delivery))
+                else:
+                    self.redis.delete(lease)
+        return taken
+
     def heartbeat(self, worker_id: str, info: dict, ttl_s: float) -> None:
         self.redis.set(f"{PREFIX}worker:{worker_id}", json.dumps(info), px=int(ttl_s * 1000))
 

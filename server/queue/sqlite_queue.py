@@ -57,6 +57,11 @@ CREATE TABLE IF NOT EXISTS uploads (             -- uploads begun through the st
     upload TEXT NOT NULL,                    -- JSON
     expires REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS webhooks (            -- webhook deliveries not yet made
+    request_id TEXT PRIMARY KEY,
+    delivery TEXT NOT NULL,                  -- JSON: url, body, attempts_made, next_at
+    lease_until REAL NOT NULL                -- the process sending it holds it until then
+);
 CREATE TABLE IF NOT EXISTS upload_parts (
     token TEXT NOT NULL,
     number INTEGER NOT NULL,
@@ -321,6 +326,26 @@ class RequestStore:
         with self._lock:
             self._db.execute("DELETE FROM upload_parts WHERE token=?", (token,))
             self._db.execute("DELETE FROM uploads WHERE token=?", (token,))
+
+    def save_webhook(self, request_id: str, delivery: dict, lease_s: float) -> None:
+        self._write(
+            "INSERT OR REPLACE INTO webhooks (request_id, delivery, lease_until) VALUES (?, ?, ?)",
+            request_id,
+            json.dumps(delivery),
+            time.time() + lease_s,
+        )
+
+    def webhook_done(self, request_id: str) -> None:
+        self._write("DELETE FROM webhooks WHERE request_id=?", request_id)
+
+    def take_webhooks(self, lease_s: float) -> list[dict]:
+        now = time.time()
+        with self._lock:
+            rows = self._db.execute("SELECT request_id, delivery FROM webhooks WHERE lease_until < ?", (now,))
+            taken = [(row["request_id"], json.loads(row["delivery"])) for row in rows.fetchall()]
+            for request_id, _ in taken:
+                self._db.execute("UPDATE webhooks SET lease_until=? WHERE request_id=?", (now + lease_s, request_id))
+        return [delivery for _, delivery in taken]
 
     def close(self) -> None:
         with self._lock:

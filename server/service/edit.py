@@ -132,6 +132,11 @@ def notices_for(body: EditInput, profile: str, caps: Capabilities, settings: Set
     return notices
 
 
+def generator_seed(seed: int) -> int:
+    """Any integer seed (fal documents no range) onto the generator's 64-bit range, the same way every time."""
+    return seed % 2**64
+
+
 def edit_call(body: EditInput, profile: str, images: list, width: int, height: int, seed: int, settings) -> EditCall:
     """The model call a validated body asks for (no callbacks yet: `EditService.run` adds them)."""
     return EditCall(
@@ -196,7 +201,7 @@ class EditService:
                 raise url_error(index, urls[index], problem, "invalid_image")
         width, height = output_size(body.image_size, images[0], editor.size_multiple)
         seed = body.seed if body.seed is not None else _seeds.randrange(2**32)
-        call = edit_call(body, profile, images, width, height, seed, settings)
+        call = edit_call(body, profile, images, width, height, generator_seed(seed), settings)
         on_message(f"{profile} {width}x{height}, {len(images)} reference(s), seed {seed}")
         return Prepared(profile, body, call, base_url, input_notices, started, time.perf_counter())
 
@@ -239,7 +244,7 @@ class EditService:
         return EditOutput(
             images=files,
             timings=timings,
-            seed=prepared.call.seed,
+            seed=body.seed if body.seed is not None else prepared.call.seed,  # echoed as given
             # The checker's verdicts; false where it did not run (the caller turned it off, or the operator did,
             # which the notices say): fal's field is a list of booleans.
             has_nsfw_concepts=result.has_nsfw_concepts or [False] * len(files),

@@ -77,3 +77,23 @@ async def ready(request: Request) -> JSONResponse:
     ready = model.state in (ModelState.LOADED, ModelState.ELSEWHERE)
     answer = Readiness(ready=ready, model=model.state.value, error=model.error)
     return JSONResponse(answer.model_dump(), status_code=200 if answer.ready else 503)
+
+
+class JsonWebKey(BaseModel):
+    kty: str = Field(description="'OKP'")
+    crv: str = Field(description="'Ed25519'")
+    x: str = Field(description="The public key, base64url without padding.")
+    kid: str = Field(description="The key's id.")
+    use: str = Field(description="'sig'")
+    alg: str = Field(description="'EdDSA'")
+
+
+class JsonWebKeySet(BaseModel):
+    keys: list[JsonWebKey]
+
+
+@router.get("/.well-known/jwks.json", response_model=JsonWebKeySet)
+async def jwks(request: Request) -> JSONResponse:
+    """The public key webhooks are signed with, as fal publishes its own: point fal's webhook verification here.
+    Open (no key), like /health."""
+    return JSONResponse(services(request).webhook_signer.jwks(), headers={"Cache-Control": "max-age=3600"})

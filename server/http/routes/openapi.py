@@ -21,8 +21,10 @@ from swagger_ui_bundle import swagger_ui_path
 
 from server.endpoints import APP_PATH, BY_ID, ENDPOINTS
 from server.http.context import services
+from server.schemas import EditOutput
 
 router = APIRouter(include_in_schema=False)
+SCHEMAS = "#/components/schemas/"
 
 REQUEST = f"/queue/{APP_PATH}/requests/{{request_id}}"
 # fal's path (below the queue server URL) <- (this app's path, method)
@@ -66,13 +68,32 @@ def used_schemas(paths: dict, schemas: dict) -> dict:
     return {name: schemas[name] for name in sorted(names)}
 
 
+def _renamed(value, names: dict[str, str]):
+    """`value` with its schema references renamed as `names` says."""
+    if isinstance(value, dict):
+        ref = value.get("$ref")
+        if isinstance(ref, str) and ref.startswith(SCHEMAS):
+            return {**value, "$ref": SCHEMAS + names.get(ref.removeprefix(SCHEMAS), ref.removeprefix(SCHEMAS))}
+        return {key: _renamed(item, names) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_renamed(item, names) for item in value]
+    return value
+
+
 def endpoint_openapi(full: dict, endpoint_id: str, base_url: str) -> dict:
-    """fal's per-endpoint queue OpenAPI document for `endpoint_id`, cut from this app's full document."""
+    """fal's per-endpoint queue OpenAPI document for `endpoint_id`, cut from this app's full document; its input
+    and output schemas are named as fal names them for this endpoint (`Flux2TurboEditInput`, ...)."""
+    endpoint = BY_ID[endpoint_id]
+    names = {
+        endpoint.input_model.__name__: endpoint.schema_name + "Input",
+        EditOutput.__name__: endpoint.schema_name + "Output",
+    }
     paths = {}
     for fal_path, (path, method) in QUEUE_OPERATIONS.items():
         operation = copy.deepcopy(full["paths"][path.replace("{id}", endpoint_id)][method])
         operation["security"] = [{"apiKeyAuth": []}]
-        paths[fal_path.replace("{id}", endpoint_id)] = {method: operation}
+        paths[fal_path.replace("{id}", endpoint_id)] = {method: _renamed(operation, names)}
+    schemas = {names.get(name, name): _renamed(schema, names) for name, schema in full["components"]["schemas"].items()}
     base_url = base_url.rstrip("/")
     return {
         "openapi": full["openapi"],
@@ -90,7 +111,7 @@ def endpoint_openapi(full: dict, endpoint_id: str, base_url: str) -> dict:
         "servers": [{"url": f"{base_url}/queue"}],
         "paths": paths,
         "components": {
-            "schemas": used_schemas(paths, full["components"]["schemas"]),
+            "schemas": used_schemas(paths, schemas),
             "securitySchemes": {"apiKeyAuth": API_KEY_SCHEME},
         },
     }

@@ -7,24 +7,33 @@ build those paths with the endpoint's own path (`.../fal-ai/flux-2/edit/requests
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import Callable
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
+import anyio
+import httpcore
 from fastapi import APIRouter, Header, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
 
 from server.endpoints import APP_PATH, ENDPOINTS, Endpoint
+from server.errors import retryable_headers
 from server.http.callers import caller
 from server.http.context import services
 from server.http.responses import MODEL_FAILED, NOT_FOUND, TIMED_OUT, UNAVAILABLE
-from server.logs import request_id_var
+from server.logs import set_fal_request_id
+from server.net.guard import AddressPolicy, AddressRefused
 from server.queue.backend import PRIORITIES, SYNC, QueuedRequest
 from server.schemas import CancelAnswer, EditInput, EditOutput, Message, Progress, QueueStatus, QueueSubmitted
 from server.service.model import ModelState
 
 router = APIRouter(prefix="/queue", tags=["queue"])
 STREAM_POLL_S = 0.1
+WEBHOOK_RESOLVE_S = 5.0
 
 QUEUE_HOST_FLAG = "flux2.queue_host"
 STREAM_RESPONSE = {
@@ -70,26 +79,27 @@ def _queue_url(request: Request) -> str:
 def admit(
     request: Request,
     endpoint: Endpoint,
-    body: EditInput,
+    body: EditInput | str,
     webhook_url: str | None = None,
     priority: str = "normal",
     start_timeout_s: float | None = None,
     sync: bool = False,
 ) -> tuple[str, Callable[[], None]]:
     """Refuse a request now (503 as configured, 429 over the caller's limit) or give its id and the call that
-    queues it (durably). `sync`: its caller awaits it in this process (`Dispatcher.submit_and_wait`)."""
+    queues it (durably). `sync`: its caller awaits it in this process (`Dispatcher.submit_and_wait`). A `str` body is
+    JSON that did not pass the endpoint's schema: queued as it is, it fails with 422 when it runs (fal's queue)."""
     the = services(request)
-    if the.model.state is ModelState.LOADED:  # refused now (503), rather than accepted and failed
-        the.edits.check_available(endpoint.profile, body)
     request_id = str(uuid.uuid4())
-    request_id_var.set(request_id)
+    set_fal_request_id(request.scope, request_id)  # a refusal below carries it too
+    if the.model.state is ModelState.LOADED and not isinstance(body, str):  # refused now (503), not failed later
+        the.edits.check_available(endpoint.profile, body)
     the.quotas.claim(caller(request), request_id, the.store)  # counts until the queue has it COMPLETED
 
     def add() -> None:
         the.store.add(
             request_id,
             endpoint.endpoint_id,
-            body.model_dump_json(exclude_unset=True),
+            body if isinstance(body, str) else body.model_dump_json(exclude_unset=True),
             PRIORITIES[priority],
             SYNC if sync else _queue_url(request),
             the.settings.public_url or str(request.base_url),
@@ -103,7 +113,7 @@ def admit(
 def enqueue(
     request: Request,
     endpoint: Endpoint,
-    body: EditInput,
+    body: EditInput | str,
     webhook_url: str | None = None,
     priority: str = "normal",
     start_timeout_s: float | None = None,
@@ -126,9 +136,38 @@ async def wait_completed(request: Request, request_id: str) -> QueuedRequest:
         await store.wait_completed(request_id, timeout_s=1.0)
 
 
+async def queued_body(request: Request, endpoint: Endpoint) -> EditInput | str:
+    """A submit's body: the endpoint's input if it validates, else its JSON text, queued to fail with 422 when it
+    runs (fal's queue accepts any JSON and validates when the request runs). A body that isn't JSON is a 422 now."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:  # FastAPI's own answer to a body that isn't JSON
+        error = {"type": "json_invalid", "loc": ["body", 0], "msg": "JSON decode error", "input": {}}
+        raise RequestValidationError([{**error, "ctx": {"error": str(exc)}}]) from exc
+    try:
+        return endpoint.input_model.model_validate(data)
+    except ValidationError:
+        return json.dumps(data)
+
+
+async def check_webhook_url(request: Request, url: str) -> None:
+    """A 422 now for a webhook URL the SSRF guard refuses (server/net/guard.py), rather than a request whose
+    webhook is silently dropped. A host that can't be resolved now is accepted: delivery is retried."""
+    parts = urlsplit(url)
+    policy = AddressPolicy.parse(services(request).settings.fetch_allow)
+    try:
+        with anyio.fail_after(WEBHOOK_RESOLVE_S):
+            await policy.resolve(parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
+    except AddressRefused as exc:
+        error = {"type": "webhook_refused", "loc": ["query", "fal_webhook"], "msg": str(exc), "input": url}
+        raise RequestValidationError([error]) from exc
+    except (TimeoutError, httpcore.ConnectError, ValueError):
+        pass
+
+
 def _add_submit_route(endpoint: Endpoint) -> None:
     async def submit(
-        body: endpoint.input_model,  # type: ignore[name-defined]  # FastAPI reads it at run time
         request: Request,
         fal_webhook: Annotated[
             str | None,
@@ -143,9 +182,14 @@ def _add_submit_route(endpoint: Endpoint) -> None:
             float | None, Header(gt=0.1, description="seconds to start within (over 0.1, as on fal)")
         ] = None,
     ) -> QueueSubmitted:
+        if fal_webhook:
+            await check_webhook_url(request, fal_webhook)
+        body = await queued_body(request, endpoint)
         queued = enqueue(request, endpoint, body, fal_webhook, x_fal_queue_priority, x_fal_request_timeout)
         position = services(request).store.position(queued)
-        return QueueSubmitted(request_id=queued.id, queue_position=position, **queued.urls)
+        return QueueSubmitted(
+            request_id=queued.id, gateway_request_id=queued.id, queue_position=position, **queued.urls
+        )
 
     submit.__name__ = f"submit_{endpoint.profile}"
     router.add_api_route(
@@ -153,11 +197,23 @@ def _add_submit_route(endpoint: Endpoint) -> None:
         submit,
         methods=["POST"],
         summary=f"Queue: {endpoint.summary}",
+        description="The body is validated when the request runs, as on fal: a body that fails the schema is "
+        "queued, and its result is the 422. A body that is not JSON is refused now (422).",
         responses=UNAVAILABLE,
+        # the body is read by `queued_body`, so its schema is declared here (the sync endpoint's component)
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": f"#/components/schemas/{endpoint.input_model.__name__}"}}
+                },
+            }
+        },
     )
 
 
 def _get(request: Request, request_id: str) -> QueuedRequest:
+    set_fal_request_id(request.scope, request_id)
     queued = services(request).store.get(request_id)
     if queued is None:
         raise HTTPException(404, f"Request {request_id} not found")
@@ -194,17 +250,24 @@ async def status(request: Request, request_id: str, logs: bool = False) -> JSONR
 
 
 async def status_stream(request: Request, request_id: str, logs: bool = True) -> StreamingResponse:
-    """Server-sent events: one `data:` event per change of status (or new log line), ending at COMPLETED."""
+    """Server-sent events: one `data:` event per change of status (or new log line), ending at COMPLETED; a
+    `: keep-alive` comment when nothing changed for FLUX2_STREAM_KEEPALIVE_S."""
     _get(request, request_id)
+
+    keepalive_s = services(request).settings.stream_keepalive_s
 
     async def events():
         last = None
+        sent = time.monotonic()
         while True:
             current = status_of(request, _get(request, request_id), logs)
             payload = current.model_dump_json()
             if payload != last:
                 yield f"data: {payload}\n\n"
-                last = payload
+                last, sent = payload, time.monotonic()
+            elif time.monotonic() - sent >= keepalive_s:  # a comment line, as fal's stream sends while quiet
+                yield ": keep-alive\n\n"
+                sent = time.monotonic()
             if current.status == "COMPLETED" or await request.is_disconnected():
                 return
             await asyncio.sleep(STREAM_POLL_S)
@@ -217,6 +280,7 @@ def result_response(queued: QueuedRequest) -> JSONResponse:
     if queued.error_type == "request_timeout":
         headers["x-fal-request-timeout-type"] = "user"  # fal's mark: the caller's own start deadline passed
     assert queued.result is not None and queued.status_code is not None, "only a COMPLETED request has a result"
+    headers.update(retryable_headers(queued.status_code, queued.error_type))
     return JSONResponse(json.loads(queued.result), status_code=queued.status_code, headers=headers)
 
 
@@ -228,8 +292,13 @@ async def result(request: Request, request_id: str) -> JSONResponse:
 
 
 async def cancel(request: Request, request_id: str) -> JSONResponse:
-    """A queued request is cancelled at once; a running one stops at its next denoising step."""
-    if not services(request).dispatcher.cancel(_get(request, request_id)):
+    """A queued request is cancelled at once; a running one stops at its next denoising step. fal's answers:
+    CANCELLATION_REQUESTED (202), ALREADY_COMPLETED (400), NOT_FOUND (404)."""
+    set_fal_request_id(request.scope, request_id)
+    queued = services(request).store.get(request_id)
+    if queued is None:
+        return JSONResponse(CancelAnswer(status="NOT_FOUND").model_dump(), status_code=404)
+    if not services(request).dispatcher.cancel(queued):
         return JSONResponse(CancelAnswer(status="ALREADY_COMPLETED").model_dump(), status_code=400)
     return JSONResponse(CancelAnswer(status="CANCELLATION_REQUESTED").model_dump(), status_code=202)
 
@@ -262,7 +331,10 @@ for _app_path in (APP_PATH, *(e.endpoint_id for e in ENDPOINTS)):
         methods=["PUT"],
         status_code=202,
         response_model=CancelAnswer,
-        responses={400: {"model": CancelAnswer, "description": "ALREADY_COMPLETED"}, **NOT_FOUND},
+        responses={
+            400: {"model": CancelAnswer, "description": "ALREADY_COMPLETED"},
+            404: {"model": CancelAnswer, "description": "NOT_FOUND: unknown or expired id"},
+        },
         include_in_schema=_canonical,
     )
     router.add_api_route(

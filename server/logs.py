@@ -15,8 +15,10 @@ import json
 import logging
 import re
 import uuid
+from collections.abc import MutableMapping
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from typing import Any
 
 request_id_var: ContextVar[str | None] = ContextVar("flux2_request_id", default=None)
 _ACCEPTED_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -80,7 +82,7 @@ def logging_config(log_format: str = "text", level: str = "info") -> dict:
 FAL_REQUEST_ID = "flux2.fal_request_id"  # the scope key of a response's fal request id (a one-entry dict)
 
 
-def set_fal_request_id(scope: dict, request_id: str) -> None:
+def set_fal_request_id(scope: MutableMapping[str, Any], request_id: str) -> None:
     """This HTTP request concerns the fal request `request_id`: log with it, and answer with `x-fal-request-id`."""
     if not _ACCEPTED_ID.match(request_id):  # a path segment that can't be an id of ours: not echoed in a header
         return

@@ -454,7 +454,8 @@ class RedisQueue:
 
     def take_webhooks(self, lease_s: float) -> list[dict]:
         taken = []
-        for request_id, delivery in self.redis.hgetall(f"{PREFIX}webhooks").items():
+        for key, delivery in self.redis.hgetall(f"{PREFIX}webhooks").items():
+            request_id = str(key)  # already str (decode_responses); said so for the type checker
             lease = f"{PREFIX}webhook-lease:{request_id}"
             if self.redis.set(lease, self.consumer, nx=True, px=max(1, int(lease_s * 1000))):
                 if self.redis.hexists(f"{PREFIX}webhooks", request_id):  # not delivered meanwhile

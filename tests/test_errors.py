@@ -117,7 +117,7 @@ def test_each_error_answers_and_counts_the_same_sync_and_queued(name, tmp_path, 
     queued, queue_metrics = queued_answer(tmp_path / "queue", monkeypatch, error)
 
     assert (response.status_code, queued.status_code) == (status, status)
-    assert response.json() == json.loads(queued.result)
+    assert response.json() == queued.result
     assert queued.error_type == label
     assert jobs(sync_metrics, "sync", label) == 1
     assert jobs(queue_metrics, "queue", label) == 1

@@ -57,7 +57,7 @@ def test_an_outcome_is_recorded_exactly_once(queue):
     assert queue.complete("r", 400, {"detail": "x"}) is True
     assert queue.complete("r", 200, {"images": []}) is False  # already has one
     done = queue.get("r")
-    assert (done.status, done.status_code, done.result) == ("COMPLETED", 400, '{"detail": "x"}')
+    assert (done.status, done.status_code, done.result) == ("COMPLETED", 400, {"detail": "x"})
     add(queue, "s")
     queue.claim(ALL)
     assert queue.complete("s", 400, {}, only_if_queued=True) is False  # started: not a queued cancel

@@ -13,6 +13,7 @@ failed after `dispatcher.MAX_ATTEMPTS` starts instead of being run forever.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Collection
 from dataclasses import dataclass, fields
 from typing import Any, Protocol, runtime_checkable
@@ -37,10 +38,10 @@ class QueuedRequest:
     started_at: float | None
     completed_at: float | None
     status_code: int | None
-    result: str | None
+    result: dict | None  # the result body (output or fal error shape), decoded once where the row is read
     error: str | None
     error_type: str | None
-    metrics: str | None
+    metrics: dict | None  # timings of the run, decoded likewise
     attempts: int | None = 0  # times claimed; a claim given back by a graceful stop is not counted
     progress_step: int | None = None  # denoising steps done, of progress_total (while running, and after)
     progress_total: int | None = None
@@ -55,6 +56,9 @@ class QueuedRequest:
     def from_mapping(cls, values: dict) -> QueuedRequest:
         """From a row or record holding (at least) this class's fields; other keys are ignored."""
         known: dict[str, Any] = {f.name: values.get(f.name) for f in fields(cls)}
+        for name in ("result", "metrics"):  # stored as JSON text by both backends; callers get the values
+            if isinstance(known[name], str | bytes):
+                known[name] = json.loads(known[name])
         request = cls(**known)
         request.attempts = int(request.attempts or 0)
         return request

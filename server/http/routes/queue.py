@@ -236,7 +236,7 @@ def status_of(request: Request, queued: QueuedRequest, with_logs: bool) -> Queue
         request_id=queued.id,
         logs=logs,
         progress=progress,
-        metrics=json.loads(queued.metrics or "{}"),
+        metrics=queued.metrics or {},
         error=queued.error,
         error_type=queued.error_type,
         **urls,
@@ -281,7 +281,7 @@ def result_response(queued: QueuedRequest) -> JSONResponse:
         headers["x-fal-request-timeout-type"] = "user"  # fal's mark: the caller's own start deadline passed
     assert queued.result is not None and queued.status_code is not None, "only a COMPLETED request has a result"
     headers.update(retryable_headers(queued.status_code, queued.error_type))
-    return JSONResponse(json.loads(queued.result), status_code=queued.status_code, headers=headers)
+    return JSONResponse(queued.result, status_code=queued.status_code, headers=headers)
 
 
 async def result(request: Request, request_id: str) -> JSONResponse:

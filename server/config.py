@@ -55,6 +55,10 @@ class Settings(BaseSettings):
         256 * 1024 * 1024, description="bytes per file uploaded through the storage emulation"
     )
     max_body_bytes: int = Field(128 * 1024 * 1024, description="bytes of any request body but uploads (413 beyond)")
+    min_free_disk_bytes: int = Field(
+        512 * 1024 * 1024,
+        description="free bytes the data directory keeps: below it, new requests and uploads are refused (507)",
+    )
     rate_limit: str | None = Field(
         None, description="per API key (or client address), e.g. `20/second;600/minute` (429 beyond); default: none"
     )

@@ -61,6 +61,14 @@ class Unavailable(ServerError):
     error_type = "unavailable"
 
 
+class InsufficientStorage(ServerError):
+    """Free space in the data directory is below FLUX2_MIN_FREE_DISK_BYTES: new uploads and requests are refused
+    (507) so that the queue itself can still record what it runs."""
+
+    status = 507
+    error_type = "insufficient_storage"
+
+
 class TooManyRequests(ServerError):
     """Over the caller's rate or concurrency limit: a 429 with Retry-After."""
 

@@ -18,7 +18,7 @@ from server.http.body_limit import fal_shaped_413
 from server.http.callers import enforce_rate_limit
 from server.http.errors import install_error_handlers
 from server.http.proxy import fal_proxy
-from server.http.responses import GUARDED, TOO_LARGE
+from server.http.responses import GUARDED, LOW_ON_DISK, TOO_LARGE
 from server.http.routes import edit, files, health, metrics, openapi, playground, queue, storage
 from server.http.routes.queue import queue_host_routing
 from server.logs import request_ids
@@ -98,7 +98,9 @@ def create_app(settings: Settings, weights_dir: Path | None, tiny: bool = False)
             max_body_size=settings.max_body_bytes,
         )
     # the files themselves: their own limit, and no key (the one-time URL is the permission)
-    app.include_router(storage.upload_router, max_body_size=settings.max_upload_bytes, responses=TOO_LARGE)
+    app.include_router(
+        storage.upload_router, max_body_size=settings.max_upload_bytes, responses={**TOO_LARGE, **LOW_ON_DISK}
+    )
     app.add_middleware(fal_shaped_413)
     app.add_middleware(queue_host_routing)
     app.add_middleware(fal_proxy)  # a proxied request is rewritten before any other routing

@@ -11,9 +11,13 @@ router = APIRouter(tags=["health"])
 
 
 class Health(BaseModel):
-    status: str = Field(description="'ok' while the process serves; 'error' once the model failed to load (503).")
+    status: str = Field(
+        description="'ok' while the process serves; 'error' once the model failed to load or the dispatcher "
+        "stopped (503)."
+    )
     model: str = Field(description="'loading', 'loaded', 'failed', or 'none' on an API front-end (workers run it).")
     error: str | None = Field(None, description="Why the model failed to load.")
+    dispatcher_error: str | None = Field(None, description="Why the dispatcher stopped: nothing runs here then.")
     tiny_model: bool = Field(description="Whether this is the tiny random-weight model (its images are noise).")
     queued: int = Field(description="Queue requests not started yet.")
     waiting: int | None = Field(None, description="Edits handed to the model and not finished (once loaded).")
@@ -31,13 +35,16 @@ class Readiness(BaseModel):
 
 @router.get("/health", response_model=Health, responses={503: {"model": Health, "description": "Model failed"}})
 async def health(request: Request) -> JSONResponse:
-    """Liveness: answers as soon as the process serves, while the model loads too; 503 once loading failed."""
+    """Liveness: answers as soon as the process serves, while the model loads too; 503 once loading failed or the
+    dispatcher stopped."""
     the = services(request)
     model = the.model.state
+    failed = model is ModelState.FAILED or the.dispatcher.died is not None
     answer = Health(
-        status="error" if model is ModelState.FAILED else "ok",
+        status="error" if failed else "ok",
         model=model.value,
         error=the.model.error,
+        dispatcher_error=the.dispatcher.died,
         tiny_model=the.tiny,
         queued=the.store.queued_count(),
         workers=the.store.workers(),
@@ -48,14 +55,17 @@ async def health(request: Request) -> JSONResponse:
         runner = the.model.runner
         answer.waiting = runner.waiting  # edits submitted to the model and not finished, running included
         answer.capabilities = runner.editor.capabilities().as_dict()
-    return JSONResponse(answer.model_dump(mode="json"), status_code=503 if model is ModelState.FAILED else 200)
+    return JSONResponse(answer.model_dump(mode="json"), status_code=503 if failed else 200)
 
 
 @router.get("/ready", response_model=Readiness, responses={503: {"model": Readiness, "description": "Not ready"}})
 async def ready(request: Request) -> JSONResponse:
     """Readiness: 200 once the model is loaded and requests run (an API front-end: at once, it only queues); 503
-    while it loads (or if loading failed)."""
-    model = services(request).model
-    ready = model.state in (ModelState.LOADED, ModelState.ELSEWHERE)
-    answer = Readiness(ready=ready, model=model.state.value, error=model.error)
+    while it loads (or if loading failed, or the dispatcher stopped: queued requests would never run)."""
+    the = services(request)
+    model = the.model
+    died = the.dispatcher.died
+    ready = model.state in (ModelState.LOADED, ModelState.ELSEWHERE) and died is None
+    error = model.error or (f"the dispatcher stopped: {died}" if died else None)
+    answer = Readiness(ready=ready, model=model.state.value, error=error)
     return JSONResponse(answer.model_dump(), status_code=200 if answer.ready else 503)

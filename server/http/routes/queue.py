@@ -15,6 +15,7 @@ from fastapi import APIRouter, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.endpoints import APP_PATH, ENDPOINTS, Endpoint
+from server.files.outputs import check_free_space
 from server.http.callers import caller
 from server.http.context import services
 from server.http.responses import MODEL_FAILED, NOT_FOUND, TIMED_OUT, UNAVAILABLE
@@ -76,9 +77,10 @@ def admit(
     start_timeout_s: float | None = None,
     sync: bool = False,
 ) -> tuple[str, Callable[[], None]]:
-    """Refuse a request now (503 as configured, 429 over the caller's limit) or give its id and the call that
+    """Refuse a request now (507 low on disk, 503 as configured, 429 over the caller's limit) or give its id and the call that
     queues it (durably). `sync`: its caller awaits it in this process (`Dispatcher.submit_and_wait`)."""
     the = services(request)
+    check_free_space(the.settings.data_dir, the.settings.min_free_disk_bytes)  # 507: the queue must stay writable
     if the.model.state is ModelState.LOADED:  # refused now (503), rather than accepted and failed
         the.edits.check_available(endpoint.profile, body)
     request_id = str(uuid.uuid4())

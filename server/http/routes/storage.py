@@ -16,6 +16,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
 from server.errors import InputError
+from server.files.outputs import check_free_space
 from server.http.auth import require_key
 from server.http.context import services
 from server.http.responses import NOT_FOUND, UNREADABLE_BODY
@@ -48,6 +49,7 @@ class CompleteMultipart(BaseModel):
 
 def _initiate(request: Request, body: InitiateUpload, kind: str) -> UploadTarget:
     the = services(request)
+    check_free_space(the.settings.data_dir, the.settings.min_free_disk_bytes)  # 507: the queue must stay writable
     token = secrets.token_urlsafe(24)
     content_type = body.content_type.split(";")[0].strip().lower()
     # served back under /files/ on this server's origin: only raster image types keep their type; anything else
@@ -76,7 +78,9 @@ async def initiate_multipart(request: Request, body: InitiateUpload) -> UploadTa
 
 
 def _claim(request: Request, token: str) -> dict:
-    upload = services(request).store.get_upload(token)
+    the = services(request)
+    check_free_space(the.settings.data_dir, the.settings.min_free_disk_bytes)
+    upload = the.store.get_upload(token)
     if upload is None:
         raise HTTPException(404, "Unknown or expired upload URL")
     return upload

@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(
         256 * 1024 * 1024, description="bytes per file uploaded through the storage emulation"
     )
+    max_pending_upload_bytes: int = Field(
+        1024 * 1024 * 1024,
+        description="bytes of multipart upload parts kept (in the queue) for all uploads not completed (413 beyond)",
+    )
     max_body_bytes: int = Field(128 * 1024 * 1024, description="bytes of any request body but uploads (413 beyond)")
     min_free_disk_bytes: int = Field(
         512 * 1024 * 1024,

@@ -200,3 +200,42 @@ def test_cors_is_closed_by_default(server):
     assert preflight.status_code in (404, 405)
     answer = server.client.get(f"{server.url}/health", headers=origin)
     assert "access-control-allow-origin" not in answer.headers
+
+
+def test_multipart_uploads_stay_within_the_upload_limit(fake_server):
+    """A part over the upload's limit (with its other parts) or over the pending parts' limit is refused (413) and
+    not kept; `complete` never writes more than FLUX2_MAX_UPLOAD_BYTES."""
+    from tests.fake_editor import FakeEditor
+
+    client, app = fake_server(FakeEditor(), max_upload_bytes=600_000, max_pending_upload_bytes=700_000)
+    store = app.state.services.store
+
+    def begin() -> str:
+        target = client.post("/storage/upload/initiate-multipart", json={"content_type": "image/png"}).json()
+        return urlsplit(target["upload_url"]).path
+
+    def complete(path: str, numbers: list[int]) -> httpx.Response:
+        parts = [{"partNumber": n, "etag": "e"} for n in numbers]
+        return client.post(f"{path}/complete", json={"parts": parts})
+
+    first, second = begin(), begin()
+    assert client.put(f"{first}/1", content=b"x" * 400_000).status_code == 200
+    refused = client.put(f"{first}/2", content=b"x" * 400_000)  # 800 000 in all: over the upload's limit
+    assert refused.status_code == 413 and "FLUX2_MAX_UPLOAD_BYTES" in refused.json()["detail"]
+    assert store.upload_part_sizes(first.rsplit("/", 1)[1]) == {1: 400_000}  # the refused part was not kept
+    assert client.put(f"{first}/1", content=b"x" * 500_000).status_code == 200  # sent again: replaces part 1
+    pending = client.put(f"{second}/1", content=b"x" * 300_000)  # 800 000 pending in all: over that limit
+    assert pending.status_code == 413 and "pending" in pending.json()["detail"]
+    assert store.pending_upload_bytes() == 500_000
+    assert complete(first, [1, 2]).status_code == 422  # part 2 was never kept
+    assert complete(first, [1]).status_code == 200
+
+    # parts sent at the same time can pass the limit together: `complete` refuses them and forgets the upload
+    third = begin()
+    token = third.rsplit("/", 1)[1]
+    store.add_upload_part(token, 1, b"x" * 400_000)
+    store.add_upload_part(token, 2, b"x" * 400_000)
+    assert complete(third, [1, 2]).status_code == 413
+    assert store.get_upload(token) is None
+    written = [p for p in (app.state.services.settings.data_dir / "files").iterdir() if p.name.startswith("upload-")]
+    assert [p.stat().st_size for p in written] == [500_000]

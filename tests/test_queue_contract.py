@@ -133,3 +133,16 @@ def test_a_waiting_caller_is_woken_when_its_request_completes(queue):
 
     asyncio.run(wait_then_complete())
     assert queue.get("r").status == "COMPLETED"
+
+
+def test_upload_part_sizes_and_pending_bytes(queue):
+    queue.add_upload("a", {"name": "a"}, ttl_s=60)
+    queue.add_upload("b", {"name": "b"}, ttl_s=60)
+    queue.add_upload_part("a", 1, b"12345")
+    queue.add_upload_part("a", 2, b"123")
+    queue.add_upload_part("b", 1, b"12")
+    queue.add_upload_part("a", 2, b"1")  # sent again: replaces it
+    assert queue.upload_part_sizes("a") == {1: 5, 2: 1} and queue.upload_part_sizes("none") == {}
+    assert queue.pending_upload_bytes() == 8
+    queue.remove_upload("a")
+    assert queue.upload_part_sizes("a") == {} and queue.pending_upload_bytes() == 2

@@ -27,6 +27,7 @@ HTTP_ONLY = {
     "cors_origins",
     "max_upload_bytes",
     "max_body_bytes",
+    "max_pending_upload_bytes",
     "min_free_disk_bytes",
     "rate_limit",
     "max_pending_per_key",

@@ -153,6 +153,12 @@ class QueueBackend(Protocol):
     def upload_parts(self, token: str) -> dict[int, bytes]:
         """The parts kept for `token`, by number."""
 
+    def upload_part_sizes(self, token: str) -> dict[int, int]:
+        """The size of each part kept for `token`, by number (without reading the parts)."""
+
+    def pending_upload_bytes(self) -> int:
+        """Bytes of all parts kept for multipart uploads not finished (nor expired)."""
+
     def remove_upload(self, token: str) -> None:
         """The upload is finished (or abandoned): forget it and its parts."""
 

@@ -417,7 +417,8 @@ class RedisQueue:
         """Nothing to do: completed records and logs expire by themselves (EXPIRE at completion)."""
         return 0
 
-    # Uploads: the upload as JSON with an expiry; its parts in a hash (base64: this client decodes replies as text)
+    # Uploads: the upload as JSON with an expiry; its parts in a hash (base64: this client decodes replies as text),
+    # their sizes in another
     def add_upload(self, token: str, upload: dict, ttl_s: float) -> None:
         self.redis.set(f"{PREFIX}upload:{token}", json.dumps(upload), px=int(ttl_s * 1000))
 
@@ -426,17 +427,30 @@ class RedisQueue:
         return json.loads(value) if value else None
 
     def add_upload_part(self, token: str, number: int, data: bytes) -> int:
-        key = f"{PREFIX}upload-parts:{token}"
-        self.redis.hset(key, str(number), base64.b64encode(data).decode())
-        self.redis.pexpire(key, max(1, self.redis.pttl(f"{PREFIX}upload:{token}")))  # expires with its upload
-        return sum(len(data) for data in self.upload_parts(token).values())
+        key, sizes = f"{PREFIX}upload-parts:{token}", f"{PREFIX}upload-sizes:{token}"
+        ttl_ms = max(1, self.redis.pttl(f"{PREFIX}upload:{token}"))  # the parts expire with their upload
+        pipe = self.redis.pipeline()
+        pipe.hset(key, str(number), base64.b64encode(data).decode())
+        pipe.hset(sizes, str(number), len(data))
+        pipe.pexpire(key, ttl_ms)
+        pipe.pexpire(sizes, ttl_ms)
+        pipe.execute()
+        return sum(self.upload_part_sizes(token).values())
+
+    def upload_part_sizes(self, token: str) -> dict[int, int]:
+        sizes = self.redis.hgetall(f"{PREFIX}upload-sizes:{token}")
+        return {int(number): int(size) for number, size in sizes.items()}
+
+    def pending_upload_bytes(self) -> int:
+        keys = self.redis.scan_iter(match=f"{PREFIX}upload-sizes:*", count=1000)
+        return sum(int(size) for key in keys for size in self.redis.hvals(key))
 
     def upload_parts(self, token: str) -> dict[int, bytes]:
         parts = self.redis.hgetall(f"{PREFIX}upload-parts:{token}")
         return {int(number): base64.b64decode(data) for number, data in parts.items()}
 
     def remove_upload(self, token: str) -> None:
-        self.redis.delete(f"{PREFIX}upload:{token}", f"{PREFIX}upload-parts:{token}")
+        self.redis.delete(f"{PREFIX}upload:{token}", f"{PREFIX}upload-parts:{token}", f"{PREFIX}upload-sizes:{token}")
 
     def heartbeat(self, worker_id: str, info: dict, ttl_s: float) -> None:
         self.redis.set(f"{PREFIX}worker:{worker_id}", json.dumps(info), px=int(ttl_s * 1000))

@@ -317,6 +317,19 @@ class RequestStore:
             rows = self._db.execute("SELECT number, data FROM upload_parts WHERE token=?", (token,)).fetchall()
         return {row["number"]: bytes(row["data"]) for row in rows}
 
+    def upload_part_sizes(self, token: str) -> dict[int, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT number, LENGTH(data) FROM upload_parts WHERE token=?", (token,)).fetchall()
+        return {row[0]: row[1] for row in rows}
+
+    def pending_upload_bytes(self) -> int:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT SUM(LENGTH(data)) FROM upload_parts WHERE token IN (SELECT token FROM uploads WHERE expires >= ?)",
+                (time.time(),),
+            ).fetchone()
+        return row[0] or 0
+
     def remove_upload(self, token: str) -> None:
         with self._lock:
             self._db.execute("DELETE FROM upload_parts WHERE token=?", (token,))

@@ -86,41 +86,64 @@ def _claim(request: Request, token: str) -> dict:
     return upload
 
 
-async def _read_limited(request: Request) -> bytes:
-    limit = services(request).settings.max_upload_bytes
+async def _read_limited(request: Request, limit: int, too_large: str) -> bytes:
+    """The body, refused (413, `too_large`) as soon as it passes `limit` bytes."""
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise HTTPException(413, f"Upload larger than {limit} bytes")
+            raise HTTPException(413, too_large)
     return bytes(body)
+
+
+def _upload_too_large(limit: int) -> str:
+    return f"Upload larger than {limit} bytes (FLUX2_MAX_UPLOAD_BYTES)"
 
 
 @upload_router.put("/put/{token}")
 async def put(request: Request, token: str) -> dict:
     upload = _claim(request, token)
-    await _store(request, upload, await _read_limited(request))
+    limit = services(request).settings.max_upload_bytes
+    await _store(request, upload, await _read_limited(request, limit, _upload_too_large(limit)))
     services(request).store.remove_upload(token)
     return {}
 
 
 @upload_router.put("/multipart/{token}/{part_number:int}")
 async def put_part(request: Request, token: str, part_number: int) -> MultipartPart:
+    """One part, kept in the queue until `complete`. It is read only as far as both limits leave room for: the
+    upload's own (FLUX2_MAX_UPLOAD_BYTES, with its other parts) and all pending parts' (a part sent again replaces
+    the earlier one). A part refused (413) is not kept."""
     _claim(request, token)
-    kept = services(request).store.add_upload_part(token, part_number, await _read_limited(request))
-    if kept > services(request).settings.max_upload_bytes:
-        raise HTTPException(413, "Upload larger than the limit")
+    the = services(request)
+    sizes = the.store.upload_part_sizes(token)
+    replaced = sizes.pop(part_number, 0)
+    limit, pending_limit = the.settings.max_upload_bytes, the.settings.max_pending_upload_bytes
+    room = limit - sum(sizes.values())
+    pending_room = pending_limit - (the.store.pending_upload_bytes() - replaced)
+    if pending_room < room:
+        too_large = f"Too many upload parts pending on this server ({pending_limit} bytes); try again later"
+        data = await _read_limited(request, pending_room, too_large)
+    else:
+        data = await _read_limited(request, room, _upload_too_large(limit))
+    the.store.add_upload_part(token, part_number, data)
     return MultipartPart(partNumber=part_number, etag=secrets.token_hex(8))
 
 
 @upload_router.post("/multipart/{token}/complete")
 async def complete_multipart(request: Request, token: str, body: CompleteMultipart) -> dict:
     upload = _claim(request, token)
-    parts = services(request).store.upload_parts(token)
+    the = services(request)
+    sizes = the.store.upload_part_sizes(token)
     numbers = [p.partNumber for p in body.parts]
-    if sorted(numbers) != sorted(parts) or not numbers:
-        message = f"Parts {numbers} do not match the parts uploaded {sorted(parts)}"
+    if sorted(numbers) != sorted(sizes) or not numbers:
+        message = f"Parts {numbers} do not match the parts uploaded {sorted(sizes)}"
         raise InputError(["parts"], message, "value_error")
+    limit = the.settings.max_upload_bytes
+    if sum(sizes.values()) > limit:  # parts sent at the same time can pass the limit together
+        the.store.remove_upload(token)
+        raise HTTPException(413, _upload_too_large(limit))
+    parts = the.store.upload_parts(token)
     await _store(request, upload, b"".join(parts[n] for n in sorted(numbers)))
     services(request).store.remove_upload(token)
     return {}

@@ -239,3 +239,20 @@ def test_multipart_uploads_stay_within_the_upload_limit(fake_server):
     assert store.get_upload(token) is None
     written = [p for p in (app.state.services.settings.data_dir / "files").iterdir() if p.name.startswith("upload-")]
     assert [p.stat().st_size for p in written] == [500_000]
+
+
+def test_own_files_used_as_inputs_are_sized_before_they_are_read(fake_server, monkeypatch):
+    from server.files.storage import LocalStorage
+    from tests.fake_editor import FakeEditor
+
+    client, app = fake_server(FakeEditor(), max_input_image_bytes=100_000)
+    files = app.state.services.settings.data_dir / "files"
+    (files / "big.png").write_bytes(image_bytes(400, 400, fmt="BMP"))  # ~480 KB
+    monkeypatch.setattr(LocalStorage, "get", lambda *args: pytest.fail("the whole file was read"))
+    body = {**GOOD, "image_urls": [f"{client.base_url}/files/big.png"]}
+    refused = client.post("/fal-ai/flux-2/flash/edit", json=body)
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["detail"][0]["type"] == "file_too_large"
+    (files / "small.png").write_bytes(image_bytes(64, 64))
+    body = {**GOOD, "image_urls": [f"{client.base_url}/files/small.png"]}
+    assert client.post("/fal-ai/flux-2/flash/edit", json=body).status_code == 200

@@ -85,13 +85,14 @@ def decode_data_uri(url: str, index: int, max_bytes: int) -> bytes:
 
 
 def read_local(local: LocalFiles, name: str, url: str, index: int, max_bytes: int) -> bytes:
-    found = local.storage.get(name) if name else None
+    """One of this server's own files, sized before it is read and read no further than `max_bytes`."""
+    found = local.storage.open(name) if name else None
     if found is None:
         raise url_error(
             index, url, "Failed to download the file: no such file on this server (HTTP 404).", "file_download_error"
         )
-    data = found[0]
-    if len(data) > max_bytes:
+    data = found.read(max_bytes)
+    if data is None:
         raise url_error(index, url, f"The file is larger than {max_bytes} bytes.", "file_too_large")
     return data
 

@@ -17,12 +17,12 @@ from pydantic import BaseModel
 
 from server.errors import InputError
 from server.files.outputs import check_free_space
+from server.files.serving import SERVED_TYPES
 from server.http.auth import require_key
 from server.http.context import services
 from server.http.responses import NOT_FOUND, UNREADABLE_BODY
 
 UPLOAD_TTL_S = 3600
-SERVED_TYPES = {"image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp", "image/tiff", "image/avif"}
 
 initiate_router = APIRouter(prefix="/storage/upload", tags=["storage"], dependencies=[Depends(require_key)])
 upload_router = APIRouter(prefix="/storage/upload", tags=["storage"], responses={**UNREADABLE_BODY, **NOT_FOUND})
@@ -57,7 +57,8 @@ def _initiate(request: Request, body: InitiateUpload, kind: str) -> UploadTarget
     extension = (mimetypes.guess_extension(content_type) if content_type in SERVED_TYPES else None) or ".bin"
     name = f"upload-{secrets.token_hex(16)}{extension}"
     # in the queue backend: with a shared queue, any front-end can take the rest of the upload
-    the.store.add_upload(token, {"name": name, "content_type": body.content_type}, UPLOAD_TTL_S)
+    stored_type = content_type if extension != ".bin" else "application/octet-stream"  # what a bucket serves
+    the.store.add_upload(token, {"name": name, "content_type": stored_type}, UPLOAD_TTL_S)
     base = str(request.base_url).rstrip("/")
     file_url = the.outputs.storage.url(name, the.settings.public_url or base)
     return UploadTarget(upload_url=f"{base}/storage/upload/{kind}/{token}", file_url=file_url)

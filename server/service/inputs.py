@@ -28,6 +28,9 @@ from server.files.storage import FileStorage
 from server.net.guard import AddressRefused
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# The only formats decoded: what fal's clients send (and fal's image endpoints write). Pillow tries no other
+# plugin, so ICO/ICNS (sized after decoding), EPS (Ghostscript) and the other 40-odd formats are never parsed.
+DECODED_FORMATS = ("PNG", "JPEG", "WEBP")
 SAFE_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -180,7 +183,7 @@ def decode_image(data: bytes, url: str, index: int, max_pixels: int) -> tuple[PI
 
     Returns the image and a notice when only part of it was used (the first frame of an animation)."""
     try:
-        with PIL.Image.open(io.BytesIO(data)) as image:
+        with PIL.Image.open(io.BytesIO(data), formats=DECODED_FORMATS) as image:
             width, height = image.size
             if width * height > max_pixels:
                 raise url_error(
@@ -201,7 +204,8 @@ def decode_image(data: bytes, url: str, index: int, max_pixels: int) -> tuple[PI
         raise url_error(
             index,
             url,
-            f"Could not decode the image: {len(data)} bytes that are not in any image format Pillow reads.",
+            f"Could not decode the image: {len(data)} bytes that are not a PNG, JPEG or WebP image (the formats "
+            "this server reads).",
             "image_load_error",
         ) from exc
     except PIL.Image.DecompressionBombError as exc:

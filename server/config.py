@@ -63,6 +63,12 @@ class Settings(BaseSettings):
         512 * 1024 * 1024,
         description="free bytes the data directory keeps: below it, new requests and uploads are refused (507)",
     )
+    read_timeout_s: float = Field(
+        30.0, description="seconds a client may send nothing while the server waits for its request head or body"
+    )
+    max_connections: int = Field(
+        512, description="open client connections served at once; beyond, requests are answered 503"
+    )
     rate_limit: str | None = Field(
         None, description="per API key (or client address), e.g. `20/second;600/minute` (429 beyond); default: none"
     )

@@ -256,3 +256,44 @@ def test_own_files_used_as_inputs_are_sized_before_they_are_read(fake_server, mo
     (files / "small.png").write_bytes(image_bytes(64, 64))
     body = {**GOOD, "image_urls": [f"{client.base_url}/files/small.png"]}
     assert client.post("/fal-ai/flux-2/flash/edit", json=body).status_code == 200
+
+
+def test_idle_and_slow_clients_are_closed_and_connections_capped(tiny_weights, tmp_path, monkeypatch):
+    """A connection that sends nothing, or stops halfway through its body, is closed after FLUX2_READ_TIMEOUT_S;
+    beyond FLUX2_MAX_CONNECTIONS, requests are answered 503; once the idle ones are gone, the server serves."""
+    import threading
+
+    import uvicorn
+
+    from server.cli.serve import uvicorn_config
+    from server.config import Settings
+    from server.http.app import create_app
+    from server.service import model as service_model
+    from tests.conftest import free_port
+    from tests.fake_editor import FakeEditor
+
+    monkeypatch.setattr(service_model, "load_model", lambda *args: FakeEditor())
+    port = free_port()
+    settings = Settings(data_dir=tmp_path / "data", port=port, read_timeout_s=0.5, max_connections=5)
+    server = uvicorn.Server(uvicorn_config(create_app(settings, tmp_path / "weights"), settings))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(600):  # bounded: the server starts
+            if server.started:
+                break
+            time.sleep(0.05)
+        assert server.started
+        slow = socket.create_connection(("127.0.0.1", port))
+        slow.sendall(b"POST /queue/fal-ai/flux-2/flash/edit HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            assert client.get("/health").status_code == 503  # 5 connections open: at the cap
+            for sock in [slow, *idle]:  # each is closed by the server (end of stream, no answer), not kept
+                sock.settimeout(30)
+                assert sock.recv(1024) == b""
+                sock.close()
+            assert client.get("/health").status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -27,6 +27,8 @@ HTTP_ONLY = {
     "cors_origins",
     "max_upload_bytes",
     "max_body_bytes",
+    "read_timeout_s",
+    "max_connections",
     "max_pending_upload_bytes",
     "min_free_disk_bytes",
     "rate_limit",

@@ -6,13 +6,13 @@ import argparse
 import sys
 
 from server.cli.startup import resolve_weights, runtime_problem, settings_from
+from server.config import Settings
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.http.app import create_app
-    from server.logs import logging_config
 
     settings = settings_from(args)
     if (
@@ -32,7 +32,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"error: {problem}", file=sys.stderr)
             return 2
     app = create_app(settings, weights_dir, tiny=tiny)
-    uvicorn.run(
+    server = uvicorn.Server(uvicorn_config(app, settings))
+    server.run()
+    return 0 if server.started else 3  # 3: uvicorn's own status when it could not start (the port taken, say)
+
+
+def uvicorn_config(app, settings: Settings):
+    """How uvicorn serves the app: address, TLS, logging, and the limits on slow and idle clients
+    (server/http/connections.py)."""
+    import uvicorn
+
+    from server.http.connections import timed_protocol
+    from server.logs import logging_config
+
+    return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -40,5 +53,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_level=settings.log_level,
         ssl_certfile=settings.ssl_certfile,
         ssl_keyfile=settings.ssl_keyfile,
+        http=timed_protocol(settings.read_timeout_s),
+        limit_concurrency=settings.max_connections,
     )
-    return 0

@@ -26,7 +26,7 @@ class QueuedRequest:
     seq: int
     id: str
     endpoint_id: str
-    input: str
+    input: str | None  # the validated input as JSON: loaded by `claim` only (status reads never touch it)
     priority: int
     status: str
     queue_url: str
@@ -80,7 +80,9 @@ class QueueBackend(Protocol):
     ) -> None:
         """Accept a request (IN_QUEUE); durable before it returns."""
 
-    def get(self, request_id: str) -> QueuedRequest | None: ...
+    def get(self, request_id: str) -> QueuedRequest | None:
+        """The request's record without its input (`input` None): what status, result and cancel read. Inputs
+        (data URIs up to the body limit) are stored apart and read only by `claim`."""
 
     def position(self, request: QueuedRequest) -> int:
         """How many queued requests will be served before this one."""
@@ -90,7 +92,7 @@ class QueueBackend(Protocol):
 
     def claim(self, endpoint_ids: Collection[str]) -> QueuedRequest | None:
         """The next queued request for one of `endpoint_ids` (priority, then arrival), now IN_PROGRESS and owned
-        by the caller; None if there is none."""
+        by the caller, with its input; None if there is none."""
 
     async def wait_for_work(self, wakeup: asyncio.Event, timeout_s: float) -> None:
         """Return when work may have arrived, `wakeup` is set, or after `timeout_s`."""

@@ -231,6 +231,7 @@ class Dispatcher:
             self.fail(request, Unavailable("The server stopped before this sync request ran; nobody awaits it."))
             return
         endpoint = BY_ID[request.endpoint_id]
+        assert request.input is not None, "a claimed request carries its input"
         body = endpoint.input_model.model_validate_json(request.input)
         started = time.perf_counter()
         try:

@@ -32,6 +32,7 @@ import threading
 import time
 import uuid
 from collections.abc import Collection
+from dataclasses import fields
 from datetime import UTC, datetime
 
 import redis
@@ -46,6 +47,7 @@ GROUP = "workers"
 COMPLETED_CHANNEL = f"{PREFIX}completed"  # pub/sub: the id of each request as it completes
 INT_FIELDS = {"seq", "priority", "status_code", "attempts", "progress_step", "progress_total"}
 FLOAT_FIELDS = {"start_deadline", "created_at", "started_at", "completed_at"}
+RECORD_FIELDS = [f.name for f in fields(QueuedRequest) if f.name != "input"]  # what `get` reads
 
 ADD = """
 local seq = redis.call('INCR', KEYS[3])
@@ -251,7 +253,9 @@ class RedisQueue:
         self._add(keys=[self._key(request_id), stream, f"{PREFIX}seq"], args=[request_id, *pairs])
 
     def get(self, request_id: str) -> QueuedRequest | None:
-        record = self.redis.hgetall(self._key(request_id))
+        """The record's fields but `input` (status polls never move the input, up to the body limit, out of Redis)."""
+        values = self.redis.hmget(self._key(request_id), RECORD_FIELDS)
+        record = {name: value for name, value in zip(RECORD_FIELDS, values, strict=True) if value is not None}
         return _decode(record) if record.get("id") else None
 
     def position(self, request: QueuedRequest) -> int:
@@ -281,7 +285,10 @@ class RedisQueue:
             self.log(request_id, message, "WARNING")
         self._claimed.add(request_id)
         self._start_toucher()
-        return self.get(request_id)
+        claimed = self.get(request_id)
+        if claimed is not None:
+            claimed.input = self.redis.hget(self._key(request_id), "input")
+        return claimed
 
     def _start_toucher(self) -> None:
         if self._toucher is None:

@@ -82,6 +82,10 @@ class Settings(BaseSettings):
         description="comma-separated keys; set: every API route needs `Authorization: Key <key>` (environment only, "
         "to keep keys out of `ps`)",
     )
+    allow_open_api: bool = Field(
+        False,
+        description="`serve` listens beyond loopback (`--host 0.0.0.0`) without API keys; off: it refuses to start",
+    )
     api_keys_file: Path | None = Field(None, description="API keys, one per line (added to FLUX2_API_KEYS)")
     cors_origins: str | None = Field(
         None, description="comma-separated origins whose pages may call the API; default: none (CORS closed)"

@@ -24,6 +24,7 @@ HTTP_ONLY = {
     "ssl_certfile",
     "ssl_keyfile",
     "api_keys_file",
+    "allow_open_api",
     "cors_origins",
     "max_upload_bytes",
     "max_body_bytes",

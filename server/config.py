@@ -10,6 +10,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from weights.layout import SAFETY_CHECKER_DIR
 
+RESTARTS_ENV = "FLUX2_SUPERVISED_RESTARTS"  # set by the supervisor in its child: how often it was started again
+
 
 def parse_keys(value: str | None) -> list[str]:
     """Items of a comma-separated setting (API keys, CORS origins), blanks dropped."""

@@ -1,9 +1,12 @@
 """Liveness (/health), readiness (/ready) and what this server can do."""
 
+import os
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from server.config import RESTARTS_ENV
 from server.http.context import services
 from server.service.model import ModelState
 
@@ -25,6 +28,7 @@ class Health(BaseModel):
     workers: list[dict] = Field(description="Live queue workers, as each advertises itself (heartbeat not expired).")
     allow_undistilled: bool = Field(description="Whether distilled profiles may run on the base weights.")
     safety_checker_disabled: bool = Field(description="Whether the operator turned the safety checker off.")
+    restarts: int = Field(0, description="How often the supervisor started this server again after it died.")
 
 
 class Readiness(BaseModel):
@@ -50,6 +54,7 @@ async def health(request: Request) -> JSONResponse:
         workers=the.store.workers(),
         allow_undistilled=the.settings.allow_undistilled,
         safety_checker_disabled=the.settings.disable_safety_checker,
+        restarts=int(os.environ.get(RESTARTS_ENV, "0")),
     )
     if model is ModelState.LOADED:
         runner = the.model.runner

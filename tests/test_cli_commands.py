@@ -195,3 +195,8 @@ def test_a_second_server_on_a_taken_data_dir_or_port_exits_with_the_reason(tmp_p
         refused = serve(tmp_path / "b", taken.getsockname()[1])
     assert refused.returncode == 2 and "cannot listen on 127.0.0.1" in refused.stderr, refused.stderr
     assert not (tmp_path / "b" / "queue.sqlite3").exists()  # nor here: no model was loaded either
+
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "queue.sqlite3").write_bytes(b"not a database" * 100)
+    corrupt = serve(tmp_path / "c", free_port())
+    assert corrupt.returncode == 2 and "queue database" in corrupt.stderr, corrupt.stderr

@@ -8,7 +8,7 @@ import sys
 
 from server.cli.startup import resolve_weights, runtime_problem, settings_from
 from server.config import Settings
-from server.queue.connect import QueueInUse, lock_local_queue
+from server.queue.connect import QueueInUse, local_queue_problem, lock_local_queue
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -41,12 +41,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if problem:
             print(f"error: {problem}", file=sys.stderr)
             return 2
-    # Before the queue is touched or the model loaded: the queue's lock, then the port (exit 2, which the
-    # supervisor does not retry, with the reason)
+    # Before the queue is touched or the model loaded: the queue's lock, the queue's file, then the port (exit 2,
+    # which the supervisor does not retry, with the reason)
     try:
         queue_lock = lock_local_queue(settings)
     except QueueInUse as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    problem = local_queue_problem(settings)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     config = uvicorn_config(create_app(settings, weights_dir, tiny=tiny), settings)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import sqlite3
 from pathlib import Path
 from typing import IO
 
@@ -56,6 +57,22 @@ def lock_local_queue(settings) -> IO | None:
     lock.write(str(os.getpid()))
     lock.flush()
     return lock
+
+
+def local_queue_problem(settings) -> str | None:
+    """Why the embedded SQLite queue can't be used (a corrupt or foreign file), checked before the model loads;
+    None when it can (or does not exist yet, or the queue is shared)."""
+    if settings.queue is not None and not settings.queue.startswith("sqlite:"):
+        return None
+    path = sqlite_path(settings.queue, settings.data_dir)
+    if not path.exists():
+        return None
+    try:
+        with sqlite3.connect(path) as db:
+            (verdict,) = db.execute("PRAGMA quick_check").fetchone()
+    except sqlite3.DatabaseError as exc:
+        verdict = str(exc)
+    return None if verdict == "ok" else f"the queue database {path} is unusable ({verdict}): restore or move it away"
 
 
 def open_configured_queue(settings, consumer: str) -> QueueBackend:

@@ -89,6 +89,12 @@ class Settings(BaseSettings):
         description="`serve` listens beyond loopback (`--host 0.0.0.0`) without API keys; off: it refuses to start",
     )
     api_keys_file: Path | None = Field(None, description="API keys, one per line (added to FLUX2_API_KEYS)")
+    allowed_hosts: str | None = Field(
+        None,
+        description="comma-separated names this server is reached under; without API keys, requests whose Host or "
+        "Origin is another name are refused (DNS rebinding). IP addresses, `localhost` and PUBLIC_URL's are always "
+        "allowed",
+    )
     cors_origins: str | None = Field(
         None, description="comma-separated origins whose pages may call the API; default: none (CORS closed)"
     )

@@ -69,6 +69,20 @@ class InsufficientStorage(ServerError):
     error_type = "insufficient_storage"
 
 
+class HostNotAllowed(ServerError):
+    """Without API keys, a Host header that is not a name this server is served under (DNS rebinding)."""
+
+    status = 400
+    error_type = "host_not_allowed"
+
+
+class OriginNotAllowed(ServerError):
+    """Without API keys, a browser request from a page of another origin (and not a configured CORS origin)."""
+
+    status = 403
+    error_type = "origin_not_allowed"
+
+
 class TooManyRequests(ServerError):
     """Over the caller's rate or concurrency limit: a 429 with Retry-After."""
 

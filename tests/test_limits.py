@@ -15,6 +15,7 @@ from tests.conftest import data_uri, image_bytes, start_server
 SMALL = data_uri(image_bytes(96, 96))
 GOOD = {"prompt": "p", "image_urls": [SMALL], "image_size": "square", "seed": 1}
 SLOW = {**GOOD, "image_size": "square_hd", "num_inference_steps": 40}
+FLASH_EDIT = "fal-ai/flux-2/flash/edit"
 KEYS = ["key-one", "key-rate", "key-pending", "key-other"]
 
 
@@ -285,7 +286,7 @@ def test_idle_and_slow_clients_are_closed_and_connections_capped(tiny_weights, t
             time.sleep(0.05)
         assert server.started
         slow = socket.create_connection(("127.0.0.1", port))
-        slow.sendall(b"POST /queue/fal-ai/flux-2/flash/edit HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+        slow.sendall(b"POST /queue/fal-ai/flux-2/flash/edit HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n{")
         idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
             assert client.get("/health").status_code == 503  # 5 connections open: at the cap
@@ -297,3 +298,21 @@ def test_idle_and_slow_clients_are_closed_and_connections_capped(tiny_weights, t
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def test_without_keys_only_the_servers_own_names_are_served(fake_server):
+    """DNS rebinding: a page on evil.example whose name resolves to 127.0.0.1 calls the open API as Host
+    evil.example; refused (400), as is a request from such a page's Origin (403). With keys, keys decide."""
+    from tests.fake_editor import FakeEditor
+
+    client, _ = fake_server(FakeEditor(), public_url="https://flux.studio.lan")
+    rebound = client.get("/health", headers={"host": "evil.example:8000"})
+    assert rebound.status_code == 400 and rebound.json()["detail"].startswith("Host 'evil.example:8000'")
+    for host in ("127.0.0.1:8000", "[::1]:8000", "localhost", "queue.localhost:8000", "flux.studio.lan", "testserver"):
+        assert client.get("/health", headers={"host": host}).status_code == 200, host
+    framed = client.post(f"/queue/{FLASH_EDIT}", json=GOOD, headers={"origin": "http://evil.example"})
+    assert framed.status_code == 403 and "evil.example" in framed.json()["detail"]
+    assert client.get("/health", headers={"origin": "http://localhost:5173"}).status_code == 200
+
+    keyed, _ = fake_server(FakeEditor(), api_keys="k")
+    assert keyed.get("/health", headers={"host": "evil.example"}).status_code == 200

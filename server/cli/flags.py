@@ -26,6 +26,7 @@ HTTP_ONLY = {
     "api_keys_file",
     "allow_open_api",
     "cors_origins",
+    "allowed_hosts",
     "max_upload_bytes",
     "max_body_bytes",
     "read_timeout_s",

@@ -286,7 +286,9 @@ def test_idle_and_slow_clients_are_closed_and_connections_capped(tiny_weights, t
             time.sleep(0.05)
         assert server.started
         slow = socket.create_connection(("127.0.0.1", port))
-        slow.sendall(b"POST /queue/fal-ai/flux-2/flash/edit HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n{")
+        slow.sendall(
+            b"POST /queue/fal-ai/flux-2/flash/edit HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n{"
+        )
         idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
             assert client.get("/health").status_code == 503  # 5 connections open: at the cap

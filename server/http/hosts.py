@@ -40,9 +40,9 @@ class HostNames:
             return HostNotAllowed(
                 f"Host {host_header!r} is not a name this server is served under (FLUX2_ALLOWED_HOSTS)"
             )
-        if origin and origin != "null" and origin not in self.origins:
-            if not self.allows(urlsplit(origin).hostname or ""):
-                return OriginNotAllowed(f"Requests from pages on {origin!r} are not allowed (FLUX2_CORS_ORIGINS)")
+        foreign = origin and origin != "null" and origin not in self.origins
+        if foreign and not self.allows(urlsplit(origin).hostname or ""):
+            return OriginNotAllowed(f"Requests from pages on {origin!r} are not allowed (FLUX2_CORS_ORIGINS)")
         return None
 
 

@@ -35,13 +35,16 @@ class HostNames:
             pass
         return host == "localhost" or host.endswith(".localhost") or host in self.names
 
+    @staticmethod
+    def host_of(origin: str) -> str:
+        return urlsplit(origin).hostname or ""
+
     def problem(self, host_header: str, origin: str | None) -> ServerError | None:
         if not self.allows(urlsplit(f"//{host_header}").hostname or ""):
             return HostNotAllowed(
                 f"Host {host_header!r} is not a name this server is served under (FLUX2_ALLOWED_HOSTS)"
             )
-        foreign = origin and origin != "null" and origin not in self.origins
-        if foreign and not self.allows(urlsplit(origin).hostname or ""):
+        if origin and origin != "null" and origin not in self.origins and not self.allows(self.host_of(origin)):
             return OriginNotAllowed(f"Requests from pages on {origin!r} are not allowed (FLUX2_CORS_ORIGINS)")
         return None
 

@@ -34,6 +34,7 @@ import uuid
 from collections.abc import Collection
 from dataclasses import fields
 from datetime import UTC, datetime
+from typing import cast
 
 import redis
 
@@ -287,7 +288,7 @@ class RedisQueue:
         self._start_toucher()
         claimed = self.get(request_id)
         if claimed is not None:
-            claimed.input = self.redis.hget(self._key(request_id), "input")
+            claimed.input = cast(str | None, self.redis.hget(self._key(request_id), "input"))  # decode_responses
         return claimed
 
     def _start_toucher(self) -> None:

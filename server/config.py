@@ -88,7 +88,9 @@ class Settings(BaseSettings):
         False,
         description="`serve` listens beyond loopback (`--host 0.0.0.0`) without API keys; off: it refuses to start",
     )
-    api_keys_file: Path | None = Field(None, description="API keys, one per line (added to FLUX2_API_KEYS)")
+    api_keys_file: Path | None = Field(
+        None, description="API keys, one per line, `#` lines ignored (added to FLUX2_API_KEYS)"
+    )
     allowed_hosts: str | None = Field(
         None,
         description="comma-separated names this server is reached under; without API keys, requests whose Host or "
@@ -198,5 +200,6 @@ class Settings(BaseSettings):
     def keys(self) -> list[str]:
         keys = parse_keys(self.api_keys)
         if self.api_keys_file is not None:
-            keys += parse_keys(",".join(self.api_keys_file.read_text().splitlines()))
+            lines = self.api_keys_file.read_text().splitlines()
+            keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
         return keys

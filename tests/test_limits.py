@@ -318,3 +318,12 @@ def test_without_keys_only_the_servers_own_names_are_served(fake_server):
 
     keyed, _ = fake_server(FakeEditor(), api_keys="k")
     assert keyed.get("/health", headers={"host": "evil.example"}).status_code == 200
+
+
+def test_the_playground_cannot_be_framed(fake_server):
+    from tests.fake_editor import FakeEditor
+
+    client, _ = fake_server(FakeEditor())
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["x-frame-options"] == "DENY"
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]

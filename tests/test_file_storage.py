@@ -104,3 +104,33 @@ def test_files_in_a_bucket_are_streamed_and_uploads_served_as_inert_bytes(s3_end
     key = "inert/" + target["file_url"].rsplit("/", 1)[1]
     head = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").head_object(Bucket="out", Key=key)
     assert head["ContentType"] == "application/octet-stream"
+
+
+def test_a_write_that_fails_leaves_no_truncated_file(tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    storage = LocalStorage(tmp_path / "files")
+    real_open = Path.open
+
+    class FullDisk:
+        def __init__(self, file):
+            self.file = file
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, data):
+            self.file.write(data[: len(data) // 2])  # half of it fits
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "open", lambda self, *args, **kwargs: FullDisk(real_open(self, *args, **kwargs)))
+    with pytest.raises(OSError, match="No space left"):
+        storage.put("out.png", b"x" * 1000, "image/png")
+    monkeypatch.undo()
+    assert list((tmp_path / "files").iterdir()) == []  # neither a truncated out.png nor the partial
+    storage.put("out.png", b"x" * 1000, "image/png")
+    assert storage.get("out.png") == (b"x" * 1000, "image/png")

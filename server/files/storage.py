@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import mimetypes
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +75,15 @@ class LocalStorage:
         directory.mkdir(parents=True, exist_ok=True)
 
     def put(self, name: str, data: bytes, content_type: str) -> None:
-        (self.local_dir / name).write_bytes(data)
+        """Written under a temporary name, then renamed: a full disk leaves no truncated file under `name`."""
+        partial = self.local_dir / f".{name}.partial"
+        try:
+            with partial.open("wb") as out:
+                out.write(data)
+            os.replace(partial, self.local_dir / name)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
 
     def url(self, name: str, base_url: str) -> str:
         return f"{base_url.rstrip('/')}/files/{name}"

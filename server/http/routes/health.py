@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from server.config import RESTARTS_ENV
+from server.http.auth import has_valid_key
 from server.http.context import services
 from server.service.model import ModelState
 
@@ -40,7 +41,7 @@ class Readiness(BaseModel):
 @router.get("/health", response_model=Health, responses={503: {"model": Health, "description": "Model failed"}})
 async def health(request: Request) -> JSONResponse:
     """Liveness: answers as soon as the process serves, while the model loads too; 503 once loading failed or the
-    dispatcher stopped."""
+    dispatcher stopped. With API keys configured, a caller without one sees no file paths or host names."""
     the = services(request)
     model = the.model.state
     failed = model is ModelState.FAILED or the.dispatcher.died is not None
@@ -60,7 +61,22 @@ async def health(request: Request) -> JSONResponse:
         runner = the.model.runner
         answer.waiting = runner.waiting  # edits submitted to the model and not finished, running included
         answer.capabilities = runner.editor.capabilities().as_dict()
-    return JSONResponse(answer.model_dump(mode="json"), status_code=503 if failed else 200)
+    body = answer.model_dump(mode="json")
+    if not has_valid_key(request):  # /health is open: where files are and which machines run it are not
+        body = without_locations(body)
+    return JSONResponse(body, status_code=503 if failed else 200)
+
+
+LOCATIONS = {"weights", "distilled_adapter_file", "safety_checker_model", "host", "pid"}
+
+
+def without_locations(value):
+    """`value` with file paths and host names (LOCATIONS) set to None, at any depth."""
+    if isinstance(value, dict):
+        return {k: None if k in LOCATIONS else without_locations(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_locations(v) for v in value]
+    return value
 
 
 @router.get("/ready", response_model=Readiness, responses={503: {"model": Readiness, "description": "Not ready"}})

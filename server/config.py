@@ -91,6 +91,11 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = Field(
         None, description="API keys, one per line, `#` lines ignored (added to FLUX2_API_KEYS)"
     )
+    trusted_proxies: str | None = Field(
+        None,
+        description="comma-separated addresses of reverse proxies whose X-Forwarded-For/-Proto are believed (client "
+        "address for rate limits and logs); default: none, not even loopback",
+    )
     allowed_hosts: str | None = Field(
         None,
         description="comma-separated names this server is reached under; without API keys, requests whose Host or "

@@ -259,9 +259,10 @@ def test_own_files_used_as_inputs_are_sized_before_they_are_read(fake_server, mo
     assert client.post("/fal-ai/flux-2/flash/edit", json=body).status_code == 200
 
 
-def test_idle_and_slow_clients_are_closed_and_connections_capped(tiny_weights, tmp_path, monkeypatch):
-    """A connection that sends nothing, or stops halfway through its body, is closed after FLUX2_READ_TIMEOUT_S;
-    beyond FLUX2_MAX_CONNECTIONS, requests are answered 503; once the idle ones are gone, the server serves."""
+@pytest.fixture
+def uvicorn_server(tmp_path, monkeypatch):
+    """The app over the fake editor, served by uvicorn as `serve` configures it (server.cli.serve.uvicorn_config),
+    in a thread: call it with settings, get the port."""
     import threading
 
     import uvicorn
@@ -274,32 +275,57 @@ def test_idle_and_slow_clients_are_closed_and_connections_capped(tiny_weights, t
     from tests.fake_editor import FakeEditor
 
     monkeypatch.setattr(service_model, "load_model", lambda *args: FakeEditor())
-    port = free_port()
-    settings = Settings(data_dir=tmp_path / "data", port=port, read_timeout_s=0.5, max_connections=5)
-    server = uvicorn.Server(uvicorn_config(create_app(settings, tmp_path / "weights"), settings))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
+    running = []
+
+    def start(**options) -> int:
+        port = free_port()
+        settings = Settings(data_dir=tmp_path / "data", port=port, **options)
+        server = uvicorn.Server(uvicorn_config(create_app(settings, tmp_path / "weights"), settings))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        running.append((server, thread))
         for _ in range(600):  # bounded: the server starts
             if server.started:
-                break
+                return port
             time.sleep(0.05)
-        assert server.started
-        slow = socket.create_connection(("127.0.0.1", port))
-        slow.sendall(
-            b"POST /queue/fal-ai/flux-2/flash/edit HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n{"
-        )
-        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            assert client.get("/health").status_code == 503  # 5 connections open: at the cap
-            for sock in [slow, *idle]:  # each is closed by the server (end of stream, no answer), not kept
-                sock.settimeout(30)
-                assert sock.recv(1024) == b""
-                sock.close()
-            assert client.get("/health").status_code == 200
-    finally:
+        raise AssertionError("the server did not start")
+
+    yield start
+    for server, thread in running:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def test_idle_and_slow_clients_are_closed_and_connections_capped(uvicorn_server):
+    """A connection that sends nothing, or stops halfway through its body, is closed after FLUX2_READ_TIMEOUT_S;
+    beyond FLUX2_MAX_CONNECTIONS, requests are answered 503; once the idle ones are gone, the server serves."""
+    port = uvicorn_server(read_timeout_s=0.5, max_connections=5)
+    slow = socket.create_connection(("127.0.0.1", port))
+    slow.sendall(b"POST /queue/fal-ai/flux-2/flash/edit HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n{")
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        assert client.get("/health").status_code == 503  # 5 connections open: at the cap
+        for sock in [slow, *idle]:  # each is closed by the server (end of stream, no answer), not kept
+            sock.settimeout(30)
+            assert sock.recv(1024) == b""
+            sock.close()
+        assert client.get("/health").status_code == 200
+
+
+def test_forwarded_for_is_believed_only_from_configured_proxies(uvicorn_server):
+    """Without keys the rate limit counts client addresses: an X-Forwarded-For from loopback must not make each
+    request a new client."""
+    port = uvicorn_server(rate_limit="2/minute")
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        answers = [
+            client.post(
+                "/storage/upload/initiate",
+                json={"content_type": "image/png"},
+                headers={"X-Forwarded-For": f"10.0.0.{n}"},
+            ).status_code
+            for n in range(3)
+        ]
+    assert answers == [200, 200, 429]
 
 
 def test_without_keys_only_the_servers_own_names_are_served(fake_server):

@@ -27,6 +27,7 @@ HTTP_ONLY = {
     "allow_open_api",
     "cors_origins",
     "allowed_hosts",
+    "trusted_proxies",
     "max_upload_bytes",
     "max_body_bytes",
     "read_timeout_s",

@@ -92,4 +92,7 @@ def uvicorn_config(app, settings: Settings):
         ssl_keyfile=settings.ssl_keyfile,
         http=timed_protocol(settings.read_timeout_s),
         limit_concurrency=settings.max_connections,
+        # X-Forwarded-For only from configured proxies (uvicorn's default believes any from 127.0.0.1)
+        proxy_headers=bool(settings.trusted_proxies),
+        forwarded_allow_ips=settings.trusted_proxies or None,
     )

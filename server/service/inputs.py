@@ -144,7 +144,12 @@ async def download(client: httpx.AsyncClient, url: str, index: int, limits: Inpu
 async def fetch(
     client: httpx.AsyncClient, url: str, index: int, limits: InputLimits, local: LocalFiles | None = None
 ) -> bytes:
-    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    try:
+        scheme = urllib.parse.urlsplit(url).scheme.lower()
+        if scheme in ("http", "https"):
+            httpx.URL(url)  # parsed as it will be fetched: 0177.0.0.1, 256.0.0.1, [::1, full-width digits...
+    except (httpx.InvalidURL, ValueError) as exc:
+        raise url_error(index, url, f"Invalid URL: {exc}", "invalid_url") from exc
     if scheme == "data":
         return decode_data_uri(url, index, limits.max_bytes)
     if scheme not in ("http", "https"):

@@ -83,6 +83,16 @@ class OriginNotAllowed(ServerError):
     error_type = "origin_not_allowed"
 
 
+class UploadAlreadyUsed(ServerError):
+    """A one-time upload URL sent to again (or twice at once) after another call finished it."""
+
+    status = 409
+    error_type = "upload_already_used"
+
+    def __init__(self, message: str = "This upload URL was already used; begin a new upload"):
+        super().__init__(message)
+
+
 class TooManyRequests(ServerError):
     """Over the caller's rate or concurrency limit: a 429 with Retry-After."""
 

@@ -353,3 +353,28 @@ def test_the_playground_cannot_be_framed(fake_server):
     page = client.get("/")
     assert page.status_code == 200 and page.headers["x-frame-options"] == "DENY"
     assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+
+
+def test_an_upload_url_is_used_once_even_by_concurrent_puts(fake_server, monkeypatch):
+    """Two PUTs to one upload URL at once: the first to finish it stands; the other is told 409, not 200, and
+    does not overwrite it."""
+    from server.http.routes import storage as storage_routes
+    from tests.fake_editor import FakeEditor
+
+    client, app = fake_server(FakeEditor())
+    services = app.state.services
+    target = client.post("/storage/upload/initiate", json={"content_type": "image/png"}).json()
+    path, name = urlsplit(target["upload_url"]).path, target["file_url"].rsplit("/", 1)[1]
+    real_read = storage_routes._read_limited
+
+    async def read_while_another_put_finishes(request, limit, too_large):
+        data = await real_read(request, limit, too_large)
+        # meanwhile the other PUT (on this front-end or another) read its body and finished the upload
+        assert services.store.remove_upload(path.rsplit("/", 1)[1])
+        services.outputs.storage.put(name, b"second", "image/png")
+        return data
+
+    monkeypatch.setattr(storage_routes, "_read_limited", read_while_another_put_finishes)
+    first = client.put(path, content=b"first")
+    assert first.status_code == 409 and first.json()["detail"].startswith("This upload URL was already used")
+    assert (services.settings.data_dir / "files" / name).read_bytes() == b"second"

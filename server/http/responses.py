@@ -34,6 +34,7 @@ TIMED_OUT: Responses = {
     )
 }
 
+ALREADY_USED: Responses = {409: _message("This one-time upload URL was already used (finished by another call)")}
 LOW_ON_DISK: Responses = {
     507: _message("The data directory is below its free-space floor (FLUX2_MIN_FREE_DISK_BYTES); try again later")
 }

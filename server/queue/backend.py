@@ -161,7 +161,8 @@ class QueueBackend(Protocol):
     def pending_upload_bytes(self) -> int:
         """Bytes of all parts kept for multipart uploads not finished (nor expired)."""
 
-    def remove_upload(self, token: str) -> None:
-        """The upload is finished (or abandoned): forget it and its parts."""
+    def remove_upload(self, token: str) -> bool:
+        """The upload is finished (or abandoned): forget it and its parts. False if it was already gone (another
+        call took it first)."""
 
     def close(self) -> None: ...

@@ -457,8 +457,12 @@ class RedisQueue:
         parts = self.redis.hgetall(f"{PREFIX}upload-parts:{token}")
         return {int(number): base64.b64decode(data) for number, data in parts.items()}
 
-    def remove_upload(self, token: str) -> None:
-        self.redis.delete(f"{PREFIX}upload:{token}", f"{PREFIX}upload-parts:{token}", f"{PREFIX}upload-sizes:{token}")
+    def remove_upload(self, token: str) -> bool:
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(f"{PREFIX}upload:{token}")
+            pipe.delete(f"{PREFIX}upload-parts:{token}", f"{PREFIX}upload-sizes:{token}")
+            removed, _ = pipe.execute()
+        return removed > 0
 
     def heartbeat(self, worker_id: str, info: dict, ttl_s: float) -> None:
         self.redis.set(f"{PREFIX}worker:{worker_id}", json.dumps(info), px=int(ttl_s * 1000))

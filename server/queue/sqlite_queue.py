@@ -361,10 +361,10 @@ class RequestStore:
             ).fetchone()
         return row[0] or 0
 
-    def remove_upload(self, token: str) -> None:
+    def remove_upload(self, token: str) -> bool:
         with self._lock:
             self._db.execute("DELETE FROM upload_parts WHERE token=?", (token,))
-            self._db.execute("DELETE FROM uploads WHERE token=?", (token,))
+            return self._db.execute("DELETE FROM uploads WHERE token=?", (token,)).rowcount > 0
 
     def close(self) -> None:
         with self._lock:

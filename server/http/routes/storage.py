@@ -15,17 +15,19 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
-from server.errors import InputError
+from server.errors import InputError, UploadAlreadyUsed
 from server.files.outputs import check_free_space
 from server.files.serving import SERVED_TYPES
 from server.http.auth import require_key
 from server.http.context import services
-from server.http.responses import NOT_FOUND, UNREADABLE_BODY
+from server.http.responses import ALREADY_USED, NOT_FOUND, UNREADABLE_BODY
 
 UPLOAD_TTL_S = 3600
 
 initiate_router = APIRouter(prefix="/storage/upload", tags=["storage"], dependencies=[Depends(require_key)])
-upload_router = APIRouter(prefix="/storage/upload", tags=["storage"], responses={**UNREADABLE_BODY, **NOT_FOUND})
+upload_router = APIRouter(
+    prefix="/storage/upload", tags=["storage"], responses={**UNREADABLE_BODY, **NOT_FOUND, **ALREADY_USED}
+)
 
 
 class InitiateUpload(BaseModel):
@@ -105,8 +107,10 @@ def _upload_too_large(limit: int) -> str:
 async def put(request: Request, token: str) -> dict:
     upload = _claim(request, token)
     limit = services(request).settings.max_upload_bytes
-    await _store(request, upload, await _read_limited(request, limit, _upload_too_large(limit)))
-    services(request).store.remove_upload(token)
+    data = await _read_limited(request, limit, _upload_too_large(limit))
+    if not services(request).store.remove_upload(token):  # another PUT finished it meanwhile: that one stands
+        raise UploadAlreadyUsed()
+    await _store(request, upload, data)
     return {}
 
 
@@ -145,6 +149,7 @@ async def complete_multipart(request: Request, token: str, body: CompleteMultipa
         the.store.remove_upload(token)
         raise HTTPException(413, _upload_too_large(limit))
     parts = the.store.upload_parts(token)
+    if not the.store.remove_upload(token):  # another `complete` took it meanwhile
+        raise UploadAlreadyUsed()
     await _store(request, upload, b"".join(parts[n] for n in sorted(numbers)))
-    services(request).store.remove_upload(token)
     return {}

@@ -10,6 +10,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from weights.layout import SAFETY_CHECKER_DIR
 
+RESTARTS_ENV = "FLUX2_SUPERVISED_RESTARTS"  # set by the supervisor in its child: how often it was started again
+
 
 def parse_keys(value: str | None) -> list[str]:
     """Items of a comma-separated setting (API keys, CORS origins), blanks dropped."""
@@ -54,7 +56,21 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(
         256 * 1024 * 1024, description="bytes per file uploaded through the storage emulation"
     )
+    max_pending_upload_bytes: int = Field(
+        1024 * 1024 * 1024,
+        description="bytes of multipart upload parts kept (in the queue) for all uploads not completed (413 beyond)",
+    )
     max_body_bytes: int = Field(128 * 1024 * 1024, description="bytes of any request body but uploads (413 beyond)")
+    min_free_disk_bytes: int = Field(
+        512 * 1024 * 1024,
+        description="free bytes the data directory keeps: below it, new requests and uploads are refused (507)",
+    )
+    read_timeout_s: float = Field(
+        30.0, description="seconds a client may send nothing while the server waits for its request head or body"
+    )
+    max_connections: int = Field(
+        512, description="open client connections served at once; beyond, requests are answered 503"
+    )
     rate_limit: str | None = Field(
         None, description="per API key (or client address), e.g. `20/second;600/minute` (429 beyond); default: none"
     )
@@ -68,7 +84,24 @@ class Settings(BaseSettings):
         description="comma-separated keys; set: every API route needs `Authorization: Key <key>` (environment only, "
         "to keep keys out of `ps`)",
     )
-    api_keys_file: Path | None = Field(None, description="API keys, one per line (added to FLUX2_API_KEYS)")
+    allow_open_api: bool = Field(
+        False,
+        description="`serve` listens beyond loopback (`--host 0.0.0.0`) without API keys; off: it refuses to start",
+    )
+    api_keys_file: Path | None = Field(
+        None, description="API keys, one per line, `#` lines ignored (added to FLUX2_API_KEYS)"
+    )
+    trusted_proxies: str | None = Field(
+        None,
+        description="comma-separated addresses of reverse proxies whose X-Forwarded-For/-Proto are believed (client "
+        "address for rate limits and logs); default: none, not even loopback",
+    )
+    allowed_hosts: str | None = Field(
+        None,
+        description="comma-separated names this server is reached under; without API keys, requests whose Host or "
+        "Origin is another name are refused (DNS rebinding). IP addresses, `localhost` and PUBLIC_URL's are always "
+        "allowed",
+    )
     cors_origins: str | None = Field(
         None, description="comma-separated origins whose pages may call the API; default: none (CORS closed)"
     )
@@ -220,5 +253,6 @@ class Settings(BaseSettings):
     def keys(self) -> list[str]:
         keys = parse_keys(self.api_keys)
         if self.api_keys_file is not None:
-            keys += parse_keys(",".join(self.api_keys_file.read_text().splitlines()))
+            lines = self.api_keys_file.read_text().splitlines()
+            keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
         return keys

@@ -76,6 +76,38 @@ class Unavailable(ServerError):
     error_type = "unavailable"
 
 
+class InsufficientStorage(ServerError):
+    """Free space in the data directory is below FLUX2_MIN_FREE_DISK_BYTES: new uploads and requests are refused
+    (507) so that the queue itself can still record what it runs."""
+
+    status = 507
+    error_type = "insufficient_storage"
+
+
+class HostNotAllowed(ServerError):
+    """Without API keys, a Host header that is not a name this server is served under (DNS rebinding)."""
+
+    status = 400
+    error_type = "host_not_allowed"
+
+
+class OriginNotAllowed(ServerError):
+    """Without API keys, a browser request from a page of another origin (and not a configured CORS origin)."""
+
+    status = 403
+    error_type = "origin_not_allowed"
+
+
+class UploadAlreadyUsed(ServerError):
+    """A one-time upload URL sent to again (or twice at once) after another call finished it."""
+
+    status = 409
+    error_type = "upload_already_used"
+
+    def __init__(self, message: str = "This upload URL was already used; begin a new upload"):
+        super().__init__(message)
+
+
 class TooManyRequests(ServerError):
     """Over the caller's rate or concurrency limit: a 429 with Retry-After."""
 

@@ -86,6 +86,7 @@ def fake_server(tmp_path, monkeypatch):
 
     def start(editor, **settings) -> tuple[TestClient, object]:
         monkeypatch.setattr(service_model, "load_model", lambda *args: editor)
+        settings = {"allowed_hosts": "testserver", **settings}  # TestClient's Host
         app = create_app(Settings(data_dir=tmp_path / "data", **settings), tmp_path / "weights")
         client = TestClient(app)
         client.__enter__()

@@ -63,3 +63,21 @@ def test_health_stays_open(keyed_server):
 def test_an_open_server_says_so(server, keyed_server):
     assert "the API is open to anyone" in server.log()
     assert "the API is open to anyone" not in keyed_server[1].read_text()
+
+
+def test_health_shows_paths_and_hosts_only_with_a_key(fake_server):
+    import socket
+    import time
+
+    from tests.fake_editor import FakeEditor
+
+    client, _ = fake_server(FakeEditor(), api_keys="k")
+    for _ in range(200):  # bounded: the heartbeat advertises this process as a worker
+        if client.get("/health", headers={"Authorization": "Key k"}).json()["workers"]:
+            break
+        time.sleep(0.01)
+    keyed = client.get("/health", headers={"Authorization": "Key k"})
+    assert "/fake" in keyed.text and socket.gethostname() in keyed.text
+    anonymous = client.get("/health")
+    assert anonymous.status_code == 200 and anonymous.json()["capabilities"]["weights"] is None
+    assert "/fake" not in anonymous.text and f'"{socket.gethostname()}"' not in anonymous.text

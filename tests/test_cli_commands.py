@@ -286,3 +286,57 @@ def test_doctor_json_says_why_serve_would_refuse(tiny_weights):
     )
     bad = doctor_json("--compute-capability", "8.0", "--fp8", "--gpu-memory", "80")
     assert bad.returncode == 2 and "--compute-capability 8.0 and --fp8 disagree" in bad.stderr
+
+
+def test_serve_refuses_to_listen_beyond_loopback_without_keys(tmp_path):
+    """Checked before anything loads: exit 2 with the reason (keys, or FLUX2_ALLOW_OPEN_API, let it start)."""
+    from server.cli.serve import is_loopback
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLUX2_")}
+    command = [sys.executable, "-m", "server.cli", "serve", "--tiny", "--no-supervise", "--data-dir", str(tmp_path)]
+    refused = subprocess.run(
+        [*command, "--host", "0.0.0.0"], check=False, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert refused.returncode == 2 and "without API keys" in refused.stderr
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.5") and not is_loopback("flux2.lan")
+
+
+def test_a_second_server_on_a_taken_data_dir_or_port_exits_with_the_reason(tmp_path):
+    """Exit 2 (not restarted by the supervisor) before the queue is opened or the model loaded."""
+    import socket
+
+    from server.config import Settings
+    from server.queue.connect import lock_local_queue
+    from tests.conftest import free_port
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLUX2_")}
+
+    def serve(data_dir: Path, port: int) -> subprocess.CompletedProcess:
+        command = ["serve", "--tiny", "--data-dir", str(data_dir), "--port", str(port)]  # supervised, the default
+        return subprocess.run(
+            [sys.executable, "-m", "server.cli", *command],
+            check=False,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    first = lock_local_queue(Settings(data_dir=tmp_path / "a"))  # as the first server holds it
+    second = serve(tmp_path / "a", free_port())
+    assert second.returncode == 2 and "another flux2-server (pid" in second.stderr, second.stderr
+    assert not (tmp_path / "a" / "queue.sqlite3").exists()  # the queue was never opened
+    first.close()
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        refused = serve(tmp_path / "b", taken.getsockname()[1])
+    assert refused.returncode == 2 and "cannot listen on 127.0.0.1" in refused.stderr, refused.stderr
+    assert not (tmp_path / "b" / "queue.sqlite3").exists()  # nor here: no model was loaded either
+
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "queue.sqlite3").write_bytes(b"not a database" * 100)
+    corrupt = serve(tmp_path / "c", free_port())
+    assert corrupt.returncode == 2 and "queue database" in corrupt.stderr, corrupt.stderr

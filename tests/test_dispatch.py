@@ -130,3 +130,71 @@ def test_flash_and_turbo_say_they_ignored_the_base_endpoints_fields(fake_server)
     assert editor.calls[-1].acceleration == "none"
     plain = client.post(f"/{FLASH}", json=BODY).json()
     assert not any("ignored" in notice for notice in plain["notices"])
+
+
+def test_a_failed_queue_write_fails_that_request_and_the_dispatcher_goes_on(fake_server, monkeypatch):
+    """The disk fills while requests run: recording their outcome fails. Each request is retried, then failed;
+    the dispatcher survives and runs the next request, and /ready stays green."""
+    import sqlite3
+
+    from server.queue import dispatcher
+
+    monkeypatch.setattr(dispatcher, "RECORD_RETRY_S", 0.01)
+    client, app = fake_server(FakeEditor())
+    store = app.state.services.store
+    real_complete, faults = store.complete, [3]
+
+    def full_disk_complete(*args, **kwargs):
+        if faults[0]:
+            faults[0] -= 1
+            raise sqlite3.OperationalError("database or disk is full")
+        return real_complete(*args, **kwargs)
+
+    monkeypatch.setattr(store, "complete", full_disk_complete)
+    handle = client.post(f"/queue/{FLASH}", json=BODY).json()
+    # 1st run: its result can't be written (re-queued); 2nd: nor (failed); that failure written on a retry
+    done = wait_status(client, handle, "COMPLETED")
+    assert done["error_type"] == "worker_crashed" and "database or disk is full" in done["error"]
+    assert faults == [0]
+    after = client.post(f"/queue/{FLASH}", json=BODY).json()
+    assert wait_status(client, after, "COMPLETED")["error"] is None
+    assert client.get("/ready").status_code == 200 and client.get("/health").json()["dispatcher_error"] is None
+
+
+def test_health_and_ready_report_a_dead_dispatcher(fake_server, monkeypatch):
+    class Fatal(BaseException):
+        """Anything the dispatcher's loop does not survive."""
+
+    client, app = fake_server(FakeEditor())
+    store = app.state.services.store
+
+    async def fatal(*args):
+        raise Fatal("injected by the test")
+
+    monkeypatch.setattr(store, "wait_for_work", fatal)
+    app.state.services.dispatcher.notify()
+    deadline = time.monotonic() + 30
+    while (ready := client.get("/ready")).status_code == 200:
+        assert time.monotonic() < deadline, "/ready stayed green with the dispatcher dead"
+        time.sleep(0.01)
+    assert ready.status_code == 503 and "dispatcher stopped" in ready.json()["error"]
+    health = client.get("/health")
+    assert health.status_code == 503 and "injected by the test" in health.json()["dispatcher_error"]
+
+
+def test_no_new_requests_or_uploads_below_the_free_space_floor(fake_server):
+    import shutil
+
+    client, app = fake_server(FakeEditor())
+    data_dir = app.state.services.settings.data_dir
+    app.state.services.settings.min_free_disk_bytes = shutil.disk_usage(data_dir).free + 2**30
+    for path in (f"/queue/{FLASH}", f"/{FLASH}"):
+        refused = client.post(path, json=BODY)
+        assert refused.status_code == 507 and "disk space" in refused.json()["detail"], refused.text
+    upload = client.post("/storage/upload/initiate", json={"content_type": "image/png"})
+    assert upload.status_code == 507
+    app.state.services.settings.min_free_disk_bytes = 1  # a tiny floor: served
+    assert client.post(f"/{FLASH}", json=BODY).status_code == 200
+    target = client.post("/storage/upload/initiate", json={"content_type": "image/png"}).json()
+    app.state.services.settings.min_free_disk_bytes = shutil.disk_usage(data_dir).free + 2**30
+    assert client.put(target["upload_url"], content=image_bytes()).status_code == 507

@@ -248,6 +248,7 @@ def test_the_supervisor_restarts_a_crashed_server_and_the_running_request_finish
             assert client.get(handle["response_url"]).status_code == 200
             assert supervised_child(process.pid) != crashed and process.poll() is None
             assert "starting it again" in (tmp_path / "server.log").read_text()
+            assert client.get("/health").json()["restarts"] == 1
         child = supervised_child(process.pid)
         process.terminate()
         assert process.wait(timeout=60) == -signal.SIGTERM  # as uvicorn ends after a graceful stop
@@ -266,3 +267,36 @@ def test_a_killed_supervisor_takes_its_server_with_it(tiny_weights, tmp_path):
     while Path(f"/proc/{child}").exists() and Path(f"/proc/{child}/stat").read_text().split()[2] != "Z":
         assert time.monotonic() < deadline, "the server process outlived its supervisor"
         time.sleep(0.05)
+
+
+def test_the_supervisor_backs_off_instead_of_giving_up(monkeypatch):
+    """Eight deaths in a row (a crash loop, a memory blow-up): each next start waits longer, none is the last; the
+    child is told how often it was started again (/health's `restarts`)."""
+    from server.cli import supervisor
+    from server.config import RESTARTS_ENV
+
+    statuses = iter([-signal.SIGKILL] * 8 + [0])
+    started: list[str] = []
+
+    class Child:
+        pid = 4242
+
+        def __init__(self, command, env, **options):
+            started.append(env[RESTARTS_ENV])
+            self.status = next(statuses)
+
+        def wait(self):
+            return self.status
+
+        def poll(self):
+            return self.status
+
+    slept: list[float] = []
+    monkeypatch.setattr(supervisor.subprocess, "Popen", Child)
+    monkeypatch.setattr(supervisor.time, "sleep", slept.append)
+    monkeypatch.setattr(supervisor.signal, "signal", lambda *args: None)  # the test process keeps its handlers
+    assert supervisor.supervise(["serve"], "text") == 0
+    assert started == [str(n) for n in range(9)]
+    delays = [supervisor.restart_delay(n) for n in range(1, 9)]
+    assert delays == [1, 2, 4, 8, 16, 32, 64, 128] and supervisor.restart_delay(50) == supervisor.MAX_RESTART_DELAY_S
+    assert sum(slept) == pytest.approx(sum(delays))

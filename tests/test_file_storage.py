@@ -77,3 +77,60 @@ def test_s3_presigned_urls_proxy_and_sweep(s3_endpoint, tmp_path):
 def test_presigned_urls_live_at_most_a_week(s3_endpoint, tmp_path):
     storage = open_storage(f"s3://out/p?endpoint_url={s3_endpoint}", tmp_path, 30 * 24 * 3600)
     assert "X-Amz-Expires=604800" in storage.url("f.png", "http://front")
+
+
+def test_files_in_a_bucket_are_streamed_and_uploads_served_as_inert_bytes(s3_endpoint, fake_server, monkeypatch):
+    from urllib.parse import urlsplit
+
+    from tests.fake_editor import FakeEditor
+
+    client, app = fake_server(FakeEditor(), storage=f"s3://out/inert?endpoint_url={s3_endpoint}&urls=proxy")
+    storage = app.state.services.outputs.storage
+    storage.put("page.bin", b"<script>alert(1)</script>", "text/html")  # as uploads were stored before
+    storage.put("x.png", b"\x89PNG-bytes", "image/png")
+    monkeypatch.setattr(S3Storage, "get", lambda *args: pytest.fail("a /files GET read the whole object"))
+    page = client.get("/files/page.bin")
+    assert page.status_code == 200 and page.content == b"<script>alert(1)</script>"
+    assert page.headers["content-type"] == "application/octet-stream"
+    assert page.headers["content-disposition"] == "attachment" and page.headers["x-content-type-options"] == "nosniff"
+    image = client.get("/files/x.png")
+    assert image.headers["content-type"] == "image/png" and "content-disposition" not in image.headers
+    assert image.content == b"\x89PNG-bytes" and image.headers["content-length"] == "10"
+    assert client.get("/files/missing.png").status_code == 404
+
+    # an upload declared as HTML is kept in the bucket as bytes, not as a page the bucket would serve
+    target = client.post("/storage/upload/initiate", json={"content_type": "text/html"}).json()
+    assert client.put(urlsplit(target["upload_url"]).path, content=b"<html></html>").status_code == 200
+    key = "inert/" + target["file_url"].rsplit("/", 1)[1]
+    head = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").head_object(Bucket="out", Key=key)
+    assert head["ContentType"] == "application/octet-stream"
+
+
+def test_a_write_that_fails_leaves_no_truncated_file(tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    storage = LocalStorage(tmp_path / "files")
+    real_open = Path.open
+
+    class FullDisk:
+        def __init__(self, file):
+            self.file = file
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, data):
+            self.file.write(data[: len(data) // 2])  # half of it fits
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "open", lambda self, *args, **kwargs: FullDisk(real_open(self, *args, **kwargs)))
+    with pytest.raises(OSError, match="No space left"):
+        storage.put("out.png", b"x" * 1000, "image/png")
+    monkeypatch.undo()
+    assert list((tmp_path / "files").iterdir()) == []  # neither a truncated out.png nor the partial
+    storage.put("out.png", b"x" * 1000, "image/png")
+    assert storage.get("out.png") == (b"x" * 1000, "image/png")

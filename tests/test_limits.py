@@ -15,6 +15,7 @@ from tests.conftest import data_uri, image_bytes, start_server
 SMALL = data_uri(image_bytes(96, 96))
 GOOD = {"prompt": "p", "image_urls": [SMALL], "image_size": "square", "seed": 1}
 SLOW = {**GOOD, "image_size": "square_hd", "num_inference_steps": 40}
+FLASH_EDIT = "fal-ai/flux-2/flash/edit"
 KEYS = ["key-one", "key-rate", "key-pending", "key-other"]
 
 
@@ -197,6 +198,183 @@ def test_cors_is_closed_by_default(server):
         headers={**origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"},
     )
     assert "access-control-allow-origin" not in preflight.headers
-    assert preflight.status_code in (404, 405)
+    assert preflight.status_code in (403, 404, 405)  # 403: without keys, another site's page is refused outright
     answer = server.client.get(f"{server.url}/health", headers=origin)
     assert "access-control-allow-origin" not in answer.headers
+
+
+def test_multipart_uploads_stay_within_the_upload_limit(fake_server):
+    """A part over the upload's limit (with its other parts) or over the pending parts' limit is refused (413) and
+    not kept; `complete` never writes more than FLUX2_MAX_UPLOAD_BYTES."""
+    from tests.fake_editor import FakeEditor
+
+    client, app = fake_server(FakeEditor(), max_upload_bytes=600_000, max_pending_upload_bytes=700_000)
+    store = app.state.services.store
+
+    def begin() -> str:
+        target = client.post("/storage/upload/initiate-multipart", json={"content_type": "image/png"}).json()
+        return urlsplit(target["upload_url"]).path
+
+    def complete(path: str, numbers: list[int]) -> httpx.Response:
+        parts = [{"partNumber": n, "etag": "e"} for n in numbers]
+        return client.post(f"{path}/complete", json={"parts": parts})
+
+    first, second = begin(), begin()
+    assert client.put(f"{first}/1", content=b"x" * 400_000).status_code == 200
+    refused = client.put(f"{first}/2", content=b"x" * 400_000)  # 800 000 in all: over the upload's limit
+    assert refused.status_code == 413 and "FLUX2_MAX_UPLOAD_BYTES" in refused.json()["detail"]
+    assert store.upload_part_sizes(first.rsplit("/", 1)[1]) == {1: 400_000}  # the refused part was not kept
+    assert client.put(f"{first}/1", content=b"x" * 500_000).status_code == 200  # sent again: replaces part 1
+    pending = client.put(f"{second}/1", content=b"x" * 300_000)  # 800 000 pending in all: over that limit
+    assert pending.status_code == 413 and "pending" in pending.json()["detail"]
+    assert store.pending_upload_bytes() == 500_000
+    assert complete(first, [1, 2]).status_code == 422  # part 2 was never kept
+    assert complete(first, [1]).status_code == 200
+
+    # parts sent at the same time can pass the limit together: `complete` refuses them and forgets the upload
+    third = begin()
+    token = third.rsplit("/", 1)[1]
+    store.add_upload_part(token, 1, b"x" * 400_000)
+    store.add_upload_part(token, 2, b"x" * 400_000)
+    assert complete(third, [1, 2]).status_code == 413
+    assert store.get_upload(token) is None
+    written = [p for p in (app.state.services.settings.data_dir / "files").iterdir() if p.name.startswith("upload-")]
+    assert [p.stat().st_size for p in written] == [500_000]
+
+
+def test_own_files_used_as_inputs_are_sized_before_they_are_read(fake_server, monkeypatch):
+    from server.files.storage import LocalStorage
+    from tests.fake_editor import FakeEditor
+
+    client, app = fake_server(FakeEditor(), max_input_image_bytes=100_000)
+    files = app.state.services.settings.data_dir / "files"
+    (files / "big.png").write_bytes(image_bytes(400, 400, fmt="BMP"))  # ~480 KB
+    monkeypatch.setattr(LocalStorage, "get", lambda *args: pytest.fail("the whole file was read"))
+    body = {**GOOD, "image_urls": [f"{client.base_url}/files/big.png"]}
+    refused = client.post("/fal-ai/flux-2/flash/edit", json=body)
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["detail"][0]["type"] == "file_too_large"
+    (files / "small.png").write_bytes(image_bytes(64, 64))
+    body = {**GOOD, "image_urls": [f"{client.base_url}/files/small.png"]}
+    assert client.post("/fal-ai/flux-2/flash/edit", json=body).status_code == 200
+
+
+@pytest.fixture
+def uvicorn_server(tmp_path, monkeypatch):
+    """The app over the fake editor, served by uvicorn as `serve` configures it (server.cli.serve.uvicorn_config),
+    in a thread: call it with settings, get the port."""
+    import threading
+
+    import uvicorn
+
+    from server.cli.serve import uvicorn_config
+    from server.config import Settings
+    from server.http.app import create_app
+    from server.service import model as service_model
+    from tests.conftest import free_port
+    from tests.fake_editor import FakeEditor
+
+    monkeypatch.setattr(service_model, "load_model", lambda *args: FakeEditor())
+    running = []
+
+    def start(**options) -> int:
+        port = free_port()
+        settings = Settings(data_dir=tmp_path / "data", port=port, **options)
+        server = uvicorn.Server(uvicorn_config(create_app(settings, tmp_path / "weights"), settings))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        running.append((server, thread))
+        for _ in range(600):  # bounded: the server starts
+            if server.started:
+                return port
+            time.sleep(0.05)
+        raise AssertionError("the server did not start")
+
+    yield start
+    for server, thread in running:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_idle_and_slow_clients_are_closed_and_connections_capped(uvicorn_server):
+    """A connection that sends nothing, or stops halfway through its body, is closed after FLUX2_READ_TIMEOUT_S;
+    beyond FLUX2_MAX_CONNECTIONS, requests are answered 503; once the idle ones are gone, the server serves."""
+    port = uvicorn_server(read_timeout_s=0.5, max_connections=5)
+    slow = socket.create_connection(("127.0.0.1", port))
+    slow.sendall(b"POST /queue/fal-ai/flux-2/flash/edit HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n{")
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        assert client.get("/health").status_code == 503  # 5 connections open: at the cap
+        for sock in [slow, *idle]:  # each is closed by the server (end of stream, no answer), not kept
+            sock.settimeout(30)
+            assert sock.recv(1024) == b""
+            sock.close()
+        assert client.get("/health").status_code == 200
+
+
+def test_forwarded_for_is_believed_only_from_configured_proxies(uvicorn_server):
+    """Without keys the rate limit counts client addresses: an X-Forwarded-For from loopback must not make each
+    request a new client."""
+    port = uvicorn_server(rate_limit="2/minute")
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        answers = [
+            client.post(
+                "/storage/upload/initiate",
+                json={"content_type": "image/png"},
+                headers={"X-Forwarded-For": f"10.0.0.{n}"},
+            ).status_code
+            for n in range(3)
+        ]
+    assert answers == [200, 200, 429]
+
+
+def test_without_keys_only_the_servers_own_names_are_served(fake_server):
+    """DNS rebinding: a page on evil.example whose name resolves to 127.0.0.1 calls the open API as Host
+    evil.example; refused (400), as is a request from such a page's Origin (403). With keys, keys decide."""
+    from tests.fake_editor import FakeEditor
+
+    client, _ = fake_server(FakeEditor(), public_url="https://flux.studio.lan")
+    rebound = client.get("/health", headers={"host": "evil.example:8000"})
+    assert rebound.status_code == 400 and rebound.json()["detail"].startswith("Host 'evil.example:8000'")
+    for host in ("127.0.0.1:8000", "[::1]:8000", "localhost", "queue.localhost:8000", "flux.studio.lan", "testserver"):
+        assert client.get("/health", headers={"host": host}).status_code == 200, host
+    framed = client.post(f"/queue/{FLASH_EDIT}", json=GOOD, headers={"origin": "http://evil.example"})
+    assert framed.status_code == 403 and "evil.example" in framed.json()["detail"]
+    assert client.get("/health", headers={"origin": "http://localhost:5173"}).status_code == 200
+
+    keyed, _ = fake_server(FakeEditor(), api_keys="k")
+    assert keyed.get("/health", headers={"host": "evil.example"}).status_code == 200
+
+
+def test_the_playground_cannot_be_framed(fake_server):
+    from tests.fake_editor import FakeEditor
+
+    client, _ = fake_server(FakeEditor())
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["x-frame-options"] == "DENY"
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+
+
+def test_an_upload_url_is_used_once_even_by_concurrent_puts(fake_server, monkeypatch):
+    """Two PUTs to one upload URL at once: the first to finish it stands; the other is told 409, not 200, and
+    does not overwrite it."""
+    from server.http.routes import storage as storage_routes
+    from tests.fake_editor import FakeEditor
+
+    client, app = fake_server(FakeEditor())
+    services = app.state.services
+    target = client.post("/storage/upload/initiate", json={"content_type": "image/png"}).json()
+    path, name = urlsplit(target["upload_url"]).path, target["file_url"].rsplit("/", 1)[1]
+    real_read = storage_routes._read_limited
+
+    async def read_while_another_put_finishes(request, limit, too_large):
+        data = await real_read(request, limit, too_large)
+        # meanwhile the other PUT (on this front-end or another) read its body and finished the upload
+        assert services.store.remove_upload(path.rsplit("/", 1)[1])
+        services.outputs.storage.put(name, b"second", "image/png")
+        return data
+
+    monkeypatch.setattr(storage_routes, "_read_limited", read_while_another_put_finishes)
+    first = client.put(path, content=b"first")
+    assert first.status_code == 409 and first.json()["detail"].startswith("This upload URL was already used")
+    assert (services.settings.data_dir / "files" / name).read_bytes() == b"second"

@@ -235,3 +235,28 @@ def test_twenty_requests_at_once_all_complete_in_priority_then_arrival_order(ser
     results = [c.get(h["response_url"]) for h in handles.values()]
     assert all(r.status_code == 200 for r in results)
     assert len({r.json()["images"][0]["url"] for r in results}) == 20
+
+
+def test_sqlite_keeps_inputs_apart_from_the_rows_status_reads(tmp_path):
+    import sqlite3
+
+    from server.queue.sqlite_queue import RequestStore
+
+    store = RequestStore(tmp_path / "queue.db")
+    store.add("r", "fal-ai/flux-2/flash/edit", '{"prompt": "' + "x" * 100_000 + '"}', 0, "q", "f", None, None)
+    db = sqlite3.connect(tmp_path / "queue.db")
+    assert db.execute("SELECT LENGTH(input) FROM requests WHERE id='r'").fetchone() == (0,)
+    assert db.execute("SELECT LENGTH(input) FROM inputs WHERE id='r'").fetchone()[0] > 100_000
+    # a queue written before inputs were kept apart: its queued rows still run with their input
+    db.execute(
+        "INSERT INTO requests (id, endpoint_id, input, priority, status, queue_url, files_url, created_at)"
+        " VALUES ('old', 'fal-ai/flux-2/flash/edit', ?, 1, 'IN_QUEUE', 'q', 'f', 0)",
+        ('{"prompt": "old"}',),
+    )
+    db.commit()
+    assert store.claim(["fal-ai/flux-2/flash/edit"]).input.startswith('{"prompt": "xxx')
+    assert store.claim(["fal-ai/flux-2/flash/edit"]).input == '{"prompt": "old"}'
+    store.delete(["r"])
+    assert db.execute("SELECT COUNT(*) FROM inputs").fetchone() == (0,)
+    db.close()
+    store.close()

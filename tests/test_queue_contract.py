@@ -44,9 +44,10 @@ def test_requests_are_served_by_priority_then_arrival_with_positions(queue):
         add(queue, name, endpoint, priority)
     assert queue.queued_count() == 3
     assert [queue.position(queue.get(n)) for n in ("a", "b", "low")] == [0, 1, 2]
-    assert queue.get("a").input == '{"prompt": "p"}' and queue.get("a").status == "IN_QUEUE"
+    assert queue.get("a").status == "IN_QUEUE"
     assert queue.claim([TURBO]) is None  # only what the caller's profiles run
-    assert [queue.claim(ALL).id for _ in range(3)] == ["a", "b", "low"]
+    claims = [queue.claim(ALL) for _ in range(3)]
+    assert [c.id for c in claims] == ["a", "b", "low"] and claims[0].input == '{"prompt": "p"}'
     assert queue.claim(ALL) is None and queue.queued_count() == 0
     claimed = queue.get("a")
     assert claimed.status == "IN_PROGRESS" and claimed.attempts == 1 and claimed.started_at > 0
@@ -149,3 +150,27 @@ def test_a_waiting_caller_is_woken_when_its_request_completes(queue):
 
     asyncio.run(wait_then_complete())
     assert queue.get("r").status == "COMPLETED"
+
+
+def test_upload_part_sizes_and_pending_bytes(queue):
+    queue.add_upload("a", {"name": "a"}, ttl_s=60)
+    queue.add_upload("b", {"name": "b"}, ttl_s=60)
+    queue.add_upload_part("a", 1, b"12345")
+    queue.add_upload_part("a", 2, b"123")
+    queue.add_upload_part("b", 1, b"12")
+    queue.add_upload_part("a", 2, b"1")  # sent again: replaces it
+    assert queue.upload_part_sizes("a") == {1: 5, 2: 1} and queue.upload_part_sizes("none") == {}
+    assert queue.pending_upload_bytes() == 8
+    queue.remove_upload("a")
+    assert queue.upload_part_sizes("a") == {} and queue.pending_upload_bytes() == 2
+
+
+def test_status_reads_never_carry_the_input(queue):
+    """Inputs (data URIs up to the body limit) are stored apart: `get` (status, result, cancel) leaves them out,
+    `claim` brings them."""
+    big = '{"prompt": "p", "image_urls": ["data:image/png;base64,' + "A" * 2_000_000 + '"]}'
+    queue.add("big", FLASH, big, 0, "http://fe/queue/fal-ai/flux-2", "http://fe/", None, None)
+    assert queue.get("big").input is None and queue.get("big").status == "IN_QUEUE"
+    claimed = queue.claim(ALL)
+    assert claimed.id == "big" and claimed.input == big
+    assert queue.get("big").input is None and queue.get("big").status == "IN_PROGRESS"

@@ -56,3 +56,9 @@ def test_the_readme_configuration_table_is_the_generated_one():
     found = re.search(r"<!-- settings table: [^\n]*-->\n(.*?)\n<!-- end of settings table -->", text, re.DOTALL)
     assert found, "README.md has lost its settings table markers"
     assert found[1] == settings_table(), "README's table is stale: paste `python -m server.cli.flags` into it"
+
+
+def test_the_api_keys_file_ignores_comments_and_blank_lines(tmp_path):
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("# studio keys\nkey-one\n\n  # old: key-two\nkey-three  \n")
+    assert Settings(api_keys="env-key", api_keys_file=keys_file).keys() == ["env-key", "key-one", "key-three"]

@@ -168,6 +168,14 @@ def test_loopback_refused_by_default_and_allowed_by_the_allow_list(site):
     assert get(f"http://localhost:{site.port}/img.png", AddressPolicy.parse("localhost")) == PNG
 
 
+def test_a_refused_name_does_not_tell_the_caller_what_it_resolves_to(site, caplog):
+    """Internal DNS stays internal: the caller hears "not allowed", the log says where the name pointed."""
+    detail = refused(f"http://localhost:{site.port}/img.png", AddressPolicy())
+    assert detail["type"] == "url_not_allowed" and "localhost resolves to an address" in detail["msg"]
+    assert "127.0.0.1" not in detail["msg"] and "::1" not in detail["msg"] and "loopback" not in detail["msg"]
+    assert "loopback" in caplog.text
+
+
 def test_metadata_address_refused_without_connecting():
     detail = refused("http://169.254.169.254/latest/meta-data/", AddressPolicy())
     assert detail["type"] == "url_not_allowed" and "link-local" in detail["msg"]
@@ -186,7 +194,7 @@ def test_every_redirect_is_checked(site):
     assert get(f"{site.url}/redirect?to=/img.png", LOOPBACK) == PNG
 
 
-def test_no_dns_rebinding_window(site, monkeypatch):
+def test_no_dns_rebinding_window(site, monkeypatch, caplog):
     """The address that was checked is the one connected to: a resolver whose answer changes after the check
     changes nothing, and the Host header stays the URL's host name."""
     answers = []
@@ -208,7 +216,7 @@ def test_no_dns_rebinding_window(site, monkeypatch):
     answers.clear()
     answers.append("seen")  # next answer: 169.254.169.254
     detail = refused(f"http://assets.test:{site.port}/img.png", LOOPBACK)
-    assert "169.254.169.254" in detail["msg"]
+    assert detail["type"] == "url_not_allowed" and "assets.test resolves to 169.254.169.254" in caplog.text
 
 
 def test_https_keeps_the_host_name_for_sni_and_certificate(tmp_path, monkeypatch):
@@ -291,3 +299,31 @@ def test_webhook_urls_are_guarded_too(server):
         assert time.monotonic() < deadline, "webhook refusal not logged"
         time.sleep(0.1)
     assert server.client.get(handle["response_url"]).status_code == 200
+
+
+MALFORMED = ["http://0177.0.0.1/x.png", "http://256.0.0.1/x.png", "http://[::1/x.png", "http://１２７.0.0.1/x.png"]
+
+
+def test_malformed_image_urls_are_a_422_naming_the_field(fake_server):
+    """Not a 500, and queued not run twice into `worker_crashed`: an invalid URL is the caller's error."""
+    import time
+
+    from tests.conftest import data_uri, image_bytes
+    from tests.fake_editor import FakeEditor
+
+    client, _ = fake_server(FakeEditor())
+    good = data_uri(image_bytes(64, 64))
+    for url in MALFORMED:
+        body = {"prompt": "p", "image_urls": [good, url]}
+        answer = client.post("/fal-ai/flux-2/flash/edit", json=body)
+        assert answer.status_code == 422, (url, answer.text)
+        [detail] = answer.json()["detail"]
+        assert detail["loc"] == ["body", "image_urls", 1] and detail["type"] == "invalid_url", detail
+    handle = client.post("/queue/fal-ai/flux-2/flash/edit", json={"prompt": "p", "image_urls": [MALFORMED[0]]}).json()
+    for _ in range(1000):  # bounded
+        status = client.get(handle["status_url"]).json()
+        if status["status"] == "COMPLETED":
+            break
+        time.sleep(0.01)
+    assert status["error_type"] == "invalid_url"
+    assert client.get(handle["response_url"]).status_code == 422

@@ -8,8 +8,10 @@ every start is failed after two, see server/queue/dispatcher.py).
 
 The supervisor itself imports no model code and does nothing else: it forwards SIGTERM/SIGINT to the child (a
 graceful stop re-queues the running request), exits with the child's status when the child stops on purpose
-(status 0, or 2 for a configuration error), and gives up after RESTART_LIMIT restarts within RESTART_WINDOW_S (a
-crash loop is an operator's problem, not something to hide). The child asks the kernel to kill it if the
+(status 0, or 2 for a configuration error), and otherwise never gives up: after each death it waits longer before
+the next start (RESTART_DELAY_S, doubling with each death in RESTART_WINDOW_S, at most MAX_RESTART_DELAY_S), so a
+crash loop costs little while a passing fault (a memory blow-up) is not a permanent outage. The child learns how
+often it was restarted (RESTARTS_ENV), and `/health` says so. The child asks the kernel to kill it if the
 supervisor dies (PR_SET_PDEATHSIG), so no orphan keeps the GPU. `--no-supervise` (or FLUX2_SUPERVISE=0: the `supervise` setting) runs the
 command in this process, for a process manager (systemd, Kubernetes, compose `restart:`) that restarts it itself.
 
@@ -32,14 +34,14 @@ import time
 import pydantic
 
 from server.cli.startup import settings_of
-from server.config import Settings
+from server.config import RESTARTS_ENV, Settings
 
 log = logging.getLogger("flux2.supervisor")
 
 CHILD_ENV = "FLUX2_SUPERVISED_CHILD"  # set in the child, so it runs the command instead of supervising again
-RESTART_LIMIT = 5
-RESTART_WINDOW_S = 300.0
+RESTART_WINDOW_S = 300.0  # deaths within this window make the next start wait longer
 RESTART_DELAY_S = 1.0
+MAX_RESTART_DELAY_S = 300.0
 STOPPED_ON_PURPOSE = (0, 2)  # success, or a usage/configuration error: starting again would not help
 PR_SET_PDEATHSIG = 1
 
@@ -64,6 +66,11 @@ def _die_with_parent() -> None:
         pass  # not Linux: the child may outlive a killed supervisor
 
 
+def restart_delay(recent_deaths: int) -> float:
+    """Seconds to wait before the next start, after this many deaths within RESTART_WINDOW_S."""
+    return min(RESTART_DELAY_S * 2 ** max(recent_deaths - 1, 0), MAX_RESTART_DELAY_S)
+
+
 def describe(status: int) -> str:
     return f"signal {signal.Signals(-status).name}" if status < 0 else f"exit status {status}"
 
@@ -84,9 +91,11 @@ def supervise(argv: list[str], log_format: str) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    restarts: list[float] = []
+    deaths: list[float] = []
+    restarts = 0
     while True:
         # its own process group: a terminal's Ctrl-C reaches the supervisor, which forwards it once
+        env[RESTARTS_ENV] = str(restarts)
         child = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent, process_group=0)  # noqa: PLW1509 -- the supervisor starts no threads
         log.info("server process %d started (supervised; --no-supervise to run without)", child.pid)
         while True:
@@ -98,20 +107,23 @@ def supervise(argv: list[str], log_format: str) -> int:
         if stopping or status in STOPPED_ON_PURPOSE:
             return exit_as(status)
         now = time.monotonic()
-        restarts = [t for t in restarts if now - t < RESTART_WINDOW_S] + [now]
-        if len(restarts) > RESTART_LIMIT:
-            log.error(
-                "server process %d died (%s), the %d. time in %.0f s: giving up",
-                child.pid,
-                describe(status),
-                len(restarts),
-                RESTART_WINDOW_S,
-            )
-            return 1
-        log.error("server process %d died (%s): starting it again", child.pid, describe(status))
-        time.sleep(RESTART_DELAY_S)
+        deaths = [t for t in deaths if now - t < RESTART_WINDOW_S] + [now]
+        delay = restart_delay(len(deaths))
+        log.error(
+            "server process %d died (%s), %d time(s) in %.0f s: starting it again in %.0f s",
+            child.pid,
+            describe(status),
+            len(deaths),
+            RESTART_WINDOW_S,
+            delay,
+        )
+        waited = 0.0
+        while waited < delay and not stopping:  # a stop signal ends the wait
+            time.sleep(min(0.2, delay - waited))
+            waited += 0.2
         if stopping:
             return exit_as(-stopping[0])
+        restarts += 1
 
 
 def exit_as(status: int) -> int:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import io
+import shutil
 import uuid
 from pathlib import Path
 
 import PIL.Image
 
+from server.errors import InsufficientStorage
 from server.files.storage import FileStorage, LocalStorage
 from server.schemas import ImageFile
 
@@ -20,6 +22,18 @@ def encode(image: PIL.Image.Image, output_format: str) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=output_format.upper(), **SAVE_OPTIONS[output_format])
     return buffer.getvalue()
+
+
+def check_free_space(directory: Path, floor_bytes: int) -> None:
+    """Refuse new work (507) while `directory` (the data directory: the queue, uploads, outputs) has less than
+    `floor_bytes` free, so the queue can still record the requests it runs."""
+    if floor_bytes <= 0 or not directory.exists():
+        return
+    free = shutil.disk_usage(directory).free
+    if free < floor_bytes:
+        raise InsufficientStorage(
+            f"The server is low on disk space ({free} bytes free, keeps {floor_bytes}); try again later."
+        )
 
 
 class OutputStore:

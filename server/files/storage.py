@@ -12,11 +12,40 @@
 
 from __future__ import annotations
 
+import mimetypes
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 from urllib.parse import parse_qs, urlsplit
 
 MAX_PRESIGN_S = 7 * 24 * 3600  # SigV4 presigned URLs live at most a week
+CHUNK_BYTES = 1024 * 1024  # a stored file is read (served, or read back as an input) this much at a time
+
+
+@dataclass
+class StoredFile:
+    """A stored file opened for reading: its size known before any byte is read, its bytes a chunk at a time."""
+
+    size: int
+    content_type: str
+    chunks: Iterator[bytes]
+    close: Callable[[], None]  # call when done, read to the end or not
+
+    def read(self, max_bytes: int) -> bytes | None:
+        """All its bytes, or None (and nothing more read) once they pass `max_bytes`; closes the file."""
+        try:
+            if self.size > max_bytes:
+                return None
+            data = bytearray()
+            for chunk in self.chunks:
+                data += chunk
+                if len(data) > max_bytes:  # it grew since it was opened
+                    return None
+            return bytes(data)
+        finally:
+            self.close()
 
 
 @runtime_checkable
@@ -33,6 +62,9 @@ class FileStorage(Protocol):
     def get(self, name: str) -> tuple[bytes, str] | None:
         """(bytes, content type), or None if there is no such file."""
 
+    def open(self, name: str) -> StoredFile | None:
+        """The file opened for reading in chunks, or None if there is no such file."""
+
     def sweep(self, older_than: float) -> int:
         """Delete files last written before this time; returns how many."""
 
@@ -43,18 +75,33 @@ class LocalStorage:
         directory.mkdir(parents=True, exist_ok=True)
 
     def put(self, name: str, data: bytes, content_type: str) -> None:
-        (self.local_dir / name).write_bytes(data)
+        """Written under a temporary name, then renamed: a full disk leaves no truncated file under `name`."""
+        partial = self.local_dir / f".{name}.partial"
+        try:
+            with partial.open("wb") as out:
+                out.write(data)
+            os.replace(partial, self.local_dir / name)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
 
     def url(self, name: str, base_url: str) -> str:
         return f"{base_url.rstrip('/')}/files/{name}"
 
     def get(self, name: str) -> tuple[bytes, str] | None:
-        import mimetypes
-
         path = self.local_dir / name
         if "/" in name or not path.is_file():
             return None
         return path.read_bytes(), mimetypes.guess_type(name)[0] or "application/octet-stream"
+
+    def open(self, name: str) -> StoredFile | None:
+        path = self.local_dir / name
+        if "/" in name or not path.is_file():
+            return None
+        file = path.open("rb")
+        content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        chunks = iter(lambda: file.read(CHUNK_BYTES), b"")
+        return StoredFile(path.stat().st_size, content_type, chunks, file.close)
 
     def sweep(self, older_than: float) -> int:
         old = [f for f in self.local_dir.iterdir() if f.is_file() and f.stat().st_mtime < older_than]
@@ -105,6 +152,15 @@ class S3Storage:
         except self.client.exceptions.NoSuchKey:
             return None
         return reply["Body"].read(), reply.get("ContentType") or "application/octet-stream"
+
+    def open(self, name: str) -> StoredFile | None:
+        try:
+            reply = self.client.get_object(Bucket=self.bucket, Key=self._key(name))
+        except self.client.exceptions.NoSuchKey:
+            return None
+        body = reply["Body"]
+        content_type = reply.get("ContentType") or "application/octet-stream"
+        return StoredFile(int(reply["ContentLength"]), content_type, body.iter_chunks(CHUNK_BYTES), body.close)
 
     def sweep(self, older_than: float) -> int:
         removed = 0

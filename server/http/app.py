@@ -17,8 +17,9 @@ from server.http.auth import require_key
 from server.http.body_limit import fal_shaped_413
 from server.http.callers import enforce_rate_limit
 from server.http.errors import install_error_handlers
+from server.http.hosts import HostNames, host_guard
 from server.http.proxy import fal_proxy
-from server.http.responses import GUARDED, TOO_LARGE
+from server.http.responses import GUARDED, LOW_ON_DISK, TOO_LARGE
 from server.http.routes import edit, files, health, metrics, openapi, playground, queue, storage
 from server.http.routes.queue import queue_host_routing
 from server.logs import request_ids
@@ -98,11 +99,15 @@ def create_app(settings: Settings, weights_dir: Path | None, tiny: bool = False)
             max_body_size=settings.max_body_bytes,
         )
     # the files themselves: their own limit, and no key (the one-time URL is the permission)
-    app.include_router(storage.upload_router, max_body_size=settings.max_upload_bytes, responses=TOO_LARGE)
+    app.include_router(
+        storage.upload_router, max_body_size=settings.max_upload_bytes, responses={**TOO_LARGE, **LOW_ON_DISK}
+    )
     app.add_middleware(fal_shaped_413)
     app.add_middleware(queue_host_routing)
     app.add_middleware(fal_proxy)  # a proxied request is rewritten before any other routing
     app.add_middleware(request_ids)
+    if not settings.keys():  # an open API answers only under its own names (DNS rebinding: server/http/hosts.py)
+        app.add_middleware(host_guard, names=HostNames(settings))
     origins = parse_keys(settings.cors_origins)
     if origins:  # outermost, so browsers' preflight requests are answered before the proxy looks at them
         app.add_middleware(

@@ -18,17 +18,22 @@ api_key_header = APIKeyHeader(
 )
 
 
-async def require_key(request: Request, _declared: str | None = Security(api_key_header)) -> None:
-    """FastAPI dependency. With no keys configured the server is open (and said so at start-up)."""
+def has_valid_key(request: Request) -> bool:
+    """Whether the request carries one of the configured keys (True when none are configured: the API is open)."""
     keys: list[str] = services(request).api_keys
     if not keys:
-        return
+        return True
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
     # compare against every key, always, so timing says nothing about which (or whether one) matched
     matched = False
     for key in keys:
         matched |= hmac.compare_digest(given.strip().encode(), key.encode())
-    if scheme.lower() != "key" or not matched:
+    return scheme.lower() == "key" and matched
+
+
+async def require_key(request: Request, _declared: str | None = Security(api_key_header)) -> None:
+    """FastAPI dependency. With no keys configured the server is open (and said so at start-up)."""
+    if not has_valid_key(request):
         raise HTTPException(
             401, "Missing or invalid API key: send 'Authorization: Key <key>'", headers={"WWW-Authenticate": "Key"}
         )

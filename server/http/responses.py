@@ -34,5 +34,10 @@ TIMED_OUT: Responses = {
     )
 }
 
+ALREADY_USED: Responses = {409: _message("This one-time upload URL was already used (finished by another call)")}
+LOW_ON_DISK: Responses = {
+    507: _message("The data directory is below its free-space floor (FLUX2_MIN_FREE_DISK_BYTES); try again later")
+}
+
 # Every route behind API keys, rate limits and the body limit (see server/http/app.py)
-GUARDED: Responses = {**UNREADABLE_BODY, **NEEDS_KEY, **TOO_LARGE, **RATE_LIMITED}
+GUARDED: Responses = {**UNREADABLE_BODY, **NEEDS_KEY, **TOO_LARGE, **RATE_LIMITED, **LOW_ON_DISK}

@@ -21,6 +21,7 @@ errors) is httpx's own code. The tests in tests/test_ssrf.py fail if that swap e
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -32,7 +33,16 @@ import httpx
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
+log = logging.getLogger(__name__)
 ALLOW_SETTING = "FLUX2_FETCH_ALLOW"
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        return False
 
 
 class AddressRefused(Exception):
@@ -118,9 +128,12 @@ class AddressPolicy:
         allowed = [ip for ip in addresses if self.address_allowed(ip) or refusal_reason(ip) is None]
         if not allowed:
             ip = addresses[0]
+            detail = f"{host} resolves to {ip}, {refusal_reason(ip)}, which this server does not connect to"
+            if _is_address(host):  # the caller wrote the address: saying why reveals nothing
+                raise AddressRefused(f"{detail} (allow it with {ALLOW_SETTING})")
+            log.warning("outbound URL refused: %s", detail)  # what the name resolves to stays in the log
             raise AddressRefused(
-                f"{host} resolves to {ip}, {refusal_reason(ip)}, which this server does not connect to "
-                f"(allow it with {ALLOW_SETTING})"
+                f"{host} resolves to an address this server does not connect to (allow it with {ALLOW_SETTING})"
             )
         return allowed
 

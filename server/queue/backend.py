@@ -27,7 +27,7 @@ class QueuedRequest:
     seq: int
     id: str
     endpoint_id: str
-    input: str
+    input: str | None  # the validated input as JSON: loaded by `claim` only (status reads never touch it)
     priority: int
     status: str
     queue_url: str
@@ -84,7 +84,9 @@ class QueueBackend(Protocol):
     ) -> None:
         """Accept a request (IN_QUEUE); durable before it returns."""
 
-    def get(self, request_id: str) -> QueuedRequest | None: ...
+    def get(self, request_id: str) -> QueuedRequest | None:
+        """The request's record without its input (`input` None): what status, result and cancel read. Inputs
+        (data URIs up to the body limit) are stored apart and read only by `claim`."""
 
     def position(self, request: QueuedRequest) -> int:
         """How many queued requests will be served before this one."""
@@ -94,7 +96,7 @@ class QueueBackend(Protocol):
 
     def claim(self, endpoint_ids: Collection[str]) -> QueuedRequest | None:
         """The next queued request for one of `endpoint_ids` (priority, then arrival), now IN_PROGRESS and owned
-        by the caller; None if there is none."""
+        by the caller, with its input; None if there is none."""
 
     async def wait_for_work(self, wakeup: asyncio.Event, timeout_s: float) -> None:
         """Return when work may have arrived, `wakeup` is set, or after `timeout_s`."""
@@ -157,8 +159,15 @@ class QueueBackend(Protocol):
     def upload_parts(self, token: str) -> dict[int, bytes]:
         """The parts kept for `token`, by number."""
 
-    def remove_upload(self, token: str) -> None:
-        """The upload is finished (or abandoned): forget it and its parts."""
+    def upload_part_sizes(self, token: str) -> dict[int, int]:
+        """The size of each part kept for `token`, by number (without reading the parts)."""
+
+    def pending_upload_bytes(self) -> int:
+        """Bytes of all parts kept for multipart uploads not finished (nor expired)."""
+
+    def remove_upload(self, token: str) -> bool:
+        """The upload is finished (or abandoned): forget it and its parts. False if it was already gone (another
+        call took it first)."""
 
     def save_webhook(self, request_id: str, delivery: dict, lease_s: float) -> None:
         """Keep the pending webhook delivery of `request_id` (JSON: URL, body, attempts made, when next), leased to

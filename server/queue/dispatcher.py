@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 2  # the first run and one re-run after a worker failure
 IDLE_RECHECK_S = 1.0  # an idle dispatcher looks at the queue at least this often (e.g. for abandoned requests)
+RECORD_ATTEMPTS = 3  # tries to record a request's fault in the queue (a full disk, a locked database) ...
+RECORD_RETRY_S = 0.5  # ... this long apart, doubling; then the request is given up and the dispatcher goes on
 
 
 class Dispatcher:
@@ -65,6 +67,8 @@ class Dispatcher:
         self.stopping = False
         # sync requests queued by this process, by id: their callers await these (never through the queue row)
         self._waiters: dict[str, asyncio.Future[EditOutput]] = {}
+        self.running = False  # in its loop (after the model loaded)
+        self.died: str | None = None  # why the loop ended other than by `stop` (/health and /ready say so)
 
     async def submit_and_wait(self, request_id: str, add: Callable[[], None]) -> EditOutput:
         """A sync request: `add` queues it (as `request_id`); its caller waits here for its output, or the error it
@@ -144,9 +148,18 @@ class Dispatcher:
         await self.service.model.settled()  # queued requests wait (in the store) while the model loads
         if self.service.model.state is not ModelState.LOADED:
             return  # it failed to load: nothing runs here, /health and /ready say why
-        # one loop per replica (`serve --gpus`): each claims the next request when its model is free
-        replicas = getattr(self.service.model.runner, "replicas", 1)
-        await asyncio.gather(*(self._loop() for _ in range(replicas)))
+        self.running = True
+        try:
+            # one loop per replica (`serve --gpus`): each claims the next request when its model is free
+            replicas = getattr(self.service.model.runner, "replicas", 1)
+            await asyncio.gather(*(self._loop() for _ in range(replicas)))
+        except BaseException as exc:
+            if not self.stopping:
+                self.died = f"{type(exc).__name__}: {exc}"
+                log.critical("the dispatcher stopped: %s; no request runs until the server is restarted", self.died)
+            raise
+        finally:
+            self.running = False
 
     async def _loop(self) -> None:
         while not self.stopping:
@@ -162,12 +175,36 @@ class Dispatcher:
                 continue
             try:
                 await self._run(request)
-            except Exception as exc:  # a fault outside the model: the worker failed on this request
+            except Exception as exc:  # a fault outside the model (or writing to the queue): the worker failed here
                 log.exception("request %s failed outside the model", request.id)
+                await self._record_fault(request, exc)
+
+    async def _record_fault(self, request: QueuedRequest, exc: Exception) -> None:
+        """Re-queue `request` once, or fail it (at once when its sync caller is waiting), retrying the queue
+        write a few times; if the queue still can't be written (a full disk), give up on this request, answer its
+        sync caller, and go on with the next (with SQLite it runs again at the next start)."""
+        for attempt in range(RECORD_ATTEMPTS):
+            try:
                 if request.id in self._waiters:  # its caller is waiting: answer now (500), no second run
                     self.fail(request, exc)
                 else:
                     self.crashed(request, f"{type(exc).__name__}: {exc}")
+                return
+            except Exception:
+                log.warning("request %s: could not record its failure in the queue", request.id, exc_info=True)
+                if attempt + 1 < RECORD_ATTEMPTS:
+                    await asyncio.sleep(RECORD_RETRY_S * 2**attempt)
+        log.error("request %s: its failure could not be recorded in the queue; going on with the next", request.id)
+        waiter = self._waiters.get(request.id)
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+
+    def _note(self, write: Callable[[], object]) -> None:
+        """A log line or progress for a running request: not worth failing the request over (a full disk)."""
+        try:
+            write()
+        except Exception:
+            log.warning("could not record a log line or progress in the queue", exc_info=True)
 
     def crashed(self, request: QueuedRequest, cause: str) -> None:
         """The worker failed while running `request`: re-queue it, or fail it once it has had MAX_ATTEMPTS."""
@@ -200,6 +237,7 @@ class Dispatcher:
             self.fail(request, Unavailable("The server stopped before this sync request ran; nobody awaits it."))
             return
         endpoint = BY_ID[request.endpoint_id]
+        assert request.input is not None, "a claimed request carries its input"
         try:  # a queued body is validated when it runs, as on fal (the submit accepted any JSON)
             body = endpoint.input_model.model_validate_json(request.input)
         except ValidationError as exc:
@@ -213,9 +251,9 @@ class Dispatcher:
                 body,
                 request.files_url,
                 request.id,
-                on_log=lambda message: self.store.log(request.id, message),
+                on_log=lambda message: self._note(lambda: self.store.log(request.id, message)),
                 should_cancel=lambda: self.stopping or self.store.cancel_requested(request.id),
-                on_progress=lambda step, total: self.store.progress(request.id, step, total),
+                on_progress=lambda step, total: self._note(lambda: self.store.progress(request.id, step, total)),
             )
         except Cancelled:
             if self.stopping and request.id in self._waiters:  # its caller is answered, not kept waiting

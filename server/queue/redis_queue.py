@@ -32,7 +32,9 @@ import threading
 import time
 import uuid
 from collections.abc import Collection
+from dataclasses import fields
 from datetime import UTC, datetime
+from typing import cast
 
 import redis
 
@@ -46,6 +48,7 @@ GROUP = "workers"
 COMPLETED_CHANNEL = f"{PREFIX}completed"  # pub/sub: the id of each request as it completes
 INT_FIELDS = {"seq", "priority", "status_code", "attempts", "progress_step", "progress_total"}
 FLOAT_FIELDS = {"start_deadline", "created_at", "started_at", "completed_at"}
+RECORD_FIELDS = [f.name for f in fields(QueuedRequest) if f.name != "input"]  # what `get` reads
 
 ADD = """
 local seq = redis.call('INCR', KEYS[3])
@@ -251,7 +254,9 @@ class RedisQueue:
         self._add(keys=[self._key(request_id), stream, f"{PREFIX}seq"], args=[request_id, *pairs])
 
     def get(self, request_id: str) -> QueuedRequest | None:
-        record = self.redis.hgetall(self._key(request_id))
+        """The record's fields but `input` (status polls never move the input, up to the body limit, out of Redis)."""
+        values = self.redis.hmget(self._key(request_id), RECORD_FIELDS)
+        record = {name: value for name, value in zip(RECORD_FIELDS, values, strict=True) if value is not None}
         return _decode(record) if record.get("id") else None
 
     def position(self, request: QueuedRequest) -> int:
@@ -281,7 +286,10 @@ class RedisQueue:
             self.log(request_id, message, "WARNING")
         self._claimed.add(request_id)
         self._start_toucher()
-        return self.get(request_id)
+        claimed = self.get(request_id)
+        if claimed is not None:
+            claimed.input = cast(str | None, self.redis.hget(self._key(request_id), "input"))  # decode_responses
+        return claimed
 
     def _start_toucher(self) -> None:
         if self._toucher is None:
@@ -417,7 +425,8 @@ class RedisQueue:
         """Nothing to do: completed records and logs expire by themselves (EXPIRE at completion)."""
         return 0
 
-    # Uploads: the upload as JSON with an expiry; its parts in a hash (base64: this client decodes replies as text)
+    # Uploads: the upload as JSON with an expiry; its parts in a hash (base64: this client decodes replies as text),
+    # their sizes in another
     def add_upload(self, token: str, upload: dict, ttl_s: float) -> None:
         self.redis.set(f"{PREFIX}upload:{token}", json.dumps(upload), px=int(ttl_s * 1000))
 
@@ -426,17 +435,34 @@ class RedisQueue:
         return json.loads(value) if value else None
 
     def add_upload_part(self, token: str, number: int, data: bytes) -> int:
-        key = f"{PREFIX}upload-parts:{token}"
-        self.redis.hset(key, str(number), base64.b64encode(data).decode())
-        self.redis.pexpire(key, max(1, self.redis.pttl(f"{PREFIX}upload:{token}")))  # expires with its upload
-        return sum(len(data) for data in self.upload_parts(token).values())
+        key, sizes = f"{PREFIX}upload-parts:{token}", f"{PREFIX}upload-sizes:{token}"
+        ttl_ms = max(1, self.redis.pttl(f"{PREFIX}upload:{token}"))  # the parts expire with their upload
+        pipe = self.redis.pipeline()
+        pipe.hset(key, str(number), base64.b64encode(data).decode())
+        pipe.hset(sizes, str(number), len(data))
+        pipe.pexpire(key, ttl_ms)
+        pipe.pexpire(sizes, ttl_ms)
+        pipe.execute()
+        return sum(self.upload_part_sizes(token).values())
+
+    def upload_part_sizes(self, token: str) -> dict[int, int]:
+        sizes = self.redis.hgetall(f"{PREFIX}upload-sizes:{token}")
+        return {int(number): int(size) for number, size in sizes.items()}
+
+    def pending_upload_bytes(self) -> int:
+        keys = self.redis.scan_iter(match=f"{PREFIX}upload-sizes:*", count=1000)
+        return sum(int(size) for key in keys for size in self.redis.hvals(key))
 
     def upload_parts(self, token: str) -> dict[int, bytes]:
         parts = self.redis.hgetall(f"{PREFIX}upload-parts:{token}")
         return {int(number): base64.b64decode(data) for number, data in parts.items()}
 
-    def remove_upload(self, token: str) -> None:
-        self.redis.delete(f"{PREFIX}upload:{token}", f"{PREFIX}upload-parts:{token}")
+    def remove_upload(self, token: str) -> bool:
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(f"{PREFIX}upload:{token}")
+            pipe.delete(f"{PREFIX}upload-parts:{token}", f"{PREFIX}upload-sizes:{token}")
+            removed, _ = pipe.execute()
+        return removed > 0
 
     # pending webhook deliveries: one hash (request id -> delivery), and a lease key per delivery held by the
     # process sending it (SET NX: of two processes, only one takes a delivery whose lease ran out)

@@ -15,17 +15,21 @@ import sqlite3
 import threading
 import time
 from collections.abc import Collection
+from dataclasses import fields
 from datetime import UTC, datetime
 from pathlib import Path
 
 from server.queue.backend import QueuedRequest
+
+# every column of `requests` but the input: what `get` (status, result, cancel) reads
+RECORD_COLUMNS = ", ".join(f.name for f in fields(QueuedRequest) if f.name != "input")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,   -- arrival order
     id TEXT UNIQUE NOT NULL,
     endpoint_id TEXT NOT NULL,
-    input TEXT NOT NULL,                     -- the validated input, as JSON
+    input TEXT NOT NULL,                     -- '' (the input is in `inputs`; a queue written before: here)
     priority INTEGER NOT NULL,
     status TEXT NOT NULL,                    -- IN_QUEUE, IN_PROGRESS, COMPLETED
     queue_url TEXT NOT NULL,                 -- base of this request's status/result/cancel URLs
@@ -45,6 +49,10 @@ CREATE TABLE IF NOT EXISTS requests (
     progress_total INTEGER                   -- ... of this many
 );
 CREATE INDEX IF NOT EXISTS queued ON requests (status, priority, seq);
+CREATE TABLE IF NOT EXISTS inputs (          -- apart from the rows status reads: inputs can be 100 MB data URIs
+    id TEXT PRIMARY KEY,
+    input TEXT NOT NULL                      -- the validated input, as JSON
+);
 CREATE TABLE IF NOT EXISTS logs (
     request_id TEXT NOT NULL,
     at REAL NOT NULL,
@@ -128,19 +136,35 @@ class RequestStore:
         with self._lock:
             self._db.execute("PRAGMA synchronous=FULL")
             try:
+                self._db.execute("BEGIN")
+                self._db.execute("INSERT INTO inputs (id, input) VALUES (?, ?)", (request_id, input_json))
                 self._db.execute(
                     "INSERT INTO requests (id, endpoint_id, input, priority, status, queue_url, files_url,"
-                    " webhook_url, start_deadline, created_at) VALUES (?, ?, ?, ?, 'IN_QUEUE', ?, ?, ?, ?, ?)",
-                    (request_id, endpoint_id, input_json, priority, queue_url, files_url, webhook_url, deadline, now),
+                    " webhook_url, start_deadline, created_at) VALUES (?, ?, '', ?, 'IN_QUEUE', ?, ?, ?, ?, ?)",
+                    (request_id, endpoint_id, priority, queue_url, files_url, webhook_url, deadline, now),
                 )
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
             finally:
                 self._db.execute("PRAGMA synchronous=NORMAL")
 
     def get(self, request_id: str) -> QueuedRequest | None:
-        return self._one("SELECT * FROM requests WHERE id = ?", request_id)
+        return self._one(f"SELECT {RECORD_COLUMNS} FROM requests WHERE id = ?", request_id)
 
     def next_queued(self) -> QueuedRequest | None:
-        return self._one("SELECT * FROM requests WHERE status='IN_QUEUE' ORDER BY priority, seq LIMIT 1")
+        return self._one(
+            f"SELECT {RECORD_COLUMNS} FROM requests WHERE status='IN_QUEUE' ORDER BY priority, seq LIMIT 1"
+        )
+
+    def input_of(self, request_id: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT input FROM inputs WHERE id=?", (request_id,)).fetchone()
+            if row is None:  # queued before inputs were kept apart
+                row = self._db.execute("SELECT input FROM requests WHERE id=?", (request_id,)).fetchone()
+        return row[0] if row else None
 
     def position(self, request: QueuedRequest) -> int:
         """How many queued requests will be served before this one."""
@@ -160,12 +184,17 @@ class RequestStore:
         marks = ",".join("?" * len(endpoint_ids))
         while True:
             request = self._one(
-                f"SELECT * FROM requests WHERE status='IN_QUEUE' AND endpoint_id IN ({marks})"
+                f"SELECT {RECORD_COLUMNS} FROM requests WHERE status='IN_QUEUE' AND endpoint_id IN ({marks})"
                 " ORDER BY priority, seq LIMIT 1",
                 *endpoint_ids,
             )
-            if request is None or self.mark_started(request.id):
-                return self.get(request.id) if request else None
+            if request is None:
+                return None
+            if self.mark_started(request.id):
+                claimed = self.get(request.id)
+                if claimed is not None:
+                    claimed.input = self.input_of(request.id)
+                return claimed
 
     async def wait_for_work(self, wakeup: asyncio.Event, timeout_s: float) -> None:
         """Submits to this process set `wakeup` (Dispatcher.notify)."""
@@ -274,7 +303,8 @@ class RequestStore:
     def expired(self, completed_before: float) -> list[QueuedRequest]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT * FROM requests WHERE status='COMPLETED' AND completed_at < ?", (completed_before,)
+                f"SELECT {RECORD_COLUMNS} FROM requests WHERE status='COMPLETED' AND completed_at < ?",
+                (completed_before,),
             ).fetchall()
         return [QueuedRequest.from_mapping(dict(row)) for row in rows]
 
@@ -283,6 +313,7 @@ class RequestStore:
             self._db.execute("BEGIN")
             for request_id in request_ids:
                 self._db.execute("DELETE FROM logs WHERE request_id=?", (request_id,))
+                self._db.execute("DELETE FROM inputs WHERE id=?", (request_id,))
                 self._db.execute("DELETE FROM requests WHERE id=?", (request_id,))
             self._db.execute("COMMIT")
 
@@ -322,10 +353,23 @@ class RequestStore:
             rows = self._db.execute("SELECT number, data FROM upload_parts WHERE token=?", (token,)).fetchall()
         return {row["number"]: bytes(row["data"]) for row in rows}
 
-    def remove_upload(self, token: str) -> None:
+    def upload_part_sizes(self, token: str) -> dict[int, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT number, LENGTH(data) FROM upload_parts WHERE token=?", (token,)).fetchall()
+        return {row[0]: row[1] for row in rows}
+
+    def pending_upload_bytes(self) -> int:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT SUM(LENGTH(data)) FROM upload_parts WHERE token IN (SELECT token FROM uploads WHERE expires >= ?)",
+                (time.time(),),
+            ).fetchone()
+        return row[0] or 0
+
+    def remove_upload(self, token: str) -> bool:
         with self._lock:
             self._db.execute("DELETE FROM upload_parts WHERE token=?", (token,))
-            self._db.execute("DELETE FROM uploads WHERE token=?", (token,))
+            return self._db.execute("DELETE FROM uploads WHERE token=?", (token,)).rowcount > 0
 
     def save_webhook(self, request_id: str, delivery: dict, lease_s: float) -> None:
         self._write(

@@ -1,11 +1,14 @@
 """Liveness (/health), readiness (/ready) and what this server can do."""
 
 import dataclasses
+import os
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from server.config import RESTARTS_ENV
+from server.http.auth import has_valid_key
 from server.http.context import services
 from server.service.model import ModelState
 from server.service.replicas import ReplicaRunner
@@ -14,9 +17,13 @@ router = APIRouter(tags=["health"])
 
 
 class Health(BaseModel):
-    status: str = Field(description="'ok' while the process serves; 'error' once the model failed to load (503).")
+    status: str = Field(
+        description="'ok' while the process serves; 'error' once the model failed to load or the dispatcher "
+        "stopped (503)."
+    )
     model: str = Field(description="'loading', 'loaded', 'failed', or 'none' on an API front-end (workers run it).")
     error: str | None = Field(None, description="Why the model failed to load.")
+    dispatcher_error: str | None = Field(None, description="Why the dispatcher stopped: nothing runs here then.")
     tiny_model: bool = Field(description="Whether this is the tiny random-weight model (its images are noise).")
     queued: int = Field(description="Queue requests not started yet.")
     waiting: int | None = Field(None, description="Edits handed to the model and not finished (once loaded).")
@@ -34,6 +41,7 @@ class Health(BaseModel):
     workers: list[dict] = Field(description="Live queue workers, as each advertises itself (heartbeat not expired).")
     allow_undistilled: bool = Field(description="Whether distilled profiles may run on the base weights.")
     safety_checker_disabled: bool = Field(description="Whether the operator turned the safety checker off.")
+    restarts: int = Field(0, description="How often the supervisor started this server again after it died.")
 
 
 class Readiness(BaseModel):
@@ -44,18 +52,22 @@ class Readiness(BaseModel):
 
 @router.get("/health", response_model=Health, responses={503: {"model": Health, "description": "Model failed"}})
 async def health(request: Request) -> JSONResponse:
-    """Liveness: answers as soon as the process serves, while the model loads too; 503 once loading failed."""
+    """Liveness: answers as soon as the process serves, while the model loads too; 503 once loading failed or the
+    dispatcher stopped. With API keys configured, a caller without one sees no file paths or host names."""
     the = services(request)
     model = the.model.state
+    failed = model is ModelState.FAILED or the.dispatcher.died is not None
     answer = Health(
-        status="error" if model is ModelState.FAILED else "ok",
+        status="error" if failed else "ok",
         model=model.value,
         error=the.model.error,
+        dispatcher_error=the.dispatcher.died,
         tiny_model=the.tiny,
         queued=the.store.queued_count(),
         workers=the.store.workers(),
         allow_undistilled=the.settings.allow_undistilled,
         safety_checker_disabled=the.settings.disable_safety_checker,
+        restarts=int(os.environ.get(RESTARTS_ENV, "0")),
     )
     progress = the.model.progress
     if model is ModelState.LOADING and progress is not None:
@@ -66,16 +78,34 @@ async def health(request: Request) -> JSONResponse:
         answer.capabilities = runner.editor.capabilities().as_dict()
         if isinstance(runner, ReplicaRunner):
             answer.replicas = runner.describe()
-    return JSONResponse(answer.model_dump(mode="json"), status_code=503 if model is ModelState.FAILED else 200)
+    body = answer.model_dump(mode="json")
+    if not has_valid_key(request):  # /health is open: where files are and which machines run it are not
+        body = without_locations(body)
+    return JSONResponse(body, status_code=503 if failed else 200)
+
+
+LOCATIONS = {"weights", "distilled_adapter_file", "safety_checker_model", "host", "pid"}
+
+
+def without_locations(value):
+    """`value` with file paths and host names (LOCATIONS) set to None, at any depth."""
+    if isinstance(value, dict):
+        return {k: None if k in LOCATIONS else without_locations(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_locations(v) for v in value]
+    return value
 
 
 @router.get("/ready", response_model=Readiness, responses={503: {"model": Readiness, "description": "Not ready"}})
 async def ready(request: Request) -> JSONResponse:
     """Readiness: 200 once the model is loaded and requests run (an API front-end: at once, it only queues); 503
-    while it loads (or if loading failed)."""
-    model = services(request).model
-    ready = model.state in (ModelState.LOADED, ModelState.ELSEWHERE)
-    answer = Readiness(ready=ready, model=model.state.value, error=model.error)
+    while it loads (or if loading failed, or the dispatcher stopped: queued requests would never run)."""
+    the = services(request)
+    model = the.model
+    died = the.dispatcher.died
+    ready = model.state in (ModelState.LOADED, ModelState.ELSEWHERE) and died is None
+    error = model.error or (f"the dispatcher stopped: {died}" if died else None)
+    answer = Readiness(ready=ready, model=model.state.value, error=error)
     return JSONResponse(answer.model_dump(), status_code=200 if answer.ready else 503)
 
 

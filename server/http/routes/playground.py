@@ -10,13 +10,16 @@ from fastapi.staticfiles import StaticFiles
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 
+# no other site may show the page in a frame (clickjacking a page that holds a key)
+NOT_FRAMED = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'"}
+
 router = APIRouter(include_in_schema=False)
 static_files = StaticFiles(directory=STATIC_DIR)
 
 
 @router.get("/")
 async def playground() -> FileResponse:
-    return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+    return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache", **NOT_FRAMED})
 
 
 @router.get("/favicon.ico")

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from server.endpoints import APP_PATH, ENDPOINTS, Endpoint
 from server.errors import retryable_headers
+from server.files.outputs import check_free_space
 from server.http.callers import caller
 from server.http.context import services
 from server.http.responses import MODEL_FAILED, NOT_FOUND, TIMED_OUT, UNAVAILABLE
@@ -85,10 +86,12 @@ def admit(
     start_timeout_s: float | None = None,
     sync: bool = False,
 ) -> tuple[str, Callable[[], None]]:
-    """Refuse a request now (503 as configured, 429 over the caller's limit) or give its id and the call that
-    queues it (durably). `sync`: its caller awaits it in this process (`Dispatcher.submit_and_wait`). A `str` body is
-    JSON that did not pass the endpoint's schema: queued as it is, it fails with 422 when it runs (fal's queue)."""
+    """Refuse a request now (507 low on disk, 503 as configured, 429 over the caller's limit) or give its id and the
+    call that queues it (durably). `sync`: its caller awaits it in this process (`Dispatcher.submit_and_wait`). A
+    `str` body is JSON that did not pass the endpoint's schema: queued as it is, it fails with 422 when it runs
+    (fal's queue)."""
     the = services(request)
+    check_free_space(the.settings.data_dir, the.settings.min_free_disk_bytes)  # 507: the queue must stay writable
     request_id = str(uuid.uuid4())
     set_fal_request_id(request.scope, request_id)  # a refusal below carries it too
     if the.model.state is ModelState.LOADED and not isinstance(body, str):  # refused now (503), not failed later

@@ -68,7 +68,7 @@ def test_two_ranks_give_the_single_process_image_with_progress(group, tiny_weigh
     split, whole = (np.asarray(image, dtype=np.int16) for image in (result.images[0], single.images[0]))
     assert split.shape == whole.shape == (64, 64, 3)
     assert np.abs(split - whole).max() <= 1
-    assert group.capabilities()["device"] == "cpu,cpu"
+    assert group.capabilities().device == "cpu,cpu"
     assert group.describe() == {"mode": "context", "kind": "ulysses", "devices": ["cpu", "cpu"], "ready": True,
                                 "restarts": group.restarts}  # fmt: skip
 

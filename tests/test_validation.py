@@ -92,7 +92,7 @@ TEXT_BYTES = base64.b64encode(b"this is not an image").decode()
     [
         ("data:image/png;base64,%%%notbase64", "invalid_data_uri", "Invalid base64"),
         ("data:image/png;base64", "invalid_data_uri", "no ','"),
-        (f"data:image/png;base64,{TEXT_BYTES}", "image_load_error", "not in any image format"),
+        (f"data:image/png;base64,{TEXT_BYTES}", "image_load_error", "not a png, jpeg or webp image"),
         ("data:image/png;base64," + base64.b64encode(image_bytes(96, 96)[:200]).decode(), "image_load_error", "decode"),
         (data_uri(image_bytes(32, 32)), "invalid_image", "too small"),
         (data_uri(image_bytes(1200, 100)), "invalid_image", "aspect ratio"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 
 import pytest
 
@@ -126,3 +127,59 @@ def test_server_still_answers_after_bad_requests(server):
     response = server.post("fal-ai/flux-2/flash/edit", GOOD)
     assert response.status_code == 200
     assert server.client.get(f"{server.url}/health").json()["status"] == "ok"
+
+
+# What Python's json reads but JSON can't carry: each a 422 naming the field, on the sync route and at queue submit
+# (before it is queued), not a 500 from the error's own echo of the input or from the queue writing it.
+NOT_JSON = [
+    ('"prompt": NaN', ["body", "prompt"], "finite_number"),
+    ('"guidance_scale": NaN', ["body", "guidance_scale"], "finite_number"),
+    ('"guidance_scale": Infinity', ["body", "guidance_scale"], "finite_number"),
+    ('"guidance_scale": -Infinity', ["body", "guidance_scale"], "finite_number"),
+    ('"guidance_scale": 1e400', ["body", "guidance_scale"], "finite_number"),
+    ('"seed": 1e400', ["body", "seed"], "finite_number"),
+    ('"seed": -1e400', ["body", "seed"], "finite_number"),
+    ('"num_images": Infinity', ["body", "num_images"], "finite_number"),
+    ('"image_size": {"width": NaN, "height": 512}', ["body", "image_size", "width"], "finite_number"),
+    ('"prompt": "a \\ud800 b"', ["body", "prompt"], "string_unicode"),
+    ('"prompt": "\\udfff"', ["body", "prompt"], "string_unicode"),
+    ('"extra": ["ok", "\\ud83d"]', ["body", "extra", 1], "string_unicode"),
+]
+
+
+@pytest.mark.parametrize("path", ["/fal-ai/flux-2/flash/edit", "/fal-ai/flux-2/edit", "/queue/fal-ai/flux-2/edit"])
+def test_values_json_cannot_carry_are_a_422_naming_the_field(fake_server, path):
+    from tests.fake_editor import FakeEditor
+
+    client, _ = fake_server(editor := FakeEditor())
+    json_type = {"content-type": "application/json"}
+    for field, loc, error_type in NOT_JSON:
+        body = json.dumps({"prompt": "p", "image_urls": GOOD["image_urls"]})[:-1] + f", {field}}}"
+        response = client.post(path, content=body, headers=json_type)
+        assert response.status_code == 422, (field, response.text)
+        [detail] = response.json()["detail"]
+        assert (detail["loc"], detail["type"]) == (loc, error_type)
+        assert detail["msg"] and len(detail["input"]) <= 50
+    assert not editor.calls  # nothing queued, nothing ran
+    good = json.dumps({"prompt": "p \U0001f600", "image_urls": GOOD["image_urls"]})  # a surrogate pair: fine
+    assert client.post(path, content=good, headers=json_type).status_code == 200
+
+
+def test_every_api_route_refuses_what_json_cannot_carry(fake_server):
+    """Every route /openapi.json says takes a JSON body gets the check (server/http/json_body.py), whoever adds it."""
+    from tests.fake_editor import FakeEditor
+
+    client, _ = fake_server(FakeEditor())
+    checked = []
+    for path, operations in client.get("/openapi.json").json()["paths"].items():
+        for method, operation in operations.items():
+            if "application/json" not in operation.get("requestBody", {}).get("content", {}):
+                continue
+            url = path.replace("{request_id}", "x").replace("{token}", "x")
+            answer = client.request(
+                method, url, content='{"prompt": NaN}', headers={"content-type": "application/json"}
+            )
+            assert answer.status_code == 422, (method, path, answer.text)
+            assert answer.json()["detail"][0]["loc"] == ["body", "prompt"], path
+            checked.append(path)
+    assert len(checked) >= 7, checked  # 3 sync endpoints, 3 queue submits, the storage initiations, ...

@@ -18,6 +18,7 @@ from server.http.body_limit import fal_shaped_413
 from server.http.callers import enforce_rate_limit
 from server.http.errors import install_error_handlers
 from server.http.hosts import HostNames, host_guard
+from server.http.json_body import check_json_body
 from server.http.proxy import fal_proxy
 from server.http.responses import GUARDED, LOW_ON_DISK, TOO_LARGE
 from server.http.routes import edit, files, health, metrics, openapi, playground, queue, storage
@@ -90,11 +91,12 @@ def create_app(settings: Settings, weights_dir: Path | None, tiny: bool = False)
     app.include_router(playground.router)
     if not settings.keys():
         log.warning("no API keys configured: the API is open to anyone who can reach this port")
-    # API routes: keys, rate limits, and the body limit (413 beyond: server/http/body_limit.py)
+    # API routes: keys, rate limits, the body limit (413 beyond: server/http/body_limit.py) and JSON bodies checked
+    # for what JSON can't carry (NaN, lone surrogates: 422, server/http/json_body.py)
     for router in (edit.router, queue.router, storage.initiate_router):
         app.include_router(
             router,
-            dependencies=[Depends(require_key), Depends(enforce_rate_limit)],
+            dependencies=[Depends(require_key), Depends(enforce_rate_limit), Depends(check_json_body)],
             responses=GUARDED,
             max_body_size=settings.max_body_bytes,
         )

@@ -25,6 +25,7 @@ from server.errors import retryable_headers
 from server.files.outputs import check_free_space
 from server.http.callers import caller
 from server.http.context import services
+from server.http.json_body import json_body
 from server.http.responses import MODEL_FAILED, NOT_FOUND, TIMED_OUT, UNAVAILABLE
 from server.logs import set_fal_request_id
 from server.net.guard import AddressPolicy, AddressRefused
@@ -141,13 +142,9 @@ async def wait_completed(request: Request, request_id: str) -> QueuedRequest:
 
 async def queued_body(request: Request, endpoint: Endpoint) -> EditInput | str:
     """A submit's body: the endpoint's input if it validates, else its JSON text, queued to fail with 422 when it
-    runs (fal's queue accepts any JSON and validates when the request runs). A body that isn't JSON is a 422 now."""
-    raw = await request.body()
-    try:
-        data = json.loads(raw)
-    except ValueError as exc:  # FastAPI's own answer to a body that isn't JSON
-        error = {"type": "json_invalid", "loc": ["body", 0], "msg": "JSON decode error", "input": {}}
-        raise RequestValidationError([{**error, "ctx": {"error": str(exc)}}]) from exc
+    runs (fal's queue accepts any JSON and validates when the request runs). A body that isn't JSON, or holds what
+    JSON can't (NaN, a lone surrogate), is a 422 now (`json_body`)."""
+    data = await json_body(request)
     try:
         return endpoint.input_model.model_validate(data)
     except ValidationError:

@@ -20,6 +20,7 @@ from server.files.outputs import check_free_space
 from server.files.serving import SERVED_TYPES
 from server.http.auth import require_key
 from server.http.context import services
+from server.http.json_body import check_json_body
 from server.http.responses import ALREADY_USED, NOT_FOUND, UNREADABLE_BODY
 
 UPLOAD_TTL_S = 3600
@@ -135,7 +136,8 @@ async def put_part(request: Request, token: str, part_number: int) -> MultipartP
     return MultipartPart(partNumber=part_number, etag=secrets.token_hex(8))
 
 
-@upload_router.post("/multipart/{token}/complete")
+# the one JSON body of the upload URLs (the others are the file's bytes), checked as the API routers' are
+@upload_router.post("/multipart/{token}/complete", dependencies=[Depends(check_json_body)])
 async def complete_multipart(request: Request, token: str, body: CompleteMultipart) -> dict:
     upload = _claim(request, token)
     the = services(request)

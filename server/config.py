@@ -34,7 +34,10 @@ class Settings(BaseSettings):
     port: int = Field(8000, description="port to listen on")
     data_dir: Path = Field(Path("data"), description="output files go to DATA_DIR/files, the SQLite queue beside them")
     public_url: str | None = Field(
-        None, description="base of output file URLs (behind a proxy); default: the URL the request came in on"
+        None,
+        description="base of the URLs answers hand out (status/result/cancel, files; behind a proxy, NAT, Docker); "
+        "default: the request's Host without keys, with keys only a FLUX2_ALLOWED_HOSTS name, else the address "
+        "the connection arrived on",
     )
     device: str | None = Field(None, description="torch device, e.g. `cuda:1`; default: CUDA if present, else CPU")
     dtype: str | None = Field(None, description="torch dtype name, e.g. `bfloat16`; default: bf16 on CUDA, fp32 on CPU")
@@ -91,6 +94,14 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = Field(
         None, description="API keys, one per line, `#` lines ignored (added to FLUX2_API_KEYS)"
     )
+    operator_keys: str | None = Field(
+        None,
+        description="comma-separated operator keys: valid API keys that also see and cancel every caller's requests "
+        "(another key sees only its own) (environment only)",
+    )
+    operator_keys_file: Path | None = Field(
+        None, description="operator keys, one per line, `#` lines ignored (added to FLUX2_OPERATOR_KEYS)"
+    )
     trusted_proxies: str | None = Field(
         None,
         description="comma-separated addresses of reverse proxies whose X-Forwarded-For/-Proto are believed (client "
@@ -100,7 +111,7 @@ class Settings(BaseSettings):
         None,
         description="comma-separated names this server is reached under; without API keys, requests whose Host or "
         "Origin is another name are refused (DNS rebinding). IP addresses, `localhost` and PUBLIC_URL's are always "
-        "allowed",
+        "allowed. With keys: the Hosts answers' URLs may name (see PUBLIC_URL)",
     )
     cors_origins: str | None = Field(
         None, description="comma-separated origins whose pages may call the API; default: none (CORS closed)"
@@ -251,8 +262,17 @@ class Settings(BaseSettings):
         return RuntimeOptions(**values, explicit=frozenset(self.model_fields_set))
 
     def keys(self) -> list[str]:
-        keys = parse_keys(self.api_keys)
-        if self.api_keys_file is not None:
-            lines = self.api_keys_file.read_text().splitlines()
-            keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-        return keys
+        """Every key that opens the API: the API keys and the operator keys."""
+        return _keys(self.api_keys, self.api_keys_file) + self.operators()
+
+    def operators(self) -> list[str]:
+        """The keys that see every caller's requests (see server/http/auth.py)."""
+        return _keys(self.operator_keys, self.operator_keys_file)
+
+
+def _keys(listed: str | None, file: Path | None) -> list[str]:
+    keys = parse_keys(listed)
+    if file is not None:
+        lines = file.read_text().splitlines()
+        keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    return keys

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -47,10 +47,11 @@ class Services:
     http: httpx.AsyncClient
     edits: EditService
     dispatcher: Dispatcher
-    api_keys: list[str]
+    api_keys: list[str]  # every key that opens the API, operator keys included
     worker_id: str  # this process in the queue (its consumer name, its heartbeat)
     profiles: list[str]  # the profiles the model here serves
     webhook_signer: WebhookSigner  # its public key: GET /.well-known/jwks.json
+    operator_keys: list[str] = field(default_factory=list)  # keys that see every caller's requests
 
     async def heartbeat(self) -> None:
         """Once the model is loaded, advertise this process as a worker until cancelled."""
@@ -99,6 +100,7 @@ async def open_services(
                     edits=edits,
                     dispatcher=Dispatcher(store, edits, webhooks, profiles),
                     api_keys=settings.keys(),
+                    operator_keys=settings.operators(),
                     worker_id=worker_id,
                     profiles=profiles,
                     webhook_signer=signer,

@@ -378,3 +378,58 @@ def test_an_upload_url_is_used_once_even_by_concurrent_puts(fake_server, monkeyp
     first = client.put(path, content=b"first")
     assert first.status_code == 409 and first.json()["detail"].startswith("This upload URL was already used")
     assert (services.settings.data_dir / "files" / name).read_bytes() == b"second"
+
+
+def test_with_keys_urls_come_from_configuration_not_the_host_header(fake_server):
+    """A request with a valid key and `Host: evil.example` gets URLs (status, result, cancel, output files,
+    uploads) naming this server: FLUX2_PUBLIC_URL when set, else the address it was reached on; a Host the operator
+    listed (FLUX2_ALLOWED_HOSTS, e.g. a proxy's name) is used as sent."""
+    import time
+
+    from tests.fake_editor import FakeEditor
+
+    key = {"Authorization": "Key k"}
+
+    def urls_for(client, host: str) -> list[str]:
+        headers = {**key, "host": host}
+        submit = f"/{FLASH_EDIT}" if host.startswith("queue.") else f"/queue/{FLASH_EDIT}"  # fal's queue-host form
+        handle = client.post(submit, json=GOOD, headers=headers).json()
+        request_path = f"/queue/fal-ai/flux-2/requests/{handle['request_id']}"
+        for _ in range(1000):  # bounded
+            status = client.get(request_path + "/status", headers=headers).json()
+            if status["status"] == "COMPLETED":
+                break
+            time.sleep(0.01)
+        result = client.get(request_path, headers=headers).json()
+        upload = client.post("/storage/upload/initiate", json={"content_type": "image/png"}, headers=headers).json()
+        spec = client.get("/openapi.json", params={"endpoint_id": FLASH_EDIT}, headers={"host": host}).json()
+        return [
+            *(handle[name] for name in ("status_url", "response_url", "cancel_url")),
+            *(status[name] for name in ("status_url", "response_url", "cancel_url")),
+            result["images"][0]["url"],
+            upload["upload_url"],
+            upload["file_url"],
+            spec["servers"][0]["url"],
+        ]
+
+    client, _ = fake_server(FakeEditor(), api_keys="k")  # reached as http://testserver
+    for url in urls_for(client, "evil.example"):
+        assert url.startswith("http://testserver/") and "evil.example" not in url, url
+    # fal's JS client, through the proxy path, follows those URLs whatever name it reached the server under
+    handle = client.post(f"/queue/{FLASH_EDIT}", json=GOOD, headers={**key, "host": "gpu-box:8000"}).json()
+    proxied_status = {**key, "host": "gpu-box:8000", "x-fal-target-url": handle["status_url"]}
+    assert client.get("/api/fal/proxy", headers=proxied_status).json()["request_id"] == handle["request_id"]
+    for url in urls_for(client, "queue.evil.example"):  # a made-up queue host: this server's /queue/ form
+        assert url.startswith("http://testserver/") and "evil" not in url, url
+    assert urls_for(client, "queue.evil.example")[0].startswith("http://testserver/queue/fal-ai/flux-2/requests/")
+
+    proxied, _ = fake_server(FakeEditor(), api_keys="k", public_url="https://flux.studio.lan/api")
+    for url in urls_for(proxied, "evil.example"):
+        assert url.startswith("https://flux.studio.lan/api/"), url
+
+    named, _ = fake_server(FakeEditor(), api_keys="k", allowed_hosts="flux.studio.lan,queue.flux.studio.lan")
+    assert all(url.startswith("http://flux.studio.lan/") for url in urls_for(named, "flux.studio.lan"))
+    queue_host = urls_for(named, "queue.flux.studio.lan")  # a listed queue host: fal's form under it
+    assert queue_host[0].startswith("http://queue.flux.studio.lan/fal-ai/flux-2/requests/")
+    for url in urls_for(named, "evil.example"):
+        assert url.startswith("http://testserver/"), url

@@ -260,3 +260,75 @@ def test_sqlite_keeps_inputs_apart_from_the_rows_status_reads(tmp_path):
     assert db.execute("SELECT COUNT(*) FROM inputs").fetchone() == (0,)
     db.close()
     store.close()
+
+
+def test_sqlite_queue_written_before_owners_keeps_working(tmp_path):
+    """A queue database from before owners were recorded gains the column; its rows have no owner (any key sees
+    them, as before) and run."""
+    import sqlite3
+
+    from server.queue.sqlite_queue import RequestStore
+
+    db = sqlite3.connect(tmp_path / "queue.db")
+    db.executescript(
+        "CREATE TABLE requests (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, endpoint_id TEXT NOT"
+        " NULL, input TEXT NOT NULL, priority INTEGER NOT NULL, status TEXT NOT NULL, queue_url TEXT NOT NULL,"
+        " files_url TEXT NOT NULL, webhook_url TEXT, start_deadline REAL, created_at REAL NOT NULL, started_at REAL,"
+        " completed_at REAL, status_code INTEGER, result TEXT, error TEXT, error_type TEXT, metrics TEXT,"
+        " attempts INTEGER NOT NULL DEFAULT 0, progress_step INTEGER, progress_total INTEGER);"
+        "INSERT INTO requests (id, endpoint_id, input, priority, status, queue_url, files_url, created_at)"
+        " VALUES ('old', 'fal-ai/flux-2/flash/edit', '{\"prompt\": \"old\"}', 0, 'IN_QUEUE', 'q', 'f', 0);"
+    )
+    db.close()
+    store = RequestStore(tmp_path / "queue.db")
+    assert store.get("old").owner is None
+    store.add("new", "fal-ai/flux-2/flash/edit", "{}", 0, "q", "f", None, None, owner="cd" * 32)
+    assert store.get("new").owner == "cd" * 32
+    assert store.claim(["fal-ai/flux-2/flash/edit"]).input == '{"prompt": "old"}'
+    store.close()
+
+
+def held_after_denoising():
+    """A FakeEditor that, every denoising step done, holds (as decoding and encoding would) until released."""
+    import threading
+    from dataclasses import dataclass, field
+
+    from tests.fake_editor import FakeEditor
+
+    @dataclass
+    class Held(FakeEditor):
+        denoised: threading.Event = field(default_factory=threading.Event)
+        release: threading.Event = field(default_factory=threading.Event)
+
+        def edit(self, call):
+            result = super().edit(call)
+            self.denoised.set()
+            assert self.release.wait(30)
+            return result
+
+    return Held()
+
+
+def test_a_cancel_after_the_last_step_is_already_completed(fake_server):
+    """Too late to stop (every step done): fal's ALREADY_COMPLETED, and the request completes as it is, rather than
+    a 202 followed by a result."""
+    client, _ = fake_server(editor := held_after_denoising())
+    handle = submit(client, "", "fal-ai/flux-2/flash/edit", QUICK)
+    assert editor.denoised.wait(30)
+    assert client.get(handle["status_url"]).json()["progress"] == {"step": 4, "total": 4}
+    cancel = client.put(handle["cancel_url"])
+    assert (cancel.status_code, cancel.json()) == (400, {"status": "ALREADY_COMPLETED"})
+    editor.release.set()
+    assert wait_done(client, handle, timeout=30)["error"] is None
+    assert client.get(handle["response_url"]).status_code == 200
+
+
+def test_a_cancel_accepted_as_the_last_step_ends_is_honoured(fake_server):
+    """A cancel that was answered 202 just before the last step's progress was recorded (the flag set after that
+    step's check) still ends the request cancelled: a 202 is never followed by a result."""
+    client, app = fake_server(editor := held_after_denoising())
+    handle = submit(client, "", "fal-ai/flux-2/flash/edit", QUICK)
+    assert editor.denoised.wait(30)
+    app.state.services.store.request_cancel(handle["request_id"])  # what the cancel route did, a moment late
+    editor.release.set()
+    assert wait_done(client, handle, timeout=30)["error_type"] == "request_cancelled"

@@ -174,3 +174,15 @@ def test_status_reads_never_carry_the_input(queue):
     claimed = queue.claim(ALL)
     assert claimed.id == "big" and claimed.input == big
     assert queue.get("big").input is None and queue.get("big").status == "IN_PROGRESS"
+
+
+def test_a_request_keeps_its_owner_through_its_life(queue):
+    """The owner (a hash of the submitting key: server/http/auth.py) is recorded with the request and read back by
+    `get` at every stage; a request submitted on an open API has none."""
+    owner = "ab" * 32
+    queue.add("mine", FLASH, "{}", 0, "http://fe/queue/fal-ai/flux-2", "http://fe/", None, None, owner=owner)
+    add(queue, "open")
+    assert queue.get("mine").owner == owner and queue.get("open").owner is None
+    assert queue.claim(ALL).owner == owner
+    queue.complete("mine", 200, {"images": []})
+    assert queue.get("mine").owner == owner

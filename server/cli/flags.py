@@ -14,7 +14,7 @@ from pathlib import Path
 
 from server.config import Settings
 
-ENV_ONLY = {"api_keys"}  # secrets: from the environment only, so they stay out of `ps`
+ENV_ONLY = {"api_keys", "operator_keys"}  # secrets: from the environment only, so they stay out of `ps`
 SOURCE = ("weights", "tiny")  # one or the other: a mutually exclusive group
 # Settings only a process that serves HTTP uses; `flux2-server worker` has no HTTP of its own
 HTTP_ONLY = {
@@ -24,6 +24,7 @@ HTTP_ONLY = {
     "ssl_certfile",
     "ssl_keyfile",
     "api_keys_file",
+    "operator_keys_file",
     "allow_open_api",
     "cors_origins",
     "allowed_hosts",

@@ -91,6 +91,11 @@ def create_app(settings: Settings, weights_dir: Path | None, tiny: bool = False)
     app.include_router(playground.router)
     if not settings.keys():
         log.warning("no API keys configured: the API is open to anyone who can reach this port")
+    elif not settings.public_url:  # URLs are not built from whatever Host arrives (server/http/hosts.py)
+        log.info(
+            "FLUX2_PUBLIC_URL not set: the URLs handed out name the address each connection arrived on (or its Host, "
+            "if in FLUX2_ALLOWED_HOSTS); set it when clients reach this server under another address (a proxy, NAT)"
+        )
     # API routes: keys, rate limits, the body limit (413 beyond: server/http/body_limit.py) and JSON bodies checked
     # for what JSON can't carry (NaN, lone surrogates: 422, server/http/json_body.py)
     for router in (edit.router, queue.router, storage.initiate_router):
@@ -106,7 +111,7 @@ def create_app(settings: Settings, weights_dir: Path | None, tiny: bool = False)
     )
     app.add_middleware(fal_shaped_413)
     app.add_middleware(queue_host_routing)
-    app.add_middleware(fal_proxy)  # a proxied request is rewritten before any other routing
+    app.add_middleware(fal_proxy, public_url=settings.public_url)  # a proxied request is rewritten before routing
     app.add_middleware(request_ids)
     if not settings.keys():  # an open API answers only under its own names (DNS rebinding: server/http/hosts.py)
         app.add_middleware(host_guard, names=HostNames(settings))

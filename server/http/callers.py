@@ -3,18 +3,16 @@ server.service.quotas."""
 
 from __future__ import annotations
 
-import hashlib
-
 from fastapi import Request
 
+from server.http.auth import given_key, owner_id
 from server.http.context import services
 
 
 def caller(request: Request) -> str:
     """Who a request counts against: its API key (hashed) when keys are configured, else its client address."""
     if services(request).api_keys:
-        given = request.headers.get("authorization", "").partition(" ")[2].strip()
-        return "key:" + hashlib.sha256(given.encode()).hexdigest()[:16]
+        return "key:" + owner_id(given_key(request))[:16]
     return "addr:" + (request.client.host if request.client else "unknown")
 
 

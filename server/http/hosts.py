@@ -6,6 +6,10 @@ Host header must be an IP address (a rebinding needs a name), `localhost` or a n
 those to loopback themselves), PUBLIC_URL's host, or a name in FLUX2_ALLOWED_HOSTS; and a request that carries
 an `Origin` must come from a page on such a name (or a configured CORS origin). Anything else is refused in
 fal's error shape before routing: 400 for the Host, 403 for the Origin.
+
+The URLs the server hands out (`status_url`, `response_url`, `cancel_url`, output and upload file URLs) are built by
+`public_base`: from FLUX2_PUBLIC_URL when set; else, with keys, from the Host only when it is one of the names in
+FLUX2_ALLOWED_HOSTS, and otherwise from the address the connection arrived on; a made-up Host is never echoed.
 """
 
 from __future__ import annotations
@@ -14,8 +18,11 @@ import ipaddress
 import json
 from urllib.parse import urlsplit
 
+from fastapi import Request
+
 from server.config import Settings, parse_keys
 from server.errors import HostNotAllowed, OriginNotAllowed, ServerError
+from server.http.context import services
 
 
 class HostNames:
@@ -71,3 +78,40 @@ def host_guard(app, names: HostNames):
         await app(scope, receive, send)
 
     return middleware
+
+
+def echoes_host(request: Request) -> bool:
+    """Whether the URLs handed out for `request` may name its Host: no FLUX2_PUBLIC_URL, and either no keys (the
+    Host passed `host_guard`) or a Host named in FLUX2_ALLOWED_HOSTS (an operator's own name, e.g. a proxy's)."""
+    the = services(request)
+    if the.settings.public_url:
+        return False
+    if not the.api_keys:
+        return True
+    name = (urlsplit("//" + request.headers.get("host", "")).hostname or "").lower().rstrip(".")
+    return name in HostNames(the.settings).names
+
+
+def public_base(request: Request) -> str:
+    """The base (no trailing /) of the URLs handed out for `request` (see the module's docstring). The scheme is
+    the request's: https behind TLS, or a trusted proxy's X-Forwarded-Proto (FLUX2_TRUSTED_PROXIES)."""
+    settings = services(request).settings
+    if settings.public_url:
+        return settings.public_url.rstrip("/")
+    if echoes_host(request):
+        return str(request.base_url).rstrip("/")
+    scheme = request.url.scheme
+    arrived = arrival_netloc(request.scope, scheme) or netloc(scheme, settings.host, settings.port)
+    return f"{scheme}://{arrived}{request.scope.get('root_path', '')}".rstrip("/")
+
+
+def netloc(scheme: str, host: str, port: int | None) -> str:
+    """`host[:port]` as a URL names it: an IPv6 address in brackets, the scheme's default port left out."""
+    host = f"[{host}]" if ":" in host else host
+    return host if port is None or port == {"http": 80, "https": 443}.get(scheme) else f"{host}:{port}"
+
+
+def arrival_netloc(scope, scheme: str) -> str | None:
+    """The address (`host[:port]`) the request's connection arrived on, from the ASGI scope's `server`."""
+    server = scope.get("server")
+    return netloc(scheme, server[0], server[1]) if server else None

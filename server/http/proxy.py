@@ -10,14 +10,18 @@ hands out, or a full-URL endpoint id) -> that path. Any other target is refused,
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from urllib.parse import urlsplit
+
+from server.http.hosts import arrival_netloc
 
 PROXY_PATH = "/api/fal/proxy"
 TARGET_HEADER = b"x-fal-target-url"
 
 
-def local_path(target: str, own_host: str) -> tuple[str, str] | None:
-    """(path, query) on this server for a proxied target URL, or None if it is not one this server serves."""
+def local_path(target: str, own_hosts: Collection[str]) -> tuple[str, str] | None:
+    """(path, query) on this server for a proxied target URL, or None if it is not one this server serves.
+    `own_hosts`: this server's `host[:port]` names (the URLs it hands out name one of them)."""
     url = urlsplit(target)
     if url.scheme not in ("http", "https"):
         return None
@@ -28,18 +32,21 @@ def local_path(target: str, own_host: str) -> tuple[str, str] | None:
         return "/queue" + url.path, url.query
     if host == "rest.fal.ai" and url.path.startswith("/storage/upload/initiate"):
         return url.path, url.query
-    if host == own_host.lower():
+    if host in {own.lower() for own in own_hosts}:
         return url.path, url.query
     return None
 
 
-def fal_proxy(app):
+def fal_proxy(app, public_url: str | None = None):
     async def middleware(scope, receive, send):
         if scope["type"] != "http" or scope["path"] != PROXY_PATH:
             return await app(scope, receive, send)
         headers = dict(scope["headers"])
         target = headers.get(TARGET_HEADER, b"").decode("latin-1")
-        mapped = local_path(target, headers.get(b"host", b"").decode("latin-1")) if target else None
+        # the names its URLs may carry (server/http/hosts.py): the Host, FLUX2_PUBLIC_URL's, the address it arrived on
+        own = [headers.get(b"host", b"").decode("latin-1"), urlsplit(public_url or "").netloc]
+        own += [arrival_netloc(scope, scheme) or "" for scheme in ("http", "https")]
+        mapped = local_path(target, [name for name in own if name]) if target else None
         if mapped is None:
             problem = f"x-fal-target-url {target!r} is not served here" if target else "missing x-fal-target-url"
             body = json.dumps({"detail": problem}).encode()

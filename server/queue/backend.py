@@ -45,6 +45,9 @@ class QueuedRequest:
     attempts: int | None = 0  # times claimed; a claim given back by a graceful stop is not counted
     progress_step: int | None = None  # denoising steps done, of progress_total (while running, and after)
     progress_total: int | None = None
+    # who submitted it: the SHA-256 of its API key (server/http/auth.py; never the key), None on an open API (and for
+    # requests queued before owners were recorded). Status, result and cancel answer only to that key or an operator.
+    owner: str | None = None
 
     @property
     def urls(self) -> dict[str, str]:
@@ -81,8 +84,9 @@ class QueueBackend(Protocol):
         files_url: str,
         webhook_url: str | None,
         start_timeout_s: float | None,
+        owner: str | None = None,
     ) -> None:
-        """Accept a request (IN_QUEUE); durable before it returns."""
+        """Accept a request (IN_QUEUE); durable before it returns. `owner`: see `QueuedRequest.owner`."""
 
     def get(self, request_id: str) -> QueuedRequest | None:
         """The request's record without its input (`input` None): what status, result and cancel read. Inputs

@@ -130,15 +130,18 @@ class Dispatcher:
             waiter.set_result(output)
 
     def cancel(self, request: QueuedRequest) -> bool:
-        """Cancel a queued request at once, or ask a running one to stop at its next step; False if finished."""
+        """Cancel a queued request at once, or ask a running one to stop at its next step; False if finished, or
+        too far to stop: every denoising step done (decoding, encoding, storing), it completes as it is."""
         if self.fail(request, RequestCancelled(), only_if_queued=True):
             self.store.log(request.id, CANCELLED, "WARNING")
             return True
         current = self.store.get(request.id)
-        if current is not None and current.status == "IN_PROGRESS":
-            self.store.request_cancel(request.id)
-            return True
-        return False
+        if current is None or current.status != "IN_PROGRESS":
+            return False
+        if current.progress_total and (current.progress_step or 0) >= current.progress_total:
+            return False
+        self.store.request_cancel(request.id)
+        return True
 
     def notify(self) -> None:
         """Something was queued."""
@@ -270,6 +273,10 @@ class Dispatcher:
                 self.store.log(request.id, f"Inference failed: {exc}", "ERROR")
             self.fail(request, exc)
         else:
+            if self.store.cancel_requested(request.id):  # a cancel answered 202 just as the last step was checked
+                self.store.log(request.id, CANCELLED, "WARNING")
+                self.fail(request, RequestCancelled())
+                return
             self.succeed(request, output, {"inference_time": time.perf_counter() - started})
 
 

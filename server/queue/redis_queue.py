@@ -236,6 +236,7 @@ class RedisQueue:
         files_url: str,
         webhook_url: str | None,
         start_timeout_s: float | None,
+        owner: str | None = None,
     ) -> None:
         now = time.time()
         fields = {
@@ -248,6 +249,7 @@ class RedisQueue:
             "webhook_url": webhook_url,
             "start_deadline": now + start_timeout_s if start_timeout_s else None,
             "created_at": now,
+            "owner": owner,
         }
         pairs = [x for k, v in fields.items() if v is not None for x in (k, _encode(v))]
         stream = f"{PREFIX}q:{priority}:{endpoint_id}"

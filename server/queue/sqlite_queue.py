@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS requests (
     metrics TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,     -- times started; a start interrupted by a graceful stop is not counted
     progress_step INTEGER,                   -- denoising steps done ...
-    progress_total INTEGER                   -- ... of this many
+    progress_total INTEGER,                  -- ... of this many
+    owner TEXT                               -- SHA-256 of the submitting API key; NULL: open API (or older row)
 );
 CREATE INDEX IF NOT EXISTS queued ON requests (status, priority, seq);
 CREATE TABLE IF NOT EXISTS inputs (          -- apart from the rows status reads: inputs can be 100 MB data URIs
@@ -99,6 +100,8 @@ class RequestStore:
         for column in ("progress_step", "progress_total"):  # ... or before progress was
             if column not in columns:
                 self._db.execute(f"ALTER TABLE requests ADD COLUMN {column} INTEGER")
+        if "owner" not in columns:  # ... or before owners were (its rows: NULL, any key sees them, as before)
+            self._db.execute("ALTER TABLE requests ADD COLUMN owner TEXT")
         self._cancel_requested: set[str] = set()  # running requests to stop at their next step (this process)
         self._workers: dict[str, tuple[float, dict]] = {}  # worker id -> (expires, info)
 
@@ -130,6 +133,7 @@ class RequestStore:
         files_url: str,
         webhook_url: str | None,
         start_timeout_s: float | None,
+        owner: str | None = None,
     ) -> None:
         now = time.time()
         deadline = now + start_timeout_s if start_timeout_s else None
@@ -140,8 +144,8 @@ class RequestStore:
                 self._db.execute("INSERT INTO inputs (id, input) VALUES (?, ?)", (request_id, input_json))
                 self._db.execute(
                     "INSERT INTO requests (id, endpoint_id, input, priority, status, queue_url, files_url,"
-                    " webhook_url, start_deadline, created_at) VALUES (?, ?, '', ?, 'IN_QUEUE', ?, ?, ?, ?, ?)",
-                    (request_id, endpoint_id, priority, queue_url, files_url, webhook_url, deadline, now),
+                    " webhook_url, start_deadline, created_at, owner) VALUES (?, ?, '', ?, 'IN_QUEUE', ?, ?, ?, ?, ?, ?)",
+                    (request_id, endpoint_id, priority, queue_url, files_url, webhook_url, deadline, now, owner),
                 )
                 self._db.execute("COMMIT")
             except BaseException:

@@ -20,7 +20,7 @@ from fastapi.staticfiles import StaticFiles
 from swagger_ui_bundle import swagger_ui_path
 
 from server.endpoints import APP_PATH, BY_ID, ENDPOINTS
-from server.http.context import services
+from server.http.hosts import public_base
 from server.schemas import EditOutput
 
 router = APIRouter(include_in_schema=False)
@@ -128,7 +128,7 @@ async def openapi(
     if endpoint_id not in BY_ID:
         known = ", ".join(e.endpoint_id for e in ENDPOINTS)
         raise HTTPException(404, f"Unknown endpoint_id {endpoint_id!r}; this server serves {known}")
-    base_url = services(request).settings.public_url or str(request.base_url)
+    base_url = public_base(request)
     return JSONResponse(endpoint_openapi(full, endpoint_id, base_url))
 
 

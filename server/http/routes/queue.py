@@ -23,8 +23,10 @@ from pydantic import ValidationError
 from server.endpoints import APP_PATH, ENDPOINTS, Endpoint
 from server.errors import retryable_headers
 from server.files.outputs import check_free_space
+from server.http.auth import may_see, owner_of
 from server.http.callers import caller
 from server.http.context import services
+from server.http.hosts import echoes_host, public_base
 from server.http.json_body import json_body
 from server.http.responses import MODEL_FAILED, NOT_FOUND, TIMED_OUT, UNAVAILABLE
 from server.logs import set_fal_request_id
@@ -74,8 +76,10 @@ def queue_host_routing(app):
 
 
 def _queue_url(request: Request) -> str:
-    origin = str(request.base_url).rstrip("/")
-    return f"{origin}/{APP_PATH}" if request.scope.get(QUEUE_HOST_FLAG) else f"{origin}/queue/{APP_PATH}"
+    """The base of a queued request's URLs: under a `queue.` Host it answered to, fal's form; else `/queue/...`."""
+    if request.scope.get(QUEUE_HOST_FLAG) and echoes_host(request):
+        return f"{public_base(request)}/{APP_PATH}"
+    return f"{public_base(request)}/queue/{APP_PATH}"
 
 
 def admit(
@@ -106,9 +110,10 @@ def admit(
             body if isinstance(body, str) else body.model_dump_json(exclude_unset=True),
             PRIORITIES[priority],
             SYNC if sync else _queue_url(request),
-            the.settings.public_url or str(request.base_url),
+            public_base(request),
             webhook_url,
             start_timeout_s,
+            owner_of(request),
         )
 
     return request_id, add
@@ -212,9 +217,15 @@ def _add_submit_route(endpoint: Endpoint) -> None:
     )
 
 
-def _get(request: Request, request_id: str) -> QueuedRequest:
+def _find(request: Request, request_id: str) -> QueuedRequest | None:
+    """The request, if this caller may see it (server/http/auth.py: another key's request is as unknown)."""
     set_fal_request_id(request.scope, request_id)
     queued = services(request).store.get(request_id)
+    return queued if queued is not None and may_see(request, queued) else None
+
+
+def _get(request: Request, request_id: str) -> QueuedRequest:
+    queued = _find(request, request_id)
     if queued is None:
         raise HTTPException(404, f"Request {request_id} not found")
     return queued
@@ -294,8 +305,7 @@ async def result(request: Request, request_id: str) -> JSONResponse:
 async def cancel(request: Request, request_id: str) -> JSONResponse:
     """A queued request is cancelled at once; a running one stops at its next denoising step. fal's answers:
     CANCELLATION_REQUESTED (202), ALREADY_COMPLETED (400), NOT_FOUND (404)."""
-    set_fal_request_id(request.scope, request_id)
-    queued = services(request).store.get(request_id)
+    queued = _find(request, request_id)
     if queued is None:
         return JSONResponse(CancelAnswer(status="NOT_FOUND").model_dump(), status_code=404)
     if not services(request).dispatcher.cancel(queued):

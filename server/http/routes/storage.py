@@ -20,6 +20,7 @@ from server.files.outputs import check_free_space
 from server.files.serving import SERVED_TYPES
 from server.http.auth import require_key
 from server.http.context import services
+from server.http.hosts import public_base
 from server.http.json_body import check_json_body
 from server.http.responses import ALREADY_USED, NOT_FOUND, UNREADABLE_BODY
 
@@ -62,8 +63,8 @@ def _initiate(request: Request, body: InitiateUpload, kind: str) -> UploadTarget
     # in the queue backend: with a shared queue, any front-end can take the rest of the upload
     stored_type = content_type if extension != ".bin" else "application/octet-stream"  # what a bucket serves
     the.store.add_upload(token, {"name": name, "content_type": stored_type}, UPLOAD_TTL_S)
-    base = str(request.base_url).rstrip("/")
-    file_url = the.outputs.storage.url(name, the.settings.public_url or base)
+    base = public_base(request)  # FLUX2_PUBLIC_URL, or this server's own address (server/http/hosts.py)
+    file_url = the.outputs.storage.url(name, base)
     return UploadTarget(upload_url=f"{base}/storage/upload/{kind}/{token}", file_url=file_url)
 
 

@@ -77,14 +77,16 @@ def start_worker(weights: Path, queue: str, data_dir: Path, log_path: Path, *ext
     raise RuntimeError(f"worker did not start:\n{log_path.read_text()}")
 
 
-def start_redis(directory: Path):
-    """A private redis-server on a free loopback port (Debian's `redis-server` package); returns (process, URL)."""
-    port = free_port()
+def start_redis(directory: Path, port: int | None = None, appendonly: bool = False):
+    """A private redis-server on a free loopback port (Debian's `redis-server` package); returns (process, URL).
+    `port`: that one (to start it again where its clients look for it); `appendonly`: with the README's AOF
+    settings, so a restart keeps the queue."""
+    port = port or free_port()
     directory.mkdir(parents=True, exist_ok=True)
+    aof = ["--appendonly", "yes", "--appendfsync", "always"] if appendonly else ["--appendonly", "no"]
     process = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory), "--save", ""]
-        + ["--appendonly", "no"],
-        stdout=(directory / "redis.log").open("w"),
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory), "--save", "", *aof],
+        stdout=(directory / "redis.log").open("a"),
         stderr=subprocess.STDOUT,
     )
     url = f"redis://127.0.0.1:{port}/0"

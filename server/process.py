@@ -97,7 +97,7 @@ async def open_services(
                     quotas=Quotas(settings.rate_limit, settings.max_pending_per_key),
                     http=client,
                     edits=edits,
-                    dispatcher=Dispatcher(store, edits, webhooks, profiles),
+                    dispatcher=Dispatcher(store, edits, webhooks, profiles, settings.queue_retry_max_s),
                     api_keys=settings.keys(),
                     worker_id=worker_id,
                     profiles=profiles,

@@ -24,6 +24,7 @@ from server.http.routes import edit, files, health, metrics, openapi, playground
 from server.http.routes.queue import queue_host_routing
 from server.logs import request_ids
 from server.process import open_outputs, open_services
+from server.queue.connect import redacted
 from server.queue.retention import run_retention
 from server.service.model import ModelState
 
@@ -53,7 +54,7 @@ def create_app(settings: Settings, weights_dir: Path | None, tiny: bool = False)
             else:
                 log.info(
                     "API front-end only: requests are queued on %s for `flux2-server worker` processes",
-                    settings.queue,
+                    redacted(settings.queue or ""),
                 )
             retention = run_retention(store, outputs.storage, settings.retention_s, settings.retention_sweep_every_s)
             tasks = [asyncio.create_task(retention, name="retention")]

@@ -146,6 +146,10 @@ class QueueBackend(Protocol):
     def workers(self) -> list[dict]:
         """Live workers: the `info` of each heartbeat not yet expired, with its `id`."""
 
+    def health(self) -> dict | None:
+        """/health's `queue` (a shared queue: reachable, and whether Redis came back empty and what was lost then;
+        a fixed number of calls, whatever the queue holds), or None (the embedded queue has nothing to say)."""
+
     def add_upload(self, token: str, upload: dict, ttl_s: float) -> None:
         """An upload begun through the storage emulation (`upload`: JSON, e.g. the file's name and type), for
         any front-end to finish within `ttl_s`."""

@@ -228,6 +228,9 @@ class RequestStore:
     def heartbeat(self, worker_id: str, info: dict, ttl_s: float) -> None:
         self._workers[worker_id] = (time.time() + ttl_s, info)
 
+    def health(self) -> dict | None:
+        return None
+
     def workers(self) -> list[dict]:
         now = time.time()
         return [{"id": wid, **info} for wid, (expires, info) in self._workers.items() if expires > now]

@@ -33,6 +33,8 @@ ENV = {
     "FLUX2_QUEUE_VISIBILITY_TIMEOUT_S": "3",
     "FLUX2_WORKER_HEARTBEAT_TTL_S": "2",
     "FLUX2_FETCH_ALLOW": "127.0.0.1/32",
+    "FLUX2_QUEUE_RETRY_MAX_S": "1",  # Redis down: try again at least every second (30 s by default)
+    "FLUX2_QUEUE_TIMEOUT_S": "2",
     **AWS,
 }
 
@@ -46,6 +48,7 @@ class Cluster:
     shared: Path  # each process's data directory (nothing shared through it: files go to the bucket)
     storage: str  # s3://... with presigned URLs
     bucket: object
+    redis_process: object = None  # with the README's AOF settings: stopped and started again by the outage test
     fronts: list = field(default_factory=list)  # [(process, url)]
     workers: list = field(default_factory=list)  # processes
     logs: list = field(default_factory=list)
@@ -78,7 +81,7 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(tiny_weights, tmp_path_factory):
     root = tmp_path_factory.mktemp("cluster")
-    redis_process, url = start_redis(root / "redis")
+    redis_process, url = start_redis(root / "redis", appendonly=True)
     s3_port = free_port()
     s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port, verbose=False)
     s3.start()
@@ -87,6 +90,7 @@ def cluster(tiny_weights, tmp_path_factory):
     bucket.create()
     storage = f"s3://flux2/outputs?endpoint_url={endpoint}&region=us-east-1"
     c = Cluster(root, tiny_weights, url, redis.Redis.from_url(url, decode_responses=True), root, storage, bucket)
+    c.redis_process = redis_process
     try:
         c.start_front("front-a")
         c.start_front("front-b", urls="proxy")  # streams bucket files under its /files/
@@ -98,8 +102,8 @@ def cluster(tiny_weights, tmp_path_factory):
             process.terminate()
         for process in [*c.workers, *(p for p, _ in c.fronts)]:
             process.wait(timeout=30)
-        redis_process.terminate()
-        redis_process.wait(timeout=10)
+        c.redis_process.terminate()
+        c.redis_process.wait(timeout=10)
         s3.stop()
 
 
@@ -260,6 +264,60 @@ def test_a_restarted_front_end_still_serves_status_and_results(cluster):
             result = client.get(f"{a2}/queue/fal-ai/flux-2/requests/{handle['request_id']}")
             assert result.status_code == 200 and result.json()["images"][0]["width"] == 512
         cluster.fronts.insert(0, cluster.fronts.pop())
+
+
+def test_a_redis_outage_is_ridden_out_and_the_running_job_recorded_once(cluster):
+    """Redis killed mid-job and started again on its port (its AOF kept) after longer than the workers' claims and
+    heartbeats last: the front-ends answer 503 with Retry-After meanwhile (no address), the worker finishes the job,
+    holds its result and records it when Redis is back; the job ran once and no process died."""
+    (_, a), (_, b) = cluster.fronts
+    port = int(cluster.redis_url.rsplit(":", 1)[1].split("/")[0])
+    with httpx.Client(timeout=60) as client:
+        handle = submit(client, a, "fal-ai/flux-2/edit", QUICK | {"num_inference_steps": 8, "seed": 7})
+        wait_running(client, a, handle["request_id"])
+        cluster.redis_process.kill()  # no shutdown: what the AOF (appendfsync always) holds is what comes back
+        cluster.redis_process.wait(timeout=10)
+        refused = client.post(f"{b}/queue/fal-ai/flux-2/flash/edit", json=QUICK)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "5", refused.text
+        assert refused.json()["detail"] == "The request queue is unreachable for the moment; try again shortly"
+        assert refused.headers["x-fal-retryable"] == "true"
+        status = client.get(f"{a}/queue/fal-ai/flux-2/requests/{handle['request_id']}/status")
+        assert status.status_code == 503 and str(port) not in status.text
+        health = client.get(f"{a}/health")
+        assert health.status_code == 200 and health.json()["queue"] == {"reachable": False}
+        # down past the visibility timeout (3 s) and the heartbeat TTL (2 s), until the job is done and its result held
+        held = f"request {handle['request_id']}: holding its outcome until the queue is reachable again"
+        back_at, deadline = time.monotonic() + 6, time.monotonic() + 120
+        while held not in (cluster.root / "worker-1.log").read_text() or time.monotonic() < back_at:
+            assert time.monotonic() < deadline, "the worker did not finish the job"
+            time.sleep(0.2)
+        cluster.redis_process, _ = start_redis(cluster.root / "redis", port=port, appendonly=True)
+        done = wait_done(client, b, handle["request_id"], timeout=120)
+        assert done["error"] is None, done
+        assert sum(line["message"].startswith("Running on worker") for line in done["logs"]) == 1
+        assert cluster.worker_logs().count(f"request {handle['request_id']}: step 1/") == 1  # ran once
+        assert all(w.poll() is None for w in cluster.workers) and all(p.poll() is None for p, _ in cluster.fronts)
+        again = submit(client, b, "fal-ai/flux-2/flash/edit", QUICK)  # and the cluster serves on
+        assert wait_done(client, a, again["request_id"])["error"] is None
+
+
+def test_a_redis_emptied_by_flushall_serves_on_and_health_says_what_was_lost(cluster):
+    (_, a), (_, b) = cluster.fronts
+    with httpx.Client(timeout=60) as client:
+        before = submit(client, a, "fal-ai/flux-2/flash/edit", QUICK)
+        wait_done(client, a, before["request_id"])
+        cluster.redis.flushall()  # as a restart without persistence, or a failover to an empty replica
+        after = submit(client, b, "fal-ai/flux-2/flash/edit", QUICK)
+        assert wait_done(client, a, after["request_id"])["error"] is None  # the workers' groups are back
+        assert client.get(f"{a}/queue/fal-ai/flux-2/requests/{before['request_id']}/status").status_code == 404
+        for front in (a, b):
+            queue = client.get(f"{front}/health").json()["queue"]
+            assert queue["reachable"] and queue["reset_at"] > 0, queue
+            assert queue["lost"].startswith("every request accepted before this time")
+        deadline = time.monotonic() + 30  # the workers advertise themselves again at their next heartbeat
+        while len(cluster.live_workers(a)) < len(cluster.workers):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
 
 
 def test_a_killed_workers_request_finishes_on_the_other_worker(cluster):

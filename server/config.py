@@ -147,6 +147,11 @@ class Settings(BaseSettings):
         description="Redis unreachable: the longest wait between a worker's tries to record a result or take work "
         "(doubling from 0.5 s); it holds a finished result meanwhile",
     )
+    queue_unserved_timeout_s: float = Field(
+        600.0,
+        description="API front-end: queued requests for a profile no live worker has served for this long are failed "
+        "(503); submits for a profile no live worker serves are refused at once (503 with Retry-After)",
+    )
     queue_ca_file: Path | None = Field(
         None, description="`rediss://` queue: CA certificate (PEM) the Redis server's certificate is checked against"
     )

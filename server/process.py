@@ -25,6 +25,7 @@ from server.files.storage import open_storage
 from server.net.client import outbound_client
 from server.queue.backend import QueueBackend
 from server.queue.connect import open_configured_queue
+from server.queue.coverage import Coverage
 from server.queue.dispatcher import Dispatcher
 from server.queue.heartbeat import advertise, new_worker_id, worker_info
 from server.queue.webhook_signing import WebhookSigner
@@ -51,6 +52,7 @@ class Services:
     worker_id: str  # this process in the queue (its consumer name, its heartbeat)
     profiles: list[str]  # the profiles the model here serves
     webhook_signer: WebhookSigner  # its public key: GET /.well-known/jwks.json
+    coverage: Coverage | None = None  # an API front-end on a shared queue: the profiles live workers serve
 
     async def heartbeat(self) -> None:
         """Once the model is loaded, advertise this process as a worker until cancelled."""
@@ -102,6 +104,9 @@ async def open_services(
                     worker_id=worker_id,
                     profiles=profiles,
                     webhook_signer=signer,
+                    coverage=Coverage(store, settings.worker_heartbeat_ttl_s, settings.queue_unserved_timeout_s)
+                    if weights_dir is None and store.distributed
+                    else None,
                 )
             finally:
                 await webhooks.close()

@@ -231,7 +231,7 @@ def test_a_redis_that_comes_back_empty_is_prepared_again_and_says_what_was_lost(
     assert queue(redis_url, "started-later").health() == health  # every process sees it
 
 
-def test_an_unreachable_redis_raises_queue_unavailable_without_its_address(tmp_path):
+def test_an_unreachable_redis_raises_queue_unavailable_without_its_address(tmp_path, caplog):
     """Redis down at start and meanwhile: opening the queue works, calls answer QueueUnavailable (a 503 with
     Retry-After, no address or password), and the queue serves again once Redis is back on its port."""
     from benchmarks.loopback import free_port
@@ -246,6 +246,7 @@ def test_an_unreachable_redis_raises_queue_unavailable_without_its_address(tmp_p
     answer = answer_for(raised.value)
     assert answer.status == 503 and answer.headers["Retry-After"] == "5" and answer.error_type == "queue_unavailable"
     assert str(port) not in json.dumps(answer.body) and "s3cret" not in json.dumps(answer.body)
+    assert f"redis://:***@127.0.0.1:{port}/0" in caplog.text and "s3cret" not in caplog.text  # the log: no password
     process, _ = start_redis(tmp_path / "redis", port=port)
     try:
         process_url = f"redis://127.0.0.1:{port}/0"
@@ -295,3 +296,40 @@ def test_a_status_read_moves_kilobytes_not_the_input(redis_url):
     print(f"status read of a request with a 19 MB input: {status_bytes} bytes from Redis")
     assert status_bytes < 20_000  # INFO's own reply included
     assert len(q.redis.hget("flux2:req:big", "input")) == len(big)  # the input is there, for the worker's claim
+
+
+def test_a_front_end_refuses_and_expires_requests_no_live_worker_serves(redis_url, tmp_path):
+    """An API front-end (in this process) on the shared queue: a submit for a profile no live worker serves is
+    refused at once (503, Retry-After); one accepted while a worker served it fails with 503 once its profile has
+    gone unserved for FLUX2_QUEUE_UNSERVED_TIMEOUT_S."""
+    from fastapi.testclient import TestClient
+
+    from server.config import Settings
+    from server.http.app import create_app
+
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        queue=redis_url,
+        allowed_hosts="testserver",
+        worker_heartbeat_ttl_s=1,
+        queue_unserved_timeout_s=1,
+    )
+    body = {"prompt": "p", "image_urls": ["https://example.com/a.png"]}
+    with TestClient(create_app(settings, None)) as client:
+        refused = client.post(f"/queue/{FLASH}", json=body)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert refused.json() == {
+            "detail": f"No worker serves {FLASH} at the moment (profile 'flash'); try again later"
+        }
+        worker = queue(redis_url, "gpu")
+        worker.heartbeat("gpu-0", {"profiles": ["turbo", "flash"]}, ttl_s=1.5)  # then it is gone
+        accepted = client.post(f"/queue/{FLASH}", json=body)
+        assert accepted.status_code == 200, accepted.text
+        assert client.post(f"/queue/{EDIT}", json=body).status_code == 503  # no live worker runs `edit`
+        status_url = accepted.json()["status_url"].replace("http://testserver", "")
+        deadline = time.monotonic() + 20
+        while (status := client.get(status_url).json())["status"] != "COMPLETED":
+            assert time.monotonic() < deadline, status
+            time.sleep(0.2)
+        assert status["error_type"] == "unavailable" and "No worker served profile 'flash'" in status["error"]
+        assert client.get(accepted.json()["response_url"].replace("http://testserver", "")).status_code == 503

@@ -198,6 +198,14 @@ def test_outputs_in_the_bucket_through_presigned_and_proxied_urls(cluster):
         assert len(direct.content) == image["file_size"]
         proxied = client.get(f"{b}/files/{image['file_name']}")  # the same object, streamed by front-end b
         assert proxied.content == direct.content and proxied.headers["content-type"] == "image/png"
+        # a result whose URLs are front-end b's own (urls=proxy), read through front-end a: a's, which any front-end
+        # serves from the same bucket (b may be gone by then)
+        handle = submit(client, b, "fal-ai/flux-2/flash/edit", QUICK)
+        wait_done(client, a, handle["request_id"])
+        seen_at = {f: client.get(f"{f}/queue/fal-ai/flux-2/requests/{handle['request_id']}").json() for f in (a, b)}
+        assert seen_at[b]["images"][0]["url"].startswith(f"{b}/files/")
+        assert seen_at[a]["images"][0]["url"] == seen_at[b]["images"][0]["url"].replace(b, a)
+        assert client.get(seen_at[a]["images"][0]["url"]).status_code == 200
         keys = {o.key for o in cluster.bucket.objects.filter(Prefix="outputs/")}
         assert f"outputs/{image['file_name']}" in keys and target["file_url"].rsplit("/", 1)[1] in str(keys)
         assert client.get(f"{b}/files/nope.png").status_code == 404
@@ -246,6 +254,24 @@ def test_progress_and_cancel_across_processes(cluster):
         # the worker is free again
         again = submit(client, a, "fal-ai/flux-2/edit", QUICK | {"num_inference_steps": 4})
         assert wait_done(client, b, again["request_id"])["error"] is None
+
+
+def test_a_stopping_front_end_ends_its_status_streams(cluster):
+    """SIGTERM: a front-end ends its open status streams and exits, instead of waiting for their requests."""
+    (_, a), _ = cluster.fronts
+    process, c = cluster.start_front("front-c")
+    cluster.fronts.pop()
+    with httpx.Client(timeout=60) as client:
+        running = submit(client, c, "fal-ai/flux-2/edit", SLOW)
+        url = f"{c}/queue/fal-ai/flux-2/requests/{running['request_id']}/status/stream"
+        with client.stream("GET", url) as stream:
+            lines = stream.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=20) == 0  # the 50-step job goes on meanwhile: the stream did not hold it
+            assert all(not line.startswith("data: ") or "COMPLETED" not in line for line in lines)
+        assert client.put(f"{a}/queue/fal-ai/flux-2/requests/{running['request_id']}/cancel").status_code == 202
+        wait_done(client, a, running["request_id"])
 
 
 def test_a_restarted_front_end_still_serves_status_and_results(cluster):
@@ -318,6 +344,37 @@ def test_a_redis_emptied_by_flushall_serves_on_and_health_says_what_was_lost(clu
         while len(cluster.live_workers(a)) < len(cluster.workers):
             assert time.monotonic() < deadline
             time.sleep(0.2)
+
+
+def test_the_fault_benchmark_runs_small(cluster):
+    """benchmarks/scale_out.py --faults, in small, on this cluster: a Redis restart then a FLUSHALL while requests
+    arrive; every accepted request completes across the restart, none is lost then, no worker dies."""
+    from benchmarks.scale_out import FaultTarget, fault_phase
+
+    port = int(cluster.redis_url.rsplit(":", 1)[1].split("/")[0])
+
+    def stop():
+        cluster.redis_process.kill()
+        cluster.redis_process.wait(timeout=10)
+
+    def start():
+        cluster.redis_process, _ = start_redis(cluster.root / "redis", port=port, appendonly=True)
+
+    target = FaultTarget(
+        fronts=[url for _, url in cluster.fronts],
+        stop_redis=stop,
+        start_redis=start,
+        flush_redis=cluster.redis.flushall,
+        worker_logs=cluster.worker_logs,
+        workers=cluster.workers,
+    )
+    restart = fault_phase(target, "restart", QUICK, jobs=6, pace_s=0.5, outage_s=3)
+    assert restart["accepted"] + restart["refused_503"] == 6 and restart["refused_503"] >= 1, restart
+    assert restart["completed"] == restart["accepted"] and restart["lost"] == 0 and restart["worker_deaths"] == 0
+    assert restart["recovery_s"]["all_accepted_completed"] > 0
+    flushed = fault_phase(target, "flushall", QUICK, jobs=6, pace_s=0.3, outage_s=0)
+    assert flushed["refused_503"] == 0 and flushed["completed"] + flushed["lost"] == 6, flushed
+    assert flushed["completed"] >= 4 and flushed["worker_deaths"] == 0  # those after the FLUSHALL all ran
 
 
 def test_a_killed_workers_request_finishes_on_the_other_worker(cluster):

@@ -94,6 +94,9 @@ class QueueBackend(Protocol):
     def queued_count(self) -> int:
         """Requests accepted and not started yet."""
 
+    def queued_ids(self, endpoint_ids: Collection[str]) -> list[str]:
+        """The requests for `endpoint_ids` not started yet (at most a thousand per endpoint)."""
+
     def claim(self, endpoint_ids: Collection[str]) -> QueuedRequest | None:
         """The next queued request for one of `endpoint_ids` (priority, then arrival), now IN_PROGRESS and owned
         by the caller, with its input; None if there is none."""

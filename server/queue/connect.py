@@ -7,8 +7,8 @@ import os
 import sqlite3
 from pathlib import Path
 from typing import IO
-from urllib.parse import urlsplit, urlunsplit
 
+from server.logs import redacted
 from server.queue.backend import QueueBackend
 
 
@@ -24,15 +24,6 @@ def open_queue(url: str | None, data_dir: Path, retention_s: float, **redis_opti
 
         return RedisQueue(url, retention_s=retention_s, **redis_options)
     raise ValueError(f"unknown queue URL {redacted(url)!r}: use redis://host:port/db or sqlite:///path")
-
-
-def redacted(url: str) -> str:
-    """A queue URL fit for logs: its password replaced by `***`."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urlunsplit(parts._replace(netloc=user + parts.netloc.rpartition("@")[2]))
 
 
 def sqlite_path(url: str | None, data_dir: Path) -> Path:

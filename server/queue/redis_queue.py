@@ -52,8 +52,8 @@ from redis.retry import Retry
 
 from server.endpoints import ENDPOINTS
 from server.errors import QueueUnavailable
+from server.logs import redacted
 from server.queue.backend import PRIORITIES, QueuedRequest
-from server.queue.connect import redacted
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ def _answers_outages(method):
 # the queue calls (QueueBackend's, and `health`): each raises QueueUnavailable while Redis is unreachable
 ANSWERED = [
     *("add", "get", "position", "queued_count", "claim", "release", "complete", "log", "progress", "logs"),
-    *("request_cancel", "cancel_requested", "heartbeat", "workers", "health"),
+    *("request_cancel", "cancel_requested", "heartbeat", "workers", "health", "queued_ids"),
     *("add_upload", "get_upload", "add_upload_part", "upload_parts", "upload_part_sizes", "pending_upload_bytes"),
     *("remove_upload", "save_webhook", "webhook_done", "take_webhooks"),
 ]
@@ -419,6 +419,19 @@ class RedisQueue:
                 pipe.zcard(stream + REQUEUED)
             replies = pipe.execute()
         return sum(replies[0::3]) - sum(p["pending"] for p in replies[1::3]) + sum(replies[2::3])
+
+    def queued_ids(self, endpoint_ids: Collection[str]) -> list[str]:
+        """Undelivered entries of these endpoints' streams, and their released requests."""
+        ids = []
+        for stream, _, endpoint_id in self.streams:
+            if endpoint_id not in endpoint_ids:
+                continue
+            groups = cast(list[dict], self.redis.xinfo_groups(stream))
+            last = next((g["last-delivered-id"] for g in groups if g["name"] == GROUP), "0-0")
+            ids += [entry["id"] for _, entry in self.redis.xrange(stream, f"({last}", "+", count=1000)]
+            released = cast(list[str], self.redis.zrange(stream + REQUEUED, 0, 999))
+            ids += [key.removeprefix(f"{PREFIX}req:") for key in released]
+        return ids
 
     def claim(self, endpoint_ids: Collection[str]) -> QueuedRequest | None:
         streams = [(s, p) for s, p, e in self.streams if e in endpoint_ids]

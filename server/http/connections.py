@@ -24,8 +24,12 @@ class StoppingServer(uvicorn.Server):
     """uvicorn's server, telling the app when a stop signal comes (`app.state.stopping`): open status streams end
     then (server/http/routes/queue.py), instead of holding the shutdown; uvicorn waits for every open response."""
 
+    def __init__(self, config: uvicorn.Config, app) -> None:
+        super().__init__(config)
+        self.app = app  # the FastAPI app `config` serves
+
     def handle_exit(self, sig, frame) -> None:
-        self.config.app.state.stopping = True
+        self.app.state.stopping = True
         super().handle_exit(sig, frame)
 
 

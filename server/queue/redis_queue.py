@@ -428,7 +428,8 @@ class RedisQueue:
                 continue
             groups = cast(list[dict], self.redis.xinfo_groups(stream))
             last = next((g["last-delivered-id"] for g in groups if g["name"] == GROUP), "0-0")
-            ids += [entry["id"] for _, entry in self.redis.xrange(stream, f"({last}", "+", count=1000)]
+            entries = cast(list[tuple[str, dict[str, str]]], self.redis.xrange(stream, f"({last}", "+", count=1000))
+            ids += [entry["id"] for _, entry in entries]
             released = cast(list[str], self.redis.zrange(stream + REQUEUED, 0, 999))
             ids += [key.removeprefix(f"{PREFIX}req:") for key in released]
         return ids

@@ -212,7 +212,7 @@ def fault_phase(target: FaultTarget, fault: str, body: dict, jobs: int, pace_s: 
             back_at = time.monotonic()
         outcome = {}
         pending = set(accepted)
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + 300
         while pending and time.monotonic() < deadline:
             for request_id in list(pending):
                 front = target.fronts[hash(request_id) % len(target.fronts)]
@@ -226,6 +226,12 @@ def fault_phase(target: FaultTarget, fault: str, body: dict, jobs: int, pace_s: 
                 pending.discard(request_id)
             time.sleep(0.2)
         drained_at = time.monotonic()
+        unfinished = {  # what those never finished (nor lost) answer at the end
+            request_id: client.get(
+                f"{target.fronts[0]}/queue/fal-ai/flux-2/requests/{request_id}/status", params={"logs": 1}
+            ).text
+            for request_id in sorted(pending)
+        }
     logs = target.worker_logs()
     starts = {request_id: logs.count(f"request {request_id}: step 1/") for request_id in accepted}
     return {
@@ -240,6 +246,7 @@ def fault_phase(target: FaultTarget, fault: str, body: dict, jobs: int, pace_s: 
         "never_ran": sum(n == 0 for n in starts.values()),
         "run_twice": sum(n > 1 for n in starts.values()),
         "worker_deaths": sum(w.poll() is not None for w in target.workers),
+        "unfinished": unfinished,
         "recovery_s": {
             "accepting_again": None if accepting_again_at is None else accepting_again_at - back_at,
             "all_accepted_completed": drained_at - back_at,
@@ -360,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fault-jobs", type=int, default=30, help="requests submitted per fault phase")
     parser.add_argument("--outage-s", type=float, default=20.0, help="seconds Redis stays down in the restart phase")
     parser.add_argument("--pace-s", type=float, default=0.5, help="seconds between submits in a fault phase")
+    parser.add_argument("--work", type=Path, default=None, help="fault run: keep processes' logs here")
     args = parser.parse_args(argv)
     from weights.tiny import build_tiny
 
@@ -405,7 +413,7 @@ def main_faults(args: argparse.Namespace) -> int:
 
     out = args.out or Path("benchmarks/results/cpu-scale-out-faults.json")
     with tempfile.TemporaryDirectory(prefix="flux2-fault-bench-") as tmp:
-        work = Path(tmp)
+        work = args.work or Path(tmp)
         results = run_faults(build_tiny(work / "tiny"), args.fault_jobs, args.outage_s, args.pace_s, work)
     report = {
         "benchmark": "scale-out under Redis faults (CPU, tiny model, loopback)",

@@ -333,3 +333,42 @@ def test_a_front_end_refuses_and_expires_requests_no_live_worker_serves(redis_ur
             time.sleep(0.2)
         assert status["error_type"] == "unavailable" and "No worker served profile 'flash'" in status["error"]
         assert client.get(accepted.json()["response_url"].replace("http://testserver", "")).status_code == 503
+
+
+def test_a_tls_redis_with_its_own_ca(tmp_path):
+    """`rediss://` to a redis-server serving TLS with a certificate from a private CA: trusted with
+    FLUX2_QUEUE_CA_FILE (`ca_file`), refused (unreachable) without it."""
+    import subprocess
+
+    from benchmarks.loopback import free_port
+    from server.cli.tls import make_certificates
+    from server.errors import QueueUnavailable
+
+    files = make_certificates(["127.0.0.1"], tmp_path / "tls")
+    port = free_port()
+    process = subprocess.Popen(
+        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", ""]
+        + ["--tls-cert-file", str(tmp_path / "tls" / "server.pem"), "--tls-key-file"]
+        + [str(tmp_path / "tls" / "server-key.pem"), "--tls-auth-clients", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        url = f"rediss://127.0.0.1:{port}/0"
+        deadline = time.monotonic() + 30
+        while True:
+            trusted = open_queue(url, None, retention_s=60, consumer="tls", ca_file=str(files["ca"]))
+            OPENED.append(trusted)
+            try:
+                add(trusted, "r")
+                break
+            except QueueUnavailable:
+                assert time.monotonic() < deadline, "redis-server did not start with TLS"
+                time.sleep(0.1)
+        assert trusted.claim(ALL).id == "r"
+        untrusted = open_queue(url, None, retention_s=60, consumer="no-ca", timeout_s=2)
+        OPENED.append(untrusted)
+        with pytest.raises(QueueUnavailable):
+            untrusted.get("r")
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

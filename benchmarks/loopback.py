@@ -56,11 +56,20 @@ def start_server(
     raise RuntimeError(f"server did not start:\n{log_path.read_text()}")
 
 
-def start_worker(weights: Path, queue: str, data_dir: Path, log_path: Path, *extra: str, env=None):
-    """`flux2-server worker` on the shared queue; returns once it has loaded its model and takes requests."""
+def start_worker(weights: Path, queue: str | None, data_dir: Path, log_path: Path, *extra: str, env=None):
+    """`flux2-server worker` on the shared queue (`queue=None`: FLUX2_QUEUE in `env`); returns once it has loaded
+    its model and takes requests."""
     log_file = log_path.open("w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "worker", "--queue", queue, "--weights", str(weights)]
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "worker",
+            *(["--queue", queue] if queue else []),
+            "--weights",
+            str(weights),
+        ]
         + ["--data-dir", str(data_dir), *extra],
         stdout=log_file,
         stderr=subprocess.STDOUT,

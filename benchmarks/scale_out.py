@@ -210,9 +210,16 @@ def fault_phase(target: FaultTarget, fault: str, body: dict, jobs: int, pace_s: 
             time.sleep(max(0.0, outage_s - (time.monotonic() - down_at)))
             target.start_redis()
             back_at = time.monotonic()
+        while accepting_again_at is None:  # no submit came after Redis was back: one more, until accepted
+            response = client.post(f"{target.fronts[0]}/queue/{PROFILE_ENDPOINT}", json={**body, "seed": jobs})
+            if response.status_code == 200:
+                accepted.append(response.json()["request_id"])
+                accepting_again_at = time.monotonic()
+            else:
+                time.sleep(0.1)
         outcome = {}
         pending = set(accepted)
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 1800  # a loaded 2-core machine runs a tiny-model job in ~20 s
         while pending and time.monotonic() < deadline:
             for request_id in list(pending):
                 front = target.fronts[hash(request_id) % len(target.fronts)]
@@ -237,7 +244,7 @@ def fault_phase(target: FaultTarget, fault: str, body: dict, jobs: int, pace_s: 
     return {
         "fault": fault,
         "outage_s": outage_s if fault == "restart" else 0.0,
-        "submitted": jobs,
+        "submitted": jobs,  # (plus one after Redis was back, if none came: accepted counts it)
         "accepted": len(accepted),
         "refused_503": refused,
         "completed": sum(o == "ok" for o in outcome.values()),

@@ -61,13 +61,16 @@ class Cluster:
         self.fronts.append(front)
         return front
 
-    def start_worker(self, name: str, *extra: str):
+    def start_worker(self, name: str, *extra: str, queue_from_env: bool = False):
         log = self.root / f"{name}.log"
         self.logs.append(log)
         # unsupervised: a worker killed here stands for a machine gone for good (its pid is the worker's own);
         # a supervised worker's restart is tested in test_faults.py
         env = {**ENV, "FLUX2_STORAGE": self.storage, "FLUX2_SUPERVISE": "0"}
-        worker = start_worker(self.weights, self.redis_url, self.root / name, log, *extra, env=env)
+        queue = self.redis_url
+        if queue_from_env:  # FLUX2_QUEUE alone, as a URL with a password is given (out of `ps`)
+            env, queue = {**env, "FLUX2_QUEUE": self.redis_url}, None
+        worker = start_worker(self.weights, queue, self.root / name, log, *extra, env=env)
         self.workers.append(worker)
         return worker
 
@@ -95,7 +98,7 @@ def cluster(tiny_weights, tmp_path_factory):
         c.start_front("front-a")
         c.start_front("front-b", urls="proxy")  # streams bucket files under its /files/
         c.start_worker("worker-1")
-        c.start_worker("worker-2", "--profiles", "turbo,flash")  # a smaller GPU: the fast profiles only
+        c.start_worker("worker-2", "--profiles", "turbo,flash", queue_from_env=True)  # a smaller GPU: fast ones only
         yield c
     finally:
         for process in [*c.workers, *(p for p, _ in c.fronts)]:
@@ -369,7 +372,7 @@ def test_the_fault_benchmark_runs_small(cluster):
         workers=cluster.workers,
     )
     restart = fault_phase(target, "restart", QUICK, jobs=6, pace_s=0.5, outage_s=3)
-    assert restart["accepted"] + restart["refused_503"] == 6 and restart["refused_503"] >= 1, restart
+    assert restart["refused_503"] >= 1 and restart["recovery_s"]["accepting_again"] is not None, restart
     assert restart["completed"] == restart["accepted"] and restart["lost"] == 0 and restart["worker_deaths"] == 0
     assert restart["recovery_s"]["all_accepted_completed"] > 0
     flushed = fault_phase(target, "flushall", QUICK, jobs=6, pace_s=0.3, outage_s=0)

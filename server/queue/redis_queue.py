@@ -263,7 +263,10 @@ def _answers_outages(method):
         if self.down_since is not None:
             log.warning("the queue (Redis at %s) is reachable again", self.location)
             self.down_since = None
-            self._prepare()  # it may have come back empty (restarted without persistence)
+            try:
+                self._prepare()  # it may have come back empty (restarted without persistence)
+            except OUTAGES:
+                self.down_since = time.time()  # gone again: the next call that reaches it prepares it
         return result
 
     return call

@@ -56,11 +56,20 @@ def start_server(
     raise RuntimeError(f"server did not start:\n{log_path.read_text()}")
 
 
-def start_worker(weights: Path, queue: str, data_dir: Path, log_path: Path, *extra: str, env=None):
-    """`flux2-server worker` on the shared queue; returns once it has loaded its model and takes requests."""
+def start_worker(weights: Path, queue: str | None, data_dir: Path, log_path: Path, *extra: str, env=None):
+    """`flux2-server worker` on the shared queue (`queue=None`: FLUX2_QUEUE in `env`); returns once it has loaded
+    its model and takes requests."""
     log_file = log_path.open("w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "worker", "--queue", queue, "--weights", str(weights)]
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "worker",
+            *(["--queue", queue] if queue else []),
+            "--weights",
+            str(weights),
+        ]
         + ["--data-dir", str(data_dir), *extra],
         stdout=log_file,
         stderr=subprocess.STDOUT,
@@ -77,14 +86,16 @@ def start_worker(weights: Path, queue: str, data_dir: Path, log_path: Path, *ext
     raise RuntimeError(f"worker did not start:\n{log_path.read_text()}")
 
 
-def start_redis(directory: Path):
-    """A private redis-server on a free loopback port (Debian's `redis-server` package); returns (process, URL)."""
-    port = free_port()
+def start_redis(directory: Path, port: int | None = None, appendonly: bool = False):
+    """A private redis-server on a free loopback port (Debian's `redis-server` package); returns (process, URL).
+    `port`: that one (to start it again where its clients look for it); `appendonly`: with the README's AOF
+    settings, so a restart keeps the queue."""
+    port = port or free_port()
     directory.mkdir(parents=True, exist_ok=True)
+    aof = ["--appendonly", "yes", "--appendfsync", "always"] if appendonly else ["--appendonly", "no"]
     process = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory), "--save", ""]
-        + ["--appendonly", "no"],
-        stdout=(directory / "redis.log").open("w"),
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory), "--save", "", *aof],
+        stdout=(directory / "redis.log").open("a"),
         stderr=subprocess.STDOUT,
     )
     url = f"redis://127.0.0.1:{port}/0"

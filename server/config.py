@@ -150,6 +150,22 @@ class Settings(BaseSettings):
     queue_visibility_timeout_s: float = Field(
         30.0, description="Redis: seconds a worker may be silent before its request runs on another"
     )
+    queue_timeout_s: float = Field(
+        5.0, description="Redis: seconds to connect or for a reply before the queue counts as unreachable (503)"
+    )
+    queue_retry_max_s: float = Field(
+        30.0,
+        description="Redis unreachable: the longest wait between a worker's tries to record a result or take work "
+        "(doubling from 0.5 s); it holds a finished result meanwhile",
+    )
+    queue_unserved_timeout_s: float = Field(
+        600.0,
+        description="API front-end: queued requests for a profile no live worker has served for this long are failed "
+        "(503); submits for a profile no live worker serves are refused at once (503 with Retry-After)",
+    )
+    queue_ca_file: Path | None = Field(
+        None, description="`rediss://` queue: CA certificate (PEM) the Redis server's certificate is checked against"
+    )
     worker_heartbeat_ttl_s: float = Field(
         10.0, description="seconds a worker stays in `/health`'s list after its last heartbeat"
     )

@@ -76,6 +76,17 @@ class Unavailable(ServerError):
     error_type = "unavailable"
 
 
+class QueueUnavailable(Unavailable):
+    """The shared queue (Redis) can't be reached for the moment: a 503 with Retry-After. Its address is not said
+    (the log has it); the caller tries again, and a worker holds what it must record until the queue is back."""
+
+    error_type = "queue_unavailable"
+
+    def __init__(self, retry_after_s: int):
+        super().__init__("The request queue is unreachable for the moment; try again shortly")
+        self.headers = {"Retry-After": str(retry_after_s)}
+
+
 class InsufficientStorage(ServerError):
     """Free space in the data directory is below FLUX2_MIN_FREE_DISK_BYTES: new uploads and requests are refused
     (507) so that the queue itself can still record what it runs."""
@@ -170,8 +181,8 @@ class WorkerCrashed(ServerError):
 
 
 # The 5xx error_types that may well succeed if the same request is sent again (the device's memory was released; a
-# fault outside the model). Every 5xx answer says which it is in fal's `X-Fal-Retryable` header.
-RETRYABLE = frozenset({"out_of_memory", "internal_error"})
+# fault outside the model; the queue back). Every 5xx answer says which it is in fal's `X-Fal-Retryable` header.
+RETRYABLE = frozenset({"out_of_memory", "internal_error", "queue_unavailable"})
 
 
 def retryable_headers(status: int, error_type: str | None) -> dict[str, str]:

@@ -19,10 +19,20 @@ from collections.abc import MutableMapping
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 request_id_var: ContextVar[str | None] = ContextVar("flux2_request_id", default=None)
 _ACCEPTED_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 LOG_FORMATS = ("text", "json")
+
+
+def redacted(url: str) -> str:
+    """A URL fit for logs (the queue's `redis://:PASSWORD@host`): its password replaced by `***`."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit(parts._replace(netloc=user + parts.netloc.rpartition("@")[2]))
 
 
 class RequestIdFilter(logging.Filter):

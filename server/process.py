@@ -25,6 +25,7 @@ from server.files.storage import open_storage
 from server.net.client import outbound_client
 from server.queue.backend import QueueBackend
 from server.queue.connect import open_configured_queue
+from server.queue.coverage import Coverage
 from server.queue.dispatcher import Dispatcher
 from server.queue.heartbeat import advertise, new_worker_id, worker_info
 from server.queue.webhook_signing import WebhookSigner
@@ -52,6 +53,7 @@ class Services:
     profiles: list[str]  # the profiles the model here serves
     webhook_signer: WebhookSigner  # its public key: GET /.well-known/jwks.json
     operator_keys: list[str] = field(default_factory=list)  # keys that see every caller's requests
+    coverage: Coverage | None = None  # an API front-end on a shared queue: the profiles live workers serve
 
     async def heartbeat(self) -> None:
         """Once the model is loaded, advertise this process as a worker until cancelled."""
@@ -98,12 +100,15 @@ async def open_services(
                     quotas=Quotas(settings.rate_limit, settings.max_pending_per_key),
                     http=client,
                     edits=edits,
-                    dispatcher=Dispatcher(store, edits, webhooks, profiles),
+                    dispatcher=Dispatcher(store, edits, webhooks, profiles, settings.queue_retry_max_s),
                     api_keys=settings.keys(),
                     operator_keys=settings.operators(),
                     worker_id=worker_id,
                     profiles=profiles,
                     webhook_signer=signer,
+                    coverage=Coverage(store, settings.worker_heartbeat_ttl_s, settings.queue_unserved_timeout_s)
+                    if weights_dir is None and store.distributed
+                    else None,
                 )
             finally:
                 await webhooks.close()

@@ -4,10 +4,12 @@ profiles, exactly-once completion, cancel flags, abandoned and released requests
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import time
 
 import pytest
+import redis
 
 from benchmarks.loopback import start_redis
 from server.queue.backend import QueueBackend
@@ -171,3 +173,202 @@ def test_logs_are_shared(redis_url):
     worker.log("r", "step 1/4")
     assert [line["message"] for line in front.logs("r")] == ["step 1/4"]
     assert front.logs("r")[0]["timestamp"].endswith("+00:00")
+
+
+def test_an_abandoned_request_behind_ten_live_ones_is_claimed(redis_url):
+    """XAUTOCLAIM looks at 10 pending entries per COUNT: the claim follows its cursor past the live ones."""
+    busy, dead, alive = queue(redis_url, "busy"), queue(redis_url, "dead"), queue(redis_url, "alive")
+    for i in range(12):
+        add(busy, f"live-{i}")
+    add(busy, "abandoned")
+    assert [busy.claim(ALL).id for _ in range(12)] == [f"live-{i}" for i in range(12)]  # renewed while they run
+    assert dead.claim(ALL).id == "abandoned"
+    dead._closing.set()  # it stops renewing its claim, as a killed process would
+    time.sleep(1.3)
+    assert alive.claim(ALL).id == "abandoned"
+
+
+def test_queue_positions_count_released_requests(redis_url):
+    """A released request is served before new ones: positions say so (not off by one per released request)."""
+    front, worker = queue(redis_url, "front"), queue(redis_url, "worker")
+    add(front, "a")
+    add(front, "b")
+    assert worker.claim(ALL).id == "a"
+    worker.release("a")  # back in the queue, ahead of b
+    add(front, "c")
+    add(front, "low", EDIT, priority=1)
+    positions = {n: front.position(front.get(n)) for n in ["a", "b", "c", "low"]}
+    assert positions == {"a": 0, "b": 1, "c": 2, "low": 3}
+    assert front.queued_count() == 4
+    assert [worker.claim(ALL).id for _ in range(4)] == ["a", "b", "c", "low"]
+    assert front.queued_count() == 0
+
+
+def test_logs_of_a_request_cancelled_while_queued_expire(redis_url):
+    front = queue(redis_url, "front")
+    add(front, "r")
+    assert front.complete("r", 400, {"detail": "c"}, "c", "request_cancelled", only_if_queued=True)
+    front.log("r", "Request was cancelled", "WARNING")  # written after completion, as Dispatcher.cancel does
+    assert 0 < front.redis.ttl("flux2:logs:r") <= 60
+    front.log("gone", "a line for a record that is not there")
+    assert 0 < front.redis.ttl("flux2:logs:gone") <= 60
+
+
+def test_a_redis_that_comes_back_empty_is_prepared_again_and_says_what_was_lost(redis_url):
+    """FLUSHALL (as a restart without persistence): the consumer groups are created again by whichever process
+    notices, new requests run, and /health's `queue` says when Redis was found empty and what was lost."""
+    front, worker = queue(redis_url, "front"), queue(redis_url, "worker")
+    add(front, "before")
+    assert front.health() == {"reachable": True}
+    front.redis.flushall()
+    add(front, "after")  # a front-end keeps accepting
+    assert worker.claim(ALL).id == "after"  # NOGROUP: the groups are created again, the new entry served
+    assert worker.complete("after", 200, {"images": []})
+    assert front.get("before") is None
+    health = front.health()
+    assert health["reachable"] and health["reset_at"] == pytest.approx(time.time(), abs=30)
+    assert "every request accepted before this time" in health["lost"]
+    assert queue(redis_url, "started-later").health() == health  # every process sees it
+
+
+def test_an_unreachable_redis_raises_queue_unavailable_without_its_address(tmp_path, caplog):
+    """Redis down at start and meanwhile: opening the queue works, calls answer QueueUnavailable (a 503 with
+    Retry-After, no address or password), and the queue serves again once Redis is back on its port."""
+    from benchmarks.loopback import free_port
+    from server.errors import QueueUnavailable, answer_for
+
+    port = free_port()
+    url = f"redis://:s3cret@127.0.0.1:{port}/0"
+    q = open_queue(url, None, retention_s=60, visibility_timeout_s=1.0, consumer="c", timeout_s=0.5)
+    OPENED.append(q)
+    with pytest.raises(QueueUnavailable) as raised:
+        add(q, "r")
+    answer = answer_for(raised.value)
+    assert answer.status == 503 and answer.headers["Retry-After"] == "5" and answer.error_type == "queue_unavailable"
+    assert str(port) not in json.dumps(answer.body) and "s3cret" not in json.dumps(answer.body)
+    assert f"redis://:***@127.0.0.1:{port}/0" in caplog.text and "s3cret" not in caplog.text  # the log: no password
+    process, _ = start_redis(tmp_path / "redis", port=port)
+    try:
+        process_url = f"redis://127.0.0.1:{port}/0"
+        redis.Redis.from_url(process_url).config_set("requirepass", "s3cret")
+        add(q, "r")
+        assert q.claim(ALL).id == "r" and q.health() == {"reachable": True}
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_health_calls_do_not_grow_with_the_keyspace(redis_url):
+    """/health's queue calls (health, queued_count, workers) send the same Redis commands with 10 or 2000 keys: no
+    SCAN. Counted by the server (INFO commandstats)."""
+    q = queue(redis_url, "front")
+    q.heartbeat("gpu-0", {"profiles": ["edit"]}, ttl_s=30)
+
+    def commands() -> dict:
+        q.redis.config_resetstat()
+        q.health(), q.queued_count(), q.workers()
+        stats = q.redis.info("commandstats")
+        return {name: s["calls"] for name, s in stats.items() if name not in ("cmdstat_config", "cmdstat_info")}
+
+    few = commands()
+    for i in range(1000):
+        add(q, f"r{i}")
+        q.log(f"r{i}", "a line")
+    assert commands() == few
+    assert "cmdstat_scan" not in few and sum(few.values()) <= 30, few
+
+
+def test_a_status_read_moves_kilobytes_not_the_input(redis_url):
+    """Inputs (up to the body limit) are stored with the request but never read by status: a status read of a
+    request with a 19 MB input moves a few kilobytes from Redis (INFO's total_net_output_bytes)."""
+    q = queue(redis_url, "front")
+    big = json.dumps({"prompt": "p", "image_urls": ["data:image/png;base64," + "A" * 19_000_000]})
+    q.add("big", FLASH, big, 0, "http://fe/queue/fal-ai/flux-2", "http://fe/", None, None)
+    q.log("big", "a line")
+
+    def sent() -> int:
+        return q.redis.info("stats")["total_net_output_bytes"]
+
+    before = sent()
+    request = q.get("big")  # what GET .../status reads: the record, its position and its logs
+    q.position(request), q.logs("big")
+    status_bytes = sent() - before
+    print(f"status read of a request with a 19 MB input: {status_bytes} bytes from Redis")
+    assert status_bytes < 20_000  # INFO's own reply included
+    assert len(q.redis.hget("flux2:req:big", "input")) == len(big)  # the input is there, for the worker's claim
+
+
+def test_a_front_end_refuses_and_expires_requests_no_live_worker_serves(redis_url, tmp_path):
+    """An API front-end (in this process) on the shared queue: a submit for a profile no live worker serves is
+    refused at once (503, Retry-After); one accepted while a worker served it fails with 503 once its profile has
+    gone unserved for FLUX2_QUEUE_UNSERVED_TIMEOUT_S."""
+    from fastapi.testclient import TestClient
+
+    from server.config import Settings
+    from server.http.app import create_app
+
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        queue=redis_url,
+        allowed_hosts="testserver",
+        worker_heartbeat_ttl_s=1,
+        queue_unserved_timeout_s=1,
+    )
+    body = {"prompt": "p", "image_urls": ["https://example.com/a.png"]}
+    with TestClient(create_app(settings, None)) as client:
+        refused = client.post(f"/queue/{FLASH}", json=body)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert refused.json() == {
+            "detail": f"No worker serves {FLASH} at the moment (profile 'flash'); try again later"
+        }
+        worker = queue(redis_url, "gpu")
+        worker.heartbeat("gpu-0", {"profiles": ["turbo", "flash"]}, ttl_s=1.5)  # then it is gone
+        accepted = client.post(f"/queue/{FLASH}", json=body)
+        assert accepted.status_code == 200, accepted.text
+        assert client.post(f"/queue/{EDIT}", json=body).status_code == 503  # no live worker runs `edit`
+        status_url = accepted.json()["status_url"].replace("http://testserver", "")
+        deadline = time.monotonic() + 20
+        while (status := client.get(status_url).json())["status"] != "COMPLETED":
+            assert time.monotonic() < deadline, status
+            time.sleep(0.2)
+        assert status["error_type"] == "unavailable" and "No worker served profile 'flash'" in status["error"]
+        assert client.get(accepted.json()["response_url"].replace("http://testserver", "")).status_code == 503
+
+
+def test_a_tls_redis_with_its_own_ca(tmp_path):
+    """`rediss://` to a redis-server serving TLS with a certificate from a private CA: trusted with
+    FLUX2_QUEUE_CA_FILE (`ca_file`), refused (unreachable) without it."""
+    import subprocess
+
+    from benchmarks.loopback import free_port
+    from server.cli.tls import make_certificates
+    from server.errors import QueueUnavailable
+
+    files = make_certificates(["127.0.0.1"], tmp_path / "tls")
+    port = free_port()
+    process = subprocess.Popen(
+        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", ""]
+        + ["--tls-cert-file", str(tmp_path / "tls" / "server.pem"), "--tls-key-file"]
+        + [str(tmp_path / "tls" / "server-key.pem"), "--tls-auth-clients", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        url = f"rediss://127.0.0.1:{port}/0"
+        deadline = time.monotonic() + 30
+        while True:
+            trusted = open_queue(url, None, retention_s=60, consumer="tls", ca_file=str(files["ca"]))
+            OPENED.append(trusted)
+            try:
+                add(trusted, "r")
+                break
+            except QueueUnavailable:
+                assert time.monotonic() < deadline, "redis-server did not start with TLS"
+                time.sleep(0.1)
+        assert trusted.claim(ALL).id == "r"
+        untrusted = open_queue(url, None, retention_s=60, consumer="no-ca", timeout_s=2)
+        OPENED.append(untrusted)
+        with pytest.raises(QueueUnavailable):
+            untrusted.get("r")
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

@@ -33,6 +33,8 @@ ENV = {
     "FLUX2_QUEUE_VISIBILITY_TIMEOUT_S": "3",
     "FLUX2_WORKER_HEARTBEAT_TTL_S": "2",
     "FLUX2_FETCH_ALLOW": "127.0.0.1/32",
+    "FLUX2_QUEUE_RETRY_MAX_S": "1",  # Redis down: try again at least every second (30 s by default)
+    "FLUX2_QUEUE_TIMEOUT_S": "2",
     **AWS,
 }
 
@@ -46,6 +48,7 @@ class Cluster:
     shared: Path  # each process's data directory (nothing shared through it: files go to the bucket)
     storage: str  # s3://... with presigned URLs
     bucket: object
+    redis_process: object = None  # with the README's AOF settings: stopped and started again by the outage test
     fronts: list = field(default_factory=list)  # [(process, url)]
     workers: list = field(default_factory=list)  # processes
     logs: list = field(default_factory=list)
@@ -58,13 +61,16 @@ class Cluster:
         self.fronts.append(front)
         return front
 
-    def start_worker(self, name: str, *extra: str):
+    def start_worker(self, name: str, *extra: str, queue_from_env: bool = False):
         log = self.root / f"{name}.log"
         self.logs.append(log)
         # unsupervised: a worker killed here stands for a machine gone for good (its pid is the worker's own);
         # a supervised worker's restart is tested in test_faults.py
         env = {**ENV, "FLUX2_STORAGE": self.storage, "FLUX2_SUPERVISE": "0"}
-        worker = start_worker(self.weights, self.redis_url, self.root / name, log, *extra, env=env)
+        queue = self.redis_url
+        if queue_from_env:  # FLUX2_QUEUE alone, as a URL with a password is given (out of `ps`)
+            env, queue = {**env, "FLUX2_QUEUE": self.redis_url}, None
+        worker = start_worker(self.weights, queue, self.root / name, log, *extra, env=env)
         self.workers.append(worker)
         return worker
 
@@ -78,7 +84,7 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(tiny_weights, tmp_path_factory):
     root = tmp_path_factory.mktemp("cluster")
-    redis_process, url = start_redis(root / "redis")
+    redis_process, url = start_redis(root / "redis", appendonly=True)
     s3_port = free_port()
     s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port, verbose=False)
     s3.start()
@@ -87,19 +93,20 @@ def cluster(tiny_weights, tmp_path_factory):
     bucket.create()
     storage = f"s3://flux2/outputs?endpoint_url={endpoint}&region=us-east-1"
     c = Cluster(root, tiny_weights, url, redis.Redis.from_url(url, decode_responses=True), root, storage, bucket)
+    c.redis_process = redis_process
     try:
         c.start_front("front-a")
         c.start_front("front-b", urls="proxy")  # streams bucket files under its /files/
         c.start_worker("worker-1")
-        c.start_worker("worker-2", "--profiles", "turbo,flash")  # a smaller GPU: the fast profiles only
+        c.start_worker("worker-2", "--profiles", "turbo,flash", queue_from_env=True)  # a smaller GPU: fast ones only
         yield c
     finally:
         for process in [*c.workers, *(p for p, _ in c.fronts)]:
             process.terminate()
         for process in [*c.workers, *(p for p, _ in c.fronts)]:
             process.wait(timeout=30)
-        redis_process.terminate()
-        redis_process.wait(timeout=10)
+        c.redis_process.terminate()
+        c.redis_process.wait(timeout=10)
         s3.stop()
 
 
@@ -194,6 +201,14 @@ def test_outputs_in_the_bucket_through_presigned_and_proxied_urls(cluster):
         assert len(direct.content) == image["file_size"]
         proxied = client.get(f"{b}/files/{image['file_name']}")  # the same object, streamed by front-end b
         assert proxied.content == direct.content and proxied.headers["content-type"] == "image/png"
+        # a result whose URLs are front-end b's own (urls=proxy), read through front-end a: a's, which any front-end
+        # serves from the same bucket (b may be gone by then)
+        handle = submit(client, b, "fal-ai/flux-2/flash/edit", QUICK)
+        wait_done(client, a, handle["request_id"])
+        seen_at = {f: client.get(f"{f}/queue/fal-ai/flux-2/requests/{handle['request_id']}").json() for f in (a, b)}
+        assert seen_at[b]["images"][0]["url"].startswith(f"{b}/files/")
+        assert seen_at[a]["images"][0]["url"] == seen_at[b]["images"][0]["url"].replace(b, a)
+        assert client.get(seen_at[a]["images"][0]["url"]).status_code == 200
         keys = {o.key for o in cluster.bucket.objects.filter(Prefix="outputs/")}
         assert f"outputs/{image['file_name']}" in keys and target["file_url"].rsplit("/", 1)[1] in str(keys)
         assert client.get(f"{b}/files/nope.png").status_code == 404
@@ -244,6 +259,24 @@ def test_progress_and_cancel_across_processes(cluster):
         assert wait_done(client, b, again["request_id"])["error"] is None
 
 
+def test_a_stopping_front_end_ends_its_status_streams(cluster):
+    """SIGTERM: a front-end ends its open status streams and exits, instead of waiting for their requests."""
+    (_, a), _ = cluster.fronts
+    process, c = cluster.start_front("front-c")
+    cluster.fronts.pop()
+    with httpx.Client(timeout=60) as client:
+        running = submit(client, c, "fal-ai/flux-2/edit", SLOW)
+        url = f"{c}/queue/fal-ai/flux-2/requests/{running['request_id']}/status/stream"
+        with client.stream("GET", url) as stream:
+            lines = stream.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=20) == 0  # the 50-step job goes on meanwhile: the stream did not hold it
+            assert all(not line.startswith("data: ") or "COMPLETED" not in line for line in lines)
+        assert client.put(f"{a}/queue/fal-ai/flux-2/requests/{running['request_id']}/cancel").status_code == 202
+        wait_done(client, a, running["request_id"])
+
+
 def test_a_restarted_front_end_still_serves_status_and_results(cluster):
     process, a = cluster.fronts[0]
     with httpx.Client(timeout=60) as client:
@@ -260,6 +293,91 @@ def test_a_restarted_front_end_still_serves_status_and_results(cluster):
             result = client.get(f"{a2}/queue/fal-ai/flux-2/requests/{handle['request_id']}")
             assert result.status_code == 200 and result.json()["images"][0]["width"] == 512
         cluster.fronts.insert(0, cluster.fronts.pop())
+
+
+def test_a_redis_outage_is_ridden_out_and_the_running_job_recorded_once(cluster):
+    """Redis killed mid-job and started again on its port (its AOF kept) after longer than the workers' claims and
+    heartbeats last: the front-ends answer 503 with Retry-After meanwhile (no address), the worker finishes the job,
+    holds its result and records it when Redis is back; the job ran once and no process died."""
+    (_, a), (_, b) = cluster.fronts
+    port = int(cluster.redis_url.rsplit(":", 1)[1].split("/")[0])
+    with httpx.Client(timeout=60) as client:
+        handle = submit(client, a, "fal-ai/flux-2/edit", QUICK | {"num_inference_steps": 8, "seed": 7})
+        wait_running(client, a, handle["request_id"])
+        cluster.redis_process.kill()  # no shutdown: what the AOF (appendfsync always) holds is what comes back
+        cluster.redis_process.wait(timeout=10)
+        refused = client.post(f"{b}/queue/fal-ai/flux-2/flash/edit", json=QUICK)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "5", refused.text
+        assert refused.json()["detail"] == "The request queue is unreachable for the moment; try again shortly"
+        assert refused.headers["x-fal-retryable"] == "true"
+        status = client.get(f"{a}/queue/fal-ai/flux-2/requests/{handle['request_id']}/status")
+        assert status.status_code == 503 and str(port) not in status.text
+        health = client.get(f"{a}/health")
+        assert health.status_code == 200 and health.json()["queue"] == {"reachable": False}
+        # down past the visibility timeout (3 s) and the heartbeat TTL (2 s), until the job is done and its result held
+        held = f"request {handle['request_id']}: holding its outcome until the queue is reachable again"
+        back_at, deadline = time.monotonic() + 6, time.monotonic() + 120
+        while held not in (cluster.root / "worker-1.log").read_text() or time.monotonic() < back_at:
+            assert time.monotonic() < deadline, "the worker did not finish the job"
+            time.sleep(0.2)
+        cluster.redis_process, _ = start_redis(cluster.root / "redis", port=port, appendonly=True)
+        done = wait_done(client, b, handle["request_id"], timeout=120)
+        assert done["error"] is None, done
+        assert sum(line["message"].startswith("Running on worker") for line in done["logs"]) == 1
+        assert cluster.worker_logs().count(f"request {handle['request_id']}: step 1/") == 1  # ran once
+        assert all(w.poll() is None for w in cluster.workers) and all(p.poll() is None for p, _ in cluster.fronts)
+        again = submit(client, b, "fal-ai/flux-2/flash/edit", QUICK)  # and the cluster serves on
+        assert wait_done(client, a, again["request_id"])["error"] is None
+
+
+def test_a_redis_emptied_by_flushall_serves_on_and_health_says_what_was_lost(cluster):
+    (_, a), (_, b) = cluster.fronts
+    with httpx.Client(timeout=60) as client:
+        before = submit(client, a, "fal-ai/flux-2/flash/edit", QUICK)
+        wait_done(client, a, before["request_id"])
+        cluster.redis.flushall()  # as a restart without persistence, or a failover to an empty replica
+        after = submit(client, b, "fal-ai/flux-2/flash/edit", QUICK)
+        assert wait_done(client, a, after["request_id"])["error"] is None  # the workers' groups are back
+        assert client.get(f"{a}/queue/fal-ai/flux-2/requests/{before['request_id']}/status").status_code == 404
+        for front in (a, b):
+            queue = client.get(f"{front}/health").json()["queue"]
+            assert queue["reachable"] and queue["reset_at"] > 0, queue
+            assert queue["lost"].startswith("every request accepted before this time")
+        deadline = time.monotonic() + 30  # the workers advertise themselves again at their next heartbeat
+        while len(cluster.live_workers(a)) < len(cluster.workers):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+
+
+def test_the_fault_benchmark_runs_small(cluster):
+    """benchmarks/scale_out.py --faults, in small, on this cluster: a Redis restart then a FLUSHALL while requests
+    arrive; every accepted request completes across the restart, none is lost then, no worker dies."""
+    from benchmarks.scale_out import FaultTarget, fault_phase
+
+    port = int(cluster.redis_url.rsplit(":", 1)[1].split("/")[0])
+
+    def stop():
+        cluster.redis_process.kill()
+        cluster.redis_process.wait(timeout=10)
+
+    def start():
+        cluster.redis_process, _ = start_redis(cluster.root / "redis", port=port, appendonly=True)
+
+    target = FaultTarget(
+        fronts=[url for _, url in cluster.fronts],
+        stop_redis=stop,
+        start_redis=start,
+        flush_redis=cluster.redis.flushall,
+        worker_logs=cluster.worker_logs,
+        workers=cluster.workers,
+    )
+    restart = fault_phase(target, "restart", QUICK, jobs=6, pace_s=0.5, outage_s=3)
+    assert restart["refused_503"] >= 1 and restart["recovery_s"]["accepting_again"] is not None, restart
+    assert restart["completed"] == restart["accepted"] and restart["lost"] == 0 and restart["worker_deaths"] == 0
+    assert restart["recovery_s"]["all_accepted_completed"] > 0
+    flushed = fault_phase(target, "flushall", QUICK, jobs=6, pace_s=0.3, outage_s=0)
+    assert flushed["refused_503"] == 0 and flushed["completed"] + flushed["lost"] == 6, flushed
+    assert flushed["completed"] >= 4 and flushed["worker_deaths"] == 0  # those after the FLUSHALL all ran
 
 
 def test_a_killed_workers_request_finishes_on_the_other_worker(cluster):

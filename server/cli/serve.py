@@ -12,9 +12,8 @@ from server.queue.connect import QueueInUse, local_queue_problem, lock_local_que
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from server.http.app import create_app
+    from server.http.connections import StoppingServer
 
     settings = settings_from(args)
     if not settings.keys() and not settings.allow_open_api and not is_loopback(settings.host):
@@ -52,13 +51,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    config = uvicorn_config(create_app(settings, weights_dir, tiny=tiny), settings)
+    app = create_app(settings, weights_dir, tiny=tiny)
+    config = uvicorn_config(app, settings)
     try:
         listening = config.bind_socket()
     except SystemExit:  # uvicorn has logged why (e.g. "[Errno 98] Address already in use")
         print(f"error: cannot listen on {settings.host}:{settings.port}: see the line above", file=sys.stderr)
         return 2
-    server = uvicorn.Server(config)
+    server = StoppingServer(config, app)
     server.run(sockets=[listening])
     del queue_lock  # held until here
     return 0 if server.started else 3  # 3: uvicorn's own status when it could not start

@@ -4,6 +4,7 @@ services (server.process), loads the model in the background and runs the dispat
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,8 +24,9 @@ from server.http.proxy import fal_proxy
 from server.http.responses import GUARDED, LOW_ON_DISK, TOO_LARGE
 from server.http.routes import edit, files, health, metrics, openapi, playground, queue, storage
 from server.http.routes.queue import queue_host_routing
-from server.logs import request_ids
+from server.logs import redacted, request_ids
 from server.process import open_outputs, open_services
+from server.queue.coverage import expire_unserved
 from server.queue.retention import run_retention
 from server.service.model import ModelState
 
@@ -54,10 +56,15 @@ def create_app(settings: Settings, weights_dir: Path | None, tiny: bool = False)
             else:
                 log.info(
                     "API front-end only: requests are queued on %s for `flux2-server worker` processes",
-                    settings.queue,
+                    redacted(settings.queue or ""),
                 )
             retention = run_retention(store, outputs.storage, settings.retention_s, settings.retention_sweep_every_s)
             tasks = [asyncio.create_task(retention, name="retention")]
+            if services.coverage is not None:  # queued requests for a profile no live worker serves expire
+                every_s = max(1.0, min(settings.queue_unserved_timeout_s / 2, 30.0))
+                fail = functools.partial(dispatcher.fail, only_if_queued=True)
+                expiring = expire_unserved(services.coverage, fail, every_s)
+                tasks.append(asyncio.create_task(expiring, name="expire-unserved"))
             dispatching = None
             if weights_dir is not None:  # the dispatcher and the heartbeat wait for the model to load
                 dispatching = asyncio.create_task(dispatcher.run_forever(), name="dispatcher")

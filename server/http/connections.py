@@ -6,6 +6,9 @@ took the server off the air. `TimedH11Protocol` is uvicorn's h11 protocol with o
 received, that closes the connection once the client has sent nothing for FLUX2_READ_TIMEOUT_S while the server is
 waiting for it (the request head, or the rest of the body) — never while the server is answering (a long sync call,
 a status stream). uvicorn's `limit_concurrency` (FLUX2_MAX_CONNECTIONS) answers 503 beyond the cap.
+
+On SIGTERM, uvicorn waits for every open response to finish, status streams included (as long as their requests
+run): `StoppingServer` tells the app, and the streams end at once.
 """
 
 from __future__ import annotations
@@ -13,7 +16,21 @@ from __future__ import annotations
 import asyncio
 
 import h11
+import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+
+class StoppingServer(uvicorn.Server):
+    """uvicorn's server, telling the app when a stop signal comes (`app.state.stopping`): open status streams end
+    then (server/http/routes/queue.py), instead of holding the shutdown; uvicorn waits for every open response."""
+
+    def __init__(self, config: uvicorn.Config, app) -> None:
+        super().__init__(config)
+        self.app = app  # the FastAPI app `config` serves
+
+    def handle_exit(self, sig, frame) -> None:
+        self.app.state.stopping = True
+        super().handle_exit(sig, frame)
 
 
 class TimedH11Protocol(H11Protocol):

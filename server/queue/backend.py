@@ -98,6 +98,9 @@ class QueueBackend(Protocol):
     def queued_count(self) -> int:
         """Requests accepted and not started yet."""
 
+    def queued_ids(self, endpoint_ids: Collection[str]) -> list[str]:
+        """The requests for `endpoint_ids` not started yet (at most a thousand per endpoint)."""
+
     def claim(self, endpoint_ids: Collection[str]) -> QueuedRequest | None:
         """The next queued request for one of `endpoint_ids` (priority, then arrival), now IN_PROGRESS and owned
         by the caller, with its input; None if there is none."""
@@ -149,6 +152,10 @@ class QueueBackend(Protocol):
 
     def workers(self) -> list[dict]:
         """Live workers: the `info` of each heartbeat not yet expired, with its `id`."""
+
+    def health(self) -> dict | None:
+        """/health's `queue` (a shared queue: reachable, and whether Redis came back empty and what was lost then;
+        a fixed number of calls, whatever the queue holds), or None (the embedded queue has nothing to say)."""
 
     def add_upload(self, token: str, upload: dict, ttl_s: float) -> None:
         """An upload begun through the storage emulation (`upload`: JSON, e.g. the file's name and type), for

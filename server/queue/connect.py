@@ -8,6 +8,7 @@ import sqlite3
 from pathlib import Path
 from typing import IO
 
+from server.logs import redacted
 from server.queue.backend import QueueBackend
 
 
@@ -22,7 +23,7 @@ def open_queue(url: str | None, data_dir: Path, retention_s: float, **redis_opti
         from server.queue.redis_queue import RedisQueue
 
         return RedisQueue(url, retention_s=retention_s, **redis_options)
-    raise ValueError(f"unknown queue URL {url!r}: use redis://host:port/db or sqlite:///path")
+    raise ValueError(f"unknown queue URL {redacted(url)!r}: use redis://host:port/db or sqlite:///path")
 
 
 def sqlite_path(url: str | None, data_dir: Path) -> Path:
@@ -83,4 +84,6 @@ def open_configured_queue(settings, consumer: str) -> QueueBackend:
         settings.retention_s,
         visibility_timeout_s=settings.queue_visibility_timeout_s,
         consumer=consumer,
+        timeout_s=settings.queue_timeout_s,
+        ca_file=str(settings.queue_ca_file) if settings.queue_ca_file else None,
     )

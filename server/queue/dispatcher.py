@@ -10,11 +10,16 @@ A fault outside the model (anything but bad input, a cancel or an `InferenceErro
 failing on the request: it is logged, the dispatcher goes on, and the request is re-queued once. The queue counts
 every start (`attempts`), so a request that brings the whole process down (a segfault, the OOM killer) is failed
 when it is claimed a third time, instead of taking down every restart (or every worker) in turn.
+
+A queue that can't be reached (`QueueUnavailable`: Redis down or restarting) is waited out, for as long as it
+takes: the running request goes on (a cancel can't be heard meanwhile), its outcome is held here and recorded when
+the queue is back, and the loop tries again, its waits doubling up to `retry_max_s`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -28,6 +33,7 @@ from server.errors import (
     CANCELLED,
     InferenceError,
     InvalidBody,
+    QueueUnavailable,
     RequestCancelled,
     ServerError,
     StartDeadlinePassed,
@@ -48,6 +54,7 @@ MAX_ATTEMPTS = 2  # the first run and one re-run after a worker failure
 IDLE_RECHECK_S = 1.0  # an idle dispatcher looks at the queue at least this often (e.g. for abandoned requests)
 RECORD_ATTEMPTS = 3  # tries to record a request's fault in the queue (a full disk, a locked database) ...
 RECORD_RETRY_S = 0.5  # ... this long apart, doubling; then the request is given up and the dispatcher goes on
+OUTAGE_RETRY_S = 0.5  # the queue unreachable: the first wait before trying again (doubling up to retry_max_s)
 
 
 class Dispatcher:
@@ -57,14 +64,17 @@ class Dispatcher:
         service: EditService,
         webhooks: WebhookSender | None,
         profiles: list[str] | None = None,
+        retry_max_s: float = 30.0,
     ):
         self.store = store
+        self.retry_max_s = retry_max_s  # the longest wait between tries while the queue is unreachable
         self.service = service
         self.webhooks = webhooks
         # the endpoints this dispatcher takes requests for: those whose profile its model runs (default: all)
         self.endpoint_ids = [e.endpoint_id for e in ENDPOINTS if profiles is None or e.profile in profiles]
         self._wakeup = asyncio.Event()
         self.stopping = False
+        self._stopped = asyncio.Event()  # set with `stopping`: cuts short a wait for the queue to come back
         # sync requests queued by this process, by id: their callers await these (never through the queue row)
         self._waiters: dict[str, asyncio.Future[EditOutput]] = {}
         self.running = False  # in its loop (after the model loaded)
@@ -86,6 +96,7 @@ class Dispatcher:
         """Take no more work and stop the running request at its next step; the queue gets it back
         (`QueueBackend.release`) to run again."""
         self.stopping = True
+        self._stopped.set()
         self._wakeup.set()
 
     def finish(
@@ -165,14 +176,20 @@ class Dispatcher:
             self.running = False
 
     async def _loop(self) -> None:
+        delay = OUTAGE_RETRY_S
         while not self.stopping:
             self._wakeup.clear()
             try:
                 request = self.store.claim(self.endpoint_ids)
+                delay = OUTAGE_RETRY_S
                 if request is None:
                     await self.store.wait_for_work(self._wakeup, IDLE_RECHECK_S)
                     continue
-            except Exception:  # the queue unreachable for a while (a Redis restart): keep trying
+            except QueueUnavailable:  # Redis down or restarting (logged by the queue): try again, less and less often
+                await self._pause(delay)
+                delay = min(delay * 2, self.retry_max_s)
+                continue
+            except Exception:
                 log.exception("could not read the queue; trying again in %.0f s", IDLE_RECHECK_S)
                 await asyncio.sleep(IDLE_RECHECK_S)
                 continue
@@ -181,6 +198,37 @@ class Dispatcher:
             except Exception as exc:  # a fault outside the model (or writing to the queue): the worker failed here
                 log.exception("request %s failed outside the model", request.id)
                 await self._record_fault(request, exc)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, or less if the dispatcher is told to stop meanwhile."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopped.wait(), seconds)
+
+    async def _settle(self, request: QueuedRequest, record: Callable[[], object]) -> None:
+        """Record an outcome of `request` (`record`: `succeed`, `fail`, `release`...), waiting out a queue that can't
+        be reached, however long, with the outcome held here. A stop meanwhile gives up (the request runs again once
+        its claim expires: work is at-least-once, its recorded result exactly once)."""
+        delay = OUTAGE_RETRY_S
+        while True:
+            try:
+                record()
+                return
+            except QueueUnavailable:
+                if self.stopping:
+                    log.error(
+                        "request %s: the queue is unreachable at shutdown; its outcome is not recorded", request.id
+                    )
+                    return
+                log.warning("request %s: holding its outcome until the queue is reachable again", request.id)
+                await self._pause(delay)
+                delay = min(delay * 2, self.retry_max_s)
+
+    def _cancel_requested(self, request_id: str) -> bool:
+        """Whether a cancel was asked for; while the queue is unreachable, none can be heard: the request goes on."""
+        try:
+            return self.store.cancel_requested(request_id)
+        except QueueUnavailable:
+            return False
 
     async def _record_fault(self, request: QueuedRequest, exc: Exception) -> None:
         """Re-queue `request` once, or fail it (at once when its sync caller is waiting), retrying the queue
@@ -206,6 +254,8 @@ class Dispatcher:
         """A log line or progress for a running request: not worth failing the request over (a full disk)."""
         try:
             write()
+        except QueueUnavailable:
+            pass  # the queue has logged the outage once
         except Exception:
             log.warning("could not record a log line or progress in the queue", exc_info=True)
 
@@ -229,23 +279,26 @@ class Dispatcher:
                 f"The worker stopped while running this request {(request.attempts or 1) - 1} times "
                 "(the process died or was stopped); it is not retried."
             )
-            self.store.log(request.id, message, "ERROR")
+            self._note(lambda: self.store.log(request.id, message, "ERROR"))
             log.error("request %s failed: %s", request.id, message)
-            self.fail(request, WorkerCrashed(message))
+            await self._settle(request, lambda: self.fail(request, WorkerCrashed(message)))
             return
         if request.start_deadline and (request.started_at or 0.0) > request.start_deadline:
-            self.fail(request, StartDeadlinePassed())
+            await self._settle(request, lambda: self.fail(request, StartDeadlinePassed()))
             return
         if request.queue_url == SYNC and request.id not in self._waiters:  # queued by a process that has stopped
-            self.fail(request, Unavailable("The server stopped before this sync request ran; nobody awaits it."))
+            gone = Unavailable("The server stopped before this sync request ran; nobody awaits it.")
+            await self._settle(request, lambda: self.fail(request, gone))
             return
         endpoint = BY_ID[request.endpoint_id]
         assert request.input is not None, "a claimed request carries its input"
         try:  # a queued body is validated when it runs, as on fal (the submit accepted any JSON)
             body = endpoint.input_model.model_validate_json(request.input)
         except ValidationError as exc:
-            self.store.log(request.id, f"Invalid input: {exc.error_count()} error(s)", "ERROR")
-            self.fail(request, InvalidBody(json.loads(exc.json(include_url=False))))  # JSON-safe, like FastAPI's
+            line = f"Invalid input: {exc.error_count()} error(s)"
+            self._note(lambda: self.store.log(request.id, line, "ERROR"))
+            invalid = InvalidBody(json.loads(exc.json(include_url=False)))  # JSON-safe, like FastAPI's
+            await self._settle(request, lambda: self.fail(request, invalid))
             return
         started = time.perf_counter()
         try:
@@ -255,7 +308,7 @@ class Dispatcher:
                 request.files_url,
                 request.id,
                 on_log=lambda message: self._note(lambda: self.store.log(request.id, message)),
-                should_cancel=lambda: self.stopping or self.store.cancel_requested(request.id),
+                should_cancel=lambda: self.stopping or self._cancel_requested(request.id),
                 on_progress=lambda step, total: self._note(lambda: self.store.progress(request.id, step, total)),
             )
         except Cancelled:
@@ -266,18 +319,20 @@ class Dispatcher:
                 log.info("request %s interrupted by shutdown: it goes back to the queue", request.id)
                 self.store.release(request.id)
                 return
-            self.store.log(request.id, CANCELLED, "WARNING")
-            self.fail(request, RequestCancelled())
+            self._note(lambda: self.store.log(request.id, CANCELLED, "WARNING"))
+            await self._settle(request, lambda: self.fail(request, RequestCancelled()))
         except ServerError as exc:  # bad input, refused as configured (Unavailable), or the model failed
-            if isinstance(exc, InferenceError):
-                self.store.log(request.id, f"Inference failed: {exc}", "ERROR")
-            self.fail(request, exc)
+            error = exc
+            if isinstance(error, InferenceError):
+                self._note(lambda: self.store.log(request.id, f"Inference failed: {error}", "ERROR"))
+            await self._settle(request, lambda: self.fail(request, error))
         else:
-            if self.store.cancel_requested(request.id):  # a cancel answered 202 just as the last step was checked
-                self.store.log(request.id, CANCELLED, "WARNING")
-                self.fail(request, RequestCancelled())
+            if self._cancel_requested(request.id):  # a cancel answered 202 just as the last step was checked
+                self._note(lambda: self.store.log(request.id, CANCELLED, "WARNING"))
+                await self._settle(request, lambda: self.fail(request, RequestCancelled()))
                 return
-            self.succeed(request, output, {"inference_time": time.perf_counter() - started})
+            metrics = {"inference_time": time.perf_counter() - started}
+            await self._settle(request, lambda: self.succeed(request, output, metrics))
 
 
 def elided(url: str) -> str:

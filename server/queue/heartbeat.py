@@ -9,6 +9,7 @@ import os
 import socket
 import uuid
 
+from server.errors import QueueUnavailable
 from server.queue.backend import QueueBackend
 from server.service.replicas import ReplicaRunner
 from server.service.runner import ModelRunner
@@ -25,6 +26,8 @@ async def advertise(store: QueueBackend, worker_id: str, info, ttl_s: float) -> 
     while True:
         try:
             store.heartbeat(worker_id, info(), ttl_s)
+        except QueueUnavailable:
+            pass  # Redis down or restarting: the queue logs it once
         except Exception as exc:  # noqa: BLE001 -- the queue being briefly unreachable must not end the worker
             log.warning("heartbeat failed: %s", exc)
         await asyncio.sleep(ttl_s / 3)

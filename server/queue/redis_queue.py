@@ -11,7 +11,16 @@ Layout (all keys under `flux2:`):
   at-least-once delivery.
 - `logs:{id}`: a list of log lines (JSON), appended by the worker, read by whichever front-end answers status.
 - `cancel:{id}`: set by a front-end, polled by the running worker after every denoising step.
-- `worker:{id}`: a worker's advertisement (JSON), expiring unless its heartbeat renews it.
+- `worker:{id}`: a worker's advertisement (JSON), expiring unless its heartbeat renews it; `workers`: the set of
+  their ids, so /health reads them without scanning the keyspace.
+- `q:...:requeued`: per stream, the requests given back to the queue (released) whose entries are still pending:
+  they are served first, and queue positions count them.
+- `epoch`: set once when this Redis is first used; a process that finds it changed (or the consumer groups gone)
+  knows Redis came back empty, creates what is missing and records `reset` (when, and what was lost) for /health.
+
+Outages: every queue call that can't reach Redis raises `QueueUnavailable` (a 503 with Retry-After on the routes;
+the dispatcher waits it out, holding a finished result until it is recorded) instead of the client's error, which
+names the server's address. Nothing here needs Redis to be up at start: the groups are created on first contact.
 
 Claiming and completing are Lua scripts (atomic in Redis): a request is claimed by one worker at a time and
 completed exactly once, even if two workers ran it (a worker that stalled past the visibility timeout).
@@ -24,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import logging
 import os
@@ -37,8 +47,12 @@ from datetime import UTC, datetime
 from typing import cast
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from server.endpoints import ENDPOINTS
+from server.errors import QueueUnavailable
+from server.logs import redacted
 from server.queue.backend import PRIORITIES, QueuedRequest
 
 log = logging.getLogger(__name__)
@@ -49,6 +63,15 @@ COMPLETED_CHANNEL = f"{PREFIX}completed"  # pub/sub: the id of each request as i
 INT_FIELDS = {"seq", "priority", "status_code", "attempts", "progress_step", "progress_total"}
 FLOAT_FIELDS = {"start_deadline", "created_at", "started_at", "completed_at"}
 RECORD_FIELDS = [f.name for f in fields(QueuedRequest) if f.name != "input"]  # what `get` reads
+EPOCH, RESET, WORKERS = f"{PREFIX}epoch", f"{PREFIX}reset", f"{PREFIX}workers"
+REQUEUED = ":requeued"  # suffix of a stream's key: its released requests (sorted set, score: seq)
+# Redis unreachable (down, restarting, a network cut, a read-only replica after failover): a QueueUnavailable
+OUTAGES = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError)
+RETRY_AFTER_S = 5  # the Retry-After of a 503 while Redis is unreachable
+LOST = (
+    "every request accepted before this time (queued, running or finished: status, result, logs), uploads in "
+    "progress and webhook deliveries not yet made"
+)
 
 ADD = """
 local seq = redis.call('INCR', KEYS[3])
@@ -72,18 +95,24 @@ local function take(stream, entry, rid)
     return nil
   end
   local previous = redis.call('HGET', key, 'worker') or ''
+  redis.call('ZREM', stream .. ':requeued', key)
   redis.call('HSET', key, 'status', 'IN_PROGRESS', 'started_at', now, 'worker', consumer)
   redis.call('HINCRBY', key, 'attempts', 1)
   return {rid, previous}
 end
 
--- 1. entries abandoned by a worker that stopped touching them (crashed, or released at shutdown)
+-- 1. entries abandoned by a worker that stopped touching them (crashed, or released at shutdown), the whole
+-- pending list followed by its cursor (each call looks at 10 entries per COUNT: live ones are passed over)
 for _, stream in ipairs(KEYS) do
-  local found = redis.call('XAUTOCLAIM', stream, group, consumer, idle_ms, '0-0', 'COUNT', 1)
-  for _, e in ipairs(found[2]) do
-    local taken = take(stream, e[1], e[2][2])
-    if taken then return taken end
-  end
+  local cursor = '0-0'
+  repeat
+    local found = redis.call('XAUTOCLAIM', stream, group, consumer, idle_ms, cursor, 'COUNT', 1)
+    cursor = found[1]
+    for _, e in ipairs(found[2]) do
+      local taken = take(stream, e[1], e[2][2])
+      if taken then return taken end
+    end
+  until cursor == '0-0'
 end
 
 -- 2. new entries: the highest priority with any, then the oldest of those
@@ -138,6 +167,7 @@ redis.call('HSET', KEYS[1], 'status', 'COMPLETED', unpack(ARGV, 3))
 local place = redis.call('HMGET', KEYS[1], 'stream', 'entry')
 redis.call('XACK', place[1], 'workers', place[2])
 redis.call('XDEL', place[1], place[2])
+redis.call('ZREM', place[1] .. ':requeued', KEYS[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('DEL', KEYS[3])
@@ -148,19 +178,32 @@ return 1
 # claimed entry (idle 0), or gives it up (idle past the visibility timeout, so the next worker claims it at once),
 # if this consumer still owns it.
 TOUCH = """
-local r = redis.call('HMGET', KEYS[1], 'status', 'worker', 'stream', 'entry')
+local r = redis.call('HMGET', KEYS[1], 'status', 'worker', 'stream', 'entry', 'seq')
 if r[1] ~= 'IN_PROGRESS' or r[2] ~= ARGV[1] then return 0 end
 redis.call('XCLAIM', r[3], 'workers', ARGV[1], 0, r[4], 'IDLE', ARGV[2], 'JUSTID')
-if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'status', 'IN_QUEUE') end
+if ARGV[3] == '1' then
+  redis.call('HSET', KEYS[1], 'status', 'IN_QUEUE')
+  redis.call('ZADD', r[3] .. ':requeued', r[5], KEYS[1])  -- served before new entries: positions count it
+end
 if ARGV[4] == '1' then redis.call('HINCRBY', KEYS[1], 'attempts', -1) end  -- a graceful stop: not an attempt
 return 1
 """
 
-# KEYS: request hash. How many undelivered entries are served before this request's.
+# KEYS: request hash; ARGV: stream, priority, ... in serve order. How many queued requests are served before this
+# one: released ones first (all of them before a new entry; those of earlier streams, and older ones in its own,
+# before a released one), then undelivered entries by priority and arrival.
 POSITION = """
-local r = redis.call('HMGET', KEYS[1], 'status', 'stream', 'entry', 'priority')
+local r = redis.call('HMGET', KEYS[1], 'status', 'stream', 'entry', 'priority', 'seq')
 if r[1] ~= 'IN_QUEUE' then return 0 end
 local count = 0
+local released = redis.call('ZSCORE', r[2] .. ':requeued', KEYS[1])
+for i = 2, #ARGV, 2 do
+  local stream = ARGV[i - 1]
+  if released and stream == r[2] then
+    return count + redis.call('ZCOUNT', stream .. ':requeued', '-inf', '(' .. r[5])
+  end
+  count = count + redis.call('ZCARD', stream .. ':requeued')
+end
 for i = 2, #ARGV, 2 do
   local stream, priority = ARGV[i - 1], tonumber(ARGV[i])
   if priority <= tonumber(r[4]) and redis.call('EXISTS', stream) == 1 then
@@ -173,6 +216,15 @@ for i = 2, #ARGV, 2 do
   end
 end
 return count
+"""
+
+
+# KEYS: request hash, its logs; ARGV: the line, retention (s). A line added after completion (a cancel's) expires
+# with the record; one whose record is gone (purged, or Redis emptied) after the retention period.
+LOG = """
+redis.call('RPUSH', KEYS[2], ARGV[1])
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) elseif ttl == -2 then redis.call('EXPIRE', KEYS[2], ARGV[2]) end
 """
 
 
@@ -189,11 +241,73 @@ def _decode(record: dict) -> QueuedRequest:
     return QueuedRequest.from_mapping(values)
 
 
+def _answers_outages(method):
+    """A queue call that raises `QueueUnavailable` while Redis can't be reached (and notes the outage once); after
+    the consumer groups vanished (NOGROUP: Redis came back empty), creates them again and retries once."""
+
+    @functools.wraps(method)
+    def call(self: RedisQueue, *args, **kwargs):
+        try:
+            try:
+                result = method(self, *args, **kwargs)
+            except redis.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                self._prepare()
+                result = method(self, *args, **kwargs)
+        except OUTAGES as exc:
+            if self.down_since is None:
+                self.down_since = time.time()
+                log.error("the queue (Redis at %s) is unreachable: %s; retrying", self.location, exc)
+            raise QueueUnavailable(RETRY_AFTER_S) from exc
+        if self.down_since is not None:
+            log.warning("the queue (Redis at %s) is reachable again", self.location)
+            self.down_since = None
+            try:
+                self._prepare()  # it may have come back empty (restarted without persistence)
+            except OUTAGES:
+                self.down_since = time.time()  # gone again: the next call that reaches it prepares it
+        return result
+
+    return call
+
+
+# the queue calls (QueueBackend's, and `health`): each raises QueueUnavailable while Redis is unreachable
+ANSWERED = [
+    *("add", "get", "position", "queued_count", "claim", "release", "complete", "log", "progress", "logs"),
+    *("request_cancel", "cancel_requested", "heartbeat", "workers", "health", "queued_ids"),
+    *("add_upload", "get_upload", "add_upload_part", "upload_parts", "upload_part_sizes", "pending_upload_bytes"),
+    *("remove_upload", "save_webhook", "webhook_done", "take_webhooks"),
+]
+
+
 class RedisQueue:
     distributed = True  # requests are run by `flux2-server worker` processes
 
-    def __init__(self, url: str, retention_s: float, visibility_timeout_s: float = 30.0, consumer: str | None = None):
-        self.redis = redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+    def __init__(
+        self,
+        url: str,
+        retention_s: float,
+        visibility_timeout_s: float = 30.0,
+        consumer: str | None = None,
+        timeout_s: float = 5.0,
+        ca_file: str | None = None,
+    ):
+        """`timeout_s`: a connect or a reply taking longer means Redis is unreachable; `ca_file`: the CA that signed
+        a `rediss://` server's certificate (default: the system's)."""
+        tls = {"ssl_ca_certs": ca_file} if ca_file else {}
+        self.redis = redis.Redis.from_url(
+            url,
+            decode_responses=True,
+            health_check_interval=30,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.1), 1),  # longer outages: QueueUnavailable, see above
+            **tls,
+        )
+        self.location = redacted(url)
+        self.down_since: float | None = None  # when the current outage began (None: reachable)
+        self._epoch: str | None = None  # this Redis's epoch, as last seen
         self.retention_s = max(1, int(retention_s))
         self.visibility_ms = int(visibility_timeout_s * 1000)
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -202,17 +316,12 @@ class RedisQueue:
             for priority in sorted(PRIORITIES.values())
             for e in ENDPOINTS
         ]
-        for stream, _, _ in self.streams:
-            try:
-                self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
-            except redis.ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
         self._add = self.redis.register_script(ADD)
         self._claim = self.redis.register_script(CLAIM)
         self._complete = self.redis.register_script(COMPLETE)
         self._touch = self.redis.register_script(TOUCH)
         self._position = self.redis.register_script(POSITION)
+        self._log = self.redis.register_script(LOG)
         self._last_ids: dict[str, str] = {}
         self._claimed: set[str] = set()  # requests this process runs; their entries are touched
         self._closing = threading.Event()
@@ -221,6 +330,47 @@ class RedisQueue:
         self._completion_waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
         self._listener: threading.Thread | None = None
         self._listening = threading.Event()
+        try:
+            self._prepare()
+        except OUTAGES as exc:  # not up yet: the first call that reaches it prepares it
+            self.down_since = time.time()
+            log.error("the queue (Redis at %s) is unreachable: %s; retrying", self.location, exc)
+
+    def _prepare(self) -> None:
+        """Create the consumer groups that are missing, and check this Redis's epoch: one that changed since this
+        process last looked means Redis came back empty (restarted without persistence, FLUSHALL, a failover to an
+        empty replica). Then `reset` records when, and what was lost, for /health on every front-end."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for stream, _, _ in self.streams:
+                pipe.xgroup_create(stream, GROUP, id="0", mkstream=True)  # id 0: entries added meanwhile are served
+            for reply in pipe.execute(raise_on_error=False):
+                if isinstance(reply, Exception) and "BUSYGROUP" not in str(reply):
+                    raise reply
+        self.redis.set(EPOCH, f"{time.time():.6f}-{self.consumer}", nx=True)
+        epoch = cast(str, self.redis.get(EPOCH))
+        if self._epoch is not None and epoch != self._epoch:
+            now = time.time()
+            with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hsetnx(RESET, "reset_at", now)  # the first process to notice says when
+                pipe.hsetnx(RESET, "lost", LOST)
+                pipe.execute()
+            log.error("the queue's Redis came back empty: lost %s; the queue is serving again", LOST)
+        self._epoch = epoch
+
+    def health(self) -> dict:
+        """/health's `queue`: reachable, and whether (when) Redis came back empty and what was lost then. A fixed
+        number of Redis calls, whatever the number of keys."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(EPOCH)
+            pipe.hgetall(RESET)
+            epoch, reset = pipe.execute()
+        if epoch != self._epoch:
+            self._prepare()
+            reset = self.redis.hgetall(RESET)
+        answer: dict = {"reachable": True}
+        if reset:
+            answer.update(reset_at=float(reset["reset_at"]), lost=reset.get("lost"))
+        return answer
 
     @staticmethod
     def _key(request_id: str) -> str:
@@ -266,12 +416,28 @@ class RedisQueue:
         return int(self._position(keys=[self._key(request.id)], args=args))
 
     def queued_count(self) -> int:
+        """Entries not delivered (a stream's length less its pending entries), and released ones."""
         with self.redis.pipeline(transaction=True) as pipe:
             for stream, _, _ in self.streams:
                 pipe.xlen(stream)
                 pipe.xpending(stream, GROUP)
+                pipe.zcard(stream + REQUEUED)
             replies = pipe.execute()
-        return sum(replies[0::2]) - sum(p["pending"] for p in replies[1::2])
+        return sum(replies[0::3]) - sum(p["pending"] for p in replies[1::3]) + sum(replies[2::3])
+
+    def queued_ids(self, endpoint_ids: Collection[str]) -> list[str]:
+        """Undelivered entries of these endpoints' streams, and their released requests."""
+        ids = []
+        for stream, _, endpoint_id in self.streams:
+            if endpoint_id not in endpoint_ids:
+                continue
+            groups = cast(list[dict], self.redis.xinfo_groups(stream))
+            last = next((g["last-delivered-id"] for g in groups if g["name"] == GROUP), "0-0")
+            entries = cast(list[tuple[str, dict[str, str]]], self.redis.xrange(stream, f"({last}", "+", count=1000))
+            ids += [entry["id"] for _, entry in entries]
+            released = cast(list[str], self.redis.zrange(stream + REQUEUED, 0, 999))
+            ids += [key.removeprefix(f"{PREFIX}req:") for key in released]
+        return ids
 
     def claim(self, endpoint_ids: Collection[str]) -> QueuedRequest | None:
         streams = [(s, p) for s, p, e in self.streams if e in endpoint_ids]
@@ -318,6 +484,7 @@ class RedisQueue:
         woken = asyncio.ensure_future(wakeup.wait())
         await asyncio.wait({reading, woken}, return_when=asyncio.FIRST_COMPLETED)
         woken.cancel()
+        reading.add_done_callback(lambda done: done.cancelled() or done.exception())  # an outage: `claim` says so
 
     async def wait_completed(self, request_id: str, timeout_s: float) -> None:
         """Wait for the completion message of `request_id` (published by `complete`, heard by one listener thread
@@ -396,7 +563,7 @@ class RedisQueue:
 
     def log(self, request_id: str, message: str, level: str = "INFO") -> None:
         line = json.dumps({"at": time.time(), "level": level, "message": message})
-        self.redis.rpush(f"{PREFIX}logs:{request_id}", line)
+        self._log(keys=[self._key(request_id), f"{PREFIX}logs:{request_id}"], args=[line, self.retention_s])
 
     def progress(self, request_id: str, step: int, total: int) -> None:
         self.redis.hset(self._key(request_id), mapping={"progress_step": step, "progress_total": total})
@@ -493,19 +660,27 @@ class RedisQueue:
         return taken
 
     def heartbeat(self, worker_id: str, info: dict, ttl_s: float) -> None:
-        self.redis.set(f"{PREFIX}worker:{worker_id}", json.dumps(info), px=int(ttl_s * 1000))
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(f"{PREFIX}worker:{worker_id}", json.dumps(info), px=int(ttl_s * 1000))
+            pipe.sadd(WORKERS, worker_id)
+            pipe.execute()
 
     def workers(self) -> list[dict]:
-        keys = sorted(self.redis.scan_iter(match=f"{PREFIX}worker:*", count=1000))
-        values = self.redis.mget(keys) if keys else []
-        return [
-            {"id": key.removeprefix(f"{PREFIX}worker:"), **json.loads(value)}
-            for key, value in zip(keys, values, strict=True)
-            if value is not None
-        ]
+        """The workers whose advertisement has not expired: the set of ids, then their keys (no keyspace scan);
+        ids whose advertisement expired leave the set."""
+        ids = sorted(cast(set[str], self.redis.smembers(WORKERS)))
+        values = self.redis.mget([f"{PREFIX}worker:{i}" for i in ids]) if ids else []
+        gone = [i for i, value in zip(ids, values, strict=True) if value is None]
+        if gone:
+            self.redis.srem(WORKERS, *gone)
+        return [{"id": i, **json.loads(value)} for i, value in zip(ids, values, strict=True) if value is not None]
 
     def close(self) -> None:
         self._closing.set()
         if self._listener is not None:
             self._listener.join(timeout=5)  # it checks `_closing` every second
         self.redis.close()
+
+
+for _name in ANSWERED:
+    setattr(RedisQueue, _name, _answers_outages(getattr(RedisQueue, _name)))

@@ -179,6 +179,15 @@ class RequestStore:
             ).fetchone()
         return count
 
+    def queued_ids(self, endpoint_ids: Collection[str]) -> list[str]:
+        marks = ",".join("?" * len(endpoint_ids))
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT id FROM requests WHERE status='IN_QUEUE' AND endpoint_id IN ({marks}) ORDER BY seq",
+                tuple(endpoint_ids),
+            ).fetchall()
+        return [row[0] for row in rows]
+
     def queued_count(self) -> int:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM requests WHERE status='IN_QUEUE'").fetchone()[0]
@@ -231,6 +240,9 @@ class RequestStore:
 
     def heartbeat(self, worker_id: str, info: dict, ttl_s: float) -> None:
         self._workers[worker_id] = (time.time() + ttl_s, info)
+
+    def health(self) -> dict | None:
+        return None
 
     def workers(self) -> list[dict]:
         now = time.time()

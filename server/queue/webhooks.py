@@ -24,6 +24,7 @@ import time
 
 import httpx
 
+from server.errors import QueueUnavailable
 from server.net.guard import AddressRefused
 from server.queue.backend import QueueBackend
 from server.queue.webhook_signing import WebhookSigner
@@ -78,7 +79,10 @@ class WebhookSender:
             "attempts_made": 0,
             "next_at": time.time(),
         }
-        self._keep(delivery)
+        try:
+            self._keep(delivery)
+        except QueueUnavailable:  # the outcome is recorded: deliver it now, kept in this process only
+            log.warning("webhook for %s: the queue is unreachable; delivering it unrecorded", payload["request_id"])
         self._spawn(delivery)
 
     def _keep(self, delivery: dict) -> None:
@@ -96,7 +100,9 @@ class WebhookSender:
                 for delivery in self.store.take_webhooks(LEASE_MARGIN_S):
                     log.info("resuming the webhook for %s", delivery["request_id"])
                     self._spawn(delivery)
-            except Exception:  # the queue unreachable for a while: try again later
+            except QueueUnavailable:  # Redis down or restarting (the queue logs it): try again later
+                pass
+            except Exception:
                 log.exception("could not read pending webhooks")
             await asyncio.sleep(self.resume_every_s)
 

@@ -8,6 +8,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from server.config import RESTARTS_ENV
+from server.errors import QueueUnavailable
 from server.http.auth import has_valid_key
 from server.http.context import services
 from server.service.model import ModelState
@@ -25,7 +26,7 @@ class Health(BaseModel):
     error: str | None = Field(None, description="Why the model failed to load.")
     dispatcher_error: str | None = Field(None, description="Why the dispatcher stopped: nothing runs here then.")
     tiny_model: bool = Field(description="Whether this is the tiny random-weight model (its images are noise).")
-    queued: int = Field(description="Queue requests not started yet.")
+    queued: int | None = Field(description="Queue requests not started yet (None while the queue is unreachable).")
     waiting: int | None = Field(None, description="Edits handed to the model and not finished (once loaded).")
     capabilities: dict | None = Field(None, description="What the loaded model can and can't do (once loaded).")
     loading: dict | None = Field(
@@ -39,6 +40,12 @@ class Health(BaseModel):
         "restarts, busy.",
     )
     workers: list[dict] = Field(description="Live queue workers, as each advertises itself (heartbeat not expired).")
+    queue: dict | None = Field(
+        None,
+        description="A shared queue (Redis): {reachable}; after Redis came back empty (restarted without persistence, "
+        "FLUSHALL, failover to an empty replica) also {reset_at (when it was noticed, Unix time), lost (what)}. "
+        "None with the embedded queue.",
+    )
     allow_undistilled: bool = Field(description="Whether distilled profiles may run on the base weights.")
     safety_checker_disabled: bool = Field(description="Whether the operator turned the safety checker off.")
     restarts: int = Field(0, description="How often the supervisor started this server again after it died.")
@@ -57,14 +64,19 @@ async def health(request: Request) -> JSONResponse:
     the = services(request)
     model = the.model.state
     failed = model is ModelState.FAILED or the.dispatcher.died is not None
+    try:  # a fixed number of queue calls, whatever the queue holds
+        queue, queued, workers = the.store.health(), the.store.queued_count(), the.store.workers()
+    except QueueUnavailable:  # this process still serves: /health says the queue is not reachable
+        queue, queued, workers = {"reachable": False}, None, []
     answer = Health(
         status="error" if failed else "ok",
         model=model.value,
         error=the.model.error,
         dispatcher_error=the.dispatcher.died,
         tiny_model=the.tiny,
-        queued=the.store.queued_count(),
-        workers=the.store.workers(),
+        queued=queued,
+        workers=workers,
+        queue=queue,
         allow_undistilled=the.settings.allow_undistilled,
         safety_checker_disabled=the.settings.disable_safety_checker,
         restarts=int(os.environ.get(RESTARTS_ENV, "0")),

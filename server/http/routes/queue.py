@@ -6,6 +6,7 @@ build those paths with the endpoint's own path (`.../fal-ai/flux-2/edit/requests
 """
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -21,7 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from server.endpoints import APP_PATH, ENDPOINTS, Endpoint
-from server.errors import retryable_headers
+from server.errors import QueueUnavailable, retryable_headers
 from server.files.outputs import check_free_space
 from server.http.auth import may_see, owner_of
 from server.http.callers import caller
@@ -101,6 +102,8 @@ def admit(
     set_fal_request_id(request.scope, request_id)  # a refusal below carries it too
     if the.model.state is ModelState.LOADED and not isinstance(body, str):  # refused now (503), not failed later
         the.edits.check_available(endpoint.profile, body)
+    if the.coverage is not None:  # an API front-end: 503 with Retry-After when no live worker serves the profile
+        the.coverage.check(endpoint)
     the.quotas.claim(caller(request), request_id, the.store)  # counts until the queue has it COMPLETED
 
     def add() -> None:
@@ -262,7 +265,8 @@ async def status(request: Request, request_id: str, logs: bool = False) -> JSONR
 
 async def status_stream(request: Request, request_id: str, logs: bool = True) -> StreamingResponse:
     """Server-sent events: one `data:` event per change of status (or new log line), ending at COMPLETED; a
-    `: keep-alive` comment when nothing changed for FLUX2_STREAM_KEEPALIVE_S."""
+    `: keep-alive` comment when nothing changed for FLUX2_STREAM_KEEPALIVE_S. While the queue is unreachable the
+    stream waits for it; when the server is stopping it ends (the client follows on with another front-end)."""
     _get(request, request_id)
 
     keepalive_s = services(request).settings.stream_keepalive_s
@@ -271,15 +275,20 @@ async def status_stream(request: Request, request_id: str, logs: bool = True) ->
         last = None
         sent = time.monotonic()
         while True:
-            current = status_of(request, _get(request, request_id), logs)
-            payload = current.model_dump_json()
+            try:
+                current = status_of(request, _get(request, request_id), logs)
+            except QueueUnavailable:  # Redis down or restarting: nothing new to say meanwhile
+                current = None
+            payload = current.model_dump_json() if current is not None else last
             if payload != last:
                 yield f"data: {payload}\n\n"
                 last, sent = payload, time.monotonic()
             elif time.monotonic() - sent >= keepalive_s:  # a comment line, as fal's stream sends while quiet
                 yield ": keep-alive\n\n"
                 sent = time.monotonic()
-            if current.status == "COMPLETED" or await request.is_disconnected():
+            if current is not None and current.status == "COMPLETED" or await request.is_disconnected():
+                return
+            if getattr(request.app.state, "stopping", False):  # SIGTERM: end now, don't hold the shutdown
                 return
             await asyncio.sleep(STREAM_POLL_S)
 
@@ -299,7 +308,25 @@ async def result(request: Request, request_id: str) -> JSONResponse:
     queued = _get(request, request_id)
     if queued.status != "COMPLETED":
         return JSONResponse({"detail": "Request is still in progress"}, status_code=400)
-    return result_response(queued)
+    return result_response(served_here(request, queued))
+
+
+def served_here(request: Request, queued: QueuedRequest) -> QueuedRequest:
+    """With a shared queue and no FLUX2_PUBLIC_URL, output URLs under the `/files/` of the front-end that took the
+    submit point at this front-end instead (every front-end serves the same shared directory or bucket), so they
+    outlive the one that took it. The webhook, sent by the worker, keeps the submitting front-end's."""
+    the = services(request)
+    images = (queued.result or {}).get("images")
+    if the.settings.public_url or not the.store.distributed or not isinstance(images, list):
+        return queued
+    theirs, ours = queued.files_url.rstrip("/") + "/files/", str(request.base_url).rstrip("/") + "/files/"
+    moved = [
+        {**image, "url": ours + image["url"].removeprefix(theirs)}
+        if isinstance(image, dict) and str(image.get("url", "")).startswith(theirs)
+        else image
+        for image in images
+    ]
+    return dataclasses.replace(queued, result={**(queued.result or {}), "images": moved})
 
 
 async def cancel(request: Request, request_id: str) -> JSONResponse:

@@ -142,6 +142,13 @@ class JobTimedOut(InferenceError):
     error_type = "job_timeout"
 
 
+class StepTimedOut(JobTimedOut):
+    """One step of the job ran past FLUX2_STEP_TIMEOUT_S (a hung device or driver, a stalled disk): the job is
+    failed without waiting for the step to return."""
+
+    error_type = "step_timeout"
+
+
 class RequestCancelled(ServerError):
     """The caller cancelled the request (queued: at once; running: at its next step)."""
 
@@ -174,6 +181,13 @@ class WorkerCrashed(ServerError):
 RETRYABLE = frozenset({"out_of_memory", "internal_error"})
 
 
+# The error_types that are the worker's failing, not the request's (its model, its storage, its configuration, a
+# hung step): on a shared queue the request runs again on another worker, and a worker that fails this way many
+# times in a row takes itself out of rotation (server/queue/breaker.py). Bad input, a cancel, running out of memory
+# on a large request and the job's own time limit are the request's.
+WORKERS_FAULTS = frozenset({"internal_error", "inference_error", "unavailable", "step_timeout"})
+
+
 def retryable_headers(status: int, error_type: str | None) -> dict[str, str]:
     """`X-Fal-Retryable: true|false` on a 5xx answer (fal's header), nothing on any other."""
     return {"X-Fal-Retryable": str(error_type in RETRYABLE).lower()} if status >= 500 else {}
@@ -195,3 +209,8 @@ def answer_for(exc: BaseException) -> ErrorAnswer:
 def outcome(exc: BaseException | None) -> str:
     """The `outcome` label of flux2_jobs_total: "ok", or the error's fal error_type."""
     return "ok" if exc is None else answer_for(exc).error_type
+
+
+def workers_fault(exc: BaseException) -> bool:
+    """Whether a request that ended in `exc` failed because of the worker that ran it (WORKERS_FAULTS)."""
+    return answer_for(exc).error_type in WORKERS_FAULTS

@@ -27,7 +27,8 @@ def queue(request, tmp_path):
     if shutil.which("redis-server") is None:
         pytest.skip("needs Debian's redis-server binary")
     process, url = start_redis(tmp_path / "redis")
-    opened = open_queue(url, tmp_path, retention_s=1, visibility_timeout_s=30, consumer="contract")
+    # retry_elsewhere_s=0: a request released after a failure may come back to this (only) consumer at once
+    opened = open_queue(url, tmp_path, retention_s=1, visibility_timeout_s=30, consumer="contract", retry_elsewhere_s=0)
     yield opened
     opened.close()
     process.terminate()

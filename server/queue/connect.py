@@ -83,4 +83,6 @@ def open_configured_queue(settings, consumer: str) -> QueueBackend:
         settings.retention_s,
         visibility_timeout_s=settings.queue_visibility_timeout_s,
         consumer=consumer,
+        step_timeout_s=settings.step_timeout_s,
+        retry_elsewhere_s=settings.breaker_cooldown_s,
     )

@@ -10,6 +10,14 @@ A fault outside the model (anything but bad input, a cancel or an `InferenceErro
 failing on the request: it is logged, the dispatcher goes on, and the request is re-queued once. The queue counts
 every start (`attempts`), so a request that brings the whole process down (a segfault, the OOM killer) is failed
 when it is claimed a third time, instead of taking down every restart (or every worker) in turn.
+
+On a shared queue (Redis), failures that are the worker's own (`server.errors.WORKERS_FAULTS`: the model failing, a
+configuration that can't serve the request) re-queue the request for another worker too, and feed the worker's
+circuit breaker (server/queue/breaker.py), which takes it out of rotation after several in a row. A step that runs
+past FLUX2_STEP_TIMEOUT_S fails its job at once (the step watchdog), and the worker takes nothing new until the
+step returns. An outcome is recorded only by the holder of the request's claim: a worker whose claim lapsed (it
+stalled, another worker took the request over) stops at its next step, and deletes the files it wrote if it got
+that far.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 
 from pydantic import ValidationError
 
@@ -31,12 +39,15 @@ from server.errors import (
     RequestCancelled,
     ServerError,
     StartDeadlinePassed,
+    StepTimedOut,
     Unavailable,
     WorkerCrashed,
     answer_for,
+    workers_fault,
 )
 from server.logs import request_id_var
 from server.queue.backend import SYNC, QueueBackend, QueuedRequest
+from server.queue.breaker import CircuitBreaker
 from server.queue.webhooks import WebhookSender, webhook_payload
 from server.schemas import EditOutput
 from server.service.edit import EditService
@@ -69,6 +80,13 @@ class Dispatcher:
         self._waiters: dict[str, asyncio.Future[EditOutput]] = {}
         self.running = False  # in its loop (after the model loaded)
         self.died: str | None = None  # why the loop ended other than by `stop` (/health and /ready say so)
+        settings = service.settings
+        # on a shared queue only: with the embedded one, no other worker would take the requests over
+        self.breaker = CircuitBreaker(
+            settings.breaker_failures if store.distributed else 0, settings.breaker_cooldown_s
+        )
+        self._given_up: set[str] = set()  # runs the step watchdog failed: they stop at their next step
+        self._hung: dict[str, float] = {}  # ... and, until their step returns, since when (time.time())
 
     async def submit_and_wait(self, request_id: str, add: Callable[[], None]) -> EditOutput:
         """A sync request: `add` queues it (as `request_id`); its caller waits here for its output, or the error it
@@ -126,8 +144,36 @@ class Dispatcher:
         result = output.model_dump(mode="json")
         if waiter is not None:  # the caller gets the output itself; the row keeps it without inline images
             result["images"] = [{**image, "url": elided(image["url"])} for image in result["images"]]
-        if self.finish(request, 200, result, metrics=metrics) and waiter is not None and not waiter.done():
+        if not self.finish(request, 200, result, metrics=metrics):
+            self.discard(request, output)
+            return
+        self.breaker.succeeded()
+        if waiter is not None and not waiter.done():
             waiter.set_result(output)
+
+    def discard(self, request: QueuedRequest, output: EditOutput) -> None:
+        """This run's outcome was not recorded (the request was taken over by another worker while this one stalled,
+        or failed by the step watchdog): delete the files it wrote, which nothing refers to."""
+        names = [image.file_name for image in output.images if image.file_name and not image.url.startswith("data:")]
+        for name in names:
+            try:
+                self.service.outputs.storage.delete(name)
+            except Exception:
+                log.warning("request %s: could not delete the output file %s", request.id, name, exc_info=True)
+        log.warning(
+            "request %s: this run's result was not recorded (%s); its %d output file(s) were deleted",
+            request.id,
+            "another worker took the request over" if self.store.lease_lost(request.id) else "it already had one",
+            len(names),
+        )
+
+    def out_of_rotation(self) -> dict | None:
+        """Why this worker takes no request now (its heartbeat, /health), or None while it does."""
+        if self._hung:
+            request_id, since = next(iter(self._hung.items()))
+            reason = f"a step of request {request_id} has not returned (the step watchdog failed the request)"
+            return {"reason": reason, "since": since, "until": None}
+        return self.breaker.describe()
 
     def cancel(self, request: QueuedRequest) -> bool:
         """Cancel a queued request at once, or ask a running one to stop at its next step; False if finished."""
@@ -163,6 +209,9 @@ class Dispatcher:
 
     async def _loop(self) -> None:
         while not self.stopping:
+            if self.breaker.wait_s():  # out of rotation: other workers take the requests meanwhile
+                await asyncio.sleep(min(self.breaker.wait_s(), IDLE_RECHECK_S))
+                continue
             self._wakeup.clear()
             try:
                 request = self.store.claim(self.endpoint_ids)
@@ -208,6 +257,7 @@ class Dispatcher:
 
     def crashed(self, request: QueuedRequest, cause: str) -> None:
         """The worker failed while running `request`: re-queue it, or fail it once it has had MAX_ATTEMPTS."""
+        self.breaker.failed(cause)
         if (request.attempts or 0) < MAX_ATTEMPTS:
             self.store.log(request.id, f"The worker failed ({cause}); the request was re-queued.", "WARNING")
             log.warning("request %s re-queued after a worker failure: %s", request.id, cause)
@@ -245,17 +295,31 @@ class Dispatcher:
             self.fail(request, InvalidBody(json.loads(exc.json(include_url=False))))  # JSON-safe, like FastAPI's
             return
         started = time.perf_counter()
+        stepped = [time.monotonic()]  # when the run began, then when its last step ended: the step watchdog's clock
+
+        def on_progress(step: int, total: int) -> None:
+            stepped[0] = time.monotonic()
+            self._note(lambda: self.store.progress(request.id, step, total))  # renews the claim too
+
         try:
-            output = await self.service.edit(
+            run = self.service.edit(
                 endpoint.profile,
                 body,
                 request.files_url,
                 request.id,
                 on_log=lambda message: self._note(lambda: self.store.log(request.id, message)),
-                should_cancel=lambda: self.stopping or self.store.cancel_requested(request.id),
-                on_progress=lambda step, total: self._note(lambda: self.store.progress(request.id, step, total)),
+                should_cancel=lambda: (
+                    self.stopping or request.id in self._given_up or self.store.cancel_requested(request.id)
+                ),
+                on_progress=on_progress,
             )
+            output = await self._watched(request, run, stepped)
+            if output is None:  # the step watchdog failed it
+                return
         except Cancelled:
+            if self.store.lease_lost(request.id):  # another worker runs it now: nothing to record here
+                log.warning("request %s: stopped, another worker took it over while this one stalled", request.id)
+                return
             if self.stopping and request.id in self._waiters:  # its caller is answered, not kept waiting
                 self.fail(request, Unavailable("The server is stopping: the request was stopped; send it again."))
                 return
@@ -268,9 +332,58 @@ class Dispatcher:
         except ServerError as exc:  # bad input, refused as configured (Unavailable), or the model failed
             if isinstance(exc, InferenceError):
                 self.store.log(request.id, f"Inference failed: {exc}", "ERROR")
-            self.fail(request, exc)
+            self.failed(request, exc)
         else:
             self.succeed(request, output, {"inference_time": time.perf_counter() - started})
+
+    def failed(self, request: QueuedRequest, exc: ServerError) -> None:
+        """A run ended in `exc`. The worker's own failure (`workers_fault`) counts in its breaker and, on a shared
+        queue, sends the request to another worker (within MAX_ATTEMPTS, and not when its sync caller waits here);
+        anything else fails the request."""
+        if not workers_fault(exc):
+            self.fail(request, exc)
+            return
+        cause = answer_for(exc).message
+        self.breaker.failed(cause)
+        retry = self.store.distributed and request.id not in self._waiters and not isinstance(exc, StepTimedOut)
+        if retry and (request.attempts or 0) < MAX_ATTEMPTS:
+            self.store.log(request.id, f"This worker failed on the request ({cause}); it was re-queued.", "WARNING")
+            log.warning("request %s re-queued for another worker: %s", request.id, cause)
+            self.store.release(request.id, attempt_failed=True)
+            return
+        self.fail(request, exc)
+
+    async def _watched(self, request: QueuedRequest, run: Coroutine, stepped: list[float]) -> EditOutput | None:
+        """Await `run`, unless one of its steps takes longer than FLUX2_STEP_TIMEOUT_S (`stepped[0]`: when the last
+        one ended): then the step watchdog fails the request (StepTimedOut), this loop takes nothing new until the
+        step returns (the run then stops: `_given_up`), and None is returned."""
+        bound = self.service.settings.step_timeout_s
+        task = asyncio.ensure_future(run)
+        try:
+            if not bound:
+                return await task
+            while (left := stepped[0] + bound - time.monotonic()) > 0:
+                await asyncio.wait({task}, timeout=left)
+                if task.done():
+                    return task.result()
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        exc = StepTimedOut(f"a step ran longer than {bound:g} s (FLUX2_STEP_TIMEOUT_S): the worker hangs")
+        self.store.log(request.id, str(exc), "ERROR")
+        log.error("request %s: %s; no new request here until the step returns", request.id, exc)
+        self._given_up.add(request.id)
+        self.failed(request, exc)
+        self._hung[request.id] = time.time()
+        try:
+            while not task.done() and not self.stopping:
+                await asyncio.wait({task}, timeout=IDLE_RECHECK_S)
+        finally:
+            self._hung.pop(request.id, None)
+            self._given_up.discard(request.id)
+        if task.done() and not task.cancelled() and task.exception() is None:
+            self.discard(request, task.result())  # it finished after all: its files are not the recorded result
+        return None
 
 
 def elided(url: str) -> str:

@@ -225,6 +225,11 @@ class RequestStore:
     def cancel_requested(self, request_id: str) -> bool:
         return request_id in self._cancel_requested
 
+    def lease_lost(self, request_id: str) -> bool:
+        """Never: this process alone runs its queue, and no claim lapses (a run the step watchdog gave up on is
+        COMPLETED, and `complete` refuses a second outcome)."""
+        return False
+
     def heartbeat(self, worker_id: str, info: dict, ttl_s: float) -> None:
         self._workers[worker_id] = (time.time() + ttl_s, info)
 

@@ -169,6 +169,19 @@ class StartDeadlinePassed(ServerError):
         super().__init__(message)
 
 
+class SyncWaitTimedOut(ServerError):
+    """A sync call's result did not come within FLUX2_SYNC_TIMEOUT_S: its request was cancelled."""
+
+    status = 504
+    error_type = "request_timeout"
+
+    def __init__(self, timeout_s: float):
+        super().__init__(
+            f"No result within {timeout_s:g} s (FLUX2_SYNC_TIMEOUT_S): the request was cancelled. Use the queue API "
+            "(POST /queue/fal-ai/flux-2/...) for requests that may wait longer."
+        )
+
+
 class WorkerCrashed(ServerError):
     """The worker failed on this request (or died while running it) too many times; it is not retried."""
 

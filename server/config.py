@@ -147,8 +147,8 @@ class Settings(BaseSettings):
     )
     sync_timeout_s: float = Field(
         3600.0,
-        description="seconds a sync call through a front-end waits for its result; then the request is cancelled and "
-        "the call answered 504 (use the queue API for longer jobs)",
+        description="seconds a sync call waits for its result (queue wait included); then its request is cancelled "
+        "and the call answered 504 (use the queue API for longer jobs). A caller that disconnects cancels it too",
     )
     supervise: bool = Field(
         True,

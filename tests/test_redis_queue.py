@@ -195,7 +195,10 @@ def test_only_the_current_lease_holder_records_an_outcome(redis_url):
     stalled.progress("r", 3, 4)  # it comes back: its progress is refused, and it learns it lost the request
     assert stalled.lease_lost("r") and stalled.cancel_requested("r")  # its run stops at this step
     assert other.get("r").progress_step is None and not other.lease_lost("r")
-    assert not stalled.complete("r", 200, {"images": ["stale"]})  # fenced, though the request has no outcome yet
+    delivery = {"request_id": "r", "url": "http://hook", "body": "{}", "attempts_made": 0, "next_at": 0}
+    # fenced, though the request has no outcome yet; and its webhook is not kept either
+    assert not stalled.complete("r", 200, {"images": ["stale"]}, webhook=delivery, webhook_lease_s=60)
+    assert not other.redis.hexists("flux2:webhooks", "r")
     assert other.get("r").status == "IN_PROGRESS"
     other.progress("r", 1, 4)
     assert other.get("r").progress_step == 1

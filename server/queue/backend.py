@@ -120,8 +120,13 @@ class QueueBackend(Protocol):
         error_type: str | None = None,
         metrics: dict | None = None,
         only_if_queued: bool = False,
+        webhook: dict | None = None,
+        webhook_lease_s: float = 0.0,
     ) -> bool:
-        """Record the outcome once: False if it already has one (or, with `only_if_queued`, has started)."""
+        """Record the outcome once: False if it already has one (or, with `only_if_queued`, has started), or if a
+        worker holds the request's claim and the caller does not (fenced). With `webhook`, its delivery is kept in
+        the same atomic step (as `save_webhook`, leased to the caller for `webhook_lease_s`): a recorded outcome
+        never lacks its pending webhook, and a run that is not recorded sends none."""
 
     def log(self, request_id: str, message: str, level: str = "INFO") -> None: ...
 

@@ -116,15 +116,21 @@ class Dispatcher:
         metrics: dict | None = None,
         only_if_queued: bool = False,
     ) -> bool:
-        """Record a request's outcome and send its webhook; False if it had already finished (or started, with
-        `only_if_queued`)."""
-        if not self.store.complete(request.id, status_code, result, error, error_type, metrics, only_if_queued):
+        """Record a request's outcome and send its webhook (kept in the queue with the outcome, in one step); False
+        if it had already finished (or started, with `only_if_queued`), or this worker's claim on it was taken over."""
+        delivery = None
+        if request.webhook_url and self.webhooks is not None:
+            delivery = self.webhooks.delivery(request.webhook_url, webhook_payload(request.id, status_code, result))
+        lease_s = self.webhooks.lease_s(delivery) if self.webhooks is not None and delivery is not None else 0.0
+        if not self.store.complete(
+            request.id, status_code, result, error, error_type, metrics, only_if_queued, delivery, lease_s
+        ):
             return False
         outcome = "ok" if status_code == 200 else error_type or "internal_error"  # error_type: from answer_for
         mode = "sync" if request.id in self._waiters else "queue"
         self.service.metrics.job_finished(request.endpoint_id, mode, outcome, time.time() - request.created_at)
-        if request.webhook_url and self.webhooks is not None:
-            self.webhooks.send(request.webhook_url, webhook_payload(request.id, status_code, result))
+        if delivery is not None and self.webhooks is not None:
+            self.webhooks.deliver(delivery)
         return True
 
     def fail(self, request: QueuedRequest, error: BaseException, only_if_queued: bool = False) -> bool:

@@ -142,9 +142,11 @@ end
 return {false, last}
 """
 
-# KEYS: request hash, its logs, its cancel flag; ARGV: only_if_queued, retention (s), the caller's lease ('' if it
-# holds none), then field/value pairs. Returns 1 if recorded, 0 if it already has an outcome (or, only_if_queued,
-# has started), -1 if it runs under a lease the caller does not hold (fenced: another worker took it over).
+# KEYS: request hash, its logs, its cancel flag, the pending webhooks, its webhook's lease; ARGV: only_if_queued,
+# retention (s), the caller's lease ('' if it holds none), its webhook delivery (JSON, or ''), the delivery's lease
+# (ms), this consumer, then field/value pairs. Returns 1 if recorded (with its webhook delivery kept, in the same
+# step), 0 if it already has an outcome (or, only_if_queued, has started), -1 if it runs under a lease the caller
+# does not hold (fenced: another worker took it over).
 COMPLETE = """
 local r = redis.call('HMGET', KEYS[1], 'status', 'lease')
 local status = r[1]
@@ -152,7 +154,11 @@ if not status or status == 'COMPLETED' then return 0 end
 if ARGV[1] == '1' and status ~= 'IN_QUEUE' then return 0 end
 if (ARGV[3] ~= '' or status == 'IN_PROGRESS') and (status ~= 'IN_PROGRESS' or r[2] ~= ARGV[3]) then return -1 end
 redis.call('HDEL', KEYS[1], 'error', 'error_type')
-redis.call('HSET', KEYS[1], 'status', 'COMPLETED', unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], 'status', 'COMPLETED', unpack(ARGV, 7))
+if ARGV[4] ~= '' then
+  redis.call('HSET', KEYS[4], redis.call('HGET', KEYS[1], 'id'), ARGV[4])
+  redis.call('SET', KEYS[5], ARGV[6], 'PX', ARGV[5])
+end
 local place = redis.call('HMGET', KEYS[1], 'stream', 'entry')
 redis.call('XACK', place[1], 'workers', place[2])
 redis.call('XDEL', place[1], place[2])
@@ -462,6 +468,8 @@ class RedisQueue:
         error_type: str | None = None,
         metrics: dict | None = None,
         only_if_queued: bool = False,
+        webhook: dict | None = None,
+        webhook_lease_s: float = 0.0,
     ) -> bool:
         fields = {
             "completed_at": time.time(),
@@ -473,8 +481,11 @@ class RedisQueue:
         }
         pairs = [x for k, v in fields.items() if v is not None for x in (k, _encode(v))]
         keys = [self._key(request_id), f"{PREFIX}logs:{request_id}", f"{PREFIX}cancel:{request_id}"]
+        keys += [f"{PREFIX}webhooks", f"{PREFIX}webhook-lease:{request_id}"]
         lease = "" if only_if_queued else self._claimed.get(request_id, "")
-        recorded = self._complete(keys=keys, args=["1" if only_if_queued else "0", self.retention_s, lease, *pairs])
+        delivery = json.dumps(webhook) if webhook is not None else ""
+        args = ["1" if only_if_queued else "0", self.retention_s, lease, delivery, max(1, int(webhook_lease_s * 1000))]
+        recorded = self._complete(keys=keys, args=[*args, self.consumer, *pairs])
         if recorded == 1:
             self.redis.publish(COMPLETED_CHANNEL, request_id)  # wakes the front-end a sync caller waits on
         if recorded == -1:  # fenced: another worker holds its lease now

@@ -75,19 +75,32 @@ class WebhookSender:
         self._resumer = asyncio.create_task(self._resume_forever(), name="webhook resumer")
 
     def send(self, url: str, payload: dict) -> None:
-        delivery = {
+        """Keep the delivery in the queue, then make it."""
+        delivery = self.delivery(url, payload)
+        self._keep(delivery)
+        self.deliver(delivery)
+
+    @staticmethod
+    def delivery(url: str, payload: dict) -> dict:
+        """A new delivery of `payload` to `url`, as the queue keeps it until it is made."""
+        return {
             "request_id": payload["request_id"],
             "url": url,
             "body": json.dumps(payload),
             "attempts_made": 0,
             "next_at": time.time(),
         }
-        self._keep(delivery)
+
+    def lease_s(self, delivery: dict) -> float:
+        """How long this process holds `delivery`: until its next attempt is due, and `lease_margin_s`."""
+        return max(0.0, delivery["next_at"] - time.time()) + self.lease_margin_s
+
+    def deliver(self, delivery: dict) -> None:
+        """Make a delivery already kept in the queue (by `complete` with the outcome it reports, or `send`)."""
         self._spawn(delivery)
 
     def _keep(self, delivery: dict) -> None:
-        lease_s = max(0.0, delivery["next_at"] - time.time()) + self.lease_margin_s
-        self.store.save_webhook(delivery["request_id"], delivery, lease_s)
+        self.store.save_webhook(delivery["request_id"], delivery, self.lease_s(delivery))
 
     def _spawn(self, delivery: dict) -> None:
         task = asyncio.create_task(self._deliver(delivery), name=f"webhook {delivery['request_id']}")

@@ -263,6 +263,8 @@ class Dispatcher:
 
     def crashed(self, request: QueuedRequest, cause: str) -> None:
         """The worker failed while running `request`: re-queue it, or fail it once it has had MAX_ATTEMPTS."""
+        if self._taken_over(request):
+            return
         self.breaker.failed(cause)
         if (request.attempts or 0) < MAX_ATTEMPTS:
             self.store.log(request.id, f"The worker failed ({cause}); the request was re-queued.", "WARNING")
@@ -346,6 +348,8 @@ class Dispatcher:
         """A run ended in `exc`. The worker's own failure (`workers_fault`) counts in its breaker and, on a shared
         queue, sends the request to another worker (within MAX_ATTEMPTS, and not when its sync caller waits here);
         anything else fails the request."""
+        if self._taken_over(request):
+            return
         if not workers_fault(exc):
             self.fail(request, exc)
             return
@@ -358,6 +362,13 @@ class Dispatcher:
             self.store.release(request.id, attempt_failed=True)
             return
         self.fail(request, exc)
+
+    def _taken_over(self, request: QueuedRequest) -> bool:
+        """Whether another worker took `request` over while this one stalled: nothing of this run is recorded."""
+        if not self.store.lease_lost(request.id):
+            return False
+        log.warning("request %s: this run is not recorded: another worker took the request over", request.id)
+        return True
 
     async def _watched(self, request: QueuedRequest, run: Coroutine, stepped: list[float]) -> EditOutput | None:
         """Await `run`, unless one of its steps takes longer than FLUX2_STEP_TIMEOUT_S (`stepped[0]`: when the last

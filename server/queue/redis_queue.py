@@ -456,7 +456,7 @@ class RedisQueue:
             return
         uncount = 0 if attempt_failed else 1
         elsewhere = str(time.time() + self.retry_elsewhere_s) if attempt_failed else ""
-        args = [self.consumer, self.visibility_ms + 1, 1, uncount, lease, elsewhere]
+        args: list[str | int] = [self.consumer, self.visibility_ms + 1, 1, uncount, lease, elsewhere]
         self._touch(keys=[self._key(request_id)], args=args)
 
     def complete(

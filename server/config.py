@@ -124,6 +124,12 @@ class Settings(BaseSettings):
         14.0, description="first webhook retry delay in seconds (doubling: 10 attempts over about 2 hours, as fal)"
     )
     webhook_attempts: int = Field(10, description="attempts per webhook delivery (fal: 10)")
+    webhook_timeout_s: float = Field(10.0, description="seconds one webhook delivery attempt may take")
+    webhook_resume_every_s: float = Field(
+        30.0,
+        description="seconds between looks for webhook deliveries left by a process that stopped; any process on the "
+        "queue resumes one once its lease ran out (its next attempt + WEBHOOK_TIMEOUT_S + this)",
+    )
     webhook_user_id: str = Field(
         "flux2-server", description="the user id webhooks are signed for (`X-Fal-Webhook-User-Id`; fal: your account)"
     )
@@ -132,6 +138,28 @@ class Settings(BaseSettings):
     )
     job_timeout_s: float | None = Field(
         1800.0, description="seconds a job may run; a job running longer is stopped at its next step and failed (504)"
+    )
+    step_timeout_s: float | None = Field(
+        600.0,
+        description="seconds one denoising step may take (the first: with fetching the inputs and encoding the prompt; "
+        "the last: with storing the files); a job past it is failed (504) and this worker takes nothing new until "
+        "the step returns. With Redis, its claim is no longer renewed either",
+    )
+    breaker_failures: int = Field(
+        3,
+        description="Redis: after this many failures in a row that are the worker's (not the input's), it stops taking "
+        "requests for BREAKER_COOLDOWN_S (/health: `out_of_rotation`); the requests it failed run on other workers. "
+        "0: never",
+    )
+    breaker_cooldown_s: float = Field(
+        60.0,
+        description="Redis: seconds a worker stays out of rotation; then it tries one request (a failure: out again). "
+        "Also how long other workers get first go at a request it failed",
+    )
+    sync_timeout_s: float = Field(
+        3600.0,
+        description="seconds a sync call waits for its result (queue wait included); then its request is cancelled "
+        "and the call answered 504 (use the queue API for longer jobs). A caller that disconnects cancels it too",
     )
     supervise: bool = Field(
         True,

@@ -153,6 +153,13 @@ class JobTimedOut(InferenceError):
     error_type = "job_timeout"
 
 
+class StepTimedOut(JobTimedOut):
+    """One step of the job ran past FLUX2_STEP_TIMEOUT_S (a hung device or driver, a stalled disk): the job is
+    failed without waiting for the step to return."""
+
+    error_type = "step_timeout"
+
+
 class RequestCancelled(ServerError):
     """The caller cancelled the request (queued: at once; running: at its next step)."""
 
@@ -173,6 +180,19 @@ class StartDeadlinePassed(ServerError):
         super().__init__(message)
 
 
+class SyncWaitTimedOut(ServerError):
+    """A sync call's result did not come within FLUX2_SYNC_TIMEOUT_S: its request was cancelled."""
+
+    status = 504
+    error_type = "request_timeout"
+
+    def __init__(self, timeout_s: float):
+        super().__init__(
+            f"No result within {timeout_s:g} s (FLUX2_SYNC_TIMEOUT_S): the request was cancelled. Use the queue API "
+            "(POST /queue/fal-ai/flux-2/...) for requests that may wait longer."
+        )
+
+
 class WorkerCrashed(ServerError):
     """The worker failed on this request (or died while running it) too many times; it is not retried."""
 
@@ -183,6 +203,13 @@ class WorkerCrashed(ServerError):
 # The 5xx error_types that may well succeed if the same request is sent again (the device's memory was released; a
 # fault outside the model; the queue back). Every 5xx answer says which it is in fal's `X-Fal-Retryable` header.
 RETRYABLE = frozenset({"out_of_memory", "internal_error", "queue_unavailable"})
+
+
+# The error_types that are the worker's failing, not the request's (its model, its storage, its configuration, a
+# hung step): on a shared queue the request runs again on another worker, and a worker that fails this way many
+# times in a row takes itself out of rotation (server/queue/breaker.py). Bad input, a cancel, running out of memory
+# on a large request and the job's own time limit are the request's.
+WORKERS_FAULTS = frozenset({"internal_error", "inference_error", "unavailable", "step_timeout"})
 
 
 def retryable_headers(status: int, error_type: str | None) -> dict[str, str]:
@@ -206,3 +233,8 @@ def answer_for(exc: BaseException) -> ErrorAnswer:
 def outcome(exc: BaseException | None) -> str:
     """The `outcome` label of flux2_jobs_total: "ok", or the error's fal error_type."""
     return "ok" if exc is None else answer_for(exc).error_type
+
+
+def workers_fault(exc: BaseException) -> bool:
+    """Whether a request that ended in `exc` failed because of the worker that ran it (WORKERS_FAULTS)."""
+    return answer_for(exc).error_type in WORKERS_FAULTS

@@ -61,7 +61,11 @@ class Services:
         if self.model.state is not ModelState.LOADED:
             return
         started, runner = time.time(), self.model.runner
-        info = lambda: worker_info(runner, self.profiles, started)
+        # out_of_rotation: why it takes no request now (its circuit breaker, a hung step), or None
+        info = lambda: {
+            **worker_info(runner, self.profiles, started),
+            "out_of_rotation": self.dispatcher.out_of_rotation(),
+        }
         await advertise(self.store, self.worker_id, info, self.settings.worker_heartbeat_ttl_s)
 
 
@@ -86,7 +90,15 @@ async def open_services(
     try:
         async with outbound_client(settings) as client:
             signer = WebhookSigner.load_or_create(settings.data_dir, settings.webhook_user_id)
-            webhooks = WebhookSender(client, store, signer, settings.webhook_backoff_s, settings.webhook_attempts)
+            webhooks = WebhookSender(
+                client,
+                store,
+                signer,
+                settings.webhook_backoff_s,
+                settings.webhook_attempts,
+                settings.webhook_resume_every_s,
+                settings.webhook_timeout_s,
+            )
             webhooks.start()  # and picks up deliveries a stopped process left
             edits = EditService(settings, model, outputs, client, metrics)
             try:

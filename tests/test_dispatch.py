@@ -5,6 +5,8 @@ images never go into the queue row; cancel, OOM and failures answer as the API s
 from __future__ import annotations
 
 import json
+import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,6 +14,8 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from benchmarks.loopback import start_redis
+from pipelines import Cancelled
 from tests.conftest import data_uri, image_bytes
 from tests.fake_editor import FakeEditor
 
@@ -198,3 +202,93 @@ def test_no_new_requests_or_uploads_below_the_free_space_floor(fake_server):
     target = client.post("/storage/upload/initiate", json={"content_type": "image/png"}).json()
     app.state.services.settings.min_free_disk_bytes = shutil.disk_usage(data_dir).free + 2**30
     assert client.put(target["upload_url"], content=image_bytes()).status_code == 507
+
+
+class HangingEditor(FakeEditor):
+    """Its first call hangs inside a step (a hung device or driver) until `unhang` is set; later calls run."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.unhang = threading.Event()
+
+    def edit(self, call):
+        if not self.calls:
+            self.calls.append(call)
+            self.unhang.wait(60)
+            call.on_step(1, 4)
+            if call.should_cancel():
+                raise Cancelled()
+            raise AssertionError("a run the step watchdog gave up on must stop at its next step")
+        return super().edit(call)
+
+
+def test_a_step_past_the_step_timeout_fails_its_job_and_nothing_new_starts_until_it_returns(fake_server):
+    editor = HangingEditor()
+    client, _ = fake_server(editor, step_timeout_s=0.5, worker_heartbeat_ttl_s=0.3)
+    hung = client.post(f"/queue/{FLASH}", json=BODY).json()
+    after = client.post(f"/queue/{FLASH}", json={**BODY, "seed": 2}).json()
+    done = wait_status(client, hung, "COMPLETED")  # failed by the watchdog, though its step never returned
+    assert done["error_type"] == "step_timeout" and "FLUX2_STEP_TIMEOUT_S" in done["error"]
+    answer = client.get(hung["response_url"])
+    assert answer.status_code == 504 and answer.headers["x-fal-retryable"] == "false"
+    deadline = time.monotonic() + 30
+    while not (worker := client.get("/health").json()["workers"][0])["out_of_rotation"]:
+        assert time.monotonic() < deadline, worker
+        time.sleep(0.05)
+    assert "has not returned" in worker["out_of_rotation"]["reason"]
+    time.sleep(0.3)
+    assert client.get(after["status_url"]).json()["status"] == "IN_QUEUE"  # the model is still busy: not claimed
+    editor.unhang.set()  # the step returns: that run stops there, and the next request runs
+    assert wait_status(client, after, "COMPLETED")["error"] is None
+    assert len(editor.calls) == 2
+    assert client.get(hung["status_url"]).json()["error_type"] == "step_timeout"  # recorded once
+
+
+def test_a_sync_call_past_the_sync_timeout_is_answered_504_and_its_request_cancelled(fake_server):
+    editor = FakeEditor(step_s=0.1)
+    client, app = fake_server(editor, sync_timeout_s=0.5)
+    answer = client.post("/fal-ai/flux-2/edit", json={**BODY, "num_inference_steps": 50})
+    assert answer.status_code == 504 and "FLUX2_SYNC_TIMEOUT_S" in answer.json()["detail"]
+    row = app.state.services.store.get(answer.headers["x-fal-request-id"])
+    deadline = time.monotonic() + 30
+    while row.status != "COMPLETED":  # it stops at its next step
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+        row = app.state.services.store.get(row.id)
+    assert row.error_type == "request_cancelled" and row.progress_step < 50
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    if shutil.which("redis-server") is None:
+        pytest.skip("needs Debian's redis-server binary")
+    process, url = start_redis(tmp_path / "redis")
+    yield url
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def test_a_broken_worker_goes_out_of_rotation_and_its_requests_run_elsewhere(fake_server, redis_url):
+    """Two servers with models on one Redis queue: one whose model fails every job. After two failures in a row
+    it takes itself out of rotation (/health says why); the requests it failed run on the other, and succeed."""
+    shared = {"queue": redis_url, "breaker_failures": 2, "breaker_cooldown_s": 60, "worker_heartbeat_ttl_s": 0.3}
+    broken_client, _ = fake_server(FakeEditor(fail_with=RuntimeError("GPU fell off the bus")), **shared)
+    handles = [broken_client.post(f"/queue/{FLASH}", json={**BODY, "seed": i}).json() for i in range(3)]
+    deadline = time.monotonic() + 30
+    while not (out := [w for w in broken_client.get("/health").json()["workers"] if w["out_of_rotation"]]):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert out[0]["out_of_rotation"]["failures"] == 2
+    assert "GPU fell off the bus" in out[0]["out_of_rotation"]["reason"]
+    good = FakeEditor()
+    good_client, _ = fake_server(good, **shared)
+    for handle in handles:
+        done = wait_status(good_client, handle, "COMPLETED")
+        assert done["error"] is None, done
+    assert sorted(call.seed for call in good.calls) == [0, 1, 2]
+    requeued = [h for h in handles if any("re-queued" in line["message"] for line in logs_of(good_client, h))]
+    assert len(requeued) == 2  # the two the broken worker failed: run again, not failed
+
+
+def logs_of(client: TestClient, handle: dict) -> list[dict]:
+    return client.get(handle["status_url"], params={"logs": 1}).json()["logs"]

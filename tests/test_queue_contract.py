@@ -27,7 +27,8 @@ def queue(request, tmp_path):
     if shutil.which("redis-server") is None:
         pytest.skip("needs Debian's redis-server binary")
     process, url = start_redis(tmp_path / "redis")
-    opened = open_queue(url, tmp_path, retention_s=1, visibility_timeout_s=30, consumer="contract")
+    # retry_elsewhere_s=0: a request released after a failure may come back to this (only) consumer at once
+    opened = open_queue(url, tmp_path, retention_s=1, visibility_timeout_s=30, consumer="contract", retry_elsewhere_s=0)
     yield opened
     opened.close()
     process.terminate()
@@ -62,6 +63,20 @@ def test_an_outcome_is_recorded_exactly_once(queue):
     add(queue, "s")
     queue.claim(ALL)
     assert queue.complete("s", 400, {}, only_if_queued=True) is False  # started: not a queued cancel
+
+
+def test_an_outcome_and_its_webhook_delivery_are_kept_in_one_step(queue):
+    """A worker that dies right after recording an outcome leaves its webhook to another process, never lost."""
+    add(queue, "r")
+    queue.claim(ALL)
+    delivery = {"request_id": "r", "url": "http://hook", "body": "{}", "attempts_made": 0, "next_at": 1.0}
+    assert queue.complete("r", 200, {}, webhook=delivery, webhook_lease_s=0.05)
+    time.sleep(0.1)  # the recorder died: its lease on the delivery runs out
+    assert queue.take_webhooks(lease_s=60) == [delivery]
+    queue.webhook_done("r")
+    assert not queue.complete("r", 500, {}, webhook={**delivery, "body": "late"}, webhook_lease_s=0)  # no second
+    time.sleep(0.05)
+    assert queue.take_webhooks(lease_s=60) == []
 
 
 def test_a_failed_attempt_goes_back_to_the_queue_counted(queue):

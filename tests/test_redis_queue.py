@@ -1,5 +1,6 @@
 """The Redis queue backend against a real redis-server on loopback, in-process (no model): ordering, positions,
-profiles, exactly-once completion, cancel flags, abandoned and released requests, heartbeats, retention."""
+profiles, exactly-once completion, cancel flags, abandoned and released requests, heartbeats, retention; fencing
+(only the current claim's holder records an outcome), renewal by progress, the shared lease."""
 
 from __future__ import annotations
 
@@ -7,13 +8,18 @@ import asyncio
 import json
 import shutil
 import time
+from types import SimpleNamespace
 
 import pytest
 import redis
 
 from benchmarks.loopback import start_redis
+from server.config import Settings
+from server.files.storage import LocalStorage
 from server.queue.backend import QueueBackend
 from server.queue.connect import open_queue
+from server.queue.dispatcher import Dispatcher
+from server.schemas import EditOutput, ImageFile
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs Debian's redis-server binary")
 
@@ -372,3 +378,139 @@ def test_a_tls_redis_with_its_own_ca(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+# Fencing and leases (issue 19, items 8 and 9): only the holder of a request's current claim records its outcome;
+# progress renews the claim; a claim whose step hangs stops being renewed; all workers share one lease.
+
+
+def test_only_the_current_lease_holder_records_an_outcome(redis_url):
+    stalled, other = queue(redis_url, "stalled"), queue(redis_url, "other")
+    add(stalled, "r")
+    assert stalled.claim(ALL).id == "r"
+    stalled._closing.set()  # it stalls (a SIGSTOPped process): its claim is not renewed
+    time.sleep(1.2)
+    assert other.claim(ALL).id == "r"  # taken over: the claim's lease (fencing token) is now `other`'s
+    assert other.redis.hget("flux2:req:r", "lease") == "2"
+    stalled.progress("r", 3, 4)  # it comes back: its progress is refused, and it learns it lost the request
+    assert stalled.lease_lost("r") and stalled.cancel_requested("r")  # its run stops at this step
+    assert other.get("r").progress_step is None and not other.lease_lost("r")
+    delivery = {"request_id": "r", "url": "http://hook", "body": "{}", "attempts_made": 0, "next_at": 0}
+    # fenced, though the request has no outcome yet; and its webhook is not kept either
+    assert not stalled.complete("r", 200, {"images": ["stale"]}, webhook=delivery, webhook_lease_s=60)
+    assert not other.redis.hexists("flux2:webhooks", "r")
+    assert other.get("r").status == "IN_PROGRESS"
+    other.progress("r", 1, 4)
+    assert other.get("r").progress_step == 1
+    assert other.complete("r", 200, {"images": []})
+    assert other.get("r").result == {"images": []}
+
+
+def test_a_stale_claim_can_not_release_or_renew_the_new_one(redis_url):
+    stalled, other = queue(redis_url, "stalled"), queue(redis_url, "other")
+    add(stalled, "r")
+    stalled.claim(ALL)
+    stalled._closing.set()
+    time.sleep(1.2)
+    assert other.claim(ALL).id == "r"
+    stalled.release("r", attempt_failed=True)  # its failure handling, late: it must not requeue `other`'s run
+    assert other.get("r").status == "IN_PROGRESS"
+    assert other.complete("r", 200, {})
+
+
+def test_progress_renews_the_claim(redis_url):
+    busy, other = queue(redis_url, "busy"), queue(redis_url, "other")
+    add(busy, "r")
+    assert busy.claim(ALL).id == "r"
+    busy._closing.set()  # no renewal by the timer thread: only by the steps
+    for step in range(1, 5):
+        time.sleep(0.4)
+        busy.progress("r", step, 4)
+        assert other.claim(ALL) is None  # 1.6 s in all, past the 1 s lease: each step renewed it
+    assert busy.complete("r", 200, {})
+
+
+def test_a_claim_whose_step_hangs_is_not_renewed_past_the_step_timeout(redis_url):
+    hung = open_queue(redis_url, None, retention_s=60, visibility_timeout_s=1.0, consumer="hung", step_timeout_s=0.5)
+    OPENED.append(hung)
+    other = queue(redis_url, "other")
+    add(hung, "r")
+    assert hung.claim(ALL).id == "r"  # ... and no step ever ends; its timer thread runs every 0.33 s
+    time.sleep(0.8)
+    assert other.claim(ALL) is None  # renewed while the step is within its bound
+    time.sleep(1.2)
+    assert other.claim(ALL).id == "r"  # then not: another worker takes it over
+
+
+def test_every_worker_uses_the_lease_the_first_one_stored(redis_url):
+    first = queue(redis_url, "first")  # 1 s
+    add(first, "r")
+    assert first.claim(ALL).id == "r"  # the first claim stores its lease: flux2:lease-ms
+    assert first.redis.get("flux2:lease-ms") == "1000"
+    first._closing.set()  # no renewal for a while
+    impatient = open_queue(redis_url, None, retention_s=60, visibility_timeout_s=0.1, consumer="impatient")
+    OPENED.append(impatient)
+    time.sleep(0.4)  # past the impatient worker's own setting, within the shared lease
+    assert impatient.claim(ALL) is None and impatient.visibility_ms == 1000  # it adopted the shared lease
+    time.sleep(0.8)
+    assert impatient.claim(ALL).id == "r"  # past the shared lease: abandoned
+
+
+def test_a_request_a_worker_failed_goes_to_another_worker_first(redis_url):
+    broken = open_queue(redis_url, None, retention_s=60, visibility_timeout_s=1.0, consumer="b", retry_elsewhere_s=0.5)
+    OPENED.append(broken)
+    good = queue(redis_url, "good")
+    for name in ("r", "s", "t"):
+        add(broken, name)
+    assert broken.claim(ALL).id == "r"
+    broken.release("r", attempt_failed=True)  # its own failure (its model, its storage)
+    assert broken.get("r").status == "IN_QUEUE"
+    assert broken.claim(ALL).id == "s"  # not `r` again: left to other workers for a while
+    taken = good.claim(ALL)
+    assert taken.id == "r" and taken.attempts == 2
+    broken.release("s", attempt_failed=True)
+    time.sleep(0.6)  # no other worker took `s` within the while: its own turn again (within the attempts limit)
+    again = broken.claim(ALL)
+    assert again.id == "s" and again.attempts == 2
+
+
+def test_a_stalled_workers_result_is_refused_and_its_files_deleted(redis_url, tmp_path):
+    """The dispatcher of a worker that stalled after writing its output, while another worker took the request
+    over, comes back first: its result is not recorded, its file is deleted, and the other worker's is recorded."""
+    stalled, other = queue(redis_url, "stalled"), queue(redis_url, "other")
+    storage = LocalStorage(tmp_path / "files")
+    written = tmp_path / "files" / "stale.png"
+
+    class Service:  # the edit service as the dispatcher sees it: its run writes a file, then stalls
+        settings = Settings(data_dir=tmp_path)
+        outputs = SimpleNamespace(storage=storage)
+        metrics = SimpleNamespace(job_finished=lambda *args: None)
+        resume: asyncio.Event
+
+        async def edit(self, *args, **kwargs) -> EditOutput:
+            storage.put("stale.png", b"png", "image/png")
+            await self.resume.wait()
+            image = ImageFile(url="http://fe/files/stale.png", file_name="stale.png")
+            return EditOutput(images=[image], timings={}, seed=1, has_nsfw_concepts=[False], prompt="p")
+
+    body = json.dumps({"prompt": "p", "image_urls": ["http://fe/files/in.png"]})
+    stalled.add("r", FLASH, body, 0, "http://fe/queue/fal-ai/flux-2", "http://fe/", None, None)
+
+    async def scenario():
+        service = Service()
+        service.resume = asyncio.Event()
+        dispatcher = Dispatcher(stalled, service, None)  # type: ignore[arg-type]
+        running = asyncio.create_task(dispatcher._run(stalled.claim(ALL)))
+        while not written.exists():
+            await asyncio.sleep(0.01)
+        stalled._closing.set()  # it stalls while encoding: its claim is not renewed
+        await asyncio.sleep(1.2)
+        assert other.claim(ALL).id == "r"
+        service.resume.set()  # it comes back before the other worker finishes
+        await running
+
+    asyncio.run(scenario())
+    assert not written.exists()  # the loser's output: deleted
+    assert other.get("r").status == "IN_PROGRESS"  # not recorded
+    assert other.complete("r", 200, {"images": []})
+    assert other.get("r").result == {"images": []}

@@ -132,9 +132,8 @@ def test_a_webhook_url_the_guard_refuses_is_a_422_at_submit(tiny_weights, tmp_pa
         process.wait(timeout=30)
 
 
-def test_a_pending_delivery_is_made_by_the_next_process(tmp_path, monkeypatch):
+def test_a_pending_delivery_is_made_by_the_next_process(tmp_path):
     """A delivery that failed is kept in the queue; when its process stops, the next one to start makes it."""
-    monkeypatch.setattr(webhooks, "LEASE_MARGIN_S", 0.05)
     receiver = Receiver(failures=1)
     signer = WebhookSigner.load_or_create(tmp_path, "user-1")
     payload = webhooks.webhook_payload("req-1", 200, {"images": []})
@@ -142,7 +141,7 @@ def test_a_pending_delivery_is_made_by_the_next_process(tmp_path, monkeypatch):
     async def first_then_second_process():
         store = open_queue(None, tmp_path, retention_s=60)
         async with httpx.AsyncClient() as client:
-            first = webhooks.WebhookSender(client, store, signer, backoff_s=0.5, resume_every_s=0.05)
+            first = webhooks.WebhookSender(client, store, signer, backoff_s=0.5, resume_every_s=0.05, timeout_s=0.5)
             first.send(receiver.url, payload)
             while not receiver.attempts:
                 await asyncio.sleep(0.01)
@@ -151,7 +150,7 @@ def test_a_pending_delivery_is_made_by_the_next_process(tmp_path, monkeypatch):
         assert len(receiver.attempts) == 1
         store = open_queue(None, tmp_path, retention_s=60)  # the queue as the next process opens it
         async with httpx.AsyncClient() as client:
-            second = webhooks.WebhookSender(client, store, signer, backoff_s=0.5, resume_every_s=0.05)
+            second = webhooks.WebhookSender(client, store, signer, backoff_s=0.5, resume_every_s=0.05, timeout_s=0.5)
             second.start()
             while len(receiver.attempts) < 2:
                 await asyncio.sleep(0.01)

@@ -37,6 +37,7 @@ HTTP_ONLY = {
     "min_free_disk_bytes",
     "rate_limit",
     "max_pending_per_key",
+    "sync_timeout_s",
 }
 
 

@@ -68,6 +68,9 @@ class FileStorage(Protocol):
     def sweep(self, older_than: float) -> int:
         """Delete files last written before this time; returns how many."""
 
+    def delete(self, name: str) -> None:
+        """Delete one file (nothing if there is none): the output of a run whose result was not recorded."""
+
 
 class LocalStorage:
     def __init__(self, directory: Path):
@@ -102,6 +105,10 @@ class LocalStorage:
         content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
         chunks = iter(lambda: file.read(CHUNK_BYTES), b"")
         return StoredFile(path.stat().st_size, content_type, chunks, file.close)
+
+    def delete(self, name: str) -> None:
+        if "/" not in name:
+            (self.local_dir / name).unlink(missing_ok=True)
 
     def sweep(self, older_than: float) -> int:
         old = [f for f in self.local_dir.iterdir() if f.is_file() and f.stat().st_mtime < older_than]
@@ -161,6 +168,9 @@ class S3Storage:
         body = reply["Body"]
         content_type = reply.get("ContentType") or "application/octet-stream"
         return StoredFile(int(reply["ContentLength"]), content_type, body.iter_chunks(CHUNK_BYTES), body.close)
+
+    def delete(self, name: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(name))
 
     def sweep(self, older_than: float) -> int:
         removed = 0

@@ -30,7 +30,8 @@ UNAVAILABLE: Responses = {
 TIMED_OUT: Responses = {
     504: _message(
         "The request's own deadline passed: X-Fal-Request-Timeout before it started (header "
-        "X-Fal-Request-Timeout-Type: user, as on fal) or FLUX2_JOB_TIMEOUT_S while it ran"
+        "X-Fal-Request-Timeout-Type: user, as on fal), FLUX2_JOB_TIMEOUT_S or FLUX2_STEP_TIMEOUT_S while it ran, or "
+        "(a sync call) FLUX2_SYNC_TIMEOUT_S"
     )
 }
 

@@ -5,7 +5,8 @@ default: one process serves the API and runs the model) and `server.queue.redis_
 front-ends and GPU workers in separate processes, on separate machines). `server.queue.connect.open_queue` picks one from a URL.
 
 Lifecycle of a request: `add` (IN_QUEUE) -> `claim` by a dispatcher that can run its endpoint (IN_PROGRESS) ->
-`complete` (COMPLETED, exactly once). `release` gives a claimed request back when its dispatcher stops (or its
+`complete` (COMPLETED, exactly once, and only by the holder of the request's current claim: a worker whose claim
+lapsed while it stalled is fenced off). `release` gives a claimed request back when its dispatcher stops (or its
 worker failed on it). Every claim counts an attempt, so a request that brings its worker down every time is
 failed after `dispatcher.MAX_ATTEMPTS` starts instead of being run forever.
 """
@@ -114,7 +115,8 @@ class QueueBackend(Protocol):
 
     def release(self, request_id: str, attempt_failed: bool = False) -> None:
         """A claimed request must run again: its dispatcher is stopping (the claim is not counted as an attempt), or
-        the worker failed while running it (`attempt_failed`: counted, see Dispatcher.crashed)."""
+        the worker failed while running it (`attempt_failed`: counted, see Dispatcher.crashed; other workers, if
+        any, take it first)."""
 
     def complete(
         self,
@@ -125,8 +127,13 @@ class QueueBackend(Protocol):
         error_type: str | None = None,
         metrics: dict | None = None,
         only_if_queued: bool = False,
+        webhook: dict | None = None,
+        webhook_lease_s: float = 0.0,
     ) -> bool:
-        """Record the outcome once: False if it already has one (or, with `only_if_queued`, has started)."""
+        """Record the outcome once: False if it already has one (or, with `only_if_queued`, has started), or if a
+        worker holds the request's claim and the caller does not (fenced). With `webhook`, its delivery is kept in
+        the same atomic step (as `save_webhook`, leased to the caller for `webhook_lease_s`): a recorded outcome
+        never lacks its pending webhook, and a run that is not recorded sends none."""
 
     def log(self, request_id: str, message: str, level: str = "INFO") -> None: ...
 
@@ -139,7 +146,12 @@ class QueueBackend(Protocol):
     def request_cancel(self, request_id: str) -> None:
         """Ask whichever process runs this request to stop it at its next step."""
 
-    def cancel_requested(self, request_id: str) -> bool: ...
+    def cancel_requested(self, request_id: str) -> bool:
+        """Whether the running request should stop at its next step (cancelled, or `lease_lost`)."""
+
+    def lease_lost(self, request_id: str) -> bool:
+        """True once another worker took over a request this process claimed (its claim lapsed while it stalled):
+        this process must not record an outcome for it (`complete` refuses) and stops running it."""
 
     def requeue_interrupted(self) -> int:
         """At start-up: put requests a stopped server left running back in the queue; returns how many."""

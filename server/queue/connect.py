@@ -86,4 +86,6 @@ def open_configured_queue(settings, consumer: str) -> QueueBackend:
         consumer=consumer,
         timeout_s=settings.queue_timeout_s,
         ca_file=str(settings.queue_ca_file) if settings.queue_ca_file else None,
+        step_timeout_s=settings.step_timeout_s,
+        retry_elsewhere_s=settings.breaker_cooldown_s,
     )

@@ -14,6 +14,14 @@ when it is claimed a third time, instead of taking down every restart (or every 
 A queue that can't be reached (`QueueUnavailable`: Redis down or restarting) is waited out, for as long as it
 takes: the running request goes on (a cancel can't be heard meanwhile), its outcome is held here and recorded when
 the queue is back, and the loop tries again, its waits doubling up to `retry_max_s`.
+
+On a shared queue (Redis), failures that are the worker's own (`server.errors.WORKERS_FAULTS`: the model failing, a
+configuration that can't serve the request) re-queue the request for another worker too, and feed the worker's
+circuit breaker (server/queue/breaker.py), which takes it out of rotation after several in a row. A step that runs
+past FLUX2_STEP_TIMEOUT_S fails its job at once (the step watchdog), and the worker takes nothing new until the
+step returns. An outcome is recorded only by the holder of the request's claim: a worker whose claim lapsed (it
+stalled, another worker took the request over) stops at its next step, and deletes the files it wrote if it got
+that far.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 
 from pydantic import ValidationError
 
@@ -37,12 +45,15 @@ from server.errors import (
     RequestCancelled,
     ServerError,
     StartDeadlinePassed,
+    StepTimedOut,
     Unavailable,
     WorkerCrashed,
     answer_for,
+    workers_fault,
 )
 from server.logs import request_id_var
 from server.queue.backend import SYNC, QueueBackend, QueuedRequest
+from server.queue.breaker import CircuitBreaker
 from server.queue.webhooks import WebhookSender, webhook_payload
 from server.schemas import EditOutput
 from server.service.edit import EditService
@@ -79,6 +90,13 @@ class Dispatcher:
         self._waiters: dict[str, asyncio.Future[EditOutput]] = {}
         self.running = False  # in its loop (after the model loaded)
         self.died: str | None = None  # why the loop ended other than by `stop` (/health and /ready say so)
+        settings = service.settings
+        # on a shared queue only: with the embedded one, no other worker would take the requests over
+        self.breaker = CircuitBreaker(
+            settings.breaker_failures if store.distributed else 0, settings.breaker_cooldown_s
+        )
+        self._given_up: set[str] = set()  # runs the step watchdog failed: they stop at their next step
+        self._hung: dict[str, float] = {}  # ... and, until their step returns, since when (time.time())
 
     async def submit_and_wait(self, request_id: str, add: Callable[[], None]) -> EditOutput:
         """A sync request: `add` queues it (as `request_id`); its caller waits here for its output, or the error it
@@ -109,15 +127,21 @@ class Dispatcher:
         metrics: dict | None = None,
         only_if_queued: bool = False,
     ) -> bool:
-        """Record a request's outcome and send its webhook; False if it had already finished (or started, with
-        `only_if_queued`)."""
-        if not self.store.complete(request.id, status_code, result, error, error_type, metrics, only_if_queued):
+        """Record a request's outcome and send its webhook (kept in the queue with the outcome, in one step); False
+        if it had already finished (or started, with `only_if_queued`), or this worker's claim on it was taken over."""
+        delivery = None
+        if request.webhook_url and self.webhooks is not None:
+            delivery = self.webhooks.delivery(request.webhook_url, webhook_payload(request.id, status_code, result))
+        lease_s = self.webhooks.lease_s(delivery) if self.webhooks is not None and delivery is not None else 0.0
+        if not self.store.complete(
+            request.id, status_code, result, error, error_type, metrics, only_if_queued, delivery, lease_s
+        ):
             return False
         outcome = "ok" if status_code == 200 else error_type or "internal_error"  # error_type: from answer_for
         mode = "sync" if request.id in self._waiters else "queue"
         self.service.metrics.job_finished(request.endpoint_id, mode, outcome, time.time() - request.created_at)
-        if request.webhook_url and self.webhooks is not None:
-            self.webhooks.send(request.webhook_url, webhook_payload(request.id, status_code, result))
+        if delivery is not None and self.webhooks is not None:
+            self.webhooks.deliver(delivery)
         return True
 
     def fail(self, request: QueuedRequest, error: BaseException, only_if_queued: bool = False) -> bool:
@@ -137,8 +161,36 @@ class Dispatcher:
         result = output.model_dump(mode="json")
         if waiter is not None:  # the caller gets the output itself; the row keeps it without inline images
             result["images"] = [{**image, "url": elided(image["url"])} for image in result["images"]]
-        if self.finish(request, 200, result, metrics=metrics) and waiter is not None and not waiter.done():
+        if not self.finish(request, 200, result, metrics=metrics):
+            self.discard(request, output)
+            return
+        self.breaker.succeeded()
+        if waiter is not None and not waiter.done():
             waiter.set_result(output)
+
+    def discard(self, request: QueuedRequest, output: EditOutput) -> None:
+        """This run's outcome was not recorded (the request was taken over by another worker while this one stalled,
+        or failed by the step watchdog): delete the files it wrote, which nothing refers to."""
+        names = [image.file_name for image in output.images if image.file_name and not image.url.startswith("data:")]
+        for name in names:
+            try:
+                self.service.outputs.storage.delete(name)
+            except Exception:
+                log.warning("request %s: could not delete the output file %s", request.id, name, exc_info=True)
+        log.warning(
+            "request %s: this run's result was not recorded (%s); its %d output file(s) were deleted",
+            request.id,
+            "another worker took the request over" if self.store.lease_lost(request.id) else "it already had one",
+            len(names),
+        )
+
+    def out_of_rotation(self) -> dict | None:
+        """Why this worker takes no request now (its heartbeat, /health), or None while it does."""
+        if self._hung:
+            request_id, since = next(iter(self._hung.items()))
+            reason = f"a step of request {request_id} has not returned (the step watchdog failed the request)"
+            return {"reason": reason, "since": since, "until": None}
+        return self.breaker.describe()
 
     def cancel(self, request: QueuedRequest) -> bool:
         """Cancel a queued request at once, or ask a running one to stop at its next step; False if finished, or
@@ -178,6 +230,9 @@ class Dispatcher:
     async def _loop(self) -> None:
         delay = OUTAGE_RETRY_S
         while not self.stopping:
+            if self.breaker.wait_s():  # out of rotation: other workers take the requests meanwhile
+                await asyncio.sleep(min(self.breaker.wait_s(), IDLE_RECHECK_S))
+                continue
             self._wakeup.clear()
             try:
                 request = self.store.claim(self.endpoint_ids)
@@ -261,6 +316,9 @@ class Dispatcher:
 
     def crashed(self, request: QueuedRequest, cause: str) -> None:
         """The worker failed while running `request`: re-queue it, or fail it once it has had MAX_ATTEMPTS."""
+        if self._taken_over(request):
+            return
+        self.breaker.failed(cause)
         if (request.attempts or 0) < MAX_ATTEMPTS:
             self.store.log(request.id, f"The worker failed ({cause}); the request was re-queued.", "WARNING")
             log.warning("request %s re-queued after a worker failure: %s", request.id, cause)
@@ -301,17 +359,31 @@ class Dispatcher:
             await self._settle(request, lambda: self.fail(request, invalid))
             return
         started = time.perf_counter()
+        stepped = [time.monotonic()]  # when the run began, then when its last step ended: the step watchdog's clock
+
+        def on_progress(step: int, total: int) -> None:
+            stepped[0] = time.monotonic()
+            self._note(lambda: self.store.progress(request.id, step, total))  # renews the claim too
+
         try:
-            output = await self.service.edit(
+            run = self.service.edit(
                 endpoint.profile,
                 body,
                 request.files_url,
                 request.id,
                 on_log=lambda message: self._note(lambda: self.store.log(request.id, message)),
-                should_cancel=lambda: self.stopping or self._cancel_requested(request.id),
-                on_progress=lambda step, total: self._note(lambda: self.store.progress(request.id, step, total)),
+                should_cancel=lambda: (
+                    self.stopping or request.id in self._given_up or self._cancel_requested(request.id)
+                ),
+                on_progress=on_progress,
             )
+            output = await self._watched(request, run, stepped)
+            if output is None:  # the step watchdog failed it
+                return
         except Cancelled:
+            if self.store.lease_lost(request.id):  # another worker runs it now: nothing to record here
+                log.warning("request %s: stopped, another worker took it over while this one stalled", request.id)
+                return
             if self.stopping and request.id in self._waiters:  # its caller is answered, not kept waiting
                 self.fail(request, Unavailable("The server is stopping: the request was stopped; send it again."))
                 return
@@ -325,7 +397,7 @@ class Dispatcher:
             error = exc
             if isinstance(error, InferenceError):
                 self._note(lambda: self.store.log(request.id, f"Inference failed: {error}", "ERROR"))
-            await self._settle(request, lambda: self.fail(request, error))
+            await self._settle(request, lambda: self.failed(request, error))
         else:
             if self._cancel_requested(request.id):  # a cancel answered 202 just as the last step was checked
                 self._note(lambda: self.store.log(request.id, CANCELLED, "WARNING"))
@@ -333,6 +405,64 @@ class Dispatcher:
                 return
             metrics = {"inference_time": time.perf_counter() - started}
             await self._settle(request, lambda: self.succeed(request, output, metrics))
+
+    def failed(self, request: QueuedRequest, exc: ServerError) -> None:
+        """A run ended in `exc`. The worker's own failure (`workers_fault`) counts in its breaker and, on a shared
+        queue, sends the request to another worker (within MAX_ATTEMPTS, and not when its sync caller waits here);
+        anything else fails the request."""
+        if self._taken_over(request):
+            return
+        if not workers_fault(exc):
+            self.fail(request, exc)
+            return
+        cause = answer_for(exc).message
+        self.breaker.failed(cause)
+        retry = self.store.distributed and request.id not in self._waiters and not isinstance(exc, StepTimedOut)
+        if retry and (request.attempts or 0) < MAX_ATTEMPTS:
+            self.store.log(request.id, f"This worker failed on the request ({cause}); it was re-queued.", "WARNING")
+            log.warning("request %s re-queued for another worker: %s", request.id, cause)
+            self.store.release(request.id, attempt_failed=True)
+            return
+        self.fail(request, exc)
+
+    def _taken_over(self, request: QueuedRequest) -> bool:
+        """Whether another worker took `request` over while this one stalled: nothing of this run is recorded."""
+        if not self.store.lease_lost(request.id):
+            return False
+        log.warning("request %s: this run is not recorded: another worker took the request over", request.id)
+        return True
+
+    async def _watched(self, request: QueuedRequest, run: Coroutine, stepped: list[float]) -> EditOutput | None:
+        """Await `run`, unless one of its steps takes longer than FLUX2_STEP_TIMEOUT_S (`stepped[0]`: when the last
+        one ended): then the step watchdog fails the request (StepTimedOut), this loop takes nothing new until the
+        step returns (the run then stops: `_given_up`), and None is returned."""
+        bound = self.service.settings.step_timeout_s
+        task = asyncio.ensure_future(run)
+        try:
+            if not bound:
+                return await task
+            while (left := stepped[0] + bound - time.monotonic()) > 0:
+                await asyncio.wait({task}, timeout=left)
+                if task.done():
+                    return task.result()
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        exc = StepTimedOut(f"a step ran longer than {bound:g} s (FLUX2_STEP_TIMEOUT_S): the worker hangs")
+        self.store.log(request.id, str(exc), "ERROR")
+        log.error("request %s: %s; no new request here until the step returns", request.id, exc)
+        self._given_up.add(request.id)
+        self.failed(request, exc)
+        self._hung[request.id] = time.time()
+        try:
+            while not task.done() and not self.stopping:
+                await asyncio.wait({task}, timeout=IDLE_RECHECK_S)
+        finally:
+            self._hung.pop(request.id, None)
+            self._given_up.discard(request.id)
+        if task.done() and not task.cancelled() and task.exception() is None:
+            self.discard(request, task.result())  # it finished after all: its files are not the recorded result
+        return None
 
 
 def elided(url: str) -> str:

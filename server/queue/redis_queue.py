@@ -6,9 +6,12 @@ Layout (all keys under `flux2:`):
 - `q:{priority}:{endpoint_id}`: one Redis Stream per priority and endpoint; an entry carries a request id. The
   consumer group `workers` hands each entry to one worker (XREADGROUP); a worker reads only the streams of the
   endpoints its model runs, higher priority first, then the oldest entry. The entry stays pending until the
-  request completes; the claiming worker touches it every `visibility_timeout_s / 3`, so an entry idle longer
-  than `visibility_timeout_s` belongs to a worker that died, and the next worker to look claims it (XAUTOCLAIM):
-  at-least-once delivery.
+  request completes; the claiming worker renews it at every denoising step (`progress`) and, between steps, every
+  `visibility_timeout_s / 3` (for at most `step_timeout_s` after the last step), so an entry idle longer than
+  `visibility_timeout_s` belongs to a worker that died or hangs, and the next worker to look claims it
+  (XAUTOCLAIM): at-least-once delivery.
+- `lease-ms`: the visibility timeout (the lease) every worker uses: stored by the first worker to claim, adopted
+  by the others (a worker with a shorter setting would otherwise take over requests that are alive).
 - `logs:{id}`: a list of log lines (JSON), appended by the worker, read by whichever front-end answers status.
 - `cancel:{id}`: set by a front-end, polled by the running worker after every denoising step.
 - `worker:{id}`: a worker's advertisement (JSON), expiring unless its heartbeat renews it; `workers`: the set of
@@ -23,7 +26,10 @@ the dispatcher waits it out, holding a finished result until it is recorded) ins
 names the server's address. Nothing here needs Redis to be up at start: the groups are created on first contact.
 
 Claiming and completing are Lua scripts (atomic in Redis): a request is claimed by one worker at a time and
-completed exactly once, even if two workers ran it (a worker that stalled past the visibility timeout).
+completed exactly once, even if two workers ran it (a worker that stalled past the visibility timeout). Each claim
+increments the request's `lease` (a fencing token the claimer keeps): completion, progress and renewal check it, so
+a worker whose request was taken over can't record an outcome (its dispatcher deletes the files it wrote) and
+stops at its next step.
 
 Durability is Redis's: run it with `appendonly yes` (and `appendfsync always` for an accepted submit to survive a
 power cut, as the SQLite queue's does).
@@ -82,7 +88,8 @@ return seq
 """
 
 # KEYS: the streams this worker reads, in serve order; ARGV: consumer, now, visibility (ms), prefix, then the
-# priority of each stream. Returns {request id, previous worker or ''} or {false, last entry id of each stream}.
+# priority of each stream. Returns {request id, previous worker or '', lease} or {false, last entry id of each
+# stream}. A request's `lease` counts its claims: the claim's fencing token.
 CLAIM = """
 local group, consumer, now, idle_ms, prefix = 'workers', ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 
@@ -94,11 +101,18 @@ local function take(stream, entry, rid)
     redis.call('XDEL', stream, entry)
     return nil
   end
+  local mark = redis.call('HMGET', key, 'failed_by', 'elsewhere_until')
+  if mark[1] == consumer and tonumber(mark[2] or 0) > tonumber(now) then
+    -- this worker failed on it for a reason of its own: left to other workers for a while (idle again)
+    redis.call('XCLAIM', stream, group, consumer, 0, entry, 'IDLE', idle_ms + 1, 'JUSTID')
+    return nil
+  end
   local previous = redis.call('HGET', key, 'worker') or ''
   redis.call('ZREM', stream .. ':requeued', key)
+  local lease = redis.call('HINCRBY', key, 'lease', 1)  -- the fencing token: only its holder records an outcome
   redis.call('HSET', key, 'status', 'IN_PROGRESS', 'started_at', now, 'worker', consumer)
   redis.call('HINCRBY', key, 'attempts', 1)
-  return {rid, previous}
+  return {rid, previous, lease}
 end
 
 -- 1. entries abandoned by a worker that stopped touching them (crashed, or released at shutdown), the whole
@@ -157,13 +171,23 @@ end
 return {false, last}
 """
 
-# KEYS: request hash, its logs, its cancel flag; ARGV: only_if_queued, retention (s), then field/value pairs.
+# KEYS: request hash, its logs, its cancel flag, the pending webhooks, its webhook's lease; ARGV: only_if_queued,
+# retention (s), the caller's lease ('' if it holds none), its webhook delivery (JSON, or ''), the delivery's lease
+# (ms), this consumer, then field/value pairs. Returns 1 if recorded (with its webhook delivery kept, in the same
+# step), 0 if it already has an outcome (or, only_if_queued, has started), -1 if it runs under a lease the caller
+# does not hold (fenced: another worker took it over).
 COMPLETE = """
-local status = redis.call('HGET', KEYS[1], 'status')
+local r = redis.call('HMGET', KEYS[1], 'status', 'lease')
+local status = r[1]
 if not status or status == 'COMPLETED' then return 0 end
 if ARGV[1] == '1' and status ~= 'IN_QUEUE' then return 0 end
+if (ARGV[3] ~= '' or status == 'IN_PROGRESS') and (status ~= 'IN_PROGRESS' or r[2] ~= ARGV[3]) then return -1 end
 redis.call('HDEL', KEYS[1], 'error', 'error_type')
-redis.call('HSET', KEYS[1], 'status', 'COMPLETED', unpack(ARGV, 3))
+redis.call('HSET', KEYS[1], 'status', 'COMPLETED', unpack(ARGV, 7))
+if ARGV[4] ~= '' then
+  redis.call('HSET', KEYS[4], redis.call('HGET', KEYS[1], 'id'), ARGV[4])
+  redis.call('SET', KEYS[5], ARGV[6], 'PX', ARGV[5])
+end
 local place = redis.call('HMGET', KEYS[1], 'stream', 'entry')
 redis.call('XACK', place[1], 'workers', place[2])
 redis.call('XDEL', place[1], place[2])
@@ -174,18 +198,29 @@ redis.call('DEL', KEYS[3])
 return 1
 """
 
-# KEYS: request hash; ARGV: consumer, idle (ms) to set, release (1/0), uncount the attempt (1/0). Touches a
-# claimed entry (idle 0), or gives it up (idle past the visibility timeout, so the next worker claims it at once),
-# if this consumer still owns it.
+# KEYS: request hash; ARGV: consumer, idle (ms) to set, release (1/0), uncount the attempt (1/0), lease, time
+# until which other workers take it first ('' for none). Touches a claimed entry (idle 0), or gives it up (idle
+# past the visibility timeout, so the next worker claims it at once), if this consumer still holds its lease.
 TOUCH = """
-local r = redis.call('HMGET', KEYS[1], 'status', 'worker', 'stream', 'entry', 'seq')
-if r[1] ~= 'IN_PROGRESS' or r[2] ~= ARGV[1] then return 0 end
+local r = redis.call('HMGET', KEYS[1], 'status', 'worker', 'stream', 'entry', 'seq', 'lease')
+if r[1] ~= 'IN_PROGRESS' or r[2] ~= ARGV[1] or r[6] ~= ARGV[5] then return 0 end
 redis.call('XCLAIM', r[3], 'workers', ARGV[1], 0, r[4], 'IDLE', ARGV[2], 'JUSTID')
 if ARGV[3] == '1' then
   redis.call('HSET', KEYS[1], 'status', 'IN_QUEUE')
   redis.call('ZADD', r[3] .. ':requeued', r[5], KEYS[1])  -- served before new entries: positions count it
 end
 if ARGV[4] == '1' then redis.call('HINCRBY', KEYS[1], 'attempts', -1) end  -- a graceful stop: not an attempt
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'failed_by', ARGV[1], 'elsewhere_until', ARGV[6]) end
+return 1
+"""
+
+# KEYS: request hash; ARGV: consumer, lease, step, total. Progress renews the claim (idle 0), if this consumer
+# still holds its lease; 0 if it does not.
+PROGRESS = """
+local r = redis.call('HMGET', KEYS[1], 'status', 'worker', 'stream', 'entry', 'lease')
+if r[1] ~= 'IN_PROGRESS' or r[2] ~= ARGV[1] or r[5] ~= ARGV[2] then return 0 end
+redis.call('XCLAIM', r[3], 'workers', ARGV[1], 0, r[4], 'IDLE', 0, 'JUSTID')
+redis.call('HSET', KEYS[1], 'progress_step', ARGV[3], 'progress_total', ARGV[4])
 return 1
 """
 
@@ -292,6 +327,8 @@ class RedisQueue:
         consumer: str | None = None,
         timeout_s: float = 5.0,
         ca_file: str | None = None,
+        step_timeout_s: float | None = None,
+        retry_elsewhere_s: float = 60.0,
     ):
         """`timeout_s`: a connect or a reply taking longer means Redis is unreachable; `ca_file`: the CA that signed
         a `rediss://` server's certificate (default: the system's)."""
@@ -309,7 +346,10 @@ class RedisQueue:
         self.down_since: float | None = None  # when the current outage began (None: reachable)
         self._epoch: str | None = None  # this Redis's epoch, as last seen
         self.retention_s = max(1, int(retention_s))
-        self.visibility_ms = int(visibility_timeout_s * 1000)
+        self.visibility_ms = int(visibility_timeout_s * 1000)  # until the first claim adopts the shared one
+        self._lease_adopted = False
+        self.step_timeout_s = step_timeout_s  # renewal between steps stops this long after the last step
+        self.retry_elsewhere_s = retry_elsewhere_s  # a request this worker failed on is left to others this long
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.streams = [  # every stream, in serve order
             (f"{PREFIX}q:{priority}:{e.endpoint_id}", priority, e.endpoint_id)
@@ -320,10 +360,13 @@ class RedisQueue:
         self._claim = self.redis.register_script(CLAIM)
         self._complete = self.redis.register_script(COMPLETE)
         self._touch = self.redis.register_script(TOUCH)
+        self._progress = self.redis.register_script(PROGRESS)
         self._position = self.redis.register_script(POSITION)
         self._log = self.redis.register_script(LOG)
         self._last_ids: dict[str, str] = {}
-        self._claimed: set[str] = set()  # requests this process runs; their entries are touched
+        self._claimed: dict[str, str] = {}  # requests this process runs -> its lease on each; their entries are renewed
+        self._stepped: dict[str, float] = {}  # ... and when each was claimed or last made progress (monotonic)
+        self._lost: set[str] = set()  # requests this process claimed and another worker took over
         self._closing = threading.Event()
         self._toucher: threading.Thread | None = None
         # sync callers on this front-end waiting for a request a worker runs: woken by its completion message
@@ -439,20 +482,41 @@ class RedisQueue:
             ids += [key.removeprefix(f"{PREFIX}req:") for key in released]
         return ids
 
+    def _adopt_shared_lease(self) -> None:
+        """Use the lease all workers share (`flux2:lease-ms`), storing this worker's own if none is stored yet."""
+        key = f"{PREFIX}lease-ms"
+        self.redis.set(key, self.visibility_ms, nx=True)
+        shared = int(cast(str, self.redis.get(key) or self.visibility_ms))
+        if shared != self.visibility_ms:
+            log.warning(
+                "the queue's workers share a lease of %g s (%s): this worker uses it, not its own setting of %g s "
+                "(FLUX2_QUEUE_VISIBILITY_TIMEOUT_S). To change it, stop every worker and delete %s.",
+                shared / 1000,
+                key,
+                self.visibility_ms / 1000,
+                key,
+            )
+            self.visibility_ms = shared
+        self._lease_adopted = True
+
     def claim(self, endpoint_ids: Collection[str]) -> QueuedRequest | None:
+        if not self._lease_adopted:
+            self._adopt_shared_lease()
         streams = [(s, p) for s, p, e in self.streams if e in endpoint_ids]
         args: list = [self.consumer, time.time(), self.visibility_ms, PREFIX, *(p for _, p in streams)]
         found = self._claim(keys=[s for s, _ in streams], args=args)
         if not found[0]:
             self._last_ids = dict(zip((s for s, _ in streams), found[1], strict=True))
             return None
-        request_id, previous = found
+        request_id, previous, lease = found
         self.log(request_id, f"Running on worker {self.consumer}")
         if previous:
             message = f"Worker {previous} stopped before finishing this request: it runs again on {self.consumer}"
             log.warning("request %s: %s", request_id, message)
             self.log(request_id, message, "WARNING")
-        self._claimed.add(request_id)
+        self._claimed[request_id] = str(lease)
+        self._stepped[request_id] = time.monotonic()
+        self._lost.discard(request_id)
         self._start_toucher()
         claimed = self.get(request_id)
         if claimed is not None:
@@ -465,13 +529,31 @@ class RedisQueue:
             self._toucher.start()
 
     def _touch_claimed(self) -> None:
-        """Keep this process's claimed entries fresh, so no other worker takes them over while they run."""
+        """Keep this process's claimed entries fresh between steps (before the first, after the last), so no other
+        worker takes them over while they run; not one whose last step is more than `step_timeout_s` ago (it
+        hangs: another worker takes it over, and this one can't record it)."""
         while not self._closing.wait(self.visibility_ms / 3000):
-            for request_id in list(self._claimed):
+            for request_id, lease in list(self._claimed.items()):
+                since = time.monotonic() - self._stepped.get(request_id, 0.0)
+                if self.step_timeout_s and since > self.step_timeout_s:
+                    continue
                 try:
-                    self._touch(keys=[self._key(request_id)], args=[self.consumer, 0, 0, 0])
+                    if not self._touch(keys=[self._key(request_id)], args=[self.consumer, 0, 0, 0, lease, ""]):
+                        self._lose(request_id)
                 except redis.RedisError as exc:
                     log.warning("could not renew the claim on request %s: %s", request_id, exc)
+
+    def _lose(self, request_id: str) -> None:
+        """Another worker took over `request_id` (this one's lease ran out): stop renewing it, stop it."""
+        if self._claimed.pop(request_id, None) is not None:
+            self._stepped.pop(request_id, None)
+            self._lost.add(request_id)
+            log.warning("request %s: this worker lost its lease on it (another worker runs it now)", request_id)
+
+    def lease_lost(self, request_id: str) -> bool:
+        """True once another worker took over a request this process claimed (its lease ran out while it stalled):
+        this process must not record an outcome for it."""
+        return request_id in self._lost
 
     async def wait_for_work(self, wakeup: asyncio.Event, timeout_s: float) -> None:
         if not self._last_ids:
@@ -529,10 +611,16 @@ class RedisQueue:
 
     def release(self, request_id: str, attempt_failed: bool = False) -> None:
         """Hand an interrupted request straight to the next worker: its entry looks abandoned at once. A graceful
-        stop's claim is not counted as an attempt."""
-        self._claimed.discard(request_id)
+        stop's claim is not counted as an attempt. After a failure of this worker's (`attempt_failed`), other
+        workers take it first for `retry_elsewhere_s` (this one takes it again after that, if no other did)."""
+        lease = self._claimed.pop(request_id, None)
+        self._stepped.pop(request_id, None)
+        if lease is None:  # not this process's (any more)
+            return
         uncount = 0 if attempt_failed else 1
-        self._touch(keys=[self._key(request_id)], args=[self.consumer, self.visibility_ms + 1, 1, uncount])
+        elsewhere = str(time.time() + self.retry_elsewhere_s) if attempt_failed else ""
+        args: list[str | int] = [self.consumer, self.visibility_ms + 1, 1, uncount, lease, elsewhere]
+        self._touch(keys=[self._key(request_id)], args=args)
 
     def complete(
         self,
@@ -543,6 +631,8 @@ class RedisQueue:
         error_type: str | None = None,
         metrics: dict | None = None,
         only_if_queued: bool = False,
+        webhook: dict | None = None,
+        webhook_lease_s: float = 0.0,
     ) -> bool:
         fields = {
             "completed_at": time.time(),
@@ -554,19 +644,33 @@ class RedisQueue:
         }
         pairs = [x for k, v in fields.items() if v is not None for x in (k, _encode(v))]
         keys = [self._key(request_id), f"{PREFIX}logs:{request_id}", f"{PREFIX}cancel:{request_id}"]
-        done = bool(self._complete(keys=keys, args=["1" if only_if_queued else "0", self.retention_s, *pairs]))
-        if done:
+        keys += [f"{PREFIX}webhooks", f"{PREFIX}webhook-lease:{request_id}"]
+        lease = "" if only_if_queued else self._claimed.get(request_id, "")
+        delivery = json.dumps(webhook) if webhook is not None else ""
+        args = ["1" if only_if_queued else "0", self.retention_s, lease, delivery, max(1, int(webhook_lease_s * 1000))]
+        recorded = self._complete(keys=keys, args=[*args, self.consumer, *pairs])
+        if recorded == 1:
             self.redis.publish(COMPLETED_CHANNEL, request_id)  # wakes the front-end a sync caller waits on
-        if done or not only_if_queued:
-            self._claimed.discard(request_id)
-        return done
+        if recorded == -1:  # fenced: another worker holds its lease now
+            self._lose(request_id)
+        if recorded == 1 or not only_if_queued:
+            self._claimed.pop(request_id, None)
+            self._stepped.pop(request_id, None)
+        return recorded == 1
 
     def log(self, request_id: str, message: str, level: str = "INFO") -> None:
         line = json.dumps({"at": time.time(), "level": level, "message": message})
         self._log(keys=[self._key(request_id), f"{PREFIX}logs:{request_id}"], args=[line, self.retention_s])
 
     def progress(self, request_id: str, step: int, total: int) -> None:
-        self.redis.hset(self._key(request_id), mapping={"progress_step": step, "progress_total": total})
+        """Also renews the claim: a step done is the surest sign of life. Refused once another worker took the
+        request over (`lease_lost`; the run then stops at this step)."""
+        lease = self._claimed.get(request_id)
+        if lease is None:
+            return
+        self._stepped[request_id] = time.monotonic()
+        if not self._progress(keys=[self._key(request_id)], args=[self.consumer, lease, step, total]):
+            self._lose(request_id)
 
     def logs(self, request_id: str) -> list[dict]:
         lines = [json.loads(line) for line in self.redis.lrange(f"{PREFIX}logs:{request_id}", 0, -1)]
@@ -584,7 +688,8 @@ class RedisQueue:
         self.redis.set(f"{PREFIX}cancel:{request_id}", 1, ex=self.retention_s)
 
     def cancel_requested(self, request_id: str) -> bool:
-        return bool(self.redis.exists(f"{PREFIX}cancel:{request_id}"))
+        """A front-end asked to cancel it, or this worker lost its lease on it: stop either way."""
+        return request_id in self._lost or bool(self.redis.exists(f"{PREFIX}cancel:{request_id}"))
 
     def requeue_interrupted(self) -> int:
         """Nothing to do at start-up: a dead worker's requests are claimed again after the visibility timeout."""

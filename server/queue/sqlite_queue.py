@@ -238,6 +238,11 @@ class RequestStore:
     def cancel_requested(self, request_id: str) -> bool:
         return request_id in self._cancel_requested
 
+    def lease_lost(self, request_id: str) -> bool:
+        """Never: this process alone runs its queue, and no claim lapses (a run the step watchdog gave up on is
+        COMPLETED, and `complete` refuses a second outcome)."""
+        return False
+
     def heartbeat(self, worker_id: str, info: dict, ttl_s: float) -> None:
         self._workers[worker_id] = (time.time() + ttl_s, info)
 
@@ -268,24 +273,41 @@ class RequestStore:
         error_type: str | None = None,
         metrics: dict | None = None,
         only_if_queued: bool = False,
+        webhook: dict | None = None,
+        webhook_lease_s: float = 0.0,
     ) -> bool:
-        """Record the outcome; with `only_if_queued`, only if the request has not started (a queued cancel)."""
+        """Record the outcome (with its webhook delivery, in the same transaction); with `only_if_queued`, only if
+        the request has not started (a queued cancel)."""
         condition = "status='IN_QUEUE'" if only_if_queued else "status!='COMPLETED'"
         if not only_if_queued:
             self._cancel_requested.discard(request_id)
-        return bool(
-            self._write(
-                f"UPDATE requests SET status='COMPLETED', completed_at=?, status_code=?, result=?, error=?,"
-                f" error_type=?, metrics=? WHERE id=? AND {condition}",
-                time.time(),
-                status_code,
-                json.dumps(result),
-                error,
-                error_type,
-                json.dumps(metrics or {}),
-                request_id,
-            )
-        )
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                recorded = self._db.execute(
+                    f"UPDATE requests SET status='COMPLETED', completed_at=?, status_code=?, result=?, error=?,"
+                    f" error_type=?, metrics=? WHERE id=? AND {condition}",
+                    (
+                        time.time(),
+                        status_code,
+                        json.dumps(result),
+                        error,
+                        error_type,
+                        json.dumps(metrics or {}),
+                        request_id,
+                    ),
+                ).rowcount
+                if recorded and webhook is not None:
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO webhooks (request_id, delivery, lease_until) VALUES (?, ?, ?)",
+                        (request_id, json.dumps(webhook), time.time() + webhook_lease_s),
+                    )
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+        return bool(recorded)
 
     def log(self, request_id: str, message: str, level: str = "INFO") -> None:
         self._write(

@@ -4,10 +4,11 @@ The payload is fal's: request_id, gateway_request_id, status OK/ERROR, payload, 
 fal signs its own (server/queue/webhook_signing.py). A failed delivery is retried as fal retries: 10 attempts, the
 wait doubling from `backoff_s` (14 s by default: about 2 hours in all).
 
-A delivery not yet made is kept in the queue backend (`save_webhook`), leased to the process that makes it until a
-little after its next attempt is due. When that process stops, its lease runs out and any process on the same
-queue picks the delivery up (`take_webhooks`, checked every `RESUME_EVERY_S`), attempts already made counted: a
-restart loses no webhook.
+A delivery not yet made is kept in the queue backend (`save_webhook`), leased to the process that makes it until
+its next attempt is due plus `timeout_s + resume_every_s`. When that process stops (SIGTERM, a crash, SIGKILL), its
+lease runs out and any process on the same queue picks the delivery up (`take_webhooks`, checked every
+`resume_every_s`), attempts already made counted: a restart loses no webhook, and a worker's pending deliveries are
+made by another process (tests/test_scale_out_faults.py kills a worker during a delivery's backoff).
 
 Deliveries go through the same SSRF guard as input images (server/net/guard.py); a webhook URL the guard refuses is
 refused at submit (server/http/routes/queue.py), and one that resolves differently later is dropped, not retried.
@@ -33,7 +34,6 @@ log = logging.getLogger(__name__)
 
 ATTEMPTS = 10
 TIMEOUT_S = 10.0
-LEASE_MARGIN_S = TIMEOUT_S + 30.0  # a delivery's lease: until its next attempt is due, and this much longer
 RESUME_EVERY_S = 30.0
 
 
@@ -57,6 +57,7 @@ class WebhookSender:
         backoff_s: float = 14.0,
         attempts: int = ATTEMPTS,
         resume_every_s: float = RESUME_EVERY_S,
+        timeout_s: float = TIMEOUT_S,
     ):
         self.client = client
         self.store = store
@@ -64,6 +65,9 @@ class WebhookSender:
         self.backoff_s = backoff_s
         self.attempts = attempts
         self.resume_every_s = resume_every_s
+        self.timeout_s = timeout_s
+        # a delivery's lease lasts until its next attempt is due and this much longer: an attempt, and one look
+        self.lease_margin_s = timeout_s + resume_every_s
         self._tasks: set[asyncio.Task] = set()
         self._resumer: asyncio.Task | None = None
 
@@ -72,22 +76,35 @@ class WebhookSender:
         self._resumer = asyncio.create_task(self._resume_forever(), name="webhook resumer")
 
     def send(self, url: str, payload: dict) -> None:
-        delivery = {
+        """Keep the delivery in the queue, then make it."""
+        delivery = self.delivery(url, payload)
+        try:
+            self._keep(delivery)
+        except QueueUnavailable:  # the outcome is recorded: deliver it now, kept in this process only
+            log.warning("webhook for %s: the queue is unreachable; delivering it unrecorded", payload["request_id"])
+        self.deliver(delivery)
+
+    @staticmethod
+    def delivery(url: str, payload: dict) -> dict:
+        """A new delivery of `payload` to `url`, as the queue keeps it until it is made."""
+        return {
             "request_id": payload["request_id"],
             "url": url,
             "body": json.dumps(payload),
             "attempts_made": 0,
             "next_at": time.time(),
         }
-        try:
-            self._keep(delivery)
-        except QueueUnavailable:  # the outcome is recorded: deliver it now, kept in this process only
-            log.warning("webhook for %s: the queue is unreachable; delivering it unrecorded", payload["request_id"])
+
+    def lease_s(self, delivery: dict) -> float:
+        """How long this process holds `delivery`: until its next attempt is due, and `lease_margin_s`."""
+        return max(0.0, delivery["next_at"] - time.time()) + self.lease_margin_s
+
+    def deliver(self, delivery: dict) -> None:
+        """Make a delivery already kept in the queue (by `complete` with the outcome it reports, or `send`)."""
         self._spawn(delivery)
 
     def _keep(self, delivery: dict) -> None:
-        lease_s = max(0.0, delivery["next_at"] - time.time()) + LEASE_MARGIN_S
-        self.store.save_webhook(delivery["request_id"], delivery, lease_s)
+        self.store.save_webhook(delivery["request_id"], delivery, self.lease_s(delivery))
 
     def _spawn(self, delivery: dict) -> None:
         task = asyncio.create_task(self._deliver(delivery), name=f"webhook {delivery['request_id']}")
@@ -97,7 +114,7 @@ class WebhookSender:
     async def _resume_forever(self) -> None:
         while True:
             try:
-                for delivery in self.store.take_webhooks(LEASE_MARGIN_S):
+                for delivery in self.store.take_webhooks(self.lease_margin_s):
                     log.info("resuming the webhook for %s", delivery["request_id"])
                     self._spawn(delivery)
             except QueueUnavailable:  # Redis down or restarting (the queue logs it): try again later
@@ -114,7 +131,7 @@ class WebhookSender:
             attempt = delivery["attempts_made"] + 1
             headers = {"Content-Type": "application/json", **self.signer.headers(request_id, body)}
             try:
-                response = await self.client.post(url, content=body, headers=headers, timeout=TIMEOUT_S)
+                response = await self.client.post(url, content=body, headers=headers, timeout=self.timeout_s)
                 if response.status_code < 300:
                     log.info("webhook for %s delivered (attempt %d)", request_id, attempt)
                     self.store.webhook_done(request_id)

@@ -237,11 +237,22 @@ class Request:
 PLANNED_REQUESTS = (Request(2048, 2048, 4), Request(1024, 1024, 4), Request(1024, 1024, 1))
 
 
-def activation_reserve_bytes(request: Request) -> int:
-    """GPU memory a request needs beyond the weights (est., provisional: see ACTIVATION_BYTES_PER_TOKEN)."""
+def activation_reserve_bytes(request: Request, sizes: ComponentSizes | None = None) -> int:
+    """Memory a request needs beyond the weights (est., provisional: see ACTIVATION_BYTES_PER_TOKEN).
+
+    The estimates are FLUX.2 [dev]'s. A smaller model of the same architecture (`sizes`: the tiny test model, a
+    narrower variant) keeps activations as wide as its hidden size, and its weights grow with the square of that
+    width: its reserve is FLUX.2 [dev]'s times the square root of its share of the weights (never more than 1)."""
     transformer = ACTIVATION_BASE_BYTES + ACTIVATION_BYTES_PER_TOKEN * request.tokens
     vae = VAE_DECODE_BYTES_PER_PIXEL * request.width * request.height
+    if sizes is not None:
+        transformer *= _width_share(sizes.transformer / sizes.itemsize, FLUX2_DEV_TRANSFORMER_PARAMS)
+        vae *= _width_share(sizes.vae / sizes.itemsize, FLUX2_DEV_VAE_PARAMS)
     return int(max(transformer, vae))
+
+
+def _width_share(params: float, dev_params: int) -> float:
+    return min(1.0, (params / dev_params) ** 0.5)
 
 
 VAE_TILING_ABOVE_PIXELS = 1024 * 1024  # smaller outputs always decode whole (a tile would be most of the image)
@@ -515,7 +526,7 @@ def choose_memory_mode(
     tiers: list[tuple[int, str]] = (
         [(reserve_bytes, f"a fixed reserve of {_gib(reserve_bytes)}")]
         if reserve_bytes is not None
-        else [(activation_reserve_bytes(r), r.describe()) for r in PLANNED_REQUESTS]
+        else [(activation_reserve_bytes(r, sizes), r.describe()) for r in PLANNED_REQUESTS]
     )
 
     def host_ok(plan: MemoryPlan) -> bool:
@@ -831,7 +842,7 @@ def resolve_plan(
         plan = _finish(
             plan,
             sizes,
-            reserve_bytes if reserve_bytes is not None else activation_reserve_bytes(request),
+            reserve_bytes if reserve_bytes is not None else activation_reserve_bytes(request, sizes),
             f"a fixed reserve of {_gib(reserve_bytes)}" if reserve_bytes is not None else request.describe(),
         )
         if quantization == "auto" and free:  # the least quantization that fits this mode, as auto would pick it

@@ -122,6 +122,17 @@ def test_the_activation_reserve_follows_the_token_count():
     assert PLANNED_REQUESTS[0] == large  # the API's largest: 2048 px a side, 4 references
 
 
+def test_a_smaller_model_of_the_family_plans_a_smaller_reserve(tiny_weights):
+    """The tiny model on the CPU plans its host peak from its own width, not FLUX.2 [dev]'s activations: a laptop
+    with 6 GiB free runs it (it was refused: "the weights need 14.0 GiB of host RAM on the CPU")."""
+    large = PLANNED_REQUESTS[0]
+    assert activation_reserve_bytes(large, flux2_dev_sizes()) == activation_reserve_bytes(large)
+    tiny = component_sizes(tiny_weights, torch.float32)
+    assert activation_reserve_bytes(large, tiny) < 256 * 1024**2
+    plan = choose_memory_mode([], tiny, host_bytes=6 * GiB)
+    assert plan.device == "cpu" and plan.peak_host_bytes < 5 * GiB
+
+
 @pytest.mark.parametrize(
     ("free_gib", "quantization", "mode", "quant", "te_layers", "device", "te_device"),
     [

@@ -58,10 +58,11 @@ redis.call('HSET', KEYS[1], 'seq', seq, 'stream', KEYS[2], 'entry', entry, 'stat
 return seq
 """
 
-# KEYS: the streams this worker reads, in serve order; ARGV: consumer, now, visibility (ms), prefix, then the
-# priority of each stream. Returns {request id, previous worker or ''} or {false, last entry id of each stream}.
+# KEYS: the streams this worker reads, in serve order; ARGV: consumer, now, visibility (ms), prefix, reserve (1: the
+# request stays IN_QUEUE, held by this worker: `reserve`), then the priority of each stream. Returns {request id,
+# previous worker or ''} or {false, last entry id of each stream}.
 CLAIM = """
-local group, consumer, now, idle_ms, prefix = 'workers', ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local group, consumer, now, idle_ms, prefix, reserve = 'workers', ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 
 local function take(stream, entry, rid)
   local key = prefix .. 'req:' .. rid
@@ -72,8 +73,14 @@ local function take(stream, entry, rid)
     return nil
   end
   local previous = redis.call('HGET', key, 'worker') or ''
-  redis.call('HSET', key, 'status', 'IN_PROGRESS', 'started_at', now, 'worker', consumer)
-  redis.call('HINCRBY', key, 'attempts', 1)
+  if reserve == '1' then
+    redis.call('HSET', key, 'status', 'IN_QUEUE', 'worker', consumer, 'reserved', consumer)
+    redis.call('HDEL', key, 'started_at')
+  else
+    redis.call('HSET', key, 'status', 'IN_PROGRESS', 'started_at', now, 'worker', consumer)
+    redis.call('HDEL', key, 'reserved')
+    redis.call('HINCRBY', key, 'attempts', 1)
+  end
   return {rid, previous}
 end
 
@@ -107,7 +114,7 @@ end
 for _ = 1, 100 do
   local best, best_priority, best_entry
   for i, stream in ipairs(KEYS) do
-    local priority = tonumber(ARGV[4 + i])
+    local priority = tonumber(ARGV[5 + i])
     if best_priority and priority > best_priority then break end
     local entry = next_new(stream)
     if entry and (not best or older(entry, best_entry)) then
@@ -145,21 +152,55 @@ return 1
 """
 
 # KEYS: request hash; ARGV: consumer, idle (ms) to set, release (1/0), uncount the attempt (1/0). Touches a
-# claimed entry (idle 0), or gives it up (idle past the visibility timeout, so the next worker claims it at once),
-# if this consumer still owns it.
+# claimed or reserved entry (idle 0), or gives it up (idle past the visibility timeout, so the next worker claims it
+# at once), if this consumer still owns it.
 TOUCH = """
-local r = redis.call('HMGET', KEYS[1], 'status', 'worker', 'stream', 'entry')
-if r[1] ~= 'IN_PROGRESS' or r[2] ~= ARGV[1] then return 0 end
+local r = redis.call('HMGET', KEYS[1], 'status', 'worker', 'stream', 'entry', 'reserved')
+local held = r[1] == 'IN_PROGRESS' or (r[1] == 'IN_QUEUE' and r[5] == ARGV[1])
+if not held or r[2] ~= ARGV[1] then return 0 end
 redis.call('XCLAIM', r[3], 'workers', ARGV[1], 0, r[4], 'IDLE', ARGV[2], 'JUSTID')
-if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'status', 'IN_QUEUE') end
-if ARGV[4] == '1' then redis.call('HINCRBY', KEYS[1], 'attempts', -1) end  -- a graceful stop: not an attempt
+if ARGV[3] == '1' then
+  redis.call('HSET', KEYS[1], 'status', 'IN_QUEUE')
+  redis.call('HDEL', KEYS[1], 'reserved')
+end
+if ARGV[4] == '1' and r[1] == 'IN_PROGRESS' then  -- a graceful stop: not an attempt (a reserved one was none yet)
+  redis.call('HINCRBY', KEYS[1], 'attempts', -1)
+end
 return 1
 """
 
-# KEYS: request hash. How many undelivered entries are served before this request's.
-POSITION = """
+# KEYS: request hash, ARGV: consumer, now. A request this consumer reserved is IN_PROGRESS now, its attempt counted
+# (1), or 0.
+START = """
+local r = redis.call('HMGET', KEYS[1], 'status', 'reserved', 'stream', 'entry')
+if r[1] ~= 'IN_QUEUE' or r[2] ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'IN_PROGRESS', 'started_at', ARGV[2])
+redis.call('HDEL', KEYS[1], 'reserved')
+redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('XCLAIM', r[3], 'workers', ARGV[1], 0, r[4], 'IDLE', 0, 'JUSTID')
+return 1
+"""
+
+# Delivered entries whose request is still IN_QUEUE (reserved by a worker fetching its inputs, or given back) are
+# queued all the same: counted by POSITION and QUEUED. There are few (a handful per worker).
+STILL_QUEUED = """
+local function still_queued(stream, first, last, prefix)
+  local n = 0
+  for _, p in ipairs(redis.call('XPENDING', stream, 'workers', first, last, 10000)) do
+    local e = redis.call('XRANGE', stream, p[1], p[1])[1]
+    if e and redis.call('HGET', prefix .. 'req:' .. e[2][2], 'status') == 'IN_QUEUE' then n = n + 1 end
+  end
+  return n
+end
+"""
+
+# KEYS: request hash. How many queued entries are served before this request's.
+POSITION = (
+    STILL_QUEUED
+    + """
 local r = redis.call('HMGET', KEYS[1], 'status', 'stream', 'entry', 'priority')
 if r[1] ~= 'IN_QUEUE' then return 0 end
+local prefix = string.match(KEYS[1], '^(.*)req:')
 local count = 0
 for i = 2, #ARGV, 2 do
   local stream, priority = ARGV[i - 1], tonumber(ARGV[i])
@@ -169,11 +210,25 @@ for i = 2, #ARGV, 2 do
       for j = 1, #g, 2 do if g[j] == 'last-delivered-id' then last = g[j + 1] end end
     end
     local stop = priority < tonumber(r[4]) and '+' or '(' .. r[3]
-    count = count + #redis.call('XRANGE', stream, '(' .. last, stop)
+    count = count + #redis.call('XRANGE', stream, '(' .. last, stop) + still_queued(stream, '-', stop, prefix)
   end
 end
 return count
 """
+)
+
+# KEYS: every stream; ARGV: prefix. Requests accepted and not started.
+QUEUED = (
+    STILL_QUEUED
+    + """
+local count = 0
+for _, stream in ipairs(KEYS) do
+  count = count + redis.call('XLEN', stream) - redis.call('XPENDING', stream, 'workers')[1]
+  count = count + still_queued(stream, '-', '+', ARGV[1])
+end
+return count
+"""
+)
 
 
 def _encode(value) -> str:
@@ -213,6 +268,8 @@ class RedisQueue:
         self._complete = self.redis.register_script(COMPLETE)
         self._touch = self.redis.register_script(TOUCH)
         self._position = self.redis.register_script(POSITION)
+        self._start = self.redis.register_script(START)
+        self._queued = self.redis.register_script(QUEUED)
         self._last_ids: dict[str, str] = {}
         self._claimed: set[str] = set()  # requests this process runs; their entries are touched
         self._closing = threading.Event()
@@ -264,22 +321,26 @@ class RedisQueue:
         return int(self._position(keys=[self._key(request.id)], args=args))
 
     def queued_count(self) -> int:
-        with self.redis.pipeline(transaction=True) as pipe:
-            for stream, _, _ in self.streams:
-                pipe.xlen(stream)
-                pipe.xpending(stream, GROUP)
-            replies = pipe.execute()
-        return sum(replies[0::2]) - sum(p["pending"] for p in replies[1::2])
+        return int(self._queued(keys=[stream for stream, _, _ in self.streams], args=[PREFIX]))
 
-    def claim(self, endpoint_ids: Collection[str]) -> QueuedRequest | None:
+    def start(self, request_id: str) -> bool:
+        started = bool(self._start(keys=[self._key(request_id)], args=[self.consumer, time.time()]))
+        if started:
+            self.log(request_id, f"Running on worker {self.consumer}")
+        else:  # finished meanwhile (a queued cancel), or taken over: not renewed any more
+            self._claimed.discard(request_id)
+        return started
+
+    def claim(self, endpoint_ids: Collection[str], reserve: bool = False) -> QueuedRequest | None:
         streams = [(s, p) for s, p, e in self.streams if e in endpoint_ids]
-        args: list = [self.consumer, time.time(), self.visibility_ms, PREFIX, *(p for _, p in streams)]
+        args: list = [self.consumer, time.time(), self.visibility_ms, PREFIX, int(reserve), *(p for _, p in streams)]
         found = self._claim(keys=[s for s, _ in streams], args=args)
         if not found[0]:
             self._last_ids = dict(zip((s for s, _ in streams), found[1], strict=True))
             return None
         request_id, previous = found
-        self.log(request_id, f"Running on worker {self.consumer}")
+        if not reserve:
+            self.log(request_id, f"Running on worker {self.consumer}")
         if previous:
             message = f"Worker {previous} stopped before finishing this request: it runs again on {self.consumer}"
             log.warning("request %s: %s", request_id, message)

@@ -3,6 +3,11 @@ caller of the model (through `EditService`): a sync request is queued like any o
 (`submit_and_wait`: an in-process future, resolved here), so queue positions and the queue depth count every call
 waiting for the model.
 
+Around the model, `server.queue.pipeline` keeps it busy: the next requests' inputs are fetched and decoded while
+it runs (`Prefetcher`: those requests are reserved in the queue, still IN_QUEUE for clients, and started when a
+model loop takes them), and a request's images are encoded and stored after the model let go of it (`OutputStage`),
+its result recorded once they are written.
+
 The same logic serves both deployments: inside `flux2-server serve` over the embedded SQLite queue, and inside
 each `flux2-server worker` over Redis. It talks to the queue only through `server.queue.backend.QueueBackend`.
 
@@ -37,9 +42,10 @@ from server.errors import (
 )
 from server.logs import request_id_var
 from server.queue.backend import SYNC, QueueBackend, QueuedRequest
+from server.queue.pipeline import MIB, OutputStage, Prefetcher
 from server.queue.webhooks import WebhookSender, webhook_payload
-from server.schemas import EditOutput
-from server.service.edit import EditService
+from server.schemas import EditInput, EditOutput
+from server.service.edit import EditService, Prepared
 from server.service.model import ModelState
 
 log = logging.getLogger(__name__)
@@ -69,6 +75,16 @@ class Dispatcher:
         self._waiters: dict[str, asyncio.Future[EditOutput]] = {}
         self.running = False  # in its loop (after the model loaded)
         self.died: str | None = None  # why the loop ended other than by `stop` (/health and /ready say so)
+        settings = service.settings
+        self.prefetcher = Prefetcher(
+            store,
+            self.endpoint_ids,
+            self._prefetch,
+            settings.prefetch_requests,
+            settings.prefetch_memory_mib * MIB,
+            self._wakeup,
+        )
+        self.outputs = OutputStage(settings.encode_threads, settings.output_async)
 
     async def submit_and_wait(self, request_id: str, add: Callable[[], None]) -> EditOutput:
         """A sync request: `add` queues it (as `request_id`); its caller waits here for its output, or the error it
@@ -87,6 +103,7 @@ class Dispatcher:
         (`QueueBackend.release`) to run again."""
         self.stopping = True
         self._wakeup.set()
+        self.prefetcher.stop()
 
     def finish(
         self,
@@ -133,6 +150,7 @@ class Dispatcher:
         """Cancel a queued request at once, or ask a running one to stop at its next step; False if finished."""
         if self.fail(request, RequestCancelled(), only_if_queued=True):
             self.store.log(request.id, CANCELLED, "WARNING")
+            self.prefetcher.discard(request.id)  # if its inputs were being fetched ahead: it never runs
             return True
         current = self.store.get(request.id)
         if current is not None and current.status == "IN_PROGRESS":
@@ -149,10 +167,12 @@ class Dispatcher:
         if self.service.model.state is not ModelState.LOADED:
             return  # it failed to load: nothing runs here, /health and /ready say why
         self.running = True
+        # one loop per replica (`serve --gpus`): each takes the next prepared request when its model is free
+        replicas = getattr(self.service.model.runner, "replicas", 1)
+        self.outputs.backlog = 2 * replicas
+        prefetching = asyncio.create_task(self.prefetcher.run(), name="prefetch")
         try:
-            # one loop per replica (`serve --gpus`): each claims the next request when its model is free
-            replicas = getattr(self.service.model.runner, "replicas", 1)
-            await asyncio.gather(*(self._loop() for _ in range(replicas)))
+            await asyncio.gather(prefetching, *(self._loop() for _ in range(replicas)))
         except BaseException as exc:
             if not self.stopping:
                 self.died = f"{type(exc).__name__}: {exc}"
@@ -160,24 +180,91 @@ class Dispatcher:
             raise
         finally:
             self.running = False
+            self.prefetcher.stop()
+            prefetching.cancel()
+            await asyncio.gather(prefetching, return_exceptions=True)
+            await self.prefetcher.close()  # requests reserved ahead go back to the queue
+            await self.outputs.drain()  # what the model finished is written and recorded
 
     async def _loop(self) -> None:
         while not self.stopping:
-            self._wakeup.clear()
+            ticket = await self.prefetcher.take()
+            if ticket is None:  # the prefetcher stopped (with the dispatcher, or it failed)
+                return
+            request = ticket.request
             try:
-                request = self.store.claim(self.endpoint_ids)
-                if request is None:
-                    await self.store.wait_for_work(self._wakeup, IDLE_RECHECK_S)
-                    continue
-            except Exception:  # the queue unreachable for a while (a Redis restart): keep trying
-                log.exception("could not read the queue; trying again in %.0f s", IDLE_RECHECK_S)
-                await asyncio.sleep(IDLE_RECHECK_S)
-                continue
-            try:
-                await self._run(request)
+                if self._start(request):
+                    await self._run(request, ticket.prepared)
             except Exception as exc:  # a fault outside the model (or writing to the queue): the worker failed here
                 log.exception("request %s failed outside the model", request.id)
                 await self._record_fault(request, exc)
+            await self.outputs.room()
+
+    def _start(self, request: QueuedRequest) -> bool:
+        """A reserved request is IN_PROGRESS now (its attempt counted); False if it finished meanwhile (cancelled)."""
+        if not self.store.start(request.id):
+            return False
+        request.status, request.started_at, request.attempts = "IN_PROGRESS", time.time(), (request.attempts or 0) + 1
+        return True
+
+    def _progress_line(self, request: QueuedRequest) -> Callable[[str], None]:
+        def line(message: str) -> None:
+            log.info("request %s: %s", request.id, message)
+            self._note(lambda: self.store.log(request.id, message))
+
+        return line
+
+    async def _prefetch(self, request: QueuedRequest) -> Prepared | None:
+        """A reserved request's inputs, fetched and decoded while the model runs another (`Prefetcher`). A request
+        that can't run (past its start deadline, its sync caller gone, an invalid body, inputs that fail: a 422)
+        ends here, started and failed at once, without the model: None."""
+        request_id_var.set(request.id)
+        error: ServerError | None = None
+        try:
+            error = self._refusal(request, time.time(), attempts=False)
+            if error is None:
+                return await self.service.prepare(
+                    BY_ID[request.endpoint_id].profile,
+                    self._body(request),
+                    request.files_url,
+                    self._progress_line(request),
+                )
+        except ServerError as exc:  # bad inputs (422), or refused as configured (503)
+            error = exc
+        except Exception as exc:  # a fault outside the model: counted as a start, so it can't loop forever
+            log.exception("request %s failed outside the model", request.id)
+            if self._start(request):
+                await self._record_fault(request, exc)
+            return None
+        if error is not None and self._start(request):  # IN_PROGRESS, then COMPLETED with its error, at once
+            self.fail(request, error)
+        return None
+
+    def _refusal(self, request: QueuedRequest, now: float, attempts: bool = True) -> ServerError | None:
+        """Why a request must not run, known before its model call; None if it may."""
+        if attempts and (request.attempts or 0) > MAX_ATTEMPTS:  # started that often and never finished
+            message = (
+                f"The worker stopped while running this request {(request.attempts or 1) - 1} times "
+                "(the process died or was stopped); it is not retried."
+            )
+            self.store.log(request.id, message, "ERROR")
+            log.error("request %s failed: %s", request.id, message)
+            return WorkerCrashed(message)
+        if request.start_deadline and now > request.start_deadline:
+            return StartDeadlinePassed()
+        if request.queue_url == SYNC and request.id not in self._waiters:  # queued by a process that has stopped
+            return Unavailable("The server stopped before this sync request ran; nobody awaits it.")
+        return None
+
+    def _body(self, request: QueuedRequest) -> EditInput:
+        """The request's validated input; InvalidBody (422) if it does not validate."""
+        endpoint = BY_ID[request.endpoint_id]
+        assert request.input is not None, "a claimed request carries its input"
+        try:  # a queued body is validated when it runs, as on fal (the submit accepted any JSON)
+            return endpoint.input_model.model_validate_json(request.input)
+        except ValidationError as exc:
+            self.store.log(request.id, f"Invalid input: {exc.error_count()} error(s)", "ERROR")
+            raise InvalidBody(json.loads(exc.json(include_url=False))) from None  # JSON-safe, like FastAPI's
 
     async def _record_fault(self, request: QueuedRequest, exc: Exception) -> None:
         """Re-queue `request` once, or fail it (at once when its sync caller is waiting), retrying the queue
@@ -218,43 +305,61 @@ class Dispatcher:
         log.error("request %s failed: %s", request.id, message)
         self.fail(request, WorkerCrashed(message))
 
-    async def _run(self, request: QueuedRequest) -> None:
-        """Run a claimed (IN_PROGRESS) request."""
+    async def _run(self, request: QueuedRequest, prepared: Prepared | None = None) -> None:
+        """Run a claimed (IN_PROGRESS) request; `prepared`: its inputs, if they were fetched while it waited. Once the
+        model let go of it, the rest (encode, store, record) goes on in the output stage (`output_async`) while
+        this returns; a fault outside the model before then is raised here."""
         request_id_var.set(request.id)
-        if (request.attempts or 0) > MAX_ATTEMPTS:  # started that often and never finished: it stops workers
-            message = (
-                f"The worker stopped while running this request {(request.attempts or 1) - 1} times "
-                "(the process died or was stopped); it is not retried."
-            )
-            self.store.log(request.id, message, "ERROR")
-            log.error("request %s failed: %s", request.id, message)
-            self.fail(request, WorkerCrashed(message))
+        refusal = self._refusal(request, request.started_at or 0.0)
+        if refusal is not None:
+            self.fail(request, refusal)
             return
-        if request.start_deadline and (request.started_at or 0.0) > request.start_deadline:
-            self.fail(request, StartDeadlinePassed())
-            return
-        if request.queue_url == SYNC and request.id not in self._waiters:  # queued by a process that has stopped
-            self.fail(request, Unavailable("The server stopped before this sync request ran; nobody awaits it."))
-            return
-        endpoint = BY_ID[request.endpoint_id]
-        assert request.input is not None, "a claimed request carries its input"
-        try:  # a queued body is validated when it runs, as on fal (the submit accepted any JSON)
-            body = endpoint.input_model.model_validate_json(request.input)
-        except ValidationError as exc:
-            self.store.log(request.id, f"Invalid input: {exc.error_count()} error(s)", "ERROR")
-            self.fail(request, InvalidBody(json.loads(exc.json(include_url=False))))  # JSON-safe, like FastAPI's
+        try:
+            body = prepared.body if prepared is not None else self._body(request)
+        except InvalidBody as exc:
+            self.fail(request, exc)
             return
         started = time.perf_counter()
-        try:
-            output = await self.service.edit(
-                endpoint.profile,
+        model_done = asyncio.Event()
+        editing = asyncio.ensure_future(
+            self.service.edit(
+                BY_ID[request.endpoint_id].profile,
                 body,
                 request.files_url,
                 request.id,
                 on_log=lambda message: self._note(lambda: self.store.log(request.id, message)),
                 should_cancel=lambda: self.stopping or self.store.cancel_requested(request.id),
                 on_progress=lambda step, total: self._note(lambda: self.store.progress(request.id, step, total)),
+                prepared=prepared,
+                on_model_done=model_done.set,
+                pool=self.outputs.pool,
             )
+        )
+        let_go = asyncio.ensure_future(model_done.wait())
+        try:
+            await asyncio.wait({editing, let_go}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            editing.cancel()
+            raise
+        finally:
+            let_go.cancel()
+        if editing.done() or not self.outputs.asynchronous:
+            await self._settle(request, editing, started)
+        else:  # the model is free: the next request runs while this one's images are encoded and stored
+            self.outputs.add(self._settle_beside(request, editing, started), name=f"output-{request.id}")
+
+    async def _settle_beside(self, request: QueuedRequest, editing: asyncio.Future[EditOutput], started: float):
+        request_id_var.set(request.id)
+        try:
+            await self._settle(request, editing, started)
+        except Exception as exc:  # writing the files or the queue failed: as a fault in the loop
+            log.exception("request %s failed outside the model", request.id)
+            await self._record_fault(request, exc)
+
+    async def _settle(self, request: QueuedRequest, editing: asyncio.Future[EditOutput], started: float) -> None:
+        """Record how `editing` (the edit service's call) ended; a fault outside the model is raised."""
+        try:
+            output = await editing
         except Cancelled:
             if self.stopping and request.id in self._waiters:  # its caller is answered, not kept waiting
                 self.fail(request, Unavailable("The server is stopping: the request was stopped; send it again."))

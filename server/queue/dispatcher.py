@@ -193,32 +193,35 @@ class Dispatcher:
                 return
             request = ticket.request
             try:
-                if self._start(request):
+                if self._start(request, ticket.lines):
                     await self._run(request, ticket.prepared)
             except Exception as exc:  # a fault outside the model (or writing to the queue): the worker failed here
                 log.exception("request %s failed outside the model", request.id)
                 await self._record_fault(request, exc)
             await self.outputs.room()
 
-    def _start(self, request: QueuedRequest) -> bool:
-        """A reserved request is IN_PROGRESS now (its attempt counted); False if it finished meanwhile (cancelled)."""
+    def _start(self, request: QueuedRequest, lines: list[str]) -> bool:
+        """A reserved request is IN_PROGRESS now (its attempt counted), with `lines` (from preparing it) in its log;
+        False if it finished meanwhile (cancelled)."""
         if not self.store.start(request.id):
             return False
         request.status, request.started_at, request.attempts = "IN_PROGRESS", time.time(), (request.attempts or 0) + 1
+        for line in lines:
+            self._note(lambda line=line: self.store.log(request.id, line))
         return True
 
-    def _progress_line(self, request: QueuedRequest) -> Callable[[str], None]:
-        def line(message: str) -> None:
-            log.info("request %s: %s", request.id, message)
-            self._note(lambda: self.store.log(request.id, message))
-
-        return line
-
-    async def _prefetch(self, request: QueuedRequest) -> Prepared | None:
+    async def _prefetch(self, request: QueuedRequest, on_message: Callable[[str], None]) -> Prepared | None:
         """A reserved request's inputs, fetched and decoded while the model runs another (`Prefetcher`). A request
         that can't run (past its start deadline, its sync caller gone, an invalid body, inputs that fail: a 422)
         ends here, started and failed at once, without the model: None."""
         request_id_var.set(request.id)
+        lines: list[str] = []
+
+        def line(message: str) -> None:  # to the request's log once it starts
+            log.info("request %s: %s", request.id, message)
+            lines.append(message)
+            on_message(message)
+
         error: ServerError | None = None
         try:
             error = self._refusal(request, time.time(), attempts=False)
@@ -227,16 +230,16 @@ class Dispatcher:
                     BY_ID[request.endpoint_id].profile,
                     self._body(request),
                     request.files_url,
-                    self._progress_line(request),
+                    line,
                 )
         except ServerError as exc:  # bad inputs (422), or refused as configured (503)
             error = exc
         except Exception as exc:  # a fault outside the model: counted as a start, so it can't loop forever
             log.exception("request %s failed outside the model", request.id)
-            if self._start(request):
+            if self._start(request, lines):
                 await self._record_fault(request, exc)
             return None
-        if error is not None and self._start(request):  # IN_PROGRESS, then COMPLETED with its error, at once
+        if error is not None and self._start(request, lines):  # IN_PROGRESS, then COMPLETED with its error, at once
             self.fail(request, error)
         return None
 

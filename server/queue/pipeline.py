@@ -10,9 +10,9 @@
   `prefetch_memory_mib` (so it holds at most one request's images beyond the cap). A reserved request is still IN_QUEUE for
   clients (status, queue position, cancel; `QueueBackend.claim`) and kept from other workers. One prefetcher feeds
   all of a dispatcher's model loops (`serve --gpus`: one per replica), so no replica waits while requests another
-  would have run sit prepared. A loop takes the ready request served first (priority, then arrival); a request
-  whose inputs are slow to fetch does not hold up one behind it that is ready. At a stop, what it holds goes back to
-  the queue (`release`).
+  would have run sit prepared. A loop takes the held request served first (priority, then arrival), waiting for its
+  inputs if they are not ready yet. A request that arrives with a higher priority than those already held runs after
+  them (at most `prefetch_requests` of them). At a stop, what it holds goes back to the queue (`release`).
 - `OutputStage` runs what is left of a request once the model let go of it (encoding and storing its images on a
   small thread pool, a request's images side by side; then recording the result and sending its webhook) while the
   model loop takes the next request. Its backlog is bounded: a model loop waits before taking the next request
@@ -51,6 +51,8 @@ class Ticket:
     prepared: Prepared | None = None
     bytes: int = 0
     task: asyncio.Task | None = field(default=None, repr=False)
+    # lines for the request's log from preparing it, written when it starts: while it waits its log stays empty
+    lines: list[str] = field(default_factory=list)
 
 
 class Prefetcher:
@@ -58,13 +60,13 @@ class Prefetcher:
         self,
         store: QueueBackend,
         endpoint_ids: Collection[str],
-        prepare: Callable[[QueuedRequest], Awaitable[Prepared | None]],
+        prepare: Callable[[QueuedRequest, Callable[[str], None]], Awaitable[Prepared | None]],
         depth: int,
         memory_cap_bytes: int,
         wakeup: asyncio.Event,
     ):
-        """`prepare`: ready a reserved request's inputs, or end the request (start it and record its error) and
-        return None. `wakeup`: set when work may have arrived (`Dispatcher.notify`)."""
+        """`prepare(request, on_message)`: ready a reserved request's inputs, or end the request (start it and
+        record its error) and return None. `wakeup`: set when work may have arrived (`Dispatcher.notify`)."""
         self.store = store
         self.endpoint_ids = endpoint_ids
         self.prepare = prepare
@@ -123,15 +125,22 @@ class Prefetcher:
                 await asyncio.sleep(IDLE_RECHECK_S)
 
     async def _prepare(self, ticket: Ticket) -> None:
+        prepared = None
         try:
-            prepared = await self.prepare(ticket.request)
+            prepared = await self.prepare(ticket.request, ticket.lines.append)
+        except Exception:  # `prepare` ends the requests it can't ready; this is a fault in that (the queue down)
+            log.exception("request %s: could not prepare it; it goes back to the queue", ticket.request.id)
+            try:
+                self.store.release(ticket.request.id)
+            except Exception:
+                log.warning("could not give request %s back to the queue", ticket.request.id, exc_info=True)
         finally:
+            if prepared is None:  # ended without the model (refused, bad inputs), or let go (cancelled, stopping)
+                self._drop(ticket)
+            else:
+                ticket.prepared, ticket.bytes = prepared, image_bytes(prepared)
             self._changed.set()
             self.wakeup.set()
-        if prepared is None:  # ended without the model (refused, bad inputs, cancelled meanwhile)
-            self._drop(ticket)
-            return
-        ticket.prepared, ticket.bytes = prepared, image_bytes(prepared)
 
     def _drop(self, ticket: Ticket) -> None:
         if ticket in self.held:
@@ -139,17 +148,17 @@ class Prefetcher:
             self.wakeup.set()
 
     async def take(self) -> Ticket | None:
-        """The ready request served first (priority, then arrival), waiting for one; None once stopping."""
+        """The held request served first (priority, then arrival) once its inputs are ready, waiting for it; None
+        once stopping."""
         self.waiting_loops += 1
         self.wakeup.set()  # a loop is free: reserve for it even beyond `depth`
         try:
             while not self.stopping:
                 self._changed.clear()
-                ready = [ticket for ticket in self.held if ticket.prepared is not None]
-                if ready:
-                    ticket = min(ready, key=lambda t: (t.request.priority, t.request.seq))
-                    self._drop(ticket)
-                    return ticket
+                first = min(self.held, key=lambda t: (t.request.priority, t.request.seq), default=None)
+                if first is not None and first.prepared is not None:
+                    self._drop(first)
+                    return first
                 await self._changed.wait()
             return None
         finally:

@@ -24,6 +24,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 
 from pydantic import ValidationError
 
@@ -207,7 +208,7 @@ class Dispatcher:
             return False
         request.status, request.started_at, request.attempts = "IN_PROGRESS", time.time(), (request.attempts or 0) + 1
         for line in lines:
-            self._note(lambda line=line: self.store.log(request.id, line))
+            self._note(partial(self.store.log, request.id, line))
         return True
 
     async def _prefetch(self, request: QueuedRequest, on_message: Callable[[str], None]) -> Prepared | None:

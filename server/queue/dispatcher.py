@@ -52,7 +52,6 @@ from server.service.model import ModelState
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 2  # the first run and one re-run after a worker failure
-IDLE_RECHECK_S = 1.0  # an idle dispatcher looks at the queue at least this often (e.g. for abandoned requests)
 RECORD_ATTEMPTS = 3  # tries to record a request's fault in the queue (a full disk, a locked database) ...
 RECORD_RETRY_S = 0.5  # ... this long apart, doubling; then the request is given up and the dispatcher goes on
 

@@ -218,3 +218,36 @@ def test_one_prefetcher_serves_every_model_loop_within_its_bounds(tmp_path, dept
     assert ahead == [f"r{n}" for n in range(2, 2 + held_ahead)]
     assert store.queued_count() == 4 and store.claim([FLASH]).id == "r2"  # released at close
     store.close()
+
+
+def test_held_requests_run_by_priority_then_arrival_and_their_logs_start_when_they_run(fake_server):
+    """Requests held ahead run in the queue's order (a low-priority one held first still runs after normal ones),
+    and a request's log begins when it starts, not when its inputs were fetched."""
+    editor = GatedEditor()
+    client, app = fake_server(editor)
+    blocker = client.post(f"/queue/{FLASH}", json={**BODY, "seed": 0}).json()
+    until(editor.entered.is_set)
+    order = ["low-1", "normal-1", "low-2", "normal-2"]
+    handles = {}
+    for seed, name in enumerate(order, start=1):
+        headers = {"X-Fal-Queue-Priority": name.split("-")[0]}
+        handles[name] = client.post(f"/queue/{FLASH}", json={**BODY, "seed": seed}, headers=headers).json()
+    until(lambda: len(ready_ids(app)) == 2)  # low-1 and normal-1, held in arrival order
+    positions = {name: status(client, handle)["queue_position"] for name, handle in handles.items()}
+    assert positions == {"normal-1": 0, "normal-2": 1, "low-1": 2, "low-2": 3}
+    assert app.state.services.store.logs(handles["low-1"]["request_id"]) == []  # fetched ahead, not started
+    editor.gate.set()
+    until(lambda: all(status(client, h)["status"] == "COMPLETED" for h in [blocker, *handles.values()]))
+    seeds = {seed: name for seed, name in enumerate(order, start=1)}
+    assert [seeds.get(call.seed, "blocker") for call in editor.calls] == [
+        "blocker",
+        "normal-1",
+        "normal-2",
+        "low-1",
+        "low-2",
+    ]
+    first_lines = {
+        name: client.get(h["status_url"], params={"logs": 1}).json()["logs"][0]["timestamp"]
+        for name, h in handles.items()
+    }
+    assert sorted(first_lines, key=first_lines.get) == ["normal-1", "normal-2", "low-1", "low-2"]

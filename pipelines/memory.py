@@ -243,7 +243,7 @@ def activation_reserve_bytes(request: Request, sizes: ComponentSizes | None = No
     The estimates are FLUX.2 [dev]'s. A smaller model of the same architecture (`sizes`: the tiny test model, a
     narrower variant) keeps activations as wide as its hidden size, and its weights grow with the square of that
     width: its reserve is FLUX.2 [dev]'s times the square root of its share of the weights (never more than 1)."""
-    transformer = ACTIVATION_BASE_BYTES + ACTIVATION_BYTES_PER_TOKEN * request.tokens
+    transformer: float = ACTIVATION_BASE_BYTES + ACTIVATION_BYTES_PER_TOKEN * request.tokens
     vae = VAE_DECODE_BYTES_PER_PIXEL * request.width * request.height
     if sizes is not None:
         transformer *= _width_share(sizes.transformer / sizes.itemsize, FLUX2_DEV_TRANSFORMER_PARAMS)

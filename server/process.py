@@ -20,7 +20,7 @@ import httpx
 import PIL.Image
 
 from server.config import Settings
-from server.files.outputs import OutputStore
+from server.files.outputs import Encoding, OutputStore
 from server.files.storage import open_storage
 from server.net.client import outbound_client
 from server.queue.backend import QueueBackend
@@ -70,7 +70,8 @@ class Services:
 
 
 def open_outputs(settings: Settings) -> OutputStore:
-    return OutputStore(settings.data_dir, open_storage(settings.storage, settings.data_dir, settings.retention_s))
+    storage = open_storage(settings.storage, settings.data_dir, settings.retention_s)
+    return OutputStore(settings.data_dir, storage, Encoding(settings.png_encoder, settings.png_compress_level))
 
 
 @asynccontextmanager

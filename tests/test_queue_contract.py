@@ -201,3 +201,36 @@ def test_a_request_keeps_its_owner_through_its_life(queue):
     assert queue.claim(ALL).owner == owner
     queue.complete("mine", 200, {"images": []})
     assert queue.get("mine").owner == owner
+
+
+def test_a_reserved_request_stays_queued_for_everyone_else_until_started(queue):
+    """`reserve` (inputs fetched ahead of the model): still IN_QUEUE with an honest position and queue depth, kept
+    from other claims; `start` makes it IN_PROGRESS; a queued cancel finishes it, and then it can't start."""
+    for name in ("a", "b", "c"):
+        add(queue, name)
+    held = queue.claim(ALL, reserve=True)
+    assert held.id == "a" and held.input == '{"prompt": "p"}'
+    assert queue.get("a").status == "IN_QUEUE" and queue.get("a").attempts == 0  # counted when it starts
+    assert queue.queued_count() == 3
+    assert [queue.position(queue.get(n)) for n in ("a", "b", "c")] == [0, 1, 2]
+    assert queue.claim(ALL, reserve=True).id == "b"
+    assert queue.claim(ALL).id == "c"  # reserved ones are not claimed again
+    assert queue.claim(ALL) is None and queue.claim(ALL, reserve=True) is None
+    assert queue.start("a") is True
+    started = queue.get("a")
+    assert started.status == "IN_PROGRESS" and started.started_at > 0 and started.attempts == 1
+    assert queue.start("a") is False  # started once
+    assert queue.complete("b", 400, {"detail": "cancelled"}, only_if_queued=True) is True  # a queued cancel
+    assert queue.start("b") is False and queue.get("b").status == "COMPLETED"
+    assert queue.queued_count() == 0
+
+
+def test_a_released_reservation_is_queued_again_without_counting_the_attempt(queue):
+    add(queue, "a")
+    add(queue, "b")
+    assert queue.claim(ALL, reserve=True).id == "a"
+    queue.release("a")  # a graceful stop gives its prefetched requests back
+    assert queue.get("a").status == "IN_QUEUE" and queue.get("a").attempts == 0
+    assert queue.position(queue.get("b")) == 1
+    again = queue.claim(ALL)
+    assert again.id == "a" and again.attempts == 1

@@ -514,3 +514,17 @@ def test_a_stalled_workers_result_is_refused_and_its_files_deleted(redis_url, tm
     assert other.get("r").status == "IN_PROGRESS"  # not recorded
     assert other.complete("r", 200, {"images": []})
     assert other.get("r").result == {"images": []}
+
+
+def test_a_reserved_claim_is_renewed_and_handed_over_when_its_worker_dies(redis_url):
+    """A request reserved while its inputs are fetched ahead is held like a running one: renewed past the
+    visibility timeout, and taken by another worker once its holder stops renewing it."""
+    holder, other = queue(redis_url, "holder"), queue(redis_url, "other")
+    add(holder, "r")
+    assert holder.claim(ALL, reserve=True).id == "r"
+    time.sleep(1.5)  # longer than the visibility timeout
+    assert other.claim(ALL) is None and other.get("r").status == "IN_QUEUE"
+    holder._closing.set()  # it stops renewing, as a killed process would
+    time.sleep(1.2)
+    assert other.claim(ALL).id == "r"
+    assert holder.start("r") is False  # no longer its own

@@ -6,7 +6,9 @@ front-ends and GPU workers in separate processes, on separate machines). `server
 
 Lifecycle of a request: `add` (IN_QUEUE) -> `claim` by a dispatcher that can run its endpoint (IN_PROGRESS) ->
 `complete` (COMPLETED, exactly once, and only by the holder of the request's current claim: a worker whose claim
-lapsed while it stalled is fenced off). `release` gives a claimed request back when its dispatcher stops (or its
+lapsed while it stalled is fenced off). The dispatcher claims in two steps: `claim(..., reserve=True)` (held,
+still IN_QUEUE while its inputs are fetched ahead of the model) then `start` (IN_PROGRESS when the model takes
+it). `release` gives a claimed request back when its dispatcher stops (or its
 worker failed on it). Every claim counts an attempt, so a request that brings its worker down every time is
 failed after `dispatcher.MAX_ATTEMPTS` starts instead of being run forever.
 """
@@ -102,9 +104,18 @@ class QueueBackend(Protocol):
     def queued_ids(self, endpoint_ids: Collection[str]) -> list[str]:
         """The requests for `endpoint_ids` not started yet (at most a thousand per endpoint)."""
 
-    def claim(self, endpoint_ids: Collection[str]) -> QueuedRequest | None:
+    def claim(self, endpoint_ids: Collection[str], reserve: bool = False) -> QueuedRequest | None:
         """The next queued request for one of `endpoint_ids` (priority, then arrival), now IN_PROGRESS and owned
-        by the caller, with its input; None if there is none."""
+        by the caller, with its input; None if there is none.
+
+        With `reserve` the request stays IN_QUEUE for everyone else (its status, its queue position and the
+        requests behind it unchanged; a cancel finishes it at once) while the caller holds it, to fetch its inputs
+        while its model runs another request (`server.queue.pipeline`); kept from other workers like a claim
+        (Redis: renewed until `start`, `release` or `complete`). Its attempt is counted when it starts."""
+
+    def start(self, request_id: str) -> bool:
+        """A request the caller reserved is IN_PROGRESS now (`started_at` set); False if it was finished meanwhile
+        (cancelled) or is no longer the caller's."""
 
     async def wait_for_work(self, wakeup: asyncio.Event, timeout_s: float) -> None:
         """Return when work may have arrived, `wakeup` is set, or after `timeout_s`."""

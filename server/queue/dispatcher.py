@@ -3,6 +3,11 @@ caller of the model (through `EditService`): a sync request is queued like any o
 (`submit_and_wait`: an in-process future, resolved here), so queue positions and the queue depth count every call
 waiting for the model.
 
+Around the model, `server.queue.pipeline` keeps it busy: the next requests' inputs are fetched and decoded while
+it runs (`Prefetcher`: those requests are reserved in the queue, still IN_QUEUE for clients, and started when a
+model loop takes them), and a request's images are encoded and stored after the model let go of it (`OutputStage`),
+its result recorded once they are written.
+
 The same logic serves both deployments: inside `flux2-server serve` over the embedded SQLite queue, and inside
 each `flux2-server worker` over Redis. It talks to the queue only through `server.queue.backend.QueueBackend`.
 
@@ -31,7 +36,8 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
+from functools import partial
 
 from pydantic import ValidationError
 
@@ -54,15 +60,15 @@ from server.errors import (
 from server.logs import request_id_var
 from server.queue.backend import SYNC, QueueBackend, QueuedRequest
 from server.queue.breaker import CircuitBreaker
+from server.queue.pipeline import IDLE_RECHECK_S, MIB, OutputStage, Prefetcher
 from server.queue.webhooks import WebhookSender, webhook_payload
-from server.schemas import EditOutput
-from server.service.edit import EditService
+from server.schemas import EditInput, EditOutput
+from server.service.edit import EditService, Prepared
 from server.service.model import ModelState
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 2  # the first run and one re-run after a worker failure
-IDLE_RECHECK_S = 1.0  # an idle dispatcher looks at the queue at least this often (e.g. for abandoned requests)
 RECORD_ATTEMPTS = 3  # tries to record a request's fault in the queue (a full disk, a locked database) ...
 RECORD_RETRY_S = 0.5  # ... this long apart, doubling; then the request is given up and the dispatcher goes on
 OUTAGE_RETRY_S = 0.5  # the queue unreachable: the first wait before trying again (doubling up to retry_max_s)
@@ -97,6 +103,17 @@ class Dispatcher:
         )
         self._given_up: set[str] = set()  # runs the step watchdog failed: they stop at their next step
         self._hung: dict[str, float] = {}  # ... and, until their step returns, since when (time.time())
+        self.prefetcher = Prefetcher(
+            store,
+            self.endpoint_ids,
+            self._prefetch,
+            settings.prefetch_requests,
+            settings.prefetch_memory_mib * MIB,
+            self._wakeup,
+            may_claim=self._in_rotation,
+            retry_max_s=retry_max_s,
+        )
+        self.outputs = OutputStage(settings.encode_threads, settings.output_async)
 
     async def submit_and_wait(self, request_id: str, add: Callable[[], None]) -> EditOutput:
         """A sync request: `add` queues it (as `request_id`); its caller waits here for its output, or the error it
@@ -116,6 +133,7 @@ class Dispatcher:
         self.stopping = True
         self._stopped.set()
         self._wakeup.set()
+        self.prefetcher.stop()
 
     def finish(
         self,
@@ -197,6 +215,7 @@ class Dispatcher:
         too far to stop: every denoising step done (decoding, encoding, storing), it completes as it is."""
         if self.fail(request, RequestCancelled(), only_if_queued=True):
             self.store.log(request.id, CANCELLED, "WARNING")
+            self.prefetcher.discard(request.id)  # if its inputs were being fetched ahead: it never runs
             return True
         current = self.store.get(request.id)
         if current is None or current.status != "IN_PROGRESS":
@@ -215,10 +234,12 @@ class Dispatcher:
         if self.service.model.state is not ModelState.LOADED:
             return  # it failed to load: nothing runs here, /health and /ready say why
         self.running = True
+        # one loop per replica (`serve --gpus`): each takes the next prepared request when its model is free
+        replicas = getattr(self.service.model.runner, "replicas", 1)
+        self.outputs.backlog = 2 * replicas
+        prefetching = asyncio.create_task(self.prefetcher.run(), name="prefetch")
         try:
-            # one loop per replica (`serve --gpus`): each claims the next request when its model is free
-            replicas = getattr(self.service.model.runner, "replicas", 1)
-            await asyncio.gather(*(self._loop() for _ in range(replicas)))
+            await asyncio.gather(prefetching, *(self._loop() for _ in range(replicas)))
         except BaseException as exc:
             if not self.stopping:
                 self.died = f"{type(exc).__name__}: {exc}"
@@ -226,33 +247,102 @@ class Dispatcher:
             raise
         finally:
             self.running = False
+            self.prefetcher.stop()
+            prefetching.cancel()
+            await asyncio.gather(prefetching, return_exceptions=True)
+            await self.prefetcher.close()  # requests reserved ahead go back to the queue
+            await self.outputs.drain()  # what the model finished is written and recorded
 
     async def _loop(self) -> None:
-        delay = OUTAGE_RETRY_S
         while not self.stopping:
-            if self.breaker.wait_s():  # out of rotation: other workers take the requests meanwhile
-                await asyncio.sleep(min(self.breaker.wait_s(), IDLE_RECHECK_S))
+            if not self._in_rotation():  # out of rotation: other workers take the requests meanwhile
+                await self.prefetcher.give_back()
+                await self._pause(min(self.breaker.wait_s() or IDLE_RECHECK_S, IDLE_RECHECK_S))
                 continue
-            self._wakeup.clear()
+            ticket = await self.prefetcher.take()
+            if ticket is None:  # the prefetcher stopped (with the dispatcher, or it failed)
+                return
+            request = ticket.request
             try:
-                request = self.store.claim(self.endpoint_ids)
-                delay = OUTAGE_RETRY_S
-                if request is None:
-                    await self.store.wait_for_work(self._wakeup, IDLE_RECHECK_S)
-                    continue
-            except QueueUnavailable:  # Redis down or restarting (logged by the queue): try again, less and less often
-                await self._pause(delay)
-                delay = min(delay * 2, self.retry_max_s)
-                continue
-            except Exception:
-                log.exception("could not read the queue; trying again in %.0f s", IDLE_RECHECK_S)
-                await asyncio.sleep(IDLE_RECHECK_S)
-                continue
-            try:
-                await self._run(request)
+                if self._start(request, ticket.lines):
+                    await self._run(request, ticket.prepared)
             except Exception as exc:  # a fault outside the model (or writing to the queue): the worker failed here
                 log.exception("request %s failed outside the model", request.id)
                 await self._record_fault(request, exc)
+            await self.outputs.room()
+
+    def _in_rotation(self) -> bool:
+        """Whether this worker takes requests now: not while its breaker is open or a step hangs."""
+        return not self._hung and not self.breaker.wait_s()
+
+    def _start(self, request: QueuedRequest, lines: list[str]) -> bool:
+        """A reserved request is IN_PROGRESS now (its attempt counted), with `lines` (from preparing it) in its log;
+        False if it finished meanwhile (cancelled)."""
+        if not self.store.start(request.id):
+            return False
+        request.status, request.started_at, request.attempts = "IN_PROGRESS", time.time(), (request.attempts or 0) + 1
+        for line in lines:
+            self._note(partial(self.store.log, request.id, line))
+        return True
+
+    async def _prefetch(self, request: QueuedRequest, on_message: Callable[[str], None]) -> Prepared | None:
+        """A reserved request's inputs, fetched and decoded while the model runs another (`Prefetcher`). A request
+        that can't run (past its start deadline, its sync caller gone, an invalid body, inputs that fail: a 422)
+        ends here, started and failed at once, without the model: None."""
+        request_id_var.set(request.id)
+        lines: list[str] = []
+
+        def line(message: str) -> None:  # to the request's log once it starts
+            log.info("request %s: %s", request.id, message)
+            lines.append(message)
+            on_message(message)
+
+        error: ServerError | None = None
+        try:
+            error = self._refusal(request, time.time(), attempts=False)
+            if error is None:
+                return await self.service.prepare(
+                    BY_ID[request.endpoint_id].profile,
+                    self._body(request),
+                    request.files_url,
+                    line,
+                )
+        except ServerError as exc:  # bad inputs (422), or refused as configured (503)
+            error = exc
+        except Exception as exc:  # a fault outside the model: counted as a start, so it can't loop forever
+            log.exception("request %s failed outside the model", request.id)
+            if self._start(request, lines):
+                await self._record_fault(request, exc)
+            return None
+        if error is not None and self._start(request, lines):  # IN_PROGRESS, then COMPLETED with its error, at once
+            self.fail(request, error)
+        return None
+
+    def _refusal(self, request: QueuedRequest, now: float, attempts: bool = True) -> ServerError | None:
+        """Why a request must not run, known before its model call; None if it may."""
+        if attempts and (request.attempts or 0) > MAX_ATTEMPTS:  # started that often and never finished
+            message = (
+                f"The worker stopped while running this request {(request.attempts or 1) - 1} times "
+                "(the process died or was stopped); it is not retried."
+            )
+            self._note(lambda: self.store.log(request.id, message, "ERROR"))
+            log.error("request %s failed: %s", request.id, message)
+            return WorkerCrashed(message)
+        if request.start_deadline and now > request.start_deadline:
+            return StartDeadlinePassed()
+        if request.queue_url == SYNC and request.id not in self._waiters:  # queued by a process that has stopped
+            return Unavailable("The server stopped before this sync request ran; nobody awaits it.")
+        return None
+
+    def _body(self, request: QueuedRequest) -> EditInput:
+        """The request's validated input; InvalidBody (422) if it does not validate."""
+        endpoint = BY_ID[request.endpoint_id]
+        assert request.input is not None, "a claimed request carries its input"
+        try:  # a queued body is validated when it runs, as on fal (the submit accepted any JSON)
+            return endpoint.input_model.model_validate_json(request.input)
+        except ValidationError as exc:
+            self.store.log(request.id, f"Invalid input: {exc.error_count()} error(s)", "ERROR")
+            raise InvalidBody(json.loads(exc.json(include_url=False))) from None  # JSON-safe, like FastAPI's
 
     async def _pause(self, seconds: float) -> None:
         """Sleep, or less if the dispatcher is told to stop meanwhile."""
@@ -329,33 +419,19 @@ class Dispatcher:
         log.error("request %s failed: %s", request.id, message)
         self.fail(request, WorkerCrashed(message))
 
-    async def _run(self, request: QueuedRequest) -> None:
-        """Run a claimed (IN_PROGRESS) request."""
+    async def _run(self, request: QueuedRequest, prepared: Prepared | None = None) -> None:
+        """Run a claimed (IN_PROGRESS) request; `prepared`: its inputs, if they were fetched while it waited. Once the
+        model let go of it, the rest (encode, store, record) goes on in the output stage (`output_async`) while
+        this returns; a fault outside the model before then is raised here."""
         request_id_var.set(request.id)
-        if (request.attempts or 0) > MAX_ATTEMPTS:  # started that often and never finished: it stops workers
-            message = (
-                f"The worker stopped while running this request {(request.attempts or 1) - 1} times "
-                "(the process died or was stopped); it is not retried."
-            )
-            self._note(lambda: self.store.log(request.id, message, "ERROR"))
-            log.error("request %s failed: %s", request.id, message)
-            await self._settle(request, lambda: self.fail(request, WorkerCrashed(message)))
+        refusal = self._refusal(request, request.started_at or 0.0)
+        if refusal is not None:
+            await self._settle(request, lambda: self.fail(request, refusal))
             return
-        if request.start_deadline and (request.started_at or 0.0) > request.start_deadline:
-            await self._settle(request, lambda: self.fail(request, StartDeadlinePassed()))
-            return
-        if request.queue_url == SYNC and request.id not in self._waiters:  # queued by a process that has stopped
-            gone = Unavailable("The server stopped before this sync request ran; nobody awaits it.")
-            await self._settle(request, lambda: self.fail(request, gone))
-            return
-        endpoint = BY_ID[request.endpoint_id]
-        assert request.input is not None, "a claimed request carries its input"
-        try:  # a queued body is validated when it runs, as on fal (the submit accepted any JSON)
-            body = endpoint.input_model.model_validate_json(request.input)
-        except ValidationError as exc:
-            line = f"Invalid input: {exc.error_count()} error(s)"
-            self._note(lambda: self.store.log(request.id, line, "ERROR"))
-            invalid = InvalidBody(json.loads(exc.json(include_url=False)))  # JSON-safe, like FastAPI's
+        try:
+            body = prepared.body if prepared is not None else self._body(request)
+        except InvalidBody as exc:
+            invalid = exc
             await self._settle(request, lambda: self.fail(request, invalid))
             return
         started = time.perf_counter()
@@ -365,9 +441,10 @@ class Dispatcher:
             stepped[0] = time.monotonic()
             self._note(lambda: self.store.progress(request.id, step, total))  # renews the claim too
 
-        try:
-            run = self.service.edit(
-                endpoint.profile,
+        model_done = asyncio.Event()
+        editing = asyncio.ensure_future(
+            self.service.edit(
+                BY_ID[request.endpoint_id].profile,
                 body,
                 request.files_url,
                 request.id,
@@ -376,10 +453,30 @@ class Dispatcher:
                     self.stopping or request.id in self._given_up or self._cancel_requested(request.id)
                 ),
                 on_progress=on_progress,
+                prepared=prepared,
+                on_model_done=model_done.set,
+                pool=self.outputs.pool,
             )
-            output = await self._watched(request, run, stepped)
-            if output is None:  # the step watchdog failed it
-                return
+        )
+        if not await self._watched(request, editing, model_done, stepped):
+            return  # the step watchdog failed it
+        if editing.done() or not self.outputs.asynchronous:
+            await self._conclude(request, editing, started)
+        else:  # the model is free: the next request runs while this one's images are encoded and stored
+            self.outputs.add(self._conclude_beside(request, editing, started), name=f"output-{request.id}")
+
+    async def _conclude_beside(self, request: QueuedRequest, editing: asyncio.Future[EditOutput], started: float):
+        request_id_var.set(request.id)
+        try:
+            await self._conclude(request, editing, started)
+        except Exception as exc:  # writing the files or the queue failed: as a fault in the loop
+            log.exception("request %s failed outside the model", request.id)
+            await self._record_fault(request, exc)
+
+    async def _conclude(self, request: QueuedRequest, editing: asyncio.Future[EditOutput], started: float) -> None:
+        """Record how `editing` (the edit service's call) ended; a fault outside the model is raised."""
+        try:
+            output = await editing
         except Cancelled:
             if self.store.lease_lost(request.id):  # another worker runs it now: nothing to record here
                 log.warning("request %s: stopped, another worker took it over while this one stalled", request.id)
@@ -432,37 +529,44 @@ class Dispatcher:
         log.warning("request %s: this run is not recorded: another worker took the request over", request.id)
         return True
 
-    async def _watched(self, request: QueuedRequest, run: Coroutine, stepped: list[float]) -> EditOutput | None:
-        """Await `run`, unless one of its steps takes longer than FLUX2_STEP_TIMEOUT_S (`stepped[0]`: when the last
-        one ended): then the step watchdog fails the request (StepTimedOut), this loop takes nothing new until the
-        step returns (the run then stops: `_given_up`), and None is returned."""
+    async def _watched(
+        self, request: QueuedRequest, editing: asyncio.Future[EditOutput], model_done: asyncio.Event, stepped: list
+    ) -> bool:
+        """Wait until the model lets go of `editing` (or it ends), unless one of its steps takes longer than
+        FLUX2_STEP_TIMEOUT_S (`stepped[0]`: when the last one ended): then the step watchdog fails the request
+        (StepTimedOut), this loop takes nothing new until the step returns (the run then stops: `_given_up`), and
+        False is returned."""
         bound = self.service.settings.step_timeout_s
-        task = asyncio.ensure_future(run)
+        let_go = asyncio.ensure_future(model_done.wait())
         try:
-            if not bound:
-                return await task
-            while (left := stepped[0] + bound - time.monotonic()) > 0:
-                await asyncio.wait({task}, timeout=left)
-                if task.done():
-                    return task.result()
+            while not (editing.done() or let_go.done()):
+                left = stepped[0] + bound - time.monotonic() if bound else None
+                if left is not None and left <= 0:
+                    break
+                waited: set[asyncio.Future] = {editing, let_go}
+                await asyncio.wait(waited, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            else:
+                return True
         except asyncio.CancelledError:
-            task.cancel()
+            editing.cancel()
             raise
+        finally:
+            let_go.cancel()
         exc = StepTimedOut(f"a step ran longer than {bound:g} s (FLUX2_STEP_TIMEOUT_S): the worker hangs")
-        self.store.log(request.id, str(exc), "ERROR")
+        self._note(lambda: self.store.log(request.id, str(exc), "ERROR"))
         log.error("request %s: %s; no new request here until the step returns", request.id, exc)
         self._given_up.add(request.id)
-        self.failed(request, exc)
+        await self._settle(request, lambda: self.failed(request, exc))
         self._hung[request.id] = time.time()
         try:
-            while not task.done() and not self.stopping:
-                await asyncio.wait({task}, timeout=IDLE_RECHECK_S)
+            while not editing.done() and not self.stopping:
+                await asyncio.wait({editing}, timeout=IDLE_RECHECK_S)
         finally:
             self._hung.pop(request.id, None)
             self._given_up.discard(request.id)
-        if task.done() and not task.cancelled() and task.exception() is None:
-            self.discard(request, task.result())  # it finished after all: its files are not the recorded result
-        return None
+        if editing.done() and not editing.cancelled() and editing.exception() is None:
+            self.discard(request, editing.result())  # it finished after all: its files are not the recorded result
+        return False
 
 
 def elided(url: str) -> str:

@@ -87,11 +87,12 @@ redis.call('HSET', KEYS[1], 'seq', seq, 'stream', KEYS[2], 'entry', entry, 'stat
 return seq
 """
 
-# KEYS: the streams this worker reads, in serve order; ARGV: consumer, now, visibility (ms), prefix, then the
-# priority of each stream. Returns {request id, previous worker or '', lease} or {false, last entry id of each
-# stream}. A request's `lease` counts its claims: the claim's fencing token.
+# KEYS: the streams this worker reads, in serve order; ARGV: consumer, now, visibility (ms), prefix, reserve (1: the
+# request stays IN_QUEUE, held by this worker: `reserve`), then the priority of each stream. Returns {request id,
+# previous worker or '', lease} or {false, last entry id of each stream}. A request's `lease` counts its claims:
+# the claim's fencing token.
 CLAIM = """
-local group, consumer, now, idle_ms, prefix = 'workers', ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local group, consumer, now, idle_ms, prefix, reserve = 'workers', ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 
 local function take(stream, entry, rid)
   local key = prefix .. 'req:' .. rid
@@ -108,10 +109,18 @@ local function take(stream, entry, rid)
     return nil
   end
   local previous = redis.call('HGET', key, 'worker') or ''
-  redis.call('ZREM', stream .. ':requeued', key)
   local lease = redis.call('HINCRBY', key, 'lease', 1)  -- the fencing token: only its holder records an outcome
-  redis.call('HSET', key, 'status', 'IN_PROGRESS', 'started_at', now, 'worker', consumer)
-  redis.call('HINCRBY', key, 'attempts', 1)
+  if reserve == '1' then
+    -- held while its inputs are fetched ahead: still queued, counted with the released ones (positions, depth)
+    redis.call('HSET', key, 'status', 'IN_QUEUE', 'worker', consumer, 'reserved', consumer)
+    redis.call('HDEL', key, 'started_at')
+    redis.call('ZADD', stream .. ':requeued', redis.call('HGET', key, 'seq'), key)
+  else
+    redis.call('ZREM', stream .. ':requeued', key)
+    redis.call('HSET', key, 'status', 'IN_PROGRESS', 'started_at', now, 'worker', consumer)
+    redis.call('HDEL', key, 'reserved')
+    redis.call('HINCRBY', key, 'attempts', 1)
+  end
   return {rid, previous, lease}
 end
 
@@ -150,7 +159,7 @@ end
 for _ = 1, 100 do
   local best, best_priority, best_entry
   for i, stream in ipairs(KEYS) do
-    local priority = tonumber(ARGV[4 + i])
+    local priority = tonumber(ARGV[5 + i])
     if best_priority and priority > best_priority then break end
     local entry = next_new(stream)
     if entry and (not best or older(entry, best_entry)) then
@@ -177,11 +186,12 @@ return {false, last}
 # step), 0 if it already has an outcome (or, only_if_queued, has started), -1 if it runs under a lease the caller
 # does not hold (fenced: another worker took it over).
 COMPLETE = """
-local r = redis.call('HMGET', KEYS[1], 'status', 'lease')
+local r = redis.call('HMGET', KEYS[1], 'status', 'lease', 'reserved')
 local status = r[1]
 if not status or status == 'COMPLETED' then return 0 end
 if ARGV[1] == '1' and status ~= 'IN_QUEUE' then return 0 end
-if (ARGV[3] ~= '' or status == 'IN_PROGRESS') and (status ~= 'IN_PROGRESS' or r[2] ~= ARGV[3]) then return -1 end
+local held = status == 'IN_PROGRESS' or (status == 'IN_QUEUE' and r[3] == ARGV[6])  -- running, or reserved here
+if (ARGV[3] ~= '' or status == 'IN_PROGRESS') and (not held or r[2] ~= ARGV[3]) then return -1 end
 redis.call('HDEL', KEYS[1], 'error', 'error_type')
 redis.call('HSET', KEYS[1], 'status', 'COMPLETED', unpack(ARGV, 7))
 if ARGV[4] ~= '' then
@@ -199,17 +209,22 @@ return 1
 """
 
 # KEYS: request hash; ARGV: consumer, idle (ms) to set, release (1/0), uncount the attempt (1/0), lease, time
-# until which other workers take it first ('' for none). Touches a claimed entry (idle 0), or gives it up (idle
-# past the visibility timeout, so the next worker claims it at once), if this consumer still holds its lease.
+# until which other workers take it first ('' for none). Touches a claimed or reserved entry (idle 0), or gives it
+# up (idle past the visibility timeout, so the next worker claims it at once), if this consumer still holds its
+# lease.
 TOUCH = """
-local r = redis.call('HMGET', KEYS[1], 'status', 'worker', 'stream', 'entry', 'seq', 'lease')
-if r[1] ~= 'IN_PROGRESS' or r[2] ~= ARGV[1] or r[6] ~= ARGV[5] then return 0 end
+local r = redis.call('HMGET', KEYS[1], 'status', 'worker', 'stream', 'entry', 'seq', 'lease', 'reserved')
+local held = r[1] == 'IN_PROGRESS' or (r[1] == 'IN_QUEUE' and r[7] == ARGV[1])
+if not held or r[2] ~= ARGV[1] or r[6] ~= ARGV[5] then return 0 end
 redis.call('XCLAIM', r[3], 'workers', ARGV[1], 0, r[4], 'IDLE', ARGV[2], 'JUSTID')
 if ARGV[3] == '1' then
   redis.call('HSET', KEYS[1], 'status', 'IN_QUEUE')
+  redis.call('HDEL', KEYS[1], 'reserved')
   redis.call('ZADD', r[3] .. ':requeued', r[5], KEYS[1])  -- served before new entries: positions count it
 end
-if ARGV[4] == '1' then redis.call('HINCRBY', KEYS[1], 'attempts', -1) end  -- a graceful stop: not an attempt
+if ARGV[4] == '1' and r[1] == 'IN_PROGRESS' then  -- a graceful stop: not an attempt (a reserved one was none yet)
+  redis.call('HINCRBY', KEYS[1], 'attempts', -1)
+end
 if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'failed_by', ARGV[1], 'elsewhere_until', ARGV[6]) end
 return 1
 """
@@ -221,6 +236,19 @@ local r = redis.call('HMGET', KEYS[1], 'status', 'worker', 'stream', 'entry', 'l
 if r[1] ~= 'IN_PROGRESS' or r[2] ~= ARGV[1] or r[5] ~= ARGV[2] then return 0 end
 redis.call('XCLAIM', r[3], 'workers', ARGV[1], 0, r[4], 'IDLE', 0, 'JUSTID')
 redis.call('HSET', KEYS[1], 'progress_step', ARGV[3], 'progress_total', ARGV[4])
+return 1
+"""
+
+# KEYS: request hash; ARGV: consumer, now, lease. A request this consumer reserved (and still holds) is IN_PROGRESS
+# now, its attempt counted (1), or 0.
+START = """
+local r = redis.call('HMGET', KEYS[1], 'status', 'reserved', 'stream', 'entry', 'lease')
+if r[1] ~= 'IN_QUEUE' or r[2] ~= ARGV[1] or r[5] ~= ARGV[3] then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'IN_PROGRESS', 'started_at', ARGV[2])
+redis.call('HDEL', KEYS[1], 'reserved')
+redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('ZREM', r[3] .. ':requeued', KEYS[1])
+redis.call('XCLAIM', r[3], 'workers', ARGV[1], 0, r[4], 'IDLE', 0, 'JUSTID')
 return 1
 """
 
@@ -363,6 +391,7 @@ class RedisQueue:
         self._progress = self.redis.register_script(PROGRESS)
         self._position = self.redis.register_script(POSITION)
         self._log = self.redis.register_script(LOG)
+        self._start = self.redis.register_script(START)
         self._last_ids: dict[str, str] = {}
         self._claimed: dict[str, str] = {}  # requests this process runs -> its lease on each; their entries are renewed
         self._stepped: dict[str, float] = {}  # ... and when each was claimed or last made progress (monotonic)
@@ -499,23 +528,36 @@ class RedisQueue:
             self.visibility_ms = shared
         self._lease_adopted = True
 
-    def claim(self, endpoint_ids: Collection[str]) -> QueuedRequest | None:
+    def start(self, request_id: str) -> bool:
+        lease = self._claimed.get(request_id, "")
+        started = bool(self._start(keys=[self._key(request_id)], args=[self.consumer, time.time(), lease]))
+        if started:
+            self._stepped[request_id] = time.monotonic()  # the step watchdog's clock starts with the run
+            self.log(request_id, f"Running on worker {self.consumer}")
+        else:  # finished meanwhile (a queued cancel), or taken over: not renewed any more
+            self._claimed.pop(request_id, None)
+            self._stepped.pop(request_id, None)
+        return started
+
+    def claim(self, endpoint_ids: Collection[str], reserve: bool = False) -> QueuedRequest | None:
         if not self._lease_adopted:
             self._adopt_shared_lease()
         streams = [(s, p) for s, p, e in self.streams if e in endpoint_ids]
-        args: list = [self.consumer, time.time(), self.visibility_ms, PREFIX, *(p for _, p in streams)]
+        args: list = [self.consumer, time.time(), self.visibility_ms, PREFIX, int(reserve), *(p for _, p in streams)]
         found = self._claim(keys=[s for s, _ in streams], args=args)
         if not found[0]:
             self._last_ids = dict(zip((s for s, _ in streams), found[1], strict=True))
             return None
         request_id, previous, lease = found
-        self.log(request_id, f"Running on worker {self.consumer}")
+        if not reserve:
+            self.log(request_id, f"Running on worker {self.consumer}")
         if previous:
             message = f"Worker {previous} stopped before finishing this request: it runs again on {self.consumer}"
             log.warning("request %s: %s", request_id, message)
             self.log(request_id, message, "WARNING")
         self._claimed[request_id] = str(lease)
-        self._stepped[request_id] = time.monotonic()
+        if not reserve:  # a reserved request's step clock starts when it starts (`start`)
+            self._stepped[request_id] = time.monotonic()
         self._lost.discard(request_id)
         self._start_toucher()
         claimed = self.get(request_id)
@@ -534,8 +576,8 @@ class RedisQueue:
         hangs: another worker takes it over, and this one can't record it)."""
         while not self._closing.wait(self.visibility_ms / 3000):
             for request_id, lease in list(self._claimed.items()):
-                since = time.monotonic() - self._stepped.get(request_id, 0.0)
-                if self.step_timeout_s and since > self.step_timeout_s:
+                stepped = self._stepped.get(request_id)  # None: reserved, waiting for the model (no step yet)
+                if self.step_timeout_s and stepped is not None and time.monotonic() - stepped > self.step_timeout_s:
                     continue
                 try:
                     if not self._touch(keys=[self._key(request_id)], args=[self.consumer, 0, 0, 0, lease, ""]):

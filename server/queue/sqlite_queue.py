@@ -47,7 +47,8 @@ CREATE TABLE IF NOT EXISTS requests (
     attempts INTEGER NOT NULL DEFAULT 0,     -- times started; a start interrupted by a graceful stop is not counted
     progress_step INTEGER,                   -- denoising steps done ...
     progress_total INTEGER,                  -- ... of this many
-    owner TEXT                               -- SHA-256 of the submitting API key; NULL: open API (or older row)
+    owner TEXT,                              -- SHA-256 of the submitting API key; NULL: open API (or older row)
+    reserved INTEGER NOT NULL DEFAULT 0      -- 1: IN_QUEUE, held by the dispatcher fetching its inputs (`reserve`)
 );
 CREATE INDEX IF NOT EXISTS queued ON requests (status, priority, seq);
 CREATE TABLE IF NOT EXISTS inputs (          -- apart from the rows status reads: inputs can be 100 MB data URIs
@@ -102,6 +103,8 @@ class RequestStore:
                 self._db.execute(f"ALTER TABLE requests ADD COLUMN {column} INTEGER")
         if "owner" not in columns:  # ... or before owners were (its rows: NULL, any key sees them, as before)
             self._db.execute("ALTER TABLE requests ADD COLUMN owner TEXT")
+        if "reserved" not in columns:  # ... or before inputs were fetched ahead
+            self._db.execute("ALTER TABLE requests ADD COLUMN reserved INTEGER NOT NULL DEFAULT 0")
         self._cancel_requested: set[str] = set()  # running requests to stop at their next step (this process)
         self._workers: dict[str, tuple[float, dict]] = {}  # worker id -> (expires, info)
 
@@ -121,6 +124,7 @@ class RequestStore:
             rows = self._db.execute("SELECT id FROM requests WHERE status='IN_PROGRESS'").fetchall()
         for row in rows:
             self.log(row["id"], "The server stopped while running this request; it was re-queued.", "WARNING")
+        self._write("UPDATE requests SET reserved=0 WHERE reserved=1")  # still queued: held by the stopped server
         return self._write("UPDATE requests SET status='IN_QUEUE', started_at=NULL WHERE status='IN_PROGRESS'")
 
     def add(
@@ -192,22 +196,40 @@ class RequestStore:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM requests WHERE status='IN_QUEUE'").fetchone()[0]
 
-    def claim(self, endpoint_ids: Collection[str]) -> QueuedRequest | None:
-        """The next queued request for one of `endpoint_ids`, marked IN_PROGRESS."""
+    def claim(self, endpoint_ids: Collection[str], reserve: bool = False) -> QueuedRequest | None:
+        """The next queued request for one of `endpoint_ids` (not reserved), marked IN_PROGRESS, or with `reserve`
+        held (still IN_QUEUE) until `start`."""
+        mark = self._mark_reserved if reserve else self.mark_started
         marks = ",".join("?" * len(endpoint_ids))
         while True:
             request = self._one(
-                f"SELECT {RECORD_COLUMNS} FROM requests WHERE status='IN_QUEUE' AND endpoint_id IN ({marks})"
-                " ORDER BY priority, seq LIMIT 1",
+                f"SELECT {RECORD_COLUMNS} FROM requests WHERE status='IN_QUEUE' AND reserved=0"
+                f" AND endpoint_id IN ({marks}) ORDER BY priority, seq LIMIT 1",
                 *endpoint_ids,
             )
             if request is None:
                 return None
-            if self.mark_started(request.id):
-                claimed = self.get(request.id)
-                if claimed is not None:
-                    claimed.input = self.input_of(request.id)
-                return claimed
+            if mark(request.id):
+                taken = self.get(request.id)
+                if taken is not None:
+                    taken.input = self.input_of(request.id)
+                return taken
+
+    def start(self, request_id: str) -> bool:
+        """A reserved request is IN_PROGRESS now, its attempt counted; False if it was finished meanwhile."""
+        return bool(
+            self._write(
+                "UPDATE requests SET status='IN_PROGRESS', started_at=?, attempts=attempts+1, reserved=0"
+                " WHERE id=? AND status='IN_QUEUE' AND reserved=1",
+                time.time(),
+                request_id,
+            )
+        )
+
+    def _mark_reserved(self, request_id: str) -> bool:
+        return bool(
+            self._write("UPDATE requests SET reserved=1 WHERE id=? AND status='IN_QUEUE' AND reserved=0", request_id)
+        )
 
     async def wait_for_work(self, wakeup: asyncio.Event, timeout_s: float) -> None:
         """Submits to this process set `wakeup` (Dispatcher.notify)."""
@@ -223,14 +245,17 @@ class RequestStore:
     def release(self, request_id: str, attempt_failed: bool = False) -> None:
         """After a worker failure: back in the queue now, the attempt counted. At a graceful stop: left IN_PROGRESS
         (this process is the only one that runs requests, and `requeue_interrupted` puts it back in the queue at
-        its next start, as after a crash) with the attempt not counted."""
+        its next start, as after a crash) with the attempt not counted. A reserved request is simply queued again."""
+        self._write("UPDATE requests SET reserved=0 WHERE id=? AND status='IN_QUEUE' AND reserved=1", request_id)
         if attempt_failed:
             self._write(
                 "UPDATE requests SET status='IN_QUEUE', started_at=NULL WHERE id=? AND status='IN_PROGRESS'",
                 request_id,
             )
         else:
-            self._write("UPDATE requests SET attempts=MAX(attempts-1, 0) WHERE id=?", request_id)
+            self._write(
+                "UPDATE requests SET attempts=MAX(attempts-1, 0) WHERE id=? AND status='IN_PROGRESS'", request_id
+            )
 
     def request_cancel(self, request_id: str) -> None:
         self._cancel_requested.add(request_id)
@@ -254,11 +279,11 @@ class RequestStore:
         return [{"id": wid, **info} for wid, (expires, info) in self._workers.items() if expires > now]
 
     def mark_started(self, request_id: str) -> bool:
-        """IN_QUEUE -> IN_PROGRESS; False if it is no longer queued (cancelled meanwhile)."""
+        """IN_QUEUE -> IN_PROGRESS; False if it is no longer queued (cancelled meanwhile) or is reserved."""
         return bool(
             self._write(
                 "UPDATE requests SET status='IN_PROGRESS', started_at=?, attempts=attempts+1"
-                " WHERE id=? AND status='IN_QUEUE'",
+                " WHERE id=? AND status='IN_QUEUE' AND reserved=0",
                 time.time(),
                 request_id,
             )

@@ -11,6 +11,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import httpx
@@ -166,7 +167,8 @@ class Prepared:
     base_url: str
     input_notices: list[str]
     started: float  # perf_counter when preparing began
-    fetched: float  # ... and when the inputs were ready
+    fetched: float  # ... when the inputs were ready
+    running: float | None = None  # ... and when the model took it (it may wait between: fetched ahead)
 
 
 @dataclass
@@ -220,6 +222,7 @@ class EditService:
             on_step(done, total)
 
         call = dataclasses.replace(prepared.call, on_step=step, on_message=on_message, should_cancel=should_cancel)
+        prepared.running = time.perf_counter()
         try:
             return await self.model.runner.run(call)
         except (Cancelled, InferenceError, RankFailed):  # RankFailed: a replica's process died (re-queued once)
@@ -227,18 +230,21 @@ class EditService:
         except Exception as exc:
             raise InferenceError(f"{type(exc).__name__}: {exc}") from exc
 
-    async def finish(self, prepared: Prepared, result: EditResult) -> EditOutput:
+    async def finish(self, prepared: Prepared, result: EditResult, pool: Executor | None = None) -> EditOutput:
+        """Encode and store the images (with `pool`: side by side on its threads); returns once all are written."""
         body = prepared.body
         encoding = time.perf_counter()
         files = await asyncio.to_thread(
-            self.outputs.save, result.images, body.output_format, prepared.base_url, body.sync_mode
+            self.outputs.save, result.images, body.output_format, prepared.base_url, body.sync_mode, pool
         )
         done = time.perf_counter()
+        fetching = prepared.fetched - prepared.started
         timings = {
-            "fetch_inputs": prepared.fetched - prepared.started,
+            "fetch_inputs": fetching,
             **result.timings,
             "encode": done - encoding,
-            "total": done - prepared.started,
+            # the server's time on it: fetching its inputs, then from the model's start on (not the wait between)
+            "total": fetching + done - (prepared.running or prepared.fetched),
         }
         caps = self.model.runner.editor.capabilities()
         return EditOutput(
@@ -261,17 +267,23 @@ class EditService:
         on_log: Callable[[str], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
         on_progress: Callable[[int, int], None] | None = None,
+        prepared: Prepared | None = None,
+        on_model_done: Callable[[], None] | None = None,
+        pool: Executor | None = None,
     ) -> EditOutput:
         """Run one edit request end to end. Progress lines (one per denoising step) go to the log and to `on_log`,
         and (step, total) to `on_progress`; `should_cancel` is polled after each step, and a cancelled run raises
-        `pipelines.Cancelled`."""
+        `pipelines.Cancelled`. `prepared`: its inputs, fetched ahead (`prepare`); `on_model_done` is called as
+        soon as the model let go of it (the dispatcher takes the next request then, while this call encodes and
+        stores the images, on `pool`'s threads)."""
 
         def progress(message: str) -> None:
             log.info("request %s: %s", request_id, message)
             if on_log is not None:
                 on_log(message)
 
-        prepared = await self.prepare(profile, body, base_url, progress)
+        if prepared is None:
+            prepared = await self.prepare(profile, body, base_url, progress)
 
         def on_step(step: int, total: int) -> None:
             progress(f"step {step}/{total}")
@@ -279,4 +291,6 @@ class EditService:
                 on_progress(step, total)
 
         result = await self.run(prepared, on_step, progress, should_cancel)
-        return await self.finish(prepared, result)
+        if on_model_done is not None:
+            on_model_done()
+        return await self.finish(prepared, result, pool)

@@ -26,7 +26,6 @@ def test_ensure_tiny_builds_once_then_reuses(tmp_path):
     assert verify(directory).ok
 
 
-
 def test_ensure_tiny_called_at_once_builds_once(tmp_path, monkeypatch):
     """Test workers (pytest -n) and servers may ask for the cache together: one builds, the others wait for it."""
     import threading
@@ -48,6 +47,7 @@ def test_ensure_tiny_called_at_once_builds_once(tmp_path, monkeypatch):
     for thread in threads:
         thread.join()
     assert len(builds) == 1 and verify(directory).ok
+
 
 def test_serve_tiny_from_a_cold_cache(tmp_path):
     port = free_port()

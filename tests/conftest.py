@@ -51,8 +51,13 @@ def decode(data: bytes) -> PIL.Image.Image:
 def tiny_weights(tmp_path_factory, worker_id) -> Path:
     """The tiny model, built once per run: under pytest-xdist (`-n`) the workers share one copy in the run's
     temporary directory, built by the first that needs it under a file lock (server.cli.tiny.ensure_tiny)."""
+    return tiny_model_for(tmp_path_factory, worker_id)
+
+
+def tiny_model_for(tmp_path_factory, worker_id: str) -> Path:
     if worker_id == "master":  # no xdist
         return build_tiny(tmp_path_factory.mktemp("tiny") / "FLUX.2-tiny")
+    # xdist gives each worker <run's temporary directory>/popen-gwN: the run's directory is shared
     return ensure_tiny(tmp_path_factory.getbasetemp().parent / "tiny" / "FLUX.2-tiny")
 
 

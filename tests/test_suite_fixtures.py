@@ -6,11 +6,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
+from types import SimpleNamespace
 
-import pytest
 import torch
 
+from tests.conftest import tiny_model_for
 from weights.verify import verify
 
 
@@ -22,18 +22,19 @@ def test_torch_runs_on_one_thread_here_and_in_the_processes_tests_start():
     assert started.stdout.strip() == threads
 
 
-def test_xdist_workers_share_one_tiny_model(tmp_path):
-    """Under `pytest -n`, each worker's `tiny_weights` is the same directory, built once under a file lock."""
-    pytest.importorskip("xdist", reason="needs pytest-xdist (test extra)")
-    for name in ("a", "b"):  # two files: `--dist loadfile` gives each its own worker
-        (tmp_path / f"test_{name}.py").write_text(
-            "import os\n\n"
-            "def test_path(tiny_weights):\n"
-            f"    (tiny_weights.parent.parent / '{name}.seen').write_text(f'{{tiny_weights}} {{os.getpid()}}')\n"
-        )
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider"]
-    command += ["-n", "2", "--dist", "loadfile", "--basetemp", str(tmp_path / "base"), str(tmp_path)]
-    ran = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
-    assert ran.returncode == 0, ran.stdout + ran.stderr
-    (path_a, pid_a), (path_b, pid_b) = ((tmp_path / "base" / f"{name}.seen").read_text().split() for name in ("a", "b"))
-    assert path_a == path_b and pid_a != pid_b and verify(Path(path_a)).ok
+def test_xdist_workers_share_one_tiny_model(tmp_path, monkeypatch):
+    """Under `pytest -n`, every worker's `tiny_weights` is one directory of the run, built once (under a file lock:
+    tests/test_cli.py has two builders at once)."""
+    import weights.tiny
+
+    real_build, builds = weights.tiny.build_tiny, []
+    monkeypatch.setattr(weights.tiny, "build_tiny", lambda directory: builds.append(directory) or real_build(directory))
+    workers = {
+        name: SimpleNamespace(getbasetemp=lambda name=name: tmp_path / f"popen-{name}") for name in ("gw0", "gw1")
+    }
+    paths = {tiny_model_for(factory, name) for name, factory in workers.items()}
+    assert (
+        paths == {tmp_path / "tiny" / "FLUX.2-tiny"}
+        and len(builds) == 1
+        and verify(tmp_path / "tiny" / "FLUX.2-tiny").ok
+    )

@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
+# One OpenMP thread per process (this one and every server, worker and script the tests start, which inherit the
+# environment), set before torch loads. The tiny model's operations are too small to gain from a second thread,
+# and with more threads than free cores (a busy machine, `pytest -n`) OpenMP's threads wait for each other at
+# every operation: a tiny 512x512 edit measured 18 s with two threads on a loaded 2-core machine, 1.3 s with one.
+# An explicit OMP_NUM_THREADS in the environment wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import base64
 import io
 from dataclasses import dataclass
@@ -14,6 +23,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from benchmarks.loopback import free_port, start_server  # noqa: F401 (tests import them from here)
+from server.cli.tiny import ensure_tiny
 from server.config import Settings
 from server.http.app import create_app
 from server.service import model as service_model
@@ -38,8 +48,23 @@ def decode(data: bytes) -> PIL.Image.Image:
 
 
 @pytest.fixture(scope="session")
-def tiny_weights(tmp_path_factory) -> Path:
-    return build_tiny(tmp_path_factory.mktemp("tiny") / "FLUX.2-tiny")
+def tiny_weights(tmp_path_factory, worker_id) -> Path:
+    """The tiny model, built once per run: under pytest-xdist (`-n`) the workers share one copy in the run's
+    temporary directory, built by the first that needs it under a file lock (server.cli.tiny.ensure_tiny)."""
+    return tiny_model_for(tmp_path_factory, worker_id)
+
+
+def tiny_model_for(tmp_path_factory, worker_id: str) -> Path:
+    if worker_id == "master":  # no xdist
+        return build_tiny(tmp_path_factory.mktemp("tiny") / "FLUX.2-tiny")
+    # xdist gives each worker <run's temporary directory>/popen-gwN: the run's directory is shared
+    return ensure_tiny(tmp_path_factory.getbasetemp().parent / "tiny" / "FLUX.2-tiny")
+
+
+@pytest.fixture(scope="session")
+def worker_id(request) -> str:
+    """pytest-xdist's worker name (gw0, gw1, ...), or "master" in a plain run (xdist's own fixture when loaded)."""
+    return getattr(request.config, "workerinput", {}).get("workerid", "master")
 
 
 @dataclass

@@ -26,6 +26,29 @@ def test_ensure_tiny_builds_once_then_reuses(tmp_path):
     assert verify(directory).ok
 
 
+def test_ensure_tiny_called_at_once_builds_once(tmp_path, monkeypatch):
+    """Test workers (pytest -n) and servers may ask for the cache together: one builds, the others wait for it."""
+    import threading
+
+    import weights.tiny
+
+    real_build, builds = weights.tiny.build_tiny, []
+
+    def slow_build(directory):
+        builds.append(directory)
+        time.sleep(0.5)  # both callers are past their first check before the first build ends
+        return real_build(directory)
+
+    monkeypatch.setattr(weights.tiny, "build_tiny", slow_build)
+    directory = tmp_path / "tiny"
+    threads = [threading.Thread(target=ensure_tiny, args=(directory,)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(builds) == 1 and verify(directory).ok
+
+
 def test_serve_tiny_from_a_cold_cache(tmp_path):
     port = free_port()
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}

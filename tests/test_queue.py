@@ -101,6 +101,7 @@ def test_priority_then_arrival_order_and_positions(server):
     assert positions == {"normal-1": 0, "normal-2": 1, "low-1": 2, "low-2": 3}
     result = c.get(handles["low-2"]["response_url"])
     assert result.status_code == 400 and result.json()["detail"] == "Request is still in progress"
+    c.put(blocker["cancel_url"])  # all four are queued: the model may take them now (in priority order)
     started = {}
     for name, handle in handles.items():
         logs = wait_done(c, handle)["logs"]
@@ -142,6 +143,7 @@ def test_request_timeout_header_fails_a_request_that_waited_too_long(server):
     assert done["error_type"] == "request_timeout"
     result = c.get(late["response_url"])
     assert result.status_code == 504 and result.headers["x-fal-request-timeout-type"] == "user"  # as fal marks it
+    c.put(blocker["cancel_url"])  # done blocking: the shared server's model is free for the next test sooner
     wait_done(c, blocker)
     # fal's minimum is over 0.1 s
     too_short = {"X-Fal-Request-Timeout": "0.1"}
@@ -228,6 +230,7 @@ def test_twenty_requests_at_once_all_complete_in_priority_then_arrival_order(ser
         )
         for i, name in enumerate(names)
     }
+    c.put(blocker["cancel_url"])  # all twenty are queued: the model may take them now (in priority order)
     started = {name: wait_done(c, handle)["logs"][0]["timestamp"] for name, handle in handles.items()}
     wait_done(c, blocker)
     expected = sorted(names, key=lambda n: (n.startswith("low"), n))  # normal first, then by arrival

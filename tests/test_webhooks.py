@@ -118,18 +118,14 @@ def test_webhook_retried_until_delivered(fast_retry_server):
     assert not verify_fal_webhook(headers, body, jwks, now=time.time() + 600)  # ... and so does a stale one
 
 
-def test_a_webhook_url_the_guard_refuses_is_a_422_at_submit(tiny_weights, tmp_path):
-    process, url = start_server(tiny_weights, tmp_path / "data", tmp_path / "log")  # no FLUX2_FETCH_ALLOW
-    try:
-        refused = httpx.post(
-            f"{url}/queue/fal-ai/flux-2/flash/edit", params={"fal_webhook": "http://127.0.0.1:9/hook"}, json=BODY
-        )
-        assert refused.status_code == 422, refused.text
-        assert refused.json()["detail"][0]["loc"] == ["query", "fal_webhook"]
-        assert "loopback" in refused.json()["detail"][0]["msg"]
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+def test_a_webhook_url_the_guard_refuses_is_a_422_at_submit(server):
+    url = server.url  # the shared server: no FLUX2_FETCH_ALLOW
+    refused = httpx.post(
+        f"{url}/queue/fal-ai/flux-2/flash/edit", params={"fal_webhook": "http://127.0.0.1:9/hook"}, json=BODY
+    )
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["detail"][0]["loc"] == ["query", "fal_webhook"]
+    assert "loopback" in refused.json()["detail"][0]["msg"]
 
 
 def test_a_pending_delivery_is_made_by_the_next_process(tmp_path):

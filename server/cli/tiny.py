@@ -8,6 +8,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from filelock import FileLock
+
 TINY_CACHE_VERSION = "v3"  # bump when weights.tiny changes what it builds
 
 
@@ -25,8 +27,13 @@ def ensure_tiny(directory: Path | None = None) -> Path:
     if verify(directory).ok:
         return directory
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=directory.parent))
-    build_tiny(staging)
-    shutil.rmtree(directory, ignore_errors=True)
-    staging.rename(directory)
+    # Several processes may ask at once (test workers, a server and a benchmark): one builds, the others wait
+    # for it and then find the cache good; nobody deletes a directory another process has just put in place.
+    with FileLock(directory.parent / f".{directory.name}.lock"):
+        if verify(directory).ok:
+            return directory
+        staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=directory.parent))
+        build_tiny(staging)
+        shutil.rmtree(directory, ignore_errors=True)
+        staging.rename(directory)
     return directory

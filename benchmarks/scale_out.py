@@ -284,9 +284,6 @@ def run_faults(weights: Path, jobs: int, outage_s: float, pace_s: float, work: P
         "FLUX2_QUEUE_VISIBILITY_TIMEOUT_S": "5",
         "FLUX2_WORKER_HEARTBEAT_TTL_S": "3",
         "FLUX2_QUEUE_RETRY_MAX_S": "2",
-        # the memory planner sizes the tiny model's activation reserve for FLUX.2-size requests (14 GiB of host RAM);
-        # a fixed small reserve lets four processes start on a shared machine
-        "FLUX2_MEMORY_RESERVE_GB": "1",
     }
     redis_dir = work / "redis"
     redis_process, redis_url = start_redis(redis_dir, appendonly=True)

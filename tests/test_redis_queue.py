@@ -339,6 +339,14 @@ def test_a_front_end_refuses_and_expires_requests_no_live_worker_serves(redis_ur
             time.sleep(0.2)
         assert status["error_type"] == "unavailable" and "No worker served profile 'flash'" in status["error"]
         assert client.get(accepted.json()["response_url"].replace("http://testserver", "")).status_code == 503
+        # output URLs under the /files/ of the front-end that took the submit are answered as this one's
+        worker.heartbeat("gpu-0", {"profiles": ["flash"]}, ttl_s=30)
+        other = client.post(f"/queue/{FLASH}", json=body).json()["request_id"]
+        image = {"url": "http://10.0.0.9:8000/files/x.png", "file_name": "x.png"}
+        worker.redis.hset(f"flux2:req:{other}", "files_url", "http://10.0.0.9:8000/")
+        assert worker.claim(ALL).id == other and worker.complete(other, 200, {"images": [image], "seed": 1})
+        result = client.get(f"/queue/fal-ai/flux-2/requests/{other}").json()
+        assert result["images"][0]["url"] == "http://testserver/files/x.png"
 
 
 def test_a_tls_redis_with_its_own_ca(tmp_path):

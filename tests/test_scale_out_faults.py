@@ -267,7 +267,9 @@ def test_a_broken_worker_goes_out_of_rotation_and_its_requests_complete_elsewher
             done = wait_done(cluster, handle["request_id"])
             assert done["error"] is None, done
         logs = [status(cluster, handle["request_id"])["logs"] for handle in handles]
-        assert sum(any("re-queued" in line["message"] for line in lines) for lines in logs) == 2  # not failed
+        requeued = sum(any("re-queued" in line["message"] for line in lines) for lines in logs)  # not failed
+        # two, or three: the model may have started one more while the second one's output was being stored
+        assert requeued in (2, 3), requeued
     finally:
         cluster.stop("broken")
         cluster.resume(*good)

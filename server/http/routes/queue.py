@@ -158,11 +158,16 @@ async def queued_body(request: Request, endpoint: Endpoint) -> EditInput | str:
 async def check_webhook_url(request: Request, url: str) -> None:
     """A 422 now for a webhook URL the SSRF guard refuses (server/net/guard.py), rather than a request whose
     webhook is silently dropped. A host that can't be resolved now is accepted: delivery is retried."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # parsed when read: "https://[x" or ":99999" raise here
+    except ValueError as exc:
+        error = {"type": "url_parsing", "loc": ["query", "fal_webhook"], "msg": f"Not a URL: {exc}", "input": url}
+        raise RequestValidationError([error]) from exc
     policy = AddressPolicy.parse(services(request).settings.fetch_allow)
     try:
         with anyio.fail_after(WEBHOOK_RESOLVE_S):
-            await policy.resolve(parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
+            await policy.resolve(parts.hostname or "", port or (443 if parts.scheme == "https" else 80))
     except AddressRefused as exc:
         error = {"type": "webhook_refused", "loc": ["query", "fal_webhook"], "msg": str(exc), "input": url}
         raise RequestValidationError([error]) from exc

@@ -60,6 +60,10 @@ def test_schemathesis_finds_nothing_on_any_route(keyed_server, tmp_path):
         "1",
         "--workers",
         "1",
+        # a valid text-to-image body (no image URL to fail on) runs the model, queued ones too: a sync call may wait
+        # behind them longer than schemathesis' default 10 s
+        "--request-timeout",
+        "120",
         "--report-junit-path",
         str(tmp_path / "junit.xml"),
     ]

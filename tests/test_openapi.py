@@ -49,6 +49,9 @@ def test_every_route_is_documented_with_its_schemas(tiny_weights, tmp_path):
             if method == "post" and path.endswith("/edit"):
                 body = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
                 assert body.endswith(("Flux2EditInput", "Flux2FastEditInput"))
+            if method == "post" and path.endswith(("/fal-ai/flux-2", "/turbo", "/flash")):
+                body = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+                assert body.endswith(("Flux2TextToImageInput", "Flux2FastTextToImageInput"))
     _resolve_all(spec["paths"], spec["components"]["schemas"])
     assert spec["components"]["securitySchemes"]["apiKeyAuth"] == {
         "type": "apiKey",
@@ -60,7 +63,7 @@ def test_every_route_is_documented_with_its_schemas(tiny_weights, tmp_path):
     assert result["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/EditOutput"}
 
 
-@pytest.mark.parametrize("endpoint", ENDPOINTS, ids=lambda e: e.profile)
+@pytest.mark.parametrize("endpoint", ENDPOINTS, ids=lambda e: e.endpoint_id)
 def test_per_endpoint_document_like_fals(server, endpoint):
     eid = endpoint.endpoint_id
     response = server.client.get(f"{server.url}/openapi.json", params={"endpoint_id": eid})
@@ -68,6 +71,9 @@ def test_per_endpoint_document_like_fals(server, endpoint):
     spec = response.json()
     assert spec["info"]["title"] == f"Queue OpenAPI for {eid}"
     assert spec["info"]["x-fal-metadata"]["endpointId"] == eid
+    assert spec["info"]["x-fal-metadata"]["category"] == (
+        "image-to-image" if endpoint.takes_images else "text-to-image"
+    )
     assert spec["servers"] == [{"url": f"{server.url}/queue"}]
     request = f"/{eid}/requests/{{request_id}}"
     assert set(spec["paths"]) == {
@@ -81,10 +87,16 @@ def test_per_endpoint_document_like_fals(server, endpoint):
     _resolve_all(spec["paths"], schemas)
     body = spec["paths"][f"/{eid}"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
     model = schemas[body.rsplit("/", 1)[1]]
-    # fal's schema names for this endpoint (as in fal-js's types): Flux2EditInput, Flux2TurboEditInput, ...
+    # fal's schema names for this endpoint (as in fal-js's types): Flux2EditInput, Flux2TurboEditInput, Flux2Input, ...
     assert body == f"#/components/schemas/{endpoint.schema_name}Input"
-    assert model["required"] == ["prompt", "image_urls"]
+    assert model["required"] == (["prompt", "image_urls"] if endpoint.takes_images else ["prompt"])
     assert model["properties"]["guidance_scale"]["maximum"] == 20
+    # fal's image_size defaults: the input image's size (base edit), square_hd (turbo/flash edit), landscape_4_3
+    # (text to image)
+    default_size = {"edit": None, "turbo": "square_hd", "flash": "square_hd"}[endpoint.profile]
+    assert model["properties"]["image_size"].get("default") == (
+        default_size if endpoint.takes_images else "landscape_4_3"
+    )
     if endpoint.profile == "edit":
         assert model["properties"]["num_inference_steps"] == {
             "type": "integer",
@@ -97,7 +109,9 @@ def test_per_endpoint_document_like_fals(server, endpoint):
     else:
         assert "num_inference_steps" not in model["properties"]
     assert "Flux2FastEditInput" not in schemas and "EditOutput" not in schemas
-    assert {"Flux2EditInput", "Flux2TurboEditInput", "Flux2FlashEditInput"} & set(schemas) == {body.rsplit("/")[-1]}
+    named = {"Flux2EditInput", "Flux2TurboEditInput", "Flux2FlashEditInput", "Flux2Input", "Flux2TurboInput"}
+    assert (named | {"Flux2FlashInput"}) & set(schemas) == {body.rsplit("/")[-1]}
+    assert not {"Flux2TextToImageInput", "Flux2FastTextToImageInput"} & set(schemas)
     result = spec["paths"][request]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
     assert result == {"$ref": f"#/components/schemas/{endpoint.schema_name}Output"}
     assert spec["paths"][request + "/status"]["get"]["security"] == [{"apiKeyAuth": []}]

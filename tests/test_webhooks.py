@@ -183,3 +183,15 @@ def test_error_webhook_and_a_dead_receiver_does_not_block(fast_retry_server):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert httpx.get(first.json()["status_url"]).json()["status"] == "COMPLETED"
+
+
+def test_a_webhook_url_that_does_not_parse_is_a_422_at_submit(fake_server):
+    """Found by the fuzzer: urlsplit refuses "https://x[" (an unclosed IPv6 bracket); a 422 naming the parameter,
+    not a 500."""
+    from tests.fake_editor import FakeEditor
+
+    client, _ = fake_server(FakeEditor())
+    for hook in ("https://x[", "https://9BB\u00f5[", "http://host:99999/"):
+        refused = client.post("/queue/fal-ai/flux-2/flash", params={"fal_webhook": hook}, json={"prompt": "p"})
+        assert refused.status_code == 422, (hook, refused.text)
+        assert refused.json()["detail"][0]["loc"] == ["query", "fal_webhook"]

@@ -20,9 +20,10 @@ from server.http.callers import enforce_rate_limit
 from server.http.errors import install_error_handlers
 from server.http.hosts import HostNames, host_guard
 from server.http.json_body import check_json_body
+from server.http.openai_errors import OPENAI_ERRORS, openai_compatible
 from server.http.proxy import fal_proxy
 from server.http.responses import GUARDED, LOW_ON_DISK, TOO_LARGE
-from server.http.routes import edit, files, health, metrics, openapi, playground, queue, storage
+from server.http.routes import edit, files, health, metrics, openai, openapi, playground, queue, storage
 from server.http.routes.queue import queue_host_routing
 from server.logs import redacted, request_ids
 from server.process import open_outputs, open_services
@@ -112,11 +113,19 @@ def create_app(settings: Settings, weights_dir: Path | None, tiny: bool = False)
             responses=GUARDED,
             max_body_size=settings.max_body_bytes,
         )
+    # OpenAI's images API: the same keys (as `Bearer`), limits and body limit; errors in OpenAI's shape
+    app.include_router(
+        openai.router,
+        dependencies=[Depends(require_key), Depends(enforce_rate_limit)],
+        responses=OPENAI_ERRORS,
+        max_body_size=settings.max_body_bytes,
+    )
     # the files themselves: their own limit, and no key (the one-time URL is the permission)
     app.include_router(
         storage.upload_router, max_body_size=settings.max_upload_bytes, responses={**TOO_LARGE, **LOW_ON_DISK}
     )
     app.add_middleware(fal_shaped_413)
+    app.add_middleware(openai_compatible)  # /v1: Bearer keys, and every error (413 included) in OpenAI's shape
     app.add_middleware(queue_host_routing)
     app.add_middleware(fal_proxy, public_url=settings.public_url)  # a proxied request is rewritten before routing
     app.add_middleware(request_ids)

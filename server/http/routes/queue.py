@@ -1,6 +1,7 @@
 """fal's queue API under /queue (or on a `queue.` host): submit, status, status stream, result, cancel.
 
-URLs follow fal: submit is `POST {queue}/fal-ai/flux-2/edit` (turbo, flash alike); a request then lives at
+URLs follow fal: submit is `POST {queue}/fal-ai/flux-2/edit` (every endpoint alike, `{queue}/fal-ai/flux-2` too:
+text to image); a request then lives at
 `{queue}/fal-ai/flux-2/requests/{id}` with `/status`, `/status/stream` and `/cancel` below it. fal's clients also
 build those paths with the endpoint's own path (`.../fal-ai/flux-2/edit/requests/{id}`); both forms are served.
 """
@@ -162,11 +163,16 @@ async def queued_body(request: Request, endpoint: Endpoint) -> EditInput | str:
 async def check_webhook_url(request: Request, url: str) -> None:
     """A 422 now for a webhook URL the SSRF guard refuses (server/net/guard.py), rather than a request whose
     webhook is silently dropped. A host that can't be resolved now is accepted: delivery is retried."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # parsed when read: "https://[x" or ":99999" raise here
+    except ValueError as exc:
+        error = {"type": "url_parsing", "loc": ["query", "fal_webhook"], "msg": f"Not a URL: {exc}", "input": url}
+        raise RequestValidationError([error]) from exc
     policy = AddressPolicy.parse(services(request).settings.fetch_allow)
     try:
         with anyio.fail_after(WEBHOOK_RESOLVE_S):
-            await policy.resolve(parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
+            await policy.resolve(parts.hostname or "", port or (443 if parts.scheme == "https" else 80))
     except AddressRefused as exc:
         error = {"type": "webhook_refused", "loc": ["query", "fal_webhook"], "msg": str(exc), "input": url}
         raise RequestValidationError([error]) from exc
@@ -199,7 +205,7 @@ def _add_submit_route(endpoint: Endpoint) -> None:
             request_id=queued.id, gateway_request_id=queued.id, queue_position=position, **queued.urls
         )
 
-    submit.__name__ = f"submit_{endpoint.profile}"
+    submit.__name__ = "submit_" + endpoint.endpoint_id.replace("/", "_").replace("-", "_")
     router.add_api_route(
         "/" + endpoint.endpoint_id,
         submit,
@@ -343,7 +349,7 @@ async def cancel(request: Request, request_id: str) -> JSONResponse:
 for _endpoint in ENDPOINTS:
     _add_submit_route(_endpoint)
 
-for _app_path in (APP_PATH, *(e.endpoint_id for e in ENDPOINTS)):
+for _app_path in dict.fromkeys((APP_PATH, *(e.endpoint_id for e in ENDPOINTS))):  # fal-ai/flux-2 is both
     _canonical = _app_path == APP_PATH  # the other forms work the same but are left out of /openapi.json
     _base = f"/{_app_path}/requests/{{request_id}}"
     router.add_api_route(

@@ -1,10 +1,10 @@
-"""fal's three edit endpoints: id (also the route path), input schema, and the profile that runs them."""
+"""fal's endpoints served here: id (also the route path), input schema, and the profile that runs them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.schemas import Flux2EditInput, Flux2FastEditInput
+from server.schemas import Flux2EditInput, Flux2FastEditInput, Flux2LoraEditInput
 
 APP_PATH = "fal-ai/flux-2"  # fal's owner/alias; the queue's request URLs live under it
 
@@ -27,6 +27,14 @@ ENDPOINTS = (
     ),
     Endpoint(
         "fal-ai/flux-2/flash/edit", Flux2FastEditInput, "flash", "FLUX.2 [dev] Flash edit: 4 steps", "Flux2FlashEdit"
+    ),
+    # the base profile with up to 3 LoRAs (pipelines.loras); fal-js names its schemas Flux2LoraEditInput/Output
+    Endpoint(
+        "fal-ai/flux-2/lora/edit",
+        Flux2LoraEditInput,
+        "edit",
+        "FLUX.2 [dev] edit with LoRAs (up to 3): full quality, configurable steps",
+        "Flux2LoraEdit",
     ),
 )
 BY_ID = {e.endpoint_id: e for e in ENDPOINTS}

@@ -117,7 +117,40 @@ class Flux2FastEditInput(_EditInputCommon):
     IGNORED: ClassVar[tuple[str, ...]] = ("num_inference_steps", "acceleration")
 
 
-EditInput = Flux2EditInput | Flux2FastEditInput  # the body of any of the three endpoints
+MAX_LORAS = 3  # per request (fal's "maximum 3"); pipelines.loras.MAX_LORAS is the model's side of it
+
+
+class LoRAInput(BaseModel):
+    """One LoRA of fal-ai/flux-2/lora and /lora/edit (fal's schema name `LoRAInput`)."""
+
+    path: str = Field(
+        min_length=1,
+        description="URL of the LoRA weights (.safetensors): http(s), or this server's own file URL (an upload "
+        "through the storage emulation); or the name of a LoRA in this server's LoRA library (FLUX2_LORA_DIR), e.g. "
+        "a Hugging Face repo id (owner/repo) the operator copied in. Model hubs are never contacted.",
+    )
+    scale: float = Field(1.0, ge=0, le=4, description="Scale factor for LoRA application (0.0 to 4.0).")
+
+
+class _LorasInput(BaseModel):
+    loras: list[LoRAInput] = Field(
+        default_factory=list,
+        max_length=MAX_LORAS,
+        description="List of LoRA weights to apply (maximum 3), each with its scale.",
+    )
+
+
+class Flux2LoraEditInput(_LorasInput, Flux2EditInput):
+    """Input of fal-ai/flux-2/lora/edit: the base edit's fields and up to 3 LoRAs."""
+
+    model_config = ConfigDict(json_schema_extra={"x-fal-order-properties": ["prompt", "image_urls", "loras"]})
+
+    prompt: str = Field(
+        min_length=1, description="The prompt to generate an image from.", examples=["Make this donut realistic"]
+    )
+
+
+EditInput = Flux2EditInput | Flux2FastEditInput  # the body of any of the edit endpoints (LoRA edit included)
 
 
 class ImageFile(BaseModel):

@@ -12,15 +12,17 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import PIL.Image
 
 from pipelines import Cancelled, EditCall, EditResult
 from pipelines.capabilities import Capabilities
+from pipelines.loras import LoraError, LoraFile
 from pipelines.parallel import RankFailed
 from server.config import Settings
-from server.errors import InferenceError, Unavailable
+from server.errors import InferenceError, InputError, Unavailable
 from server.files.outputs import OutputStore
 from server.schemas import (
     MAX_REFERENCE_IMAGES,
@@ -34,7 +36,8 @@ from server.schemas import (
     ImageSize,
     ImageSizeName,
 )
-from server.service.inputs import InputLimits, LocalFiles, load_images, url_error
+from server.service.inputs import InputLimits, LocalFiles, load_images, short, url_error
+from server.service.loras import discard, resolve_loras
 from server.service.metrics import Metrics
 from server.service.model import Model
 
@@ -137,7 +140,16 @@ def generator_seed(seed: int) -> int:
     return seed % 2**64
 
 
-def edit_call(body: EditInput, profile: str, images: list, width: int, height: int, seed: int, settings) -> EditCall:
+def edit_call(
+    body: EditInput,
+    profile: str,
+    images: list,
+    width: int,
+    height: int,
+    seed: int,
+    settings,
+    loras: list[LoraFile] | tuple[LoraFile, ...] = (),
+) -> EditCall:
     """The model call a validated body asks for (no callbacks yet: `EditService.run` adds them)."""
     return EditCall(
         images=images,
@@ -153,6 +165,7 @@ def edit_call(body: EditInput, profile: str, images: list, width: int, height: i
         acceleration=acceleration_of(body),
         expand_prompt=body.enable_prompt_expansion,
         check_safety=body.enable_safety_checker and not settings.disable_safety_checker,
+        loras=tuple(loras),
     )
 
 
@@ -167,6 +180,11 @@ class Prepared:
     input_notices: list[str]
     started: float  # perf_counter when preparing began
     fetched: float  # ... and when the inputs were ready
+    scratch: list[Path] = dataclasses.field(default_factory=list)  # files of this request to remove when done (LoRAs)
+
+    def discard(self) -> None:
+        """Remove the request's scratch files (downloaded LoRAs): call once it is done, whatever the outcome."""
+        discard(self.scratch)
 
 
 @dataclass
@@ -194,16 +212,19 @@ class EditService:
         urls = body.image_urls[:MAX_REFERENCE_IMAGES]
         settings = self.settings
         limits = InputLimits(settings.max_input_image_bytes, settings.max_input_pixels, settings.fetch_timeout_s)
-        images, input_notices = await load_images(self.http, urls, limits, LocalFiles(base_url, self.outputs.storage))
+        local = LocalFiles(base_url, self.outputs.storage)
+        images, input_notices = await load_images(self.http, urls, limits, local)
         for index, image in enumerate(images):
             problem = editor.reference_problem(image)
             if problem:
                 raise url_error(index, urls[index], problem, "invalid_image")
         width, height = output_size(body.image_size, images[0], editor.size_multiple)
         seed = body.seed if body.seed is not None else _seeds.randrange(2**32)
-        call = edit_call(body, profile, images, width, height, generator_seed(seed), settings)
-        on_message(f"{profile} {width}x{height}, {len(images)} reference(s), seed {seed}")
-        return Prepared(profile, body, call, base_url, input_notices, started, time.perf_counter())
+        loras, scratch = await resolve_loras(getattr(body, "loras", []), self.http, local, settings)
+        call = edit_call(body, profile, images, width, height, generator_seed(seed), settings, loras)
+        described = "".join(f", LoRA {lora.digest[:12]} x{lora.scale:g}" for lora in loras)
+        on_message(f"{profile} {width}x{height}, {len(images)} reference(s), seed {seed}{described}")
+        return Prepared(profile, body, call, base_url, input_notices, started, time.perf_counter(), scratch)
 
     async def run(
         self,
@@ -221,11 +242,16 @@ class EditService:
 
         call = dataclasses.replace(prepared.call, on_step=step, on_message=on_message, should_cancel=should_cancel)
         try:
-            return await self.model.runner.run(call)
+            result = await self.model.runner.run(call)
         except (Cancelled, InferenceError, RankFailed):  # RankFailed: a replica's process died (re-queued once)
             raise
+        except LoraError as exc:  # a LoRA file the model can't use: the model is as it was, the request a 422
+            path = prepared.body.loras[exc.index].path  # type: ignore[union-attr]  # only LoRA bodies have loras
+            raise InputError(["loras", exc.index, "path"], str(exc), "invalid_lora", short(path)) from exc
         except Exception as exc:
             raise InferenceError(f"{type(exc).__name__}: {exc}") from exc
+        self.metrics.loras_applied(call.loras, result.loras_loaded)
+        return result
 
     async def finish(self, prepared: Prepared, result: EditResult) -> EditOutput:
         body = prepared.body
@@ -278,5 +304,8 @@ class EditService:
             if on_progress is not None:
                 on_progress(step, total)
 
-        result = await self.run(prepared, on_step, progress, should_cancel)
+        try:
+            result = await self.run(prepared, on_step, progress, should_cancel)
+        finally:
+            prepared.discard()
         return await self.finish(prepared, result)

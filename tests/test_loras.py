@@ -294,7 +294,9 @@ def test_lora_edit_through_fal_client(lora_server, file_server, tiny_weights):
     with httpx.Client(verify=str(ca)) as client:  # the same bytes uploaded through the storage emulation
         target = client.post(f"{url}/storage/upload/initiate", json={"file_name": "style.safetensors"}).json()
         assert client.put(target["upload_url"], content=lora.read_bytes()).status_code == 200
-    image = data_uri(image_bytes(96, 96))
+    reference = root / "reference.png"
+    reference.write_bytes(image_bytes(96, 96))
+    image = data_uri(reference.read_bytes())
     args = {"prompt": "p", "image_urls": [image], "image_size": "square", "seed": 5, "num_inference_steps": 4}
     edit = "fal-ai/flux-2/lora/edit"
     calls = [
@@ -329,6 +331,30 @@ def test_lora_edit_through_fal_client(lora_server, file_server, tiny_weights):
     log = (root / "server.log").read_text()
     assert len(re.findall(r"LoRA \S+ \(sha256 [0-9a-f]{64}\) loaded as adapter", log)) == 2
     assert not list((root / "data" / "lora-downloads").glob("*"))  # downloaded files are removed when done
+
+    # `flux2-server edit --lora FILE:SCALE --url`: the local file is uploaded, and runs as the URL's did
+    written = root / "cli.png"
+    ran = cli(
+        "edit", str(reference), "--prompt", "p", "--endpoint", "lora-edit", "--lora", f"{lora}:1", "--seed", "5",
+        "--steps", "4", "--image-size", "square", "--url", url, "-o", str(written), env={"SSL_CERT_FILE": str(ca)},
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    assert np.array_equal(np.asarray(decode(written.read_bytes())).astype(int), pixels("url"))
+
+
+def test_the_cli_takes_loras_for_the_lora_endpoints_only(tmp_path):
+    (tmp_path / "ref.png").write_bytes(image_bytes(96, 96))
+    ran = cli("edit", str(tmp_path / "ref.png"), "-p", "p", "--lora", "style:0.5", "--url", "http://127.0.0.1:9")
+    assert (
+        ran.returncode != 0 and "--lora is for the LoRA endpoints only (--endpoint lora-edit), not edit" in ran.stderr
+    )
+
+
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    command = [str(Path(sys.executable).parent / "flux2-server"), *args]
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=300, check=False, env={**os.environ, **(env or {})}
+    )
 
 
 def run_fal_client(url: str, ca: Path, calls: list) -> dict:

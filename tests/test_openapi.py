@@ -48,7 +48,7 @@ def test_every_route_is_documented_with_its_schemas(tiny_weights, tmp_path):
                 assert all(media.get("schema") for media in content.values()), (method, path, code)
             if method == "post" and path.endswith("/edit"):
                 body = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
-                assert body.endswith(("Flux2EditInput", "Flux2FastEditInput"))
+                assert body.endswith(("Flux2EditInput", "Flux2FastEditInput", "Flux2LoraEditInput"))
     _resolve_all(spec["paths"], spec["components"]["schemas"])
     assert spec["components"]["securitySchemes"]["apiKeyAuth"] == {
         "type": "apiKey",
@@ -60,7 +60,7 @@ def test_every_route_is_documented_with_its_schemas(tiny_weights, tmp_path):
     assert result["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/EditOutput"}
 
 
-@pytest.mark.parametrize("endpoint", ENDPOINTS, ids=lambda e: e.profile)
+@pytest.mark.parametrize("endpoint", ENDPOINTS, ids=lambda e: e.endpoint_id)
 def test_per_endpoint_document_like_fals(server, endpoint):
     eid = endpoint.endpoint_id
     response = server.client.get(f"{server.url}/openapi.json", params={"endpoint_id": eid})
@@ -97,7 +97,21 @@ def test_per_endpoint_document_like_fals(server, endpoint):
     else:
         assert "num_inference_steps" not in model["properties"]
     assert "Flux2FastEditInput" not in schemas and "EditOutput" not in schemas
-    assert {"Flux2EditInput", "Flux2TurboEditInput", "Flux2FlashEditInput"} & set(schemas) == {body.rsplit("/")[-1]}
+    inputs = {"Flux2EditInput", "Flux2TurboEditInput", "Flux2FlashEditInput", "Flux2LoraEditInput"}
+    assert inputs & set(schemas) == {body.rsplit("/")[-1]}
+    if "loras" in model["properties"]:  # the LoRA endpoints: fal's `loras: [LoRAInput]`, at most 3
+        loras = model["properties"]["loras"]
+        assert loras["maxItems"] == 3 and loras["items"] == {"$ref": "#/components/schemas/LoRAInput"}
+        lora = schemas["LoRAInput"]
+        assert lora["required"] == ["path"]
+        assert lora["properties"]["scale"] | {"title": None, "description": None} == {
+            "type": "number",
+            "minimum": 0,
+            "maximum": 4,
+            "default": 1.0,
+            "title": None,
+            "description": None,
+        }
     result = spec["paths"][request]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
     assert result == {"$ref": f"#/components/schemas/{endpoint.schema_name}Output"}
     assert spec["paths"][request + "/status"]["get"]["security"] == [{"apiKeyAuth": []}]

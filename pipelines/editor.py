@@ -1,5 +1,8 @@
 """One FLUX.2 [dev] model, loaded once from a local diffusers directory, running edit calls for every profile.
 
+An edit call with reference images edits them; one without any is text to image (Flux2Pipeline called without
+`image`: no reference latents, only the prompt conditions the output).
+
 This is the only module that talks to diffusers. It never reaches a hub: components load with
 `local_files_only=True` from the directory it is given (real weights or the tiny model, same code).
 """
@@ -43,7 +46,7 @@ class Cancelled(Exception):
 class EditCall:
     """One request to the model, in model terms (already validated and decoded by the caller)."""
 
-    images: list[PIL.Image.Image]  # 1-4 RGB reference images
+    images: list[PIL.Image.Image]  # 0-4 RGB reference images (none: text to image)
     prompt: str
     width: int
     height: int
@@ -215,8 +218,8 @@ class Flux2Editor:
     def edit(self, call: EditCall) -> EditResult:
         profile = PROFILES[call.profile]
         steps, sigmas = profile.schedule(call.num_inference_steps)
-        if not 1 <= len(call.images) <= 4:
-            raise ValueError(f"1 to 4 reference images are needed, got {len(call.images)}")
+        if len(call.images) > 4:
+            raise ValueError(f"at most 4 reference images are taken, got {len(call.images)}")
 
         # Flux2Pipeline floors sizes to the model's multiple; generate at the next multiple up and centre-crop,
         # so the caller gets exactly the size it asked for.
@@ -261,7 +264,7 @@ class Flux2Editor:
             vae_tiling(self.pipe.vae, tiled),
         ):
             output = self.pipe(
-                image=call.images,
+                image=call.images or None,  # none: text to image
                 prompt=prompt,
                 height=gen_h,
                 width=gen_w,

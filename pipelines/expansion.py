@@ -3,7 +3,8 @@
 This is diffusers' caption upsampling (`Flux2Pipeline.upsample_prompt`, from Black Forest Labs' reference
 code): Mistral 3 is a vision-language model; it gets the image-editing system message
 (`SYSTEM_MESSAGE_UPSAMPLING_I2I`), the reference images (several are concatenated into one, capped at 768² px)
-and the prompt, and samples a rewritten instruction. The pipeline's own `caption_upsample_temperature` path
+and the prompt, and samples a rewritten instruction. Without reference images (text to image) it gets the
+text-to-image system message (`SYSTEM_MESSAGE_UPSAMPLING_T2I`) and the prompt alone. The pipeline's own `caption_upsample_temperature` path
 does the same inside `__call__`; calling it here instead lets the server return and log the prompt it used.
 
 Sampling draws from torch's global generator of the text encoder's device. It runs inside `fork_rng`, seeded
@@ -26,6 +27,7 @@ def expand_prompt(pipe, prompt: str, images: list[PIL.Image.Image], seed: int) -
     accelerator = {"devices": [device], "device_type": device.type} if device.type != "cpu" else {"devices": []}
     with torch.random.fork_rng(**accelerator):
         torch.manual_seed(seed)
-        # One prompt with all its references: a list holding one list of images.
-        expanded = pipe.upsample_prompt(prompt, images=[images], temperature=TEMPERATURE, device=device)
+        # One prompt with all its references: a list holding one list of images; None: text to image.
+        references = [images] if images else None
+        expanded = pipe.upsample_prompt(prompt, images=references, temperature=TEMPERATURE, device=device)
     return expanded[0].strip()

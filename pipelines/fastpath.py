@@ -193,7 +193,8 @@ def choose_fast_path(setting: str, capability: tuple[int, int] | None, explicit:
 
 @dataclass(frozen=True)
 class WarmUpCase:
-    """One warm-up call: `references` reference images of `size` px, output `size` px, on `profile`."""
+    """One warm-up call: `references` reference images of `size` px (0: text to image), output `size` px, on
+    `profile`."""
 
     references: int
     profile: str = "edit"
@@ -202,7 +203,7 @@ class WarmUpCase:
 
     @property
     def label(self) -> str:
-        label = f"{self.references} reference{'s' if self.references > 1 else ''}, {self.size} px, {self.profile}"
+        label = f"{self.references} reference{'' if self.references == 1 else 's'}, {self.size} px, {self.profile}"
         return label + (f", acceleration {self.acceleration}" if self.acceleration != "none" else "")
 
 
@@ -230,8 +231,8 @@ def parse_warm_up(
             cases += [WarmUpCase(1, "edit", level, WARM_UP_SIZE) for level in levels[1:]]
             continue
         parts = item.strip().split(":")
-        if len(parts) > 3 or not parts[0].isdigit() or not 1 <= int(parts[0]) <= 4:
-            raise FastPathError(f"warm-up case {item!r}: REFS[:PROFILE[:LEVEL]] with REFS 1-4")
+        if len(parts) > 3 or not parts[0].isdigit() or not 0 <= int(parts[0]) <= 4:
+            raise FastPathError(f"warm-up case {item!r}: REFS[:PROFILE[:LEVEL]] with REFS 0-4 (0: text to image)")
         refs, profile, level = parts + ["edit", "none"][len(parts) - 1 :]
         if profile not in PROFILES or level not in LEVELS or (level != "none" and profile != "edit"):
             raise FastPathError(

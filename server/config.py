@@ -243,8 +243,8 @@ class Settings(BaseSettings):
     )
     compile_warm_up: str = Field(
         "1,4,adapters,levels",
-        description="warm-up calls with compile: `REFS[:PROFILE[:LEVEL]],...`; `adapters`/`levels`: each distilled "
-        "adapter loaded unfused / each acceleration level",
+        description="warm-up calls with compile: `REFS[:PROFILE[:LEVEL]],...` (REFS 0-4; 0: text to image); "
+        "`adapters`/`levels`: each distilled adapter loaded unfused / each acceleration level",
     )
     compile_cache_dir: Path | None = Field(
         None, description="inductor's persistent compile cache; default `<data_dir>/compile-cache`"

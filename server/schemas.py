@@ -1,8 +1,10 @@
-"""The API contract: fal's FLUX.2 edit endpoints' input and output, as pydantic models.
+"""The API contract: fal's FLUX.2 [dev] endpoints' input and output, as pydantic models.
 
 These models are the single source of the API: FastAPI validates requests with them and builds
 /openapi.json from them. Fields, ranges and defaults follow fal's documentation of fal-ai/flux-2/edit,
-fal-ai/flux-2/turbo/edit and fal-ai/flux-2/flash/edit.
+fal-ai/flux-2/turbo/edit and fal-ai/flux-2/flash/edit (edit: `image_urls`), and of fal-ai/flux-2,
+fal-ai/flux-2/turbo and fal-ai/flux-2/flash (text to image: no images; `image_size` defaults to landscape_4_3),
+as fal publishes them (its model API pages, and @fal-ai/client's endpoint types: Flux2Input, Flux2TurboInput, ...).
 """
 
 from __future__ import annotations
@@ -56,13 +58,13 @@ class Acceleration(str, Enum):
 OutputFormat = Literal["jpeg", "png", "webp"]
 
 
-class _EditInputCommon(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"x-fal-order-properties": ["prompt", "image_urls"]})
+class _InputCommon(BaseModel):
+    """The fields every endpoint of the family takes (edit and text to image alike)."""
 
     prompt: str = Field(
         min_length=1,
-        description="The prompt to edit the image.",
-        examples=["Change his clothes to casual suit and tie"],
+        description="The prompt to generate an image from.",
+        examples=["A red fox in fresh snow at dawn, soft light, photorealistic"],
     )
     guidance_scale: float = Field(
         2.5,
@@ -83,26 +85,73 @@ class _EditInputCommon(BaseModel):
     )
     enable_safety_checker: bool = Field(True, description="If set to true, the safety checker will be enabled.")
     output_format: OutputFormat = Field("png", description="The format of the generated image.")
+
+    def reference_urls(self) -> list[str]:
+        """The reference images' URLs, as given: none for a text-to-image input."""
+        return []
+
+
+class _EditInputCommon(_InputCommon):
+    """An edit endpoint's input: the common fields and 1-4 reference images."""
+
+    model_config = ConfigDict(json_schema_extra={"x-fal-order-properties": ["prompt", "image_urls"]})
+
+    prompt: str = Field(
+        min_length=1,
+        description="The prompt to edit the image.",
+        examples=["Change his clothes to casual suit and tie"],
+    )
     image_urls: list[str] = Field(
         min_length=1,
         description="The URLs of the images for editing (http, https or data URIs). A maximum of 4 images are "
         "allowed; if more are provided, only the first 4 will be used.",
     )
 
+    def reference_urls(self) -> list[str]:
+        return self.image_urls
 
-class Flux2EditInput(_EditInputCommon):
-    """Input of fal-ai/flux-2/edit (full quality)."""
+
+class _TextToImageCommon(_InputCommon):
+    """A text-to-image endpoint's input: the common fields, no images, and fal's text-to-image default size."""
+
+    model_config = ConfigDict(json_schema_extra={"x-fal-order-properties": ["prompt"]})
+
+    image_size: ImageSize | ImageSizeName = Field(
+        ImageSizeName.landscape_4_3,
+        description="The size of the generated image (512-2048 px a side).",
+        examples=["landscape_4_3", {"height": 1152, "width": 2016}],
+    )
+
+
+class ChosenSchedule(BaseModel):
+    """The base endpoints' schedule (fal-ai/flux-2/edit, fal-ai/flux-2): steps and acceleration chosen by the
+    caller. Listed first among an input's bases, so that its fields come after the common ones."""
 
     num_inference_steps: int = Field(28, ge=4, le=50, description="The number of inference steps to perform.")
+    acceleration: Acceleration = Field(Acceleration.regular, description="The acceleration level to use.")
+
+
+class FixedSchedule(BaseModel):
+    """Turbo and flash: a fixed, optimised schedule. The base endpoint's fields, accepted as fal accepts them and
+    ignored by the fixed schedule; kept (not in the schema, as fal's lists neither) so that the answer can say they
+    were ignored, even after a trip through the queue."""
+
+    num_inference_steps: SkipJsonSchema[Any] = None
+    acceleration: SkipJsonSchema[Any] = None
+    IGNORED: ClassVar[tuple[str, ...]] = ("num_inference_steps", "acceleration")
+
+
+class Flux2EditInput(ChosenSchedule, _EditInputCommon):
+    """Input of fal-ai/flux-2/edit (full quality)."""
+
     image_size: ImageSize | ImageSizeName | None = Field(
         None,
         description="The size of the generated image (512-2048 px a side). Not set: the first input image's size.",
         examples=[{"height": 1152, "width": 2016}, "square_hd"],
     )
-    acceleration: Acceleration = Field(Acceleration.regular, description="The acceleration level to use.")
 
 
-class Flux2FastEditInput(_EditInputCommon):
+class Flux2FastEditInput(FixedSchedule, _EditInputCommon):
     """Input of fal-ai/flux-2/turbo/edit and fal-ai/flux-2/flash/edit (fixed, optimised steps)."""
 
     image_size: ImageSize | ImageSizeName = Field(
@@ -110,11 +159,14 @@ class Flux2FastEditInput(_EditInputCommon):
         description="The size of the generated image (512-2048 px a side).",
         examples=["square_hd", {"height": 1152, "width": 2016}],
     )
-    # The base endpoint's fields, accepted as fal accepts them and ignored by the fixed schedule; kept (not in the
-    # schema, as fal's lists neither) so that the answer can say they were ignored, even after a trip through the queue.
-    num_inference_steps: SkipJsonSchema[Any] = None
-    acceleration: SkipJsonSchema[Any] = None
-    IGNORED: ClassVar[tuple[str, ...]] = ("num_inference_steps", "acceleration")
+
+
+class Flux2TextToImageInput(ChosenSchedule, _TextToImageCommon):
+    """Input of fal-ai/flux-2 (text to image, full quality)."""
+
+
+class Flux2FastTextToImageInput(FixedSchedule, _TextToImageCommon):
+    """Input of fal-ai/flux-2/turbo and fal-ai/flux-2/flash (text to image, fixed, optimised steps)."""
 
 
 MAX_LORAS = 3  # per request (fal's "maximum 3"); pipelines.loras.MAX_LORAS is the model's side of it
@@ -133,6 +185,9 @@ class LoRAInput(BaseModel):
 
 
 class _LorasInput(BaseModel):
+    """The LoRA endpoints' addition to the base endpoints' fields. Listed first among an input's bases, so that
+    `loras` comes last."""
+
     loras: list[LoRAInput] = Field(
         default_factory=list,
         max_length=MAX_LORAS,
@@ -150,7 +205,15 @@ class Flux2LoraEditInput(_LorasInput, Flux2EditInput):
     )
 
 
-EditInput = Flux2EditInput | Flux2FastEditInput  # the body of any of the edit endpoints (LoRA edit included)
+class Flux2LoraInput(_LorasInput, Flux2TextToImageInput):
+    """Input of fal-ai/flux-2/lora: the base text to image's fields and up to 3 LoRAs."""
+
+    model_config = ConfigDict(json_schema_extra={"x-fal-order-properties": ["prompt", "loras"]})
+
+
+# The body of any endpoint, edit or text to image (the service takes them all; `reference_urls()` tells them apart).
+# The LoRA endpoints' inputs are subclasses of the base ones, with `loras`.
+EditInput = Flux2EditInput | Flux2FastEditInput | Flux2TextToImageInput | Flux2FastTextToImageInput
 
 
 class ImageFile(BaseModel):
@@ -163,7 +226,7 @@ class ImageFile(BaseModel):
 
 
 class EditOutput(BaseModel):
-    images: list[ImageFile] = Field(description="The edited images.")
+    images: list[ImageFile] = Field(description="The generated (or edited) images.")
     timings: dict[str, float] = Field(description="Seconds spent per stage.")
     seed: int = Field(description="The seed used: the one in the input, or the random one drawn for it.")
     has_nsfw_concepts: list[bool] = Field(

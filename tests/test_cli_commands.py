@@ -76,7 +76,7 @@ def test_edit_against_a_server_follows_its_steps(server, reference, tmp_path):
     ("args", "message"),
     [
         (["--steps", "3"], "num_inference_steps: Input should be greater than or equal to 4"),
-        (["--endpoint", "turbo", "--steps", "10"], "--steps is for the base edit endpoint only"),
+        (["--endpoint", "turbo", "--steps", "10"], "--steps is for the base endpoints only"),
         (["--image-size", "100x100"], "image_size"),
         (["-o", "out.gif"], "-o must end in one of"),
     ],

@@ -122,3 +122,41 @@ def test_fal_shapes_as_the_python_client_sees_them(tls_server):
     refused = out["refused_webhook"]
     assert refused["status"] == 422 and refused["body"]["detail"][0]["loc"] == ["query", "fal_webhook"]
     assert out["unknown"]["status"] == 404 and "fal-ai/flux-2/edit" in out["unknown"]["body"]["detail"]
+
+
+def test_text_to_image_endpoints_through_the_python_client(tls_server):
+    """fal-ai/flux-2, /turbo and /flash through fal_client: subscribe (queue, logs), submit/status/result by id, and
+    run (sync); fal's default size for text to image (landscape_4_3: 1024x768); each profile's steps."""
+    url, ca = tls_server
+    host = url.removeprefix("https://")
+    env = {**os.environ, "FAL_RUN_HOST": host, "FAL_QUEUE_RUN_HOST": f"{host}/queue", "FAL_KEY": "studio-secret"}
+    ran = subprocess.run(
+        [sys.executable, str(SCRIPT.with_name("fal_client_text_to_image_script.py"))],
+        env={**env, "SSL_CERT_FILE": str(ca)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert ran.returncode == 0, ran.stderr
+    out = json.loads(ran.stdout)
+
+    def size(result) -> tuple[int, int]:
+        image = result["images"][0]
+        assert image["url"].startswith(url + "/files/")
+        decoded = decode(httpx.get(image["url"], verify=str(ca)).content)
+        assert decoded.size == (image["width"], image["height"])
+        return decoded.size
+
+    for endpoint, steps in (("fal-ai/flux-2", 5), ("fal-ai/flux-2/turbo", 8), ("fal-ai/flux-2/flash", 4)):
+        called = out[endpoint]
+        assert size(called["result"]) == (512, 512) and called["result"]["seed"] == 3
+        assert [m for m in called["logs"] if m.startswith("step ")] == [
+            f"step {i}/{steps}" for i in range(1, steps + 1)
+        ]
+        assert any("text to image" in m for m in called["logs"])  # no reference images were fetched
+    assert out["status_by_id"] in ("Queued", "InProgress", "Completed")
+    assert size(out["default_size"]) == (1024, 768)
+    assert size(out["run"]) == (512, 512)
+    # the sync run is the queued call's twin (same seed, profile and size): the same PNG bytes
+    assert out["run"]["images"][0]["file_size"] == out["fal-ai/flux-2/turbo"]["result"]["images"][0]["file_size"]

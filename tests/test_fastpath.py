@@ -105,7 +105,9 @@ def test_warm_up_cases_parse_and_refuse():
     assert parse_warm_up("1,adapters,levels") == [WarmUpCase(1)]  # no adapter loaded (or one fused), no level
     levels = parse_warm_up("levels", levels=("regular", "high"))
     assert levels == [WarmUpCase(1, "edit", "regular"), WarmUpCase(4, "edit", "regular"), WarmUpCase(1, "edit", "high")]
-    for bad in ("0", "5", "1:nope", "1:turbo:high", "1:edit:ultra", "x", "1:edit:none:9"):
+    assert parse_warm_up("0:flash") == [WarmUpCase(0, "flash")]  # text to image: no reference
+    assert WarmUpCase(0).label == "0 references, 1024 px, edit"
+    for bad in ("-1", "5", "1:nope", "1:turbo:high", "1:edit:ultra", "x", "1:edit:none:9"):
         with pytest.raises(FastPathError, match="warm-up case"):
             parse_warm_up(bad)
     assert WarmUpCase(4, "edit", "high").label == "4 references, 1024 px, edit, acceleration high"

@@ -49,6 +49,9 @@ def test_every_route_is_documented_with_its_schemas(tiny_weights, tmp_path):
             if method == "post" and path.endswith("/edit"):
                 body = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
                 assert body.endswith(("Flux2EditInput", "Flux2FastEditInput", "Flux2LoraEditInput"))
+            if method == "post" and path.endswith(("/fal-ai/flux-2", "/turbo", "/flash", "/lora")):
+                body = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+                assert body.endswith(("Flux2TextToImageInput", "Flux2FastTextToImageInput", "Flux2LoraInput"))
     _resolve_all(spec["paths"], spec["components"]["schemas"])
     assert spec["components"]["securitySchemes"]["apiKeyAuth"] == {
         "type": "apiKey",
@@ -68,6 +71,9 @@ def test_per_endpoint_document_like_fals(server, endpoint):
     spec = response.json()
     assert spec["info"]["title"] == f"Queue OpenAPI for {eid}"
     assert spec["info"]["x-fal-metadata"]["endpointId"] == eid
+    assert spec["info"]["x-fal-metadata"]["category"] == (
+        "image-to-image" if endpoint.takes_images else "text-to-image"
+    )
     assert spec["servers"] == [{"url": f"{server.url}/queue"}]
     request = f"/{eid}/requests/{{request_id}}"
     assert set(spec["paths"]) == {
@@ -81,10 +87,16 @@ def test_per_endpoint_document_like_fals(server, endpoint):
     _resolve_all(spec["paths"], schemas)
     body = spec["paths"][f"/{eid}"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
     model = schemas[body.rsplit("/", 1)[1]]
-    # fal's schema names for this endpoint (as in fal-js's types): Flux2EditInput, Flux2TurboEditInput, ...
+    # fal's schema names for this endpoint (as in fal-js's types): Flux2EditInput, Flux2TurboEditInput, Flux2Input, ...
     assert body == f"#/components/schemas/{endpoint.schema_name}Input"
-    assert model["required"] == ["prompt", "image_urls"]
+    assert model["required"] == (["prompt", "image_urls"] if endpoint.takes_images else ["prompt"])
     assert model["properties"]["guidance_scale"]["maximum"] == 20
+    # fal's image_size defaults: the input image's size (base edit), square_hd (turbo/flash edit), landscape_4_3
+    # (text to image)
+    default_size = {"edit": None, "turbo": "square_hd", "flash": "square_hd"}[endpoint.profile]
+    assert model["properties"]["image_size"].get("default") == (
+        default_size if endpoint.takes_images else "landscape_4_3"
+    )
     if endpoint.profile == "edit":
         assert model["properties"]["num_inference_steps"] == {
             "type": "integer",
@@ -97,8 +109,10 @@ def test_per_endpoint_document_like_fals(server, endpoint):
     else:
         assert "num_inference_steps" not in model["properties"]
     assert "Flux2FastEditInput" not in schemas and "EditOutput" not in schemas
-    inputs = {"Flux2EditInput", "Flux2TurboEditInput", "Flux2FlashEditInput", "Flux2LoraEditInput"}
-    assert inputs & set(schemas) == {body.rsplit("/")[-1]}
+    named = {"Flux2EditInput", "Flux2TurboEditInput", "Flux2FlashEditInput", "Flux2Input", "Flux2TurboInput"}
+    named |= {"Flux2FlashInput", "Flux2LoraEditInput", "Flux2LoraInput"}
+    assert named & set(schemas) == {body.rsplit("/")[-1]}
+    assert not {"Flux2TextToImageInput", "Flux2FastTextToImageInput"} & set(schemas)
     if "loras" in model["properties"]:  # the LoRA endpoints: fal's `loras: [LoRAInput]`, at most 3
         loras = model["properties"]["loras"]
         assert loras["maxItems"] == 3 and loras["items"] == {"$ref": "#/components/schemas/LoRAInput"}

@@ -86,3 +86,28 @@ def test_server_matches_plain_diffusers(server, plain_diffusers, endpoint, field
     for got, want in zip(served, expected):
         assert got.shape == (size[1], size[0], 3)
         assert np.array_equal(got, np.asarray(want))
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "fields", "steps", "sigmas", "size"),
+    [
+        ("fal-ai/flux-2", {"num_inference_steps": 5, "acceleration": "none"}, 5, None, (1024, 768)),  # fal's default
+        ("fal-ai/flux-2/flash", {"image_size": {"width": 512, "height": 640}}, 4, FLASH_SIGMAS, (512, 640)),
+    ],
+)
+def test_text_to_image_matches_plain_diffusers(server, plain_diffusers, endpoint, fields, steps, sigmas, size):
+    """Text to image is Flux2Pipeline called without `image`: the same pixels as plain diffusers."""
+    response = server.post(endpoint, {"prompt": "A lighthouse at dusk", "seed": 99, **fields})
+    assert response.status_code == 200, response.text
+    served = np.asarray(server.fetch_image(response.json()["images"][0])[1])
+    expected = plain_diffusers["base" if sigmas is None else "turbo"](
+        prompt="A lighthouse at dusk",
+        width=size[0],
+        height=size[1],
+        num_inference_steps=steps,
+        sigmas=sigmas,
+        guidance_scale=2.5,
+        generator=torch.Generator("cpu").manual_seed(99),
+    ).images[0]
+    assert served.shape == (size[1], size[0], 3)
+    assert np.array_equal(served, np.asarray(expected))

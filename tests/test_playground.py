@@ -169,3 +169,26 @@ def test_playground_assets_are_served_without_a_key(server):
         response = server.client.get(server.url + path)
         assert response.status_code == 200 and kind in response.headers["content-type"]
     assert "cdn" not in server.client.get(server.url + "/").text.lower()
+
+
+def test_text_to_image_in_the_playground(server, page):
+    """A text-to-image endpoint: no drop zone, the form from its schema (fal's default size), a run without images,
+    and snippets without image_urls."""
+    page.goto(server.url + "/?endpoint_id=fal-ai/flux-2/flash")
+    page.wait_for_selector("body[data-ready=true]")
+    assert page.input_value("#endpoint") == "fal-ai/flux-2/flash"
+    options = page.eval_on_selector_all("#endpoint option", "(os) => os.map((o) => o.value)")
+    assert {"fal-ai/flux-2", "fal-ai/flux-2/turbo", "fal-ai/flux-2/flash", "fal-ai/flux-2/edit"} <= set(options)
+    assert not page.locator("[data-field=image_urls]").is_visible()
+    assert page.input_value("#f-image_size") == "landscape_4_3"
+    page.fill("#f-prompt", "A lighthouse at dusk")
+    page.fill("#f-seed", "4")
+    page.select_option("#f-image_size", "square")
+    page.click("#submit")
+    page.wait_for_selector(".result img", timeout=240_000)
+    page.wait_for_function("document.querySelector('.result img').naturalWidth === 512", timeout=60_000)
+    assert "fal-ai/flux-2/flash · seed 4" in page.locator(".result .meta").inner_text()
+    assert "image_urls" not in page.locator("#snippet").inner_text()
+    page.select_option("#endpoint", "fal-ai/flux-2/edit")  # back to an edit endpoint: the drop zone is back
+    page.wait_for_selector("[data-field=num_inference_steps]")
+    assert page.locator("[data-field=image_urls]").is_visible()

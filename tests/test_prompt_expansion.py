@@ -137,3 +137,19 @@ def test_a_plan_without_expansion_says_so(tiny_weights, monkeypatch):
         caps["prompt_expansion_unavailable"]
         == "the memory plan leaves it out: a 24 GB card: the text encoder is quantized to fit"
     )
+
+
+def test_text_to_image_expansion_shows_the_encoder_no_image(editor, monkeypatch):
+    """Without references (text to image) the text encoder gets the prompt alone: no pixels, no [IMG] tokens."""
+    seen = {}
+    generate = editor.pipe.text_encoder.generate
+
+    def spy(**inputs):
+        seen.update(inputs)
+        return generate(**inputs)
+
+    monkeypatch.setattr(editor.pipe.text_encoder, "generate", spy)
+    expanded = expand_prompt(editor.pipe, "A lighthouse at dusk", [], seed=1)
+    assert expanded and expanded != "A lighthouse at dusk"
+    assert seen.get("pixel_values") is None
+    assert (seen["input_ids"] == editor.pipe.tokenizer.image_token_id).sum().item() == 0

@@ -1,4 +1,5 @@
 """`flux2-server edit IMAGE... --prompt ...`: one edit, in this process or on a running server, with a step bar.
+`flux2-server edit --prompt ... --endpoint fal-ai/flux-2` (no IMAGE): text to image, the same way.
 
 Locally the model is loaded here (from --weights, or the tiny model where there is no GPU and no weights) and
 called through the server's own edit service (server/service/edit.py): the endpoint's input schema, sizing,
@@ -22,15 +23,31 @@ from pathlib import Path
 import pydantic
 
 from server.cli.flags import add_setting_flags
-from server.endpoints import BY_ID
+from server.endpoints import BY_ID, Endpoint
 
-ENDPOINTS = {
+# --endpoint's short names (the edit endpoints); any served endpoint id is taken too (text to image: fal-ai/flux-2...)
+SHORT_NAMES = {
     "edit": "fal-ai/flux-2/edit",
     "turbo": "fal-ai/flux-2/turbo/edit",
     "flash": "fal-ai/flux-2/flash/edit",
     "lora-edit": "fal-ai/flux-2/lora/edit",
 }
 FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+
+
+def endpoint_of(args: argparse.Namespace) -> Endpoint:
+    return BY_ID[SHORT_NAMES.get(args.endpoint, args.endpoint)]
+
+
+def check_endpoint_images(args: argparse.Namespace) -> None:
+    """An edit endpoint gets IMAGE files, a text-to-image one none: said before anything loads or is sent."""
+    endpoint = endpoint_of(args)
+    if endpoint.takes_images and not args.images:
+        text_to_image = [e.endpoint_id for e in BY_ID.values() if e.profile == endpoint.profile and not e.takes_images]
+        hint = f", or --endpoint {text_to_image[0]} for text to image" if text_to_image else ""
+        raise SystemExit(f"error: {endpoint.endpoint_id} edits images: give 1-4 IMAGE files{hint}")
+    if not endpoint.takes_images and args.images:
+        raise SystemExit(f"error: {endpoint.endpoint_id} is text to image: it takes no IMAGE")
 
 
 def parse_lora(value: str) -> tuple[str, float | None]:
@@ -56,7 +73,7 @@ def lora_entries(args: argparse.Namespace, local_file_url) -> list[dict] | None:
 
 def input_body(args: argparse.Namespace, image_urls: list[str], loras: list[dict] | None = None):
     """The endpoint's own input model, so the CLI takes exactly the ranges and defaults the API does."""
-    endpoint = BY_ID[ENDPOINTS[args.endpoint]]
+    endpoint = endpoint_of(args)
     fields = {
         "prompt": args.prompt,
         "image_urls": image_urls,
@@ -71,9 +88,13 @@ def input_body(args: argparse.Namespace, image_urls: list[str], loras: list[dict
     accepted = set(endpoint.input_model.model_fields) - set(getattr(endpoint.input_model, "IGNORED", ()))
     given = {k: v for k, v in fields.items() if v is not None and k in accepted}
     if loras is not None and "loras" not in given:
-        raise SystemExit(f"error: --lora is for the LoRA endpoints only (--endpoint lora-edit), not {args.endpoint}")
+        raise SystemExit(
+            f"error: --lora is for the LoRA endpoints only (lora-edit, fal-ai/flux-2/lora), not {args.endpoint}"
+        )
     if args.steps is not None and "num_inference_steps" not in given:
-        raise SystemExit(f"error: --steps is for the base edit endpoint only; {args.endpoint} runs a fixed schedule")
+        raise SystemExit(
+            f"error: --steps is for the base endpoints only (edit, fal-ai/flux-2); {args.endpoint} runs a fixed schedule"
+        )
     if args.output.suffix.lower() not in FORMATS:
         raise SystemExit(f"error: -o must end in one of {', '.join(FORMATS)}")
     try:
@@ -125,7 +146,7 @@ def edit_local(args: argparse.Namespace) -> int:
     settings = Settings(**{k: getattr(args, k) for k in ("device", "dtype") if getattr(args, k) is not None})
     model = Model()
     model.loaded(ModelRunner(load_with_a_bar(settings, weights_dir, load_model)))  # as the server loads it
-    profile = BY_ID[ENDPOINTS[args.endpoint]].profile
+    profile = endpoint_of(args).profile
 
     async def run(outputs: OutputStore):
         async with httpx.AsyncClient() as client:  # unused: every input is a data URI
@@ -238,7 +259,7 @@ def data_uri(path: Path) -> str:
 def edit_remote(args: argparse.Namespace) -> int:
     import httpx
 
-    endpoint_id = ENDPOINTS[args.endpoint]
+    endpoint_id = endpoint_of(args).endpoint_id
     key = args.key or os.environ.get("FAL_KEY")
     headers = {"Authorization": f"Key {key}"} if key else {}
     base = args.url.rstrip("/")
@@ -323,6 +344,7 @@ def fetch_image(url: str, headers: dict) -> bytes:
 
 def cmd_edit(args: argparse.Namespace) -> int:
     started = time.perf_counter()
+    check_endpoint_images(args)
     check_images(args.images)  # before a model loads (minutes) or a request is sent
     code = edit_remote(args) if args.url else edit_local(args)
     print(f"done in {time.perf_counter() - started:.1f} s", file=sys.stderr)
@@ -330,22 +352,31 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    edit = commands.add_parser("edit", help="edit images once: locally (loads the model) or on a server (--url)")
-    edit.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="1-4 reference images")
+    edit = commands.add_parser(
+        "edit", help="edit images (or generate one from text) once: locally (loads the model) or on a server (--url)"
+    )
+    edit.add_argument(
+        "images", nargs="*", type=Path, metavar="IMAGE", help="1-4 reference images (none: text to image)"
+    )
     edit.add_argument("--prompt", "-p", required=True)
     edit.add_argument(
-        "--endpoint", choices=list(ENDPOINTS), default="edit", help="edit (default), turbo, flash or lora-edit"
+        "--endpoint",
+        choices=[*SHORT_NAMES, *BY_ID],
+        default="edit",
+        metavar="ENDPOINT",
+        help="edit (default), turbo, flash or lora-edit (the edit endpoints), or any endpoint id: fal-ai/flux-2, "
+        "fal-ai/flux-2/turbo, fal-ai/flux-2/flash, fal-ai/flux-2/lora are text to image (no IMAGE)",
     )
     edit.add_argument(
         "--lora",
         action="append",
         type=parse_lora,
         metavar="PATH[:SCALE]",
-        help="lora-edit: a LoRA (a local .safetensors file, a URL, or a name in the server's LoRA library) and its "
-        "scale (default 1); up to 3",
+        help="lora-edit and fal-ai/flux-2/lora: a LoRA (a local .safetensors file, a URL, or a name in the server's "
+        "LoRA library) and its scale (default 1); up to 3",
     )
     edit.add_argument("--seed", type=int)
-    edit.add_argument("--steps", type=int, help="num_inference_steps (edit endpoint only; 4-50, default 28)")
+    edit.add_argument("--steps", type=int, help="num_inference_steps (edit and fal-ai/flux-2 only; 4-50, default 28)")
     edit.add_argument("--guidance-scale", type=float)
     edit.add_argument("--num-images", type=int)
     edit.add_argument("--image-size", type=parse_size, help="a fal size name (square_hd, ...) or WIDTHxHEIGHT")

@@ -1,6 +1,9 @@
 """From an endpoint's validated input to its output, in three steps: `prepare` (check what this server can run,
-fetch and decode the images, size and seed: an `EditCall`), `run` (the model, on its own thread), `finish` (encode
-and store the files, honest notices: an `EditOutput`). `EditService` holds what they need.
+fetch and decode the reference images, size and seed: an `EditCall`), `run` (the model, on its own thread), `finish`
+(encode and store the files, honest notices: an `EditOutput`). `EditService` holds what they need.
+
+Edit and text-to-image endpoints take the same three steps: a text-to-image input has no reference images
+(`reference_urls()` is empty), so nothing is fetched and the call goes to the model with none.
 """
 
 from __future__ import annotations
@@ -30,9 +33,9 @@ from server.schemas import (
     MIN_SIDE,
     NAMED_SIZES,
     Acceleration,
+    ChosenSchedule,
     EditInput,
     EditOutput,
-    Flux2EditInput,
     ImageSize,
     ImageSizeName,
 )
@@ -60,11 +63,15 @@ def size_from_reference(width: int, height: int, multiple: int) -> tuple[int, in
     return fit(width * scale), fit(height * scale)
 
 
-def output_size(image_size: ImageSize | ImageSizeName | None, first: PIL.Image.Image, multiple: int) -> tuple[int, int]:
+def output_size(
+    image_size: ImageSize | ImageSizeName | None, first: PIL.Image.Image | None, multiple: int
+) -> tuple[int, int]:
+    """The size asked for, or (not set: only the base edit endpoint allows it) the first reference image's."""
     if isinstance(image_size, ImageSizeName):
         return NAMED_SIZES[image_size]
     if isinstance(image_size, ImageSize):
         return image_size.width, image_size.height
+    assert first is not None, "only an edit input leaves image_size unset, and it has a reference image"
     return size_from_reference(first.width, first.height, multiple)
 
 
@@ -95,15 +102,16 @@ def unavailable_reason(settings: Settings, profile: str, body: EditInput, caps: 
 
 
 def acceleration_of(body: EditInput) -> str:
-    """The acceleration level asked for (only the base endpoint's input has the field)."""
-    return body.acceleration.value if isinstance(body, Flux2EditInput) else Acceleration.none.value
+    """The acceleration level asked for (only the base endpoints' inputs have the field)."""
+    return body.acceleration.value if isinstance(body, ChosenSchedule) else Acceleration.none.value
 
 
 def notices_for(body: EditInput, profile: str, caps: Capabilities, settings: Settings) -> list[str]:
     """Plain statements of what was asked for and not done, because this server can't or won't do it."""
     notices = []
-    if len(body.image_urls) > MAX_REFERENCE_IMAGES:
-        notices.append(f"Only the first {MAX_REFERENCE_IMAGES} of {len(body.image_urls)} image_urls were used.")
+    urls = body.reference_urls()
+    if len(urls) > MAX_REFERENCE_IMAGES:
+        notices.append(f"Only the first {MAX_REFERENCE_IMAGES} of {len(urls)} image_urls were used.")
     if body.enable_safety_checker and settings.disable_safety_checker:
         notices.append(
             "The safety checker is turned off on this server by its operator: the images were not checked "
@@ -157,8 +165,8 @@ def edit_call(
         width=width,
         height=height,
         profile=profile,
-        # only the base input's step count counts (flash and turbo run a fixed schedule)
-        num_inference_steps=body.num_inference_steps if isinstance(body, Flux2EditInput) else None,
+        # only the base inputs' step count counts (flash and turbo run a fixed schedule)
+        num_inference_steps=body.num_inference_steps if isinstance(body, ChosenSchedule) else None,
         guidance_scale=body.guidance_scale,
         seed=seed,
         num_images=body.num_images,
@@ -209,7 +217,7 @@ class EditService:
         started = time.perf_counter()
         editor = self.model.runner.editor
         self.check_available(profile, body)
-        urls = body.image_urls[:MAX_REFERENCE_IMAGES]
+        urls = body.reference_urls()[:MAX_REFERENCE_IMAGES]  # none: text to image
         settings = self.settings
         limits = InputLimits(settings.max_input_image_bytes, settings.max_input_pixels, settings.fetch_timeout_s)
         local = LocalFiles(base_url, self.outputs.storage)
@@ -218,12 +226,13 @@ class EditService:
             problem = editor.reference_problem(image)
             if problem:
                 raise url_error(index, urls[index], problem, "invalid_image")
-        width, height = output_size(body.image_size, images[0], editor.size_multiple)
+        width, height = output_size(body.image_size, images[0] if images else None, editor.size_multiple)
         seed = body.seed if body.seed is not None else _seeds.randrange(2**32)
         loras, scratch = await resolve_loras(getattr(body, "loras", []), self.http, local, settings)
         call = edit_call(body, profile, images, width, height, generator_seed(seed), settings, loras)
+        kind = f"{len(images)} reference(s)" if images else "text to image"
         described = "".join(f", LoRA {lora.digest[:12]} x{lora.scale:g}" for lora in loras)
-        on_message(f"{profile} {width}x{height}, {len(images)} reference(s), seed {seed}{described}")
+        on_message(f"{profile} {width}x{height}, {kind}, seed {seed}{described}")
         return Prepared(profile, body, call, base_url, input_notices, started, time.perf_counter(), scratch)
 
     async def run(

@@ -1,4 +1,5 @@
-"""fal's synchronous edit endpoints: POST /fal-ai/flux-2/edit, /fal-ai/flux-2/turbo/edit, /fal-ai/flux-2/flash/edit.
+"""fal's synchronous endpoints: POST /fal-ai/flux-2/edit, /fal-ai/flux-2/turbo/edit, /fal-ai/flux-2/flash/edit, and
+text to image at /fal-ai/flux-2, /fal-ai/flux-2/turbo, /fal-ai/flux-2/flash (every endpoint in server.endpoints).
 
 A sync request is queued like any other and awaited: the dispatcher (server/queue/dispatcher.py) runs it in turn
 and hands its output back in this process. With a shared queue (Redis), it runs on whichever worker takes it."""
@@ -13,10 +14,31 @@ from server.errors import outcome
 from server.http.context import services
 from server.http.responses import MODEL_FAILED, TIMED_OUT, UNAVAILABLE
 from server.http.routes.queue import admit, enqueue, result_response, wait_completed
-from server.schemas import EditOutput
+from server.schemas import EditInput, EditOutput
 from server.service.model import ModelState
 
 router = APIRouter(tags=["edit"])
+
+
+async def call_endpoint(
+    request: Request, endpoint: Endpoint, body: EditInput, response: Response
+) -> EditOutput | JSONResponse:
+    """Run one request of `endpoint` and wait for its output: the sync path of every caller (fal's sync routes, the
+    OpenAI images API). Its errors are raised; with a shared queue the recorded answer (output or error) is
+    returned as the queue has it."""
+    the = services(request)
+    if the.model.state is ModelState.ELSEWHERE or the.store.distributed:
+        # the request runs wherever a worker takes it from the shared queue; its result comes back through it
+        return result_response(await wait_completed(request, enqueue(request, endpoint, body).id))
+    started = time.perf_counter()
+    try:
+        await the.model.ready()  # requests that arrive while the model loads wait for it; 503 if it failed
+        request_id, add = admit(request, endpoint, body, sync=True)
+    except BaseException as exc:  # refused before it was queued; the dispatcher counts the rest
+        the.metrics.job_finished(endpoint.endpoint_id, "sync", outcome(exc), time.perf_counter() - started)
+        raise
+    response.headers["x-fal-request-id"] = request_id
+    return await the.dispatcher.submit_and_wait(request_id, add)
 
 
 def _add_route(endpoint: Endpoint) -> None:
@@ -25,21 +47,9 @@ def _add_route(endpoint: Endpoint) -> None:
         request: Request,
         response: Response,
     ) -> EditOutput | JSONResponse:
-        the = services(request)
-        if the.model.state is ModelState.ELSEWHERE or the.store.distributed:
-            # the request runs wherever a worker takes it from the shared queue; its result comes back through it
-            return result_response(await wait_completed(request, enqueue(request, endpoint, body).id))
-        started = time.perf_counter()
-        try:
-            await the.model.ready()  # requests that arrive while the model loads wait for it; 503 if it failed
-            request_id, add = admit(request, endpoint, body, sync=True)
-        except BaseException as exc:  # refused before it was queued; the dispatcher counts the rest
-            the.metrics.job_finished(endpoint.endpoint_id, "sync", outcome(exc), time.perf_counter() - started)
-            raise
-        response.headers["x-fal-request-id"] = request_id
-        return await the.dispatcher.submit_and_wait(request_id, add)
+        return await call_endpoint(request, endpoint, body, response)
 
-    handler.__name__ = endpoint.profile + "_edit"
+    handler.__name__ = _python_name(endpoint.endpoint_id)
     router.add_api_route(
         "/" + endpoint.endpoint_id,
         handler,
@@ -47,8 +57,13 @@ def _add_route(endpoint: Endpoint) -> None:
         response_model=EditOutput,
         responses={**MODEL_FAILED, **UNAVAILABLE, **TIMED_OUT},
         summary=endpoint.summary,
-        operation_id=endpoint.endpoint_id.replace("/", "_").replace("-", "_"),
+        operation_id=_python_name(endpoint.endpoint_id),
     )
+
+
+def _python_name(endpoint_id: str) -> str:
+    """`fal-ai/flux-2/turbo/edit` -> `fal_ai_flux_2_turbo_edit` (a handler's name, the operation's id)."""
+    return endpoint_id.replace("/", "_").replace("-", "_")
 
 
 for _endpoint in ENDPOINTS:

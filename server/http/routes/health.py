@@ -8,6 +8,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from server.config import RESTARTS_ENV
+from server.endpoints import ENDPOINTS
 from server.http.auth import has_valid_key
 from server.http.context import services
 from server.service.model import ModelState
@@ -27,7 +28,11 @@ class Health(BaseModel):
     tiny_model: bool = Field(description="Whether this is the tiny random-weight model (its images are noise).")
     queued: int = Field(description="Queue requests not started yet.")
     waiting: int | None = Field(None, description="Edits handed to the model and not finished (once loaded).")
-    capabilities: dict | None = Field(None, description="What the loaded model can and can't do (once loaded).")
+    capabilities: dict | None = Field(
+        None,
+        description="What the loaded model can and can't do (once loaded); `endpoints`: each endpoint served, with "
+        "its profile, category (image-to-image: edit; text-to-image) and whether its profile runs here.",
+    )
     loading: dict | None = Field(
         None,
         description="While the model loads: {stage (read, adapters, place, warm_up, done), component (being read), "
@@ -75,7 +80,18 @@ async def health(request: Request) -> JSONResponse:
     if model is ModelState.LOADED:
         runner = the.model.runner
         answer.waiting = runner.waiting  # edits submitted to the model and not finished, running included
-        answer.capabilities = runner.editor.capabilities().as_dict()
+        caps = runner.editor.capabilities()
+        answer.capabilities = {
+            **caps.as_dict(),
+            "endpoints": {
+                e.endpoint_id: {
+                    "profile": e.profile,
+                    "category": e.category,
+                    "runs_here": caps.profiles[e.profile].runs_here,
+                }
+                for e in ENDPOINTS
+            },
+        }
         if isinstance(runner, ReplicaRunner):
             answer.replicas = runner.describe()
     body = answer.model_dump(mode="json")

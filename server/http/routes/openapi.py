@@ -100,10 +100,10 @@ def endpoint_openapi(full: dict, endpoint_id: str, base_url: str) -> dict:
         "info": {
             "title": f"Queue OpenAPI for {endpoint_id}",
             "version": full["info"]["version"],
-            "description": BY_ID[endpoint_id].summary,
+            "description": endpoint.summary,
             "x-fal-metadata": {
                 "endpointId": endpoint_id,
-                "category": "image-to-image",
+                "category": endpoint.category,
                 "playgroundUrl": f"{base_url}/?endpoint_id={endpoint_id}",
                 "documentationUrl": f"{base_url}/docs",
             },

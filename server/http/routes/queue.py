@@ -1,6 +1,7 @@
 """fal's queue API under /queue (or on a `queue.` host): submit, status, status stream, result, cancel.
 
-URLs follow fal: submit is `POST {queue}/fal-ai/flux-2/edit` (turbo, flash alike); a request then lives at
+URLs follow fal: submit is `POST {queue}/fal-ai/flux-2/edit` (every endpoint alike, `{queue}/fal-ai/flux-2` too:
+text to image); a request then lives at
 `{queue}/fal-ai/flux-2/requests/{id}` with `/status`, `/status/stream` and `/cancel` below it. fal's clients also
 build those paths with the endpoint's own path (`.../fal-ai/flux-2/edit/requests/{id}`); both forms are served.
 """
@@ -194,7 +195,7 @@ def _add_submit_route(endpoint: Endpoint) -> None:
             request_id=queued.id, gateway_request_id=queued.id, queue_position=position, **queued.urls
         )
 
-    submit.__name__ = f"submit_{endpoint.profile}"
+    submit.__name__ = "submit_" + endpoint.endpoint_id.replace("/", "_").replace("-", "_")
     router.add_api_route(
         "/" + endpoint.endpoint_id,
         submit,
@@ -309,7 +310,7 @@ async def cancel(request: Request, request_id: str) -> JSONResponse:
 for _endpoint in ENDPOINTS:
     _add_submit_route(_endpoint)
 
-for _app_path in (APP_PATH, *(e.endpoint_id for e in ENDPOINTS)):
+for _app_path in dict.fromkeys((APP_PATH, *(e.endpoint_id for e in ENDPOINTS))):  # fal-ai/flux-2 is both
     _canonical = _app_path == APP_PATH  # the other forms work the same but are left out of /openapi.json
     _base = f"/{_app_path}/requests/{{request_id}}"
     router.add_api_route(

@@ -61,7 +61,13 @@ async function loadSchema(endpointId) {
   const post = data.paths[`/${endpointId}`].post;
   state.schema = resolve(post.requestBody.content["application/json"].schema);
   state.endpointId = endpointId;
+  // an edit endpoint takes reference images; a text-to-image one (fal-ai/flux-2, ...) none: no drop zone
+  $('[data-field="image_urls"]').hidden = !takesImages();
   renderFields();
+}
+
+function takesImages() {
+  return "image_urls" in state.schema.properties;
 }
 
 function renderFields() {
@@ -222,7 +228,7 @@ function readValues(raw = false) {
       values[name] = integer && /^\d+$/.test(element.value) && !Number.isSafeInteger(Number(element.value)) ? BigInt(element.value) : Number(element.value);
     } else values[name] = element.value;
   }
-  values.image_urls = state.uploads.filter((u) => u.url).map((u) => u.url);
+  if (takesImages()) values.image_urls = state.uploads.filter((u) => u.url).map((u) => u.url);
   return values;
 }
 
@@ -323,7 +329,7 @@ function plain({ status, data }) {
 async function run(event) {
   event.preventDefault();
   clearErrors();
-  if (state.uploads.some((u) => !u.url)) { showBanner("Wait for the uploads to finish."); return; }
+  if (takesImages() && state.uploads.some((u) => !u.url)) { showBanner("Wait for the uploads to finish."); return; }
   const body = readValues();
   const endpointId = state.endpointId;
   $("#submit").disabled = true;
@@ -437,7 +443,7 @@ function snippetFor(kind) {
   const origin = location.origin;
   const host = location.host;
   const body = readValues();
-  if (!body.image_urls.length) body.image_urls = ["https://example.com/your-image.png"];
+  if (body.image_urls && !body.image_urls.length) body.image_urls = ["https://example.com/your-image.png"];
   const json = toJson(body);
   const pretty = JSON.stringify(JSON.parse(json.replace(/:(\d{16,})/g, ':"$1"')), null, 2);
   const id = state.endpointId;

@@ -299,6 +299,7 @@ def test_lora_edit_through_fal_client(lora_server, file_server, tiny_weights):
     image = data_uri(reference.read_bytes())
     args = {"prompt": "p", "image_urls": [image], "image_size": "square", "seed": 5, "num_inference_steps": 4}
     edit = "fal-ai/flux-2/lora/edit"
+    text = {"prompt": "a fox", "image_size": "square", "seed": 6, "num_inference_steps": 4}
     calls = [
         ("base", edit, args),
         ("url", edit, {**args, "loras": [{"path": f"{served_url}/style.safetensors"}]}),
@@ -307,6 +308,9 @@ def test_lora_edit_through_fal_client(lora_server, file_server, tiny_weights):
         ("scale_0", edit, {**args, "loras": [{"path": "studio/kohya.safetensors", "scale": 0}]}),
         ("bad", edit, {**args, "loras": [{"path": "studio/kohya"}, {"path": f"{served_url}/junk.safetensors"}]}),
         ("base_after", edit, args),
+        ("t2i", "fal-ai/flux-2", text),
+        ("t2i_lora", "fal-ai/flux-2/lora", {**text, "loras": [{"path": "studio/kohya", "scale": 1.5}]}),
+        ("t2i_none", "fal-ai/flux-2/lora", text),
     ]
     out = run_fal_client(url, ca, calls)
 
@@ -323,11 +327,14 @@ def test_lora_edit_through_fal_client(lora_server, file_server, tiny_weights):
     (problem,) = out["bad"]["detail"]
     assert problem["loc"] == ["body", "loras", 1, "path"] and "not a safetensors file" in problem["msg"]
     assert problem["type"] == "invalid_lora"
+    # text to image with LoRAs: without any, fal-ai/flux-2/lora is fal-ai/flux-2, pixel for pixel
+    assert np.abs(pixels("t2i_lora") - pixels("t2i")).mean() > 0.5
+    assert np.array_equal(pixels("t2i_none"), pixels("t2i"))
 
     metrics = httpx.get(f"{url}/metrics", verify=str(ca)).text
-    # loaded once each (the URL's file, the library's); the upload and scale 0 reused them
+    # loaded once each (the URL's file, the library's); the upload, scale 0 and text to image reused them
     assert 'flux2_loras_total{cache="miss"} 2.0' in metrics
-    assert 'flux2_loras_total{cache="hit"} 2.0' in metrics
+    assert 'flux2_loras_total{cache="hit"} 3.0' in metrics
     log = (root / "server.log").read_text()
     assert len(re.findall(r"LoRA \S+ \(sha256 [0-9a-f]{64}\) loaded as adapter", log)) == 2
     assert not list((root / "data" / "lora-downloads").glob("*"))  # downloaded files are removed when done
@@ -345,9 +352,7 @@ def test_lora_edit_through_fal_client(lora_server, file_server, tiny_weights):
 def test_the_cli_takes_loras_for_the_lora_endpoints_only(tmp_path):
     (tmp_path / "ref.png").write_bytes(image_bytes(96, 96))
     ran = cli("edit", str(tmp_path / "ref.png"), "-p", "p", "--lora", "style:0.5", "--url", "http://127.0.0.1:9")
-    assert (
-        ran.returncode != 0 and "--lora is for the LoRA endpoints only (--endpoint lora-edit), not edit" in ran.stderr
-    )
+    assert ran.returncode != 0 and "--lora is for the LoRA endpoints only (lora-edit, fal-ai/flux-2/lora)" in ran.stderr
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

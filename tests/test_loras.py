@@ -331,6 +331,22 @@ def test_lora_edit_through_fal_client(lora_server, file_server, tiny_weights):
     assert np.abs(pixels("t2i_lora") - pixels("t2i")).mean() > 0.5
     assert np.array_equal(pixels("t2i_none"), pixels("t2i"))
 
+    health = httpx.get(f"{url}/health", verify=str(ca)).json()["capabilities"]
+    assert health["endpoints"]["fal-ai/flux-2/lora/edit"] == {
+        "profile": "edit",
+        "category": "image-to-image",
+        "runs_here": True,
+        "loras": True,
+    }
+    assert health["endpoints"]["fal-ai/flux-2/lora"]["category"] == "text-to-image"
+    assert not health["endpoints"]["fal-ai/flux-2/edit"]["loras"]
+    assert health["loras"] == {
+        "max_per_request": 3,
+        "max_loaded": 4,
+        "library": str(root / "library"),  # a path: with API keys, shown only to a caller with one
+        "max_file_bytes": 1024**3,
+    }
+
     metrics = httpx.get(f"{url}/metrics", verify=str(ca)).text
     # loaded once each (the URL's file, the library's); the upload, scale 0 and text to image reused them
     assert 'flux2_loras_total{cache="miss"} 2.0' in metrics

@@ -56,6 +56,15 @@ def library_file(library: Path | None, name: str, index: int, max_bytes: int) ->
     parts = PurePosixPath(name.replace("\\", "/"))
     if not name.strip() or parts.is_absolute() or ".." in parts.parts:
         raise entry_error(index, name, "A LoRA name must be a relative name inside the LoRA library.", "lora_not_found")
+    try:
+        return _find(library, parts, name, index, max_bytes)
+    except OSError as exc:  # a name the file system refuses (too long, say): not in the library
+        raise entry_error(
+            index, name, f"No LoRA named {short(name, 100)!r} in this server's LoRA library.", "lora_not_found"
+        ) from exc
+
+
+def _find(library: Path, parts: PurePosixPath, name: str, index: int, max_bytes: int) -> Path:
     candidate = library / parts
     if candidate.is_dir():
         found = sorted(candidate.glob("*" + SUFFIX))
@@ -64,14 +73,16 @@ def library_file(library: Path | None, name: str, index: int, max_bytes: int) ->
             raise entry_error(
                 index,
                 name,
-                f"The library folder {name!r} holds {len(found)} .safetensors files ({listed}): name one.",
+                f"The library folder {short(name, 100)!r} holds {len(found)} .safetensors files ({listed}): name one.",
                 "lora_not_found",
             )
         candidate = found[0]
     elif not candidate.is_file() and candidate.suffix != SUFFIX:
         candidate = candidate.with_name(candidate.name + SUFFIX)
     if not candidate.is_file():
-        raise entry_error(index, name, f"No LoRA named {name!r} in this server's LoRA library.", "lora_not_found")
+        raise entry_error(
+            index, name, f"No LoRA named {short(name, 100)!r} in this server's LoRA library.", "lora_not_found"
+        )
     if candidate.suffix != SUFFIX:
         raise entry_error(index, name, "Only .safetensors LoRA files are read.", "invalid_lora")
     if candidate.stat().st_size > max_bytes:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import urllib.parse
 import uuid
 from pathlib import Path, PurePosixPath
 
@@ -118,7 +117,7 @@ async def resolve_loras(
 
     async def one(index: int, entry: LoRAInput) -> LoraFile:
         path = entry.path.strip()
-        scheme = urllib.parse.urlsplit(path).scheme.lower() if ":" in path else ""
+        scheme = path.partition(":")[0].lower() if ":" in path else ""  # parsed (and refused) by `fetch`
         if scheme in URL_SCHEMES:
             try:
                 data = await fetch(http, path, index, limits, local)

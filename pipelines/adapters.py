@@ -3,8 +3,9 @@
 Each adapter file found under `<weights>/loras/<name>/` (see `weights.layout.ADAPTERS`) is loaded once at
 start-up with diffusers' LoRA loader (`Flux2Pipeline.load_lora_weights`, peft underneath) as a named adapter,
 *unfused*: the base weights stay as they were loaded, and the adapter's low-rank matrices sit beside them.
-A request for a distilled profile enables its adapter; any other request disables adapters. Switching flips
-peft's per-layer flags: no weight is written, nothing is reloaded or copied.
+A request for a distilled profile enables its adapter; a request with LoRAs (`pipelines.loras`, loaded the same way
+when first asked for) enables those at their scales and never the distilled one; any other request disables
+adapters. Switching flips peft's per-layer flags and scales: no weight is written, nothing is reloaded or copied.
 
 Why unfused (measured on the tiny model by `benchmarks/adapters.py`, results in `benchmarks/results/`):
 - enable/disable is bit-exact both ways: base output with the adapter disabled equals a fresh load of the base
@@ -57,27 +58,40 @@ def fuse_adapter(pipe, name: str) -> None:
 
 
 class AdapterSwitch:
-    """Which adapter, if any, the transformer runs with. `use(None)` is the base weights. With `fused`, the
-    transformer *is* that adapter's model: it is the only one there is."""
+    """Which adapters the transformer runs with: a profile's distilled adapter, or a request's LoRAs with their
+    scales (`pipelines.loras`), or none (`use(None)`: the base weights). With `fused`, the transformer *is* that
+    adapter's model: it is the only one there is."""
 
     def __init__(self, pipe, loaded: dict[str, Path], fused: str | None = None):
         self.pipe = pipe
         self.loaded = loaded
         self.fused = fused
         self.active: str | None = fused
+        self.active_loras: tuple[tuple[str, float], ...] = ()
+        self._known = True  # False once adapters were added or removed: the next `use` sets every layer again
 
-    def use(self, name: str | None) -> None:
+    def forget(self) -> None:
+        """Adapters were loaded or deleted (peft may have changed which are active): set them all on the next use."""
+        self._known = False
+
+    def use(self, name: str | None, loras: tuple[tuple[str, float], ...] = ()) -> None:
+        """Run with distilled adapter `name` (None: none), or with `loras`: (adapter name, scale) pairs."""
         if self.fused is not None:
-            if name != self.fused:
+            if name != self.fused or loras:
                 raise ValueError(f"the {self.fused!r} adapter is fused into this model's weights: it runs only that")
             return
         if name is not None and name not in self.loaded:
             raise ValueError(f"adapter {name!r} is not loaded")
-        if name == self.active:
+        if name is not None and loras:
+            raise ValueError("a distilled adapter and request LoRAs are not combined")
+        if self._known and (name, loras) == (self.active, self.active_loras):
             return
-        if name is None:
-            self.pipe.disable_lora()
-        else:
+        if name is not None:
             self.pipe.set_adapters([name])
             self.pipe.enable_lora()
-        self.active = name
+        elif loras:
+            self.pipe.set_adapters([adapter for adapter, _ in loras], [scale for _, scale in loras])
+            self.pipe.enable_lora()
+        else:
+            self.pipe.disable_lora()
+        self.active, self.active_loras, self._known = name, loras, True

@@ -39,6 +39,7 @@ class Capabilities:
     prompt_expansion_unavailable: str | None = None  # why not, in plain words (None when available)
     load_timings: dict[str, float] = field(default_factory=dict)  # seconds: read, place, warm_up
     runtime: dict = field(default_factory=dict)  # pipelines.runtime.Runtime.describe(): memory mode, fast path
+    loras: dict = field(default_factory=dict)  # pipelines.loras.LoraCache.describe(): request LoRAs, how many kept
 
     def acceleration_runs(self, level: str) -> bool:
         """Whether acceleration `level` runs a cache here ("none" always runs, as itself)."""

@@ -23,6 +23,7 @@ import torch
 from pipelines.adapters import AdapterSwitch, fuse_adapter, load_adapters
 from pipelines.capabilities import Capabilities, ProfileCapabilities
 from pipelines.expansion import expand_prompt
+from pipelines.loras import LoraCache, LoraFile
 from pipelines.memory import STREAMED_TEXT_ENCODER, MemoryPlan, load_devices, vae_tiling_needed
 from pipelines.pixtral import pixtral_processor_class
 from pipelines.profiles import PROFILES
@@ -60,6 +61,7 @@ class EditCall:
     on_message: Callable[[str], None] | None = None  # what the model did that the caller should log
     check_safety: bool = False  # run the safety checker on each output (needs one loaded)
     acceleration: str = "none"  # none | regular | high: a cache on the transformer (pipelines.acceleration)
+    loras: tuple[LoraFile, ...] = ()  # LoRAs to run with, at their scales (base profile only; pipelines.loras)
 
 
 @dataclass
@@ -70,6 +72,7 @@ class EditResult:
     timings: dict[str, float] = field(default_factory=dict)
     notices: list[str] = field(default_factory=list)  # what was asked and done differently, in plain words
     has_nsfw_concepts: list[bool] | None = None  # the safety checker's verdicts; None when it did not run
+    loras_loaded: int = 0  # LoRA files this call loaded into the transformer (the others were loaded already)
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -121,6 +124,7 @@ class Flux2Editor:
         self.load_timings = dict(load_timings or {})  # read, place, warm_up (seconds)
         self.adapters = AdapterSwitch(pipe, adapters or {}, fused_adapter)
         self.runtime = runtime  # memory mode, fast path, acceleration levels (pipelines.runtime)
+        self.loras = LoraCache(pipe, runtime.options.max_loaded_loras)  # request LoRAs, loaded by content
         self.device = pipe._execution_device
         self.dtype = pipe.transformer.dtype
         self._capabilities = self._describe()
@@ -165,6 +169,7 @@ class Flux2Editor:
             fused_adapter=self.adapters.fused,
             acceleration=self.runtime.accelerator.describe(),
             runtime=self.runtime.describe(),
+            loras=self.loras.describe(),
             safety_checker=self.safety is not None,
             safety_checker_model=str(self.safety.directory) if self.safety else None,
             safety_threshold=self.safety.threshold if self.safety else None,
@@ -242,8 +247,9 @@ class Flux2Editor:
                 notices.append("Prompt expansion produced no text: the prompt was used as given.")
                 say(call, "prompt expansion produced no text: using the prompt as given")
         # The profile's distilled adapter when loaded, else the base weights (the server decides whether a
-        # distilled profile may run undistilled; see server.service.edit).
-        self.adapters.use(profile.adapter if profile.adapter in self.adapters.loaded else None)
+        # distilled profile may run undistilled; see server.service.edit); or the request's LoRAs.
+        loras, loras_loaded = self._prepare_loras(call, timings)
+        self.adapters.use(profile.adapter if profile.adapter in self.adapters.loaded else None, loras)
         if call.acceleration != "none" and self.runtime.accelerator.skipped_steps(call.acceleration, steps) == []:
             notices.append(
                 f"Acceleration {call.acceleration!r} skips no step of a {steps}-step run: the image was generated "
@@ -292,8 +298,29 @@ class Flux2Editor:
                         f"Image {index + 1} was flagged by the safety checker and withheld: it is a black image."
                     )
         return EditResult(
-            images=images, steps=steps, prompt=prompt, timings=timings, notices=notices, has_nsfw_concepts=verdicts
+            images=images,
+            steps=steps,
+            prompt=prompt,
+            timings=timings,
+            notices=notices,
+            has_nsfw_concepts=verdicts,
+            loras_loaded=loras_loaded,
         )
+
+    def _prepare_loras(self, call: EditCall, timings: dict[str, float]) -> tuple[tuple[tuple[str, float], ...], int]:
+        """The call's LoRAs loaded (those not loaded yet), as (adapter, scale) pairs; how many files were loaded."""
+        if not call.loras:
+            return (), 0
+        if PROFILES[call.profile].adapter is not None:
+            raise ValueError(f"LoRAs run on the base edit profile only, not {call.profile!r}")
+        try:
+            adapters, loaded, seconds = self.loras.prepare(call.loras)
+        finally:
+            self.adapters.forget()  # loading or evicting may have changed which adapters peft has active
+        if loaded:
+            timings["lora_load"] = seconds
+            say(call, f"loaded {loaded} LoRA(s) in {seconds:.2f} s")
+        return adapters, loaded
 
 
 def say(call: EditCall, message: str) -> None:

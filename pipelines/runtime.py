@@ -54,6 +54,7 @@ class RuntimeOptions:
     compile_warm_up: str = fastpath.DEFAULT_WARM_UP  # warm-up cases with compile: REFS[:PROFILE[:LEVEL]],...
     compile_cache_dir: str | None = None  # inductor's persistent cache (the server: <data_dir>/compile-cache)
     allow_cpu: bool = False  # load full-size weights (> 8 GiB) for the CPU when torch sees no GPU
+    max_loaded_loras: int = 4  # request LoRAs kept loaded beside the transformer (pipelines.loras)
     # Which of quantization/attention_backend/compile the configuration sets itself (the fast path leaves those
     # alone). None: those that differ from their defaults. Not a setting: Settings.runtime_options fills it.
     explicit: frozenset[str] | None = None

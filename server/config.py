@@ -237,6 +237,22 @@ class Settings(BaseSettings):
         description="when the served profiles all use one distilled adapter (`turbo,flash`), fuse it into the "
         "weights at load (each step costs a base step); off: keep it switchable",
     )
+    # LoRA endpoints (pipelines.loras, server.service.loras): see README "LoRAs".
+    lora_dir: Path | None = Field(
+        None,
+        description="LoRA library: a `loras[].path` that is not a URL names a `.safetensors` file in this folder "
+        "(`style` or `style.safetensors`, subfolders too; a folder holding one file names it); default: none, URLs only",
+    )
+    max_lora_bytes: int = Field(
+        1024 * 1024 * 1024, description="bytes of one LoRA file (downloaded, uploaded or in the library)"
+    )
+    lora_fetch_timeout_s: float = Field(300.0, description="seconds per LoRA URL, all redirects and the body included")
+    max_loaded_loras: int = Field(
+        4,
+        ge=3,
+        description="LoRAs kept loaded beside the transformer (switched per request without reloading); the least "
+        "recently used is unloaded beyond",
+    )
 
     @field_validator("weights", "queue", "storage", mode="before")
     @classmethod

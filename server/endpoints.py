@@ -1,7 +1,8 @@
 """fal's FLUX.2 [dev] endpoints served here: id (also the route path), input schema, and the profile that runs them.
 
 Two kinds on the same weights and profiles: edit endpoints (their input has `image_urls`: 1-4 reference images) and
-text-to-image endpoints (no images). The kind follows from the input model; nothing else tells them apart.
+text-to-image endpoints (no images). The kind follows from the input model; nothing else tells them apart. The LoRA
+endpoints are the base ones with `loras` (pipelines.loras), on the base profile.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from server.schemas import (
     Flux2EditInput,
     Flux2FastEditInput,
     Flux2FastTextToImageInput,
+    Flux2LoraEditInput,
+    Flux2LoraInput,
     Flux2TextToImageInput,
 )
 
@@ -68,6 +71,21 @@ ENDPOINTS = (
         "flash",
         "FLUX.2 [dev] Flash text to image: 4 steps",
         "Flux2Flash",
+    ),
+    # the base profile with up to 3 LoRAs (pipelines.loras); fal-js names their schemas Flux2Lora[Edit]Input/Output
+    Endpoint(
+        "fal-ai/flux-2/lora/edit",
+        Flux2LoraEditInput,
+        "edit",
+        "FLUX.2 [dev] edit with LoRAs (up to 3): full quality, configurable steps",
+        "Flux2LoraEdit",
+    ),
+    Endpoint(
+        "fal-ai/flux-2/lora",
+        Flux2LoraInput,
+        "edit",
+        "FLUX.2 [dev] text to image with LoRAs (up to 3): full quality, configurable steps",
+        "Flux2Lora",
     ),
 )
 BY_ID = {e.endpoint_id: e for e in ENDPOINTS}

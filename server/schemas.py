@@ -169,7 +169,50 @@ class Flux2FastTextToImageInput(FixedSchedule, _TextToImageCommon):
     """Input of fal-ai/flux-2/turbo and fal-ai/flux-2/flash (text to image, fixed, optimised steps)."""
 
 
+MAX_LORAS = 3  # per request (fal's "maximum 3"); pipelines.loras.MAX_LORAS is the model's side of it
+
+
+class LoRAInput(BaseModel):
+    """One LoRA of fal-ai/flux-2/lora and /lora/edit (fal's schema name `LoRAInput`)."""
+
+    path: str = Field(
+        min_length=1,
+        description="URL of the LoRA weights (.safetensors): http(s), or this server's own file URL (an upload "
+        "through the storage emulation); or the name of a LoRA in this server's LoRA library (FLUX2_LORA_DIR), e.g. "
+        "a Hugging Face repo id (owner/repo) the operator copied in. Model hubs are never contacted.",
+    )
+    scale: float = Field(1.0, ge=0, le=4, description="Scale factor for LoRA application (0.0 to 4.0).")
+
+
+class _LorasInput(BaseModel):
+    """The LoRA endpoints' addition to the base endpoints' fields. Listed first among an input's bases, so that
+    `loras` comes last."""
+
+    loras: list[LoRAInput] = Field(
+        default_factory=list,
+        max_length=MAX_LORAS,
+        description="List of LoRA weights to apply (maximum 3), each with its scale.",
+    )
+
+
+class Flux2LoraEditInput(_LorasInput, Flux2EditInput):
+    """Input of fal-ai/flux-2/lora/edit: the base edit's fields and up to 3 LoRAs."""
+
+    model_config = ConfigDict(json_schema_extra={"x-fal-order-properties": ["prompt", "image_urls", "loras"]})
+
+    prompt: str = Field(
+        min_length=1, description="The prompt to generate an image from.", examples=["Make this donut realistic"]
+    )
+
+
+class Flux2LoraInput(_LorasInput, Flux2TextToImageInput):
+    """Input of fal-ai/flux-2/lora: the base text to image's fields and up to 3 LoRAs."""
+
+    model_config = ConfigDict(json_schema_extra={"x-fal-order-properties": ["prompt", "loras"]})
+
+
 # The body of any endpoint, edit or text to image (the service takes them all; `reference_urls()` tells them apart).
+# The LoRA endpoints' inputs are subclasses of the base ones, with `loras`.
 EditInput = Flux2EditInput | Flux2FastEditInput | Flux2TextToImageInput | Flux2FastTextToImageInput
 
 

@@ -217,3 +217,27 @@ def test_quantized_transformer_streams(tiny_weights, full_bf16, mode, quantizati
     assert editor.capabilities().as_dict()["memory"]["quantization"] == quantization
     image = _edit(editor)
     assert image.shape == full_bf16.shape and image.std() > 0
+
+
+@pytest.mark.parametrize(
+    ("mode", "quantization"), [("full", "none"), ("group-offload", "none"), ("full", "int8"), ("full", "fp8")]
+)
+def test_request_loras_on_cuda(tiny_weights, tmp_path, mode, quantization):
+    """A request LoRA (pipelines.loras) on the GPU in bf16, on a transformer streamed by group offload, and on
+    torchao-quantized weights: it changes the image, scale 0 is the base image, and the base image after it is
+    the fresh model's."""
+    from pipelines.loras import LoraFile, sha256_of
+    from pipelines.runtime import RuntimeOptions
+    from tests.lora_files import write_lora
+
+    if quantization == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs compute capability 8.9 (Ada/Hopper)")
+    editor = load_editor(tiny_weights, options=RuntimeOptions(memory_mode=mode, quantization=quantization))
+    path = write_lora(tmp_path / "style.safetensors", tiny_weights, "bfl", seed=1)
+    lora = LoraFile(sha256_of(path), path, 1.0, 0)
+    base = _edit(editor, profile="edit", num_inference_steps=4)
+    with_lora = _edit(editor, profile="edit", num_inference_steps=4, loras=(lora,))
+    assert np.abs(with_lora.astype(int) - base).mean() > 0.5
+    zero = LoraFile(lora.digest, lora.path, 0.0, 0)
+    assert np.array_equal(_edit(editor, profile="edit", num_inference_steps=4, loras=(zero,)), base)
+    assert np.array_equal(_edit(editor, profile="edit", num_inference_steps=4), base)

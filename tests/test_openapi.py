@@ -48,10 +48,10 @@ def test_every_route_is_documented_with_its_schemas(tiny_weights, tmp_path):
                 assert all(media.get("schema") for media in content.values()), (method, path, code)
             if method == "post" and path.endswith("/edit"):
                 body = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
-                assert body.endswith(("Flux2EditInput", "Flux2FastEditInput"))
-            if method == "post" and path.endswith(("/fal-ai/flux-2", "/turbo", "/flash")):
+                assert body.endswith(("Flux2EditInput", "Flux2FastEditInput", "Flux2LoraEditInput"))
+            if method == "post" and path.endswith(("/fal-ai/flux-2", "/turbo", "/flash", "/lora")):
                 body = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
-                assert body.endswith(("Flux2TextToImageInput", "Flux2FastTextToImageInput"))
+                assert body.endswith(("Flux2TextToImageInput", "Flux2FastTextToImageInput", "Flux2LoraInput"))
     _resolve_all(spec["paths"], spec["components"]["schemas"])
     assert spec["components"]["securitySchemes"]["apiKeyAuth"] == {
         "type": "apiKey",
@@ -110,8 +110,22 @@ def test_per_endpoint_document_like_fals(server, endpoint):
         assert "num_inference_steps" not in model["properties"]
     assert "Flux2FastEditInput" not in schemas and "EditOutput" not in schemas
     named = {"Flux2EditInput", "Flux2TurboEditInput", "Flux2FlashEditInput", "Flux2Input", "Flux2TurboInput"}
-    assert (named | {"Flux2FlashInput"}) & set(schemas) == {body.rsplit("/")[-1]}
+    named |= {"Flux2FlashInput", "Flux2LoraEditInput", "Flux2LoraInput"}
+    assert named & set(schemas) == {body.rsplit("/")[-1]}
     assert not {"Flux2TextToImageInput", "Flux2FastTextToImageInput"} & set(schemas)
+    if "loras" in model["properties"]:  # the LoRA endpoints: fal's `loras: [LoRAInput]`, at most 3
+        loras = model["properties"]["loras"]
+        assert loras["maxItems"] == 3 and loras["items"] == {"$ref": "#/components/schemas/LoRAInput"}
+        lora = schemas["LoRAInput"]
+        assert lora["required"] == ["path"]
+        assert lora["properties"]["scale"] | {"title": None, "description": None} == {
+            "type": "number",
+            "minimum": 0,
+            "maximum": 4,
+            "default": 1.0,
+            "title": None,
+            "description": None,
+        }
     result = spec["paths"][request]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
     assert result == {"$ref": f"#/components/schemas/{endpoint.schema_name}Output"}
     assert spec["paths"][request + "/status"]["get"]["security"] == [{"apiKeyAuth": []}]

@@ -192,3 +192,34 @@ def test_text_to_image_in_the_playground(server, page):
     page.select_option("#endpoint", "fal-ai/flux-2/edit")  # back to an edit endpoint: the drop zone is back
     page.wait_for_selector("[data-field=num_inference_steps]")
     assert page.locator("[data-field=image_urls]").is_visible()
+
+
+def test_loras_in_the_playground(server, page):
+    """The LoRA endpoints: a row per LoRA (path, scale), at most 3, in the request and its snippets; kept across a
+    switch between the two LoRA endpoints."""
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(server.url + "/?endpoint_id=fal-ai/flux-2/lora")
+    page.wait_for_selector("body[data-ready=true]")
+    options = page.eval_on_selector_all("#endpoint option", "(os) => os.map((o) => o.value)")
+    assert {"fal-ai/flux-2/lora", "fal-ai/flux-2/lora/edit"} <= set(options)
+    for _ in range(3):
+        page.click("[data-field=loras] .add-lora")
+    assert page.is_disabled("[data-field=loras] .add-lora")  # fal's maximum: 3
+    rows = page.locator("[data-field=loras] .lora")
+    rows.nth(0).locator("input[type=text]").fill("studio/ink")
+    rows.nth(0).locator("input[type=number]").fill("0.8")
+    rows.nth(1).locator("input[type=text]").fill("https://example.com/style.safetensors")
+    rows.nth(2).locator("button").click()  # removed; and a row left empty is not sent
+    assert not page.is_disabled("[data-field=loras] .add-lora")
+    snippet = page.locator("#snippet").inner_text()
+    assert '"loras":[{"path":"studio/ink","scale":0.8},{"path":"https://example.com/style.safetensors","scale":1}]' in (
+        snippet
+    )
+    page.select_option("#endpoint", "fal-ai/flux-2/lora/edit")
+    page.wait_for_selector("[data-field=image_urls]:visible")
+    assert page.locator("[data-field=loras] .lora").count() == 2  # carried over
+    page.select_option("#endpoint", "fal-ai/flux-2/edit")  # no loras there: the field is gone
+    page.wait_for_function("!document.querySelector('[data-field=loras]')")
+    assert "loras" not in page.locator("#snippet").inner_text()
+    assert errors == [], errors

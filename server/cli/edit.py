@@ -26,7 +26,12 @@ from server.cli.flags import add_setting_flags
 from server.endpoints import BY_ID, Endpoint
 
 # --endpoint's short names (the edit endpoints); any served endpoint id is taken too (text to image: fal-ai/flux-2...)
-SHORT_NAMES = {"edit": "fal-ai/flux-2/edit", "turbo": "fal-ai/flux-2/turbo/edit", "flash": "fal-ai/flux-2/flash/edit"}
+SHORT_NAMES = {
+    "edit": "fal-ai/flux-2/edit",
+    "turbo": "fal-ai/flux-2/turbo/edit",
+    "flash": "fal-ai/flux-2/flash/edit",
+    "lora-edit": "fal-ai/flux-2/lora/edit",
+}
 FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 
 
@@ -45,7 +50,28 @@ def check_endpoint_images(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: {endpoint.endpoint_id} is text to image: it takes no IMAGE")
 
 
-def input_body(args: argparse.Namespace, image_urls: list[str]):
+def parse_lora(value: str) -> tuple[str, float | None]:
+    """`PATH[:SCALE]`: a local .safetensors file, a URL or a name in the server's LoRA library, and its scale."""
+    path, _, scale = value.rpartition(":")
+    try:
+        return (path, float(scale)) if path else (value, None)
+    except ValueError:  # a colon of a URL (https://...), not a scale
+        return value, None
+
+
+def lora_entries(args: argparse.Namespace, local_file_url) -> list[dict] | None:
+    """`--lora` values as the endpoint's `loras`: a local file becomes `local_file_url(path)` (a data URI for a
+    local run, an upload to the server with --url); URLs and library names are sent as given."""
+    if not args.lora:
+        return None
+    entries = []
+    for path, scale in args.lora:
+        source = local_file_url(Path(path)) if Path(path).is_file() else path
+        entries.append({"path": source} | ({"scale": scale} if scale is not None else {}))
+    return entries
+
+
+def input_body(args: argparse.Namespace, image_urls: list[str], loras: list[dict] | None = None):
     """The endpoint's own input model, so the CLI takes exactly the ranges and defaults the API does."""
     endpoint = endpoint_of(args)
     fields = {
@@ -57,9 +83,14 @@ def input_body(args: argparse.Namespace, image_urls: list[str]):
         "image_size": args.image_size,
         "num_inference_steps": args.steps,
         "output_format": FORMATS.get(args.output.suffix.lower()),
+        "loras": loras,
     }
     accepted = set(endpoint.input_model.model_fields) - set(getattr(endpoint.input_model, "IGNORED", ()))
     given = {k: v for k, v in fields.items() if v is not None and k in accepted}
+    if loras is not None and "loras" not in given:
+        raise SystemExit(
+            f"error: --lora is for the LoRA endpoints only (lora-edit, fal-ai/flux-2/lora), not {args.endpoint}"
+        )
     if args.steps is not None and "num_inference_steps" not in given:
         raise SystemExit(
             f"error: --steps is for the base endpoints only (edit, fal-ai/flux-2); {args.endpoint} runs a fixed schedule"
@@ -105,7 +136,8 @@ def edit_local(args: argparse.Namespace) -> int:
     from server.service.model import Model, load_model
     from server.service.runner import ModelRunner
 
-    body = input_body(args, [data_uri(p) for p in args.images]).model_copy(update={"sync_mode": True})
+    loras = lora_entries(args, data_uri)  # a local LoRA file travels in the request, as the images do
+    body = input_body(args, [data_uri(p) for p in args.images], loras).model_copy(update={"sync_mode": True})
     weights_dir = args.weights or _default_weights()
     if weights_dir is None:
         return 2
@@ -227,13 +259,14 @@ def data_uri(path: Path) -> str:
 def edit_remote(args: argparse.Namespace) -> int:
     import httpx
 
-    body = input_body(args, [data_uri(p) for p in args.images])
     endpoint_id = endpoint_of(args).endpoint_id
     key = args.key or os.environ.get("FAL_KEY")
     headers = {"Authorization": f"Key {key}"} if key else {}
     base = args.url.rstrip("/")
     try:
         with httpx.Client(headers=headers, timeout=httpx.Timeout(60, read=None)) as client:
+            loras = lora_entries(args, lambda path: upload(client, base, path))  # local LoRA files: uploaded
+            body = input_body(args, [data_uri(p) for p in args.images], loras)
             submitted = client.post(
                 f"{base}/queue/{endpoint_id}", json=body.model_dump(mode="json", exclude_unset=True)
             )
@@ -264,6 +297,20 @@ def edit_remote(args: argparse.Namespace) -> int:
     for path in paths:
         print(path)
     return 0
+
+
+def upload(client, base: str, path: Path) -> str:
+    """A local file uploaded through the server's storage emulation (fal's upload flow); its URL on the server."""
+    target = client.post(
+        f"{base}/storage/upload/initiate",
+        json={"content_type": "application/octet-stream", "file_name": path.name},
+    )
+    if target.status_code != 200:
+        raise SystemExit(server_error(target))
+    put = client.put(target.json()["upload_url"], content=path.read_bytes())
+    if put.status_code >= 300:
+        raise SystemExit(server_error(put))
+    return target.json()["file_url"]
 
 
 def follow(client, stream_url: str) -> dict | None:
@@ -317,8 +364,16 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         choices=[*SHORT_NAMES, *BY_ID],
         default="edit",
         metavar="ENDPOINT",
-        help="edit (default), turbo or flash (the edit endpoints), or any endpoint id: fal-ai/flux-2, "
-        "fal-ai/flux-2/turbo, fal-ai/flux-2/flash are text to image (no IMAGE)",
+        help="edit (default), turbo, flash or lora-edit (the edit endpoints), or any endpoint id: fal-ai/flux-2, "
+        "fal-ai/flux-2/turbo, fal-ai/flux-2/flash, fal-ai/flux-2/lora are text to image (no IMAGE)",
+    )
+    edit.add_argument(
+        "--lora",
+        action="append",
+        type=parse_lora,
+        metavar="PATH[:SCALE]",
+        help="lora-edit and fal-ai/flux-2/lora: a LoRA (a local .safetensors file, a URL, or a name in the server's "
+        "LoRA library) and its scale (default 1); up to 3",
     )
     edit.add_argument("--seed", type=int)
     edit.add_argument("--steps", type=int, help="num_inference_steps (edit and fal-ai/flux-2 only; 4-50, default 28)")

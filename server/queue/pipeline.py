@@ -184,6 +184,8 @@ class Prefetcher:
             if ticket.request.id == request_id:
                 if ticket.task is not None:
                     ticket.task.cancel()
+                if ticket.prepared is not None:
+                    ticket.prepared.discard()  # its scratch files (downloaded LoRAs)
                 self._drop(ticket)
 
     def stop(self) -> None:
@@ -205,6 +207,8 @@ class Prefetcher:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         for ticket in held:
+            if ticket.prepared is not None:
+                ticket.prepared.discard()  # prepared again by whoever runs it
             try:
                 self.store.release(ticket.request.id)
             except Exception:

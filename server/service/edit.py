@@ -16,15 +16,17 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import PIL.Image
 
 from pipelines import Cancelled, EditCall, EditResult
 from pipelines.capabilities import Capabilities
+from pipelines.loras import LoraError, LoraFile
 from pipelines.parallel import RankFailed
 from server.config import Settings
-from server.errors import InferenceError, Unavailable
+from server.errors import InferenceError, InputError, Unavailable
 from server.files.outputs import OutputStore
 from server.schemas import (
     MAX_REFERENCE_IMAGES,
@@ -38,7 +40,8 @@ from server.schemas import (
     ImageSize,
     ImageSizeName,
 )
-from server.service.inputs import InputLimits, LocalFiles, load_images, url_error
+from server.service.inputs import InputLimits, LocalFiles, load_images, short, url_error
+from server.service.loras import discard, resolve_loras
 from server.service.metrics import Metrics
 from server.service.model import Model
 
@@ -146,7 +149,16 @@ def generator_seed(seed: int) -> int:
     return seed % 2**64
 
 
-def edit_call(body: EditInput, profile: str, images: list, width: int, height: int, seed: int, settings) -> EditCall:
+def edit_call(
+    body: EditInput,
+    profile: str,
+    images: list,
+    width: int,
+    height: int,
+    seed: int,
+    settings,
+    loras: list[LoraFile] | tuple[LoraFile, ...] = (),
+) -> EditCall:
     """The model call a validated body asks for (no callbacks yet: `EditService.run` adds them)."""
     return EditCall(
         images=images,
@@ -162,6 +174,7 @@ def edit_call(body: EditInput, profile: str, images: list, width: int, height: i
         acceleration=acceleration_of(body),
         expand_prompt=body.enable_prompt_expansion,
         check_safety=body.enable_safety_checker and not settings.disable_safety_checker,
+        loras=tuple(loras),
     )
 
 
@@ -177,6 +190,11 @@ class Prepared:
     started: float  # perf_counter when preparing began
     fetched: float  # ... when the inputs were ready
     running: float | None = None  # ... and when the model took it (it may wait between: fetched ahead)
+    scratch: list[Path] = dataclasses.field(default_factory=list)  # files of this request to remove when done (LoRAs)
+
+    def discard(self) -> None:
+        """Remove the request's scratch files (downloaded LoRAs): call once it is done, whatever the outcome."""
+        discard(self.scratch)
 
 
 @dataclass
@@ -204,17 +222,20 @@ class EditService:
         urls = body.reference_urls()[:MAX_REFERENCE_IMAGES]  # none: text to image
         settings = self.settings
         limits = InputLimits(settings.max_input_image_bytes, settings.max_input_pixels, settings.fetch_timeout_s)
-        images, input_notices = await load_images(self.http, urls, limits, LocalFiles(base_url, self.outputs.storage))
+        local = LocalFiles(base_url, self.outputs.storage)
+        images, input_notices = await load_images(self.http, urls, limits, local)
         for index, image in enumerate(images):
             problem = editor.reference_problem(image)
             if problem:
                 raise url_error(index, urls[index], problem, "invalid_image")
         width, height = output_size(body.image_size, images[0] if images else None, editor.size_multiple)
         seed = body.seed if body.seed is not None else _seeds.randrange(2**32)
-        call = edit_call(body, profile, images, width, height, generator_seed(seed), settings)
+        loras, scratch = await resolve_loras(getattr(body, "loras", []), self.http, local, settings)
+        call = edit_call(body, profile, images, width, height, generator_seed(seed), settings, loras)
         kind = f"{len(images)} reference(s)" if images else "text to image"
-        on_message(f"{profile} {width}x{height}, {kind}, seed {seed}")
-        return Prepared(profile, body, call, base_url, input_notices, started, time.perf_counter())
+        described = "".join(f", LoRA {lora.digest[:12]} x{lora.scale:g}" for lora in loras)
+        on_message(f"{profile} {width}x{height}, {kind}, seed {seed}{described}")
+        return Prepared(profile, body, call, base_url, input_notices, started, time.perf_counter(), scratch=scratch)
 
     async def run(
         self,
@@ -233,11 +254,16 @@ class EditService:
         call = dataclasses.replace(prepared.call, on_step=step, on_message=on_message, should_cancel=should_cancel)
         prepared.running = time.perf_counter()
         try:
-            return await self.model.runner.run(call)
+            result = await self.model.runner.run(call)
         except (Cancelled, InferenceError, RankFailed):  # RankFailed: a replica's process died (re-queued once)
             raise
+        except LoraError as exc:  # a LoRA file the model can't use: the model is as it was, the request a 422
+            path = prepared.body.loras[exc.index].path  # type: ignore[union-attr]  # only LoRA bodies have loras
+            raise InputError(["loras", exc.index, "path"], str(exc), "invalid_lora", short(path)) from exc
         except Exception as exc:
             raise InferenceError(f"{type(exc).__name__}: {exc}") from exc
+        self.metrics.loras_applied(call.loras, result.loras_loaded)
+        return result
 
     async def finish(self, prepared: Prepared, result: EditResult, pool: Executor | None = None) -> EditOutput:
         """Encode and store the images (with `pool`: side by side on its threads); returns once all are written."""
@@ -299,7 +325,10 @@ class EditService:
             if on_progress is not None:
                 on_progress(step, total)
 
-        result = await self.run(prepared, on_step, progress, should_cancel)
+        try:
+            result = await self.run(prepared, on_step, progress, should_cancel)
+        finally:
+            prepared.discard()
         if on_model_done is not None:
             on_model_done()
         return await self.finish(prepared, result, pool)

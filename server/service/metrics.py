@@ -47,11 +47,24 @@ class Metrics:
             buckets=STEP_BUCKETS,
             registry=self.registry,
         )
+        self.loras = Counter(
+            "flux2_loras",
+            "LoRAs applied to requests, by whether their file was already loaded (cache hit) or loaded for it (miss).",
+            ["cache"],
+            registry=self.registry,
+        )
         self.registry.register(LiveState(model, queued))
 
     def job_finished(self, endpoint: str, mode: str, outcome: str, seconds: float) -> None:
         self.jobs.labels(endpoint, mode, outcome).inc()
         self.request_seconds.labels(endpoint, mode).observe(seconds)
+
+    def loras_applied(self, loras, loaded: int) -> None:
+        """A request ran with `loras` (pipelines.loras.LoraFile), `loaded` of them loaded for it."""
+        distinct = len({lora.digest for lora in loras})
+        if distinct:
+            self.loras.labels("hit").inc(distinct - loaded)
+            self.loras.labels("miss").inc(loaded)
 
     def step_clock(self, profile: str) -> StepClock:
         return StepClock(self.step_seconds.labels(profile))

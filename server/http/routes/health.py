@@ -32,7 +32,8 @@ class Health(BaseModel):
     capabilities: dict | None = Field(
         None,
         description="What the loaded model can and can't do (once loaded); `endpoints`: each endpoint served, with "
-        "its profile, category (image-to-image: edit; text-to-image) and whether its profile runs here.",
+        "its profile, category (image-to-image: edit; text-to-image), whether its profile runs here and whether it "
+        "takes `loras`; `loras`: LoRAs per request, kept loaded, the LoRA library, the file size limit.",
     )
     loading: dict | None = Field(
         None,
@@ -100,8 +101,15 @@ async def health(request: Request) -> JSONResponse:
                     "profile": e.profile,
                     "category": e.category,
                     "runs_here": caps.profiles[e.profile].runs_here,
+                    "loras": "loras" in e.input_model.model_fields,  # the LoRA endpoints (pipelines.loras)
                 }
                 for e in ENDPOINTS
+            },
+            # request LoRAs: how many per request and kept loaded (the model's), the library and size limit (ours)
+            "loras": {
+                **caps.loras,
+                "library": str(the.settings.lora_dir) if the.settings.lora_dir else None,
+                "max_file_bytes": the.settings.max_lora_bytes,
             },
         }
         if isinstance(runner, ReplicaRunner):
@@ -112,7 +120,7 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=503 if failed else 200)
 
 
-LOCATIONS = {"weights", "distilled_adapter_file", "safety_checker_model", "host", "pid"}
+LOCATIONS = {"weights", "distilled_adapter_file", "safety_checker_model", "host", "pid", "library"}
 
 
 def without_locations(value):

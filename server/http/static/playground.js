@@ -109,6 +109,7 @@ function control(name, schema) {
     return t;
   }
   if (schema.anyOf) return unionControl(name, schema);
+  if (schema.type === "array" && resolve(schema.items).properties?.path) return lorasControl(name, schema);
   if (schema.enum) return select(id, name, schema.enum, schema.default);
   if (schema.type === "boolean") {
     const box = input({ type: "checkbox", id, name });
@@ -165,11 +166,49 @@ function unionControl(name, schema) {
   return wrap;
 }
 
+// `loras` (the LoRA endpoints): one row per LoRA, its path (a URL or a library name) and scale; up to maxItems.
+function lorasControl(name, schema) {
+  const item = resolve(schema.items);
+  const wrap = document.createElement("div");
+  wrap.className = "loras";
+  wrap.dataset.loras = name;
+  const add = input({ tag: "button", type: "button", class: "add-lora" });
+  add.textContent = "+ LoRA";
+  const addRow = (path = "", scale = item.properties.scale.default) => {
+    const row = document.createElement("div");
+    row.className = "pair lora";
+    const pathInput = input({ type: "text", name: `${name}.path`, value: path, placeholder: "https://…/lora.safetensors or a library name", "aria-label": "LoRA path" });
+    const scaleInput = input({ type: "number", name: `${name}.scale`, value: scale, min: item.properties.scale.minimum, max: item.properties.scale.maximum, step: 0.05, "aria-label": "LoRA scale", title: `scale: ${rangeHint(item.properties.scale)}` });
+    const remove = input({ tag: "button", type: "button", title: "remove this LoRA" });
+    remove.textContent = "×";
+    remove.addEventListener("click", () => { row.remove(); add.disabled = false; updateSnippet(); });
+    for (const e of [pathInput, scaleInput]) e.addEventListener("input", updateSnippet);
+    row.append(pathInput, scaleInput, remove);
+    wrap.insertBefore(row, add);
+    add.disabled = wrap.querySelectorAll(".lora").length >= (schema.maxItems ?? 3);
+  };
+  add.addEventListener("click", () => { addRow(); updateSnippet(); });
+  wrap.append(add);
+  wrap.addRow = addRow;
+  return wrap;
+}
+
+function lorasValue(field, name) {
+  return [...field.querySelectorAll(".lora")]
+    .map((row) => ({ path: row.querySelector(`[name="${name}.path"]`).value.trim(), scale: Number(row.querySelector(`[name="${name}.scale"]`).value) }))
+    .filter((lora) => lora.path);
+}
+
 // The form's values as the endpoint's input (`raw`: as the controls hold them, to carry across endpoints).
 function readValues(raw = false) {
   const values = {};
   for (const field of document.querySelectorAll("#fields .field")) {
     const name = field.dataset.field;
+    if (field.querySelector("[data-loras]")) {
+      const loras = lorasValue(field, name);
+      if (raw || loras.length) values[name] = loras;
+      continue;
+    }
     const element = field.querySelector(`[name="${name}"]`);
     if (!element) continue;
     if (raw) { values[name] = element.type === "checkbox" ? element.checked : element.value; continue; }
@@ -194,6 +233,8 @@ function readValues(raw = false) {
 }
 
 function setValue(name, value) {
+  const loras = document.querySelector(`#fields [data-loras="${name}"]`);
+  if (loras) { for (const lora of Array.isArray(value) ? value : []) loras.addRow(lora.path, lora.scale); return; }
   const element = document.querySelector(`#fields [name="${name}"]`);
   if (!element) return;
   if (element.type === "checkbox") element.checked = Boolean(value);

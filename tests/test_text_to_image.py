@@ -25,11 +25,12 @@ def steps_logged(server, request_id: str) -> list[str]:
 
 
 def test_the_text_to_image_endpoints_are_declared_as_fal_names_them():
-    assert [e.endpoint_id for e in ENDPOINTS if not e.takes_images] == TEXT_TO_IMAGE
+    assert [e.endpoint_id for e in ENDPOINTS if not e.takes_images] == [*TEXT_TO_IMAGE, "fal-ai/flux-2/lora"]
     assert {e.endpoint_id: (e.profile, e.schema_name, e.category) for e in ENDPOINTS if not e.takes_images} == {
         "fal-ai/flux-2": ("edit", "Flux2", "text-to-image"),
         "fal-ai/flux-2/turbo": ("turbo", "Flux2Turbo", "text-to-image"),
         "fal-ai/flux-2/flash": ("flash", "Flux2Flash", "text-to-image"),
+        "fal-ai/flux-2/lora": ("edit", "Flux2Lora", "text-to-image"),
     }
 
 
@@ -107,10 +108,15 @@ def test_through_the_queue(server):
 
 def test_health_lists_every_endpoint_with_its_profile(server):
     endpoints = server.client.get(f"{server.url}/health").json()["capabilities"]["endpoints"]
-    assert endpoints == {
+    assert {endpoint_id: {k: v for k, v in e.items() if k != "loras"} for endpoint_id, e in endpoints.items()} == {
         e.endpoint_id: {"profile": e.profile, "category": e.category, "runs_here": True} for e in ENDPOINTS
     }
-    assert endpoints["fal-ai/flux-2/turbo"] == {"profile": "turbo", "category": "text-to-image", "runs_here": True}
+    assert endpoints["fal-ai/flux-2/turbo"] == {
+        "profile": "turbo",
+        "category": "text-to-image",
+        "runs_here": True,
+        "loras": False,  # only the LoRA endpoints take LoRAs
+    }
 
 
 def test_the_playground_lists_every_endpoint(server):

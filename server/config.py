@@ -56,6 +56,12 @@ class Settings(BaseSettings):
     max_input_pixels: int = Field(
         64_000_000, description="width × height of an input image, read from its header before decoding"
     )
+    max_output_pixels: int = Field(
+        2048 * 2048,
+        ge=64 * 64,
+        description="width × height of an output image (default: the API's largest, 2048²); larger sizes are a 422 "
+        "naming image_size. Lower it where the GPU can't hold the largest",
+    )
     max_upload_bytes: int = Field(
         256 * 1024 * 1024, description="bytes per file uploaded through the storage emulation"
     )

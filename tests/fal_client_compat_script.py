@@ -34,5 +34,5 @@ out["invalid_queued"] = {**failure(handle.get), "expected": handle.request_id}
 # a webhook URL the SSRF guard refuses: 422 at submit
 out["refused_webhook"] = failure(lambda: fal_client.submit(FLASH, arguments=lax, webhook_url=webhook_url))
 # an endpoint this server does not serve
-out["unknown"] = failure(lambda: fal_client.run("fal-ai/flux-2", arguments={"prompt": "p"}))
+out["unknown"] = failure(lambda: fal_client.run("fal-ai/flux-2-pro", arguments={"prompt": "p"}))
 print(json.dumps(out))

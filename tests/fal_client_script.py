@@ -7,6 +7,7 @@ FAL_QUEUE_RUN_HOST once, at import. Prints one JSON object with what each call r
 import asyncio
 import json
 import sys
+import time
 
 import fal_client
 
@@ -32,6 +33,9 @@ out["result"] = fal_client.result("fal-ai/flux-2/turbo/edit", handle.request_id)
 out["status_by_id"] = type(fal_client.status("fal-ai/flux-2/turbo/edit", handle.request_id, with_logs=True)).__name__
 
 slow = fal_client.submit("fal-ai/flux-2/edit", arguments={**args, "num_inference_steps": 50, "image_size": "square_hd"})
+# running once the model took it (before, it may wait IN_QUEUE while its inputs are fetched: a queued cancel)
+while type(fal_client.status("fal-ai/flux-2/edit", slow.request_id)).__name__ != "InProgress":
+    time.sleep(0.02)
 queued = fal_client.submit("fal-ai/flux-2/flash/edit", arguments=args)
 fal_client.cancel("fal-ai/flux-2/flash/edit", queued.request_id)
 slow.cancel()

@@ -73,7 +73,7 @@ def test_a_quiet_status_stream_sends_keep_alive_comments(fake_server):
 
 def test_unknown_paths_answer_fals_404_naming_the_served_endpoints(fake_server):
     client, _ = fake_server(FakeEditor())
-    for path in ("/fal-ai/flux-2", "/queue/fal-ai/flux-2/dev", "/nothing/here"):
+    for path in ("/fal-ai/flux-2-pro", "/queue/fal-ai/flux-2/dev", "/nothing/here"):
         answer = client.post(path, json=BODY)
         assert answer.status_code == 404
         detail = answer.json()["detail"]

@@ -33,7 +33,10 @@ def keyed_server(tiny_weights, tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
     keys = root / "keys"
     keys.write_text(KEY + "\n")
-    process, url = start_server(tiny_weights, root / "data", root / "server.log", "--api-keys-file", str(keys))
+    # outputs capped at 256² (FLUX2_MAX_OUTPUT_PIXELS): text to image needs no input, so most valid examples run the
+    # model; at the default 1024x768 they would take the run's whole time limit on two CPU cores
+    limit = ("--max-output-pixels", str(256 * 256))
+    process, url = start_server(tiny_weights, root / "data", root / "server.log", "--api-keys-file", str(keys), *limit)
     yield url, root / "server.log"
     process.terminate()
     process.wait(timeout=30)

@@ -433,3 +433,27 @@ def test_with_keys_urls_come_from_configuration_not_the_host_header(fake_server)
     assert queue_host[0].startswith("http://queue.flux.studio.lan/fal-ai/flux-2/requests/")
     for url in urls_for(named, "evil.example"):
         assert url.startswith("http://testserver/"), url
+
+
+def test_an_output_larger_than_the_configured_limit_is_a_422_naming_image_size(fake_server):
+    """FLUX2_MAX_OUTPUT_PIXELS: sync and queued, the default size of text to image (1024x768) over a 512² limit is
+    refused before the model runs; a size within it runs."""
+    from tests.fake_editor import FakeEditor
+
+    editor = FakeEditor()
+    client, _ = fake_server(editor, max_output_pixels=512 * 512)
+    sync = client.post("/fal-ai/flux-2/flash", json={"prompt": "p"})
+    assert sync.status_code == 422, sync.text
+    [detail] = sync.json()["detail"]
+    assert detail["loc"] == ["body", "image_size"] and detail["type"] == "image_too_large"
+    assert "FLUX2_MAX_OUTPUT_PIXELS" in detail["msg"]
+    queued = client.post("/queue/fal-ai/flux-2/flash", json={"prompt": "p"}).json()
+    deadline = time.monotonic() + 10
+    while client.get(queued["status_url"].replace("http://testserver", "")).json()["status"] != "COMPLETED":
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    result = client.get(queued["response_url"].replace("http://testserver", ""))
+    assert result.status_code == 422 and result.json()["detail"][0]["loc"] == ["body", "image_size"]
+    assert editor.calls == []
+    fits = client.post("/fal-ai/flux-2/flash", json={"prompt": "p", "image_size": "square"})
+    assert fits.status_code == 200, fits.text

@@ -116,7 +116,7 @@ def create_app(settings: Settings, weights_dir: Path | None, tiny: bool = False)
     # OpenAI's images API: the same keys (as `Bearer`), limits and body limit; errors in OpenAI's shape
     app.include_router(
         openai.router,
-        dependencies=[Depends(require_key), Depends(enforce_rate_limit)],
+        dependencies=[Depends(require_key), Depends(enforce_rate_limit), Depends(check_json_body)],
         responses=OPENAI_ERRORS,
         max_body_size=settings.max_body_bytes,
     )

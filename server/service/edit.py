@@ -229,6 +229,12 @@ class EditService:
             if problem:
                 raise url_error(index, urls[index], problem, "invalid_image")
         width, height = output_size(body.image_size, images[0] if images else None, editor.size_multiple)
+        if width * height > settings.max_output_pixels:
+            message = (
+                f"an output of {width}x{height} is larger than this server makes: at most {settings.max_output_pixels}"
+                " pixels (FLUX2_MAX_OUTPUT_PIXELS)"
+            )
+            raise InputError(["image_size"], message, "image_too_large", f"{width}x{height}")
         seed = body.seed if body.seed is not None else _seeds.randrange(2**32)
         loras, scratch = await resolve_loras(getattr(body, "loras", []), self.http, local, settings)
         call = edit_call(body, profile, images, width, height, generator_seed(seed), settings, loras)

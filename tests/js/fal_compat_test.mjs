@@ -48,6 +48,6 @@ out.invalidRun = await failure(() => fal.run(FLASH, { input: { prompt: "p", imag
 out.cancelUnknown = await failure(() =>
   fal.queue.cancel(FLASH, { requestId: "00000000-0000-0000-0000-000000000000" }),
 );
-out.unknownEndpoint = await failure(() => fal.run("fal-ai/flux-2", { input: { prompt: "p" } }));
+out.unknownEndpoint = await failure(() => fal.run("fal-ai/flux-2-pro", { input: { prompt: "p" } }));
 
 console.log(JSON.stringify(out));

@@ -33,7 +33,6 @@ from server.schemas import ImageFile
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 SAVE_OPTIONS = {"png": {}, "jpeg": {"quality": 95}, "webp": {"quality": 95, "method": 0}}
-PNG_ENCODERS = ("fpng", "pillow")
 
 
 @dataclass(frozen=True)

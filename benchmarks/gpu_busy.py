@@ -192,13 +192,22 @@ def single_requests(client: httpx.Client, url: str, body: dict, repeats: int, in
         assert answer.status_code == 200, answer.text[:500]
         (span,) = read_intervals(intervals, before)
         if n:
-            samples.append((wall, span[1] - span[0]))
+            samples.append((wall, span[1] - span[0], answer.json()["timings"]))
     return {
         "repeats": repeats,
-        "end_to_end_s": statistics.median(wall for wall, _ in samples),
-        "model_s": statistics.median(model for _, model in samples),
-        "overhead_s": statistics.median(wall - model for wall, model in samples),
-        "overhead_share": statistics.median((wall - model) / model for wall, model in samples),
+        "end_to_end_s": statistics.median(wall for wall, _, _ in samples),
+        "model_s": statistics.median(model for _, model, _ in samples),
+        "overhead_s": statistics.median(wall - model for wall, model, _ in samples),
+        "overhead_share": statistics.median((wall - model) / model for wall, model, _ in samples),
+        # where the overhead goes (medians), from the server's own `timings` in each answer
+        "breakdown_s": {
+            "fetch_inputs": statistics.median(timings["fetch_inputs"] for _, _, timings in samples),
+            "encode_and_store": statistics.median(timings["encode"] for _, _, timings in samples),
+            # the client building and sending the body, HTTP, queueing and handing over: the rest
+            "everything_else": statistics.median(
+                wall - model - timings["fetch_inputs"] - timings["encode"] for wall, model, timings in samples
+            ),
+        },
     }
 
 
@@ -278,6 +287,11 @@ def markdown(report: dict) -> str:
             f"{single['model_s']:.3f} s | overhead {single['overhead_s'] * 1000:.0f} ms | "
             f"{single['overhead_share']:.1%} of the model time |"
         )
+    for config in ("before", "after"):
+        parts = results[config]["single_request"].get("breakdown_s")
+        if parts:
+            said = ", ".join(f"{name.replace('_', ' ')} {seconds * 1000:.0f} ms" for name, seconds in parts.items())
+            rows.append(f"| single sync request, {config}: where the overhead goes | {said} | |")
     work = report["workload"]
     head = (
         f"{report['benchmark']} — {report['device']}, load average {report['load_average']['at_end'][1]:.1f} "

@@ -31,6 +31,10 @@ def test_gpu_busy_benchmark_writes_its_report(tmp_path):
             assert run["requests"] == 2 and 0 < run["busy_share"] <= 1 and run["model_busy_s"] > 0
         single = report["results"][config]["single_request"]
         assert single["end_to_end_s"] > single["model_s"] > 0
+        parts = single["breakdown_s"]  # the overhead, split by the server's own timings
+        assert set(parts) == {"fetch_inputs", "encode_and_store", "everything_else"}
+        assert parts["fetch_inputs"] > 0 and parts["encode_and_store"] > 0
     assert report["results"]["before"]["settings"]["FLUX2_PREFETCH_REQUESTS"] == "0"
     assert set(report["goals_met"]) == {"busy_share", "single_overhead"}
-    assert "| local input, 4 output(s) |" in out.with_suffix(".md").read_text()
+    table = out.with_suffix(".md").read_text()
+    assert "| local input, 4 output(s) |" in table and "where the overhead goes" in table

@@ -7,8 +7,11 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import random
 import struct
+import subprocess
+import sys
 import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -356,3 +359,34 @@ def test_pybase64_decodes_valid_data_uris(monkeypatch):
     with pytest.raises(InputError) as info:
         inputs.decode_data_uri("data:image/png;base64," + "A" * 4000, 0, 2000)
     assert info.value.detail["type"] == "file_too_large" and calls == []
+
+
+def test_decoder_benchmark_writes_its_report(tmp_path):
+    out = tmp_path / "decoders.json"
+    ran = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.decoders",
+            "--repeats",
+            "1",
+            "--size",
+            "64",
+            "--gil-seconds",
+            "0.01",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert ran.returncode == 0, ran.stderr
+    report = json.loads(out.read_text())
+    assert report["command"].startswith("python") and report["device"] and len(report["load_average"]["at_end"]) == 3
+    rows = {row["decoder"]: row for row in report["png"]}
+    assert rows["wuffs (pywuffs)"]["same_pixels"] and rows["server decode_image, Wuffs path"]["same_pixels"]
+    assert all(row["same_pixels"] for row in rows.values() if row["installed"])
+    assert all(row["same_bytes"] for row in report["base64"])
+    assert "| wuffs (pywuffs) |" in out.with_suffix(".md").read_text()

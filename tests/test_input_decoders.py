@@ -180,7 +180,8 @@ def test_each_png_kind_decodes_to_pillows_pixels_on_either_path(kind, data, fast
 
 def test_orientation_and_animation_are_still_applied():
     """The kinds left to Pillow keep its handling: rotated by EXIF or XMP, an APNG's first frame with a notice."""
-    for data in (KINDS[17][1], KINDS[18][1]):
+    kinds = {kind: data for kind, data, _ in KINDS}
+    for data in (kinds["eXIf orientation"], kinds["XMP orientation"]):
         _, _, size, _, _ = outcome(data)
         assert size == (64, 40)  # stored 40 wide, 64 high: displayed rotated
     _, _, _, pixels, notice = outcome(apng())

@@ -1,6 +1,7 @@
 """Dockerfile.cuda, read as text (no Docker daemon in CI): the CUDA variant is a build argument documented with the
-driver it needs, the runtime stage has the C compiler Triton needs, and the health check's start period covers a
-full-size load and warm-up. `hadolint Dockerfile.cuda` runs too where hadolint is installed."""
+driver it needs, the build stage has the C++ compiler pywuffs builds with, the runtime stage the C compiler Triton
+needs, and the health check's start period covers a full-size load and warm-up. `hadolint Dockerfile.cuda` runs too
+where hadolint is installed."""
 
 from __future__ import annotations
 
@@ -57,6 +58,16 @@ def test_the_runtime_stage_has_a_c_compiler_for_triton():
     install = re.search(r"apt-get install[^\n]*", runtime)
     assert install and re.search(r"\bgcc\b", install.group(0)) and "libc6-dev" in install.group(0)
     assert "rm -rf /var/lib/apt/lists" in runtime
+
+
+def test_the_build_stage_has_a_cpp_compiler_for_pywuffs():
+    """pywuffs (the PNG input decoder) has no wheels: pip compiles it in the build stage, whose python:3.11-slim has
+    no compiler; the runtime stage gets the built venv."""
+    assert re.search(r'"pywuffs\b', (ROOT / "pyproject.toml").read_text())
+    build = stages(DOCKERFILE)[0]
+    install = re.search(r"apt-get install[^\n]*", build)
+    assert install and re.search(r"\bg\+\+", install.group(0)) and "rm -rf /var/lib/apt/lists" in build
+    assert build.index("apt-get install") < build.index("pip install '/src")
 
 
 def test_the_health_checks_start_period_covers_a_full_size_load_and_warm_up():

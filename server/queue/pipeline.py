@@ -33,9 +33,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from server.errors import QueueUnavailable
 from server.queue.backend import QueueBackend, QueuedRequest
@@ -144,7 +145,7 @@ class Prefetcher:
         )
 
     def head_start(
-        self, request_id: str, prepare: Callable[[Callable[[str], None]], Awaitable[Prepared]]
+        self, request_id: str, prepare: Callable[[Callable[[str], None]], Coroutine[Any, Any, Prepared]]
     ) -> HeadStart | None:
         """If `idle`, begin `prepare(on_message)` for `request_id` (not in the queue yet) at once, to be adopted when
         it is reserved; else None (it is prepared when reserved, as any request). Whoever began it calls `abandon`

@@ -74,7 +74,7 @@ async def call_endpoint(
     the = services(request)
     if the.model.state is ModelState.ELSEWHERE or the.store.distributed:
         # the request runs wherever a worker takes it from the shared queue; its result comes back through it
-        request_id = enqueue(request, endpoint, body).id
+        request_id = (await enqueue(request, endpoint, body)).id
         return result_response(await await_sync(request, request_id, wait_completed(request, request_id)))
     started = time.perf_counter()
     try:

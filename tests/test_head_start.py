@@ -6,6 +6,7 @@ where a caller must really go away. No timing is asserted: stores and fetches ar
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -17,13 +18,15 @@ import uvicorn
 
 from server.config import Settings
 from server.http.app import create_app
+from server.queue.connect import open_queue
 from server.queue.dispatcher import Dispatcher
+from server.queue.pipeline import Prefetcher
 from server.service import edit as service_edit
 from server.service import model as service_model
 from server.service.edit import EditService
 from tests.conftest import data_uri, free_port, image_bytes
 from tests.fake_editor import FakeEditor
-from tests.test_pipeline import GatedEditor, until
+from tests.test_pipeline import GatedEditor, fake_prepared, until
 
 BODY = {"prompt": "p", "image_urls": [data_uri(image_bytes(64, 64))], "image_size": "square", "seed": 1}
 FLASH = "fal-ai/flux-2/flash/edit"
@@ -244,3 +247,44 @@ def test_a_caller_gone_before_its_head_start_was_adopted_leaves_nothing_behind(l
     until(lambda: not counted.scratch[0].exists())
     assert the.dispatcher.prefetcher.head_starts == {} and the.dispatcher.prefetcher.held == []
     assert editor.calls == [] and counted.prepares == 1 and counted.parses == 0
+
+
+def test_head_starts_are_one_per_waiting_loop_and_at_a_stop_cancelled_with_their_files_removed(tmp_path):
+    """Unit: with two model loops waiting, two head starts (a third is refused); at a stop, the one still preparing
+    is cancelled and the one prepared has its scratch files removed."""
+    store = open_queue(None, tmp_path, retention_s=60)
+    scratch = tmp_path / "lora.safetensors"
+    scratch.write_bytes(b"lora")
+    never = asyncio.Event()
+
+    async def prepared_one(on_message):
+        prepared = fake_prepared(None)
+        prepared.scratch.append(scratch)
+        return prepared
+
+    async def blocked(on_message):
+        await never.wait()
+
+    async def scenario():
+        async def prepare(request, on_message, head_start):  # nothing is stored: never called
+            raise AssertionError("nothing to reserve")
+
+        prefetcher = Prefetcher(store, [FLASH], prepare, 2, 1 << 30, asyncio.Event())
+        running = asyncio.create_task(prefetcher.run())
+        loops = [asyncio.create_task(prefetcher.take()) for _ in range(2)]
+        while prefetcher.waiting_loops != 2:
+            await asyncio.sleep(0.01)
+        ready, waiting = prefetcher.head_start("a", prepared_one), prefetcher.head_start("b", blocked)
+        assert ready is not None and waiting is not None
+        assert prefetcher.head_start("c", prepared_one) is None and not prefetcher.idle()  # one per waiting loop
+        await asyncio.wait_for(asyncio.shield(ready.task), 10)
+        assert scratch.exists()
+        prefetcher.stop()
+        await running
+        await prefetcher.close()
+        assert prefetcher.head_starts == {} and waiting.task.cancelled()
+        assert await asyncio.gather(*loops) == [None, None]
+
+    asyncio.run(scenario())
+    assert not scratch.exists()
+    store.close()

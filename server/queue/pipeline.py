@@ -18,15 +18,17 @@
   route validated, while the queue stores it (`Dispatcher.submit_and_wait`: `add` on a thread). When the prefetcher
   reserves that request it adopts the preparation under way instead of starting one (the model starts
   max(store, prepare) after the route, not store + claim + parse + prepare). A head start counts against the same
-  bounds (one per idle loop: none while the worker is busy, where the prefetcher hides a request's preparation
-  behind the running model anyway; none with `prefetch_requests=0`); one never adopted (its caller went away, the
-  store failed, the server stops) is cancelled and its scratch files removed (`abandon`).
+  bounds (one per idle loop, and counted as a held request being prepared: nothing more is reserved ahead
+  meanwhile; none while the worker is busy, where the prefetcher hides a request's preparation behind the running
+  model anyway; none with `prefetch_requests=0`); one never adopted (its caller went away, the store failed, the
+  server stops) is cancelled and its scratch files removed (`abandon`, `close`).
 - `OutputStage` runs what is left of a request once the model let go of it (encoding and storing its images on a
   small thread pool, a request's images side by side; then recording the result and sending its webhook) while the
   model loop takes the next request. Its backlog is bounded: a model loop waits before taking the next request
   while `backlog` requests are still being written.
 
-With `prefetch_requests=0` and `output_async=False` a request runs end to end before the next is taken.
+With `prefetch_requests=0` and `output_async=False` a request runs end to end before the next is taken (a sync one
+stored first, then claimed and prepared).
 """
 
 from __future__ import annotations

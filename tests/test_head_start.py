@@ -21,6 +21,7 @@ from server.http.app import create_app
 from server.queue.connect import open_queue
 from server.queue.dispatcher import Dispatcher
 from server.queue.pipeline import Prefetcher
+from server.schemas import LoRAInput
 from server.service import edit as service_edit
 from server.service import model as service_model
 from server.service.edit import EditService
@@ -288,3 +289,40 @@ def test_head_starts_are_one_per_waiting_loop_and_at_a_stop_cancelled_with_their
     asyncio.run(scenario())
     assert not scratch.exists()
     store.close()
+
+
+def test_loras_being_downloaded_when_their_request_is_let_go_are_removed(tmp_path, monkeypatch):
+    """A preparation cancelled while its LoRAs are written to scratch (a head start let go, a prefetched request
+    cancelled) leaves none of them behind: those written, and the one a thread was still writing."""
+    from server.service import loras
+
+    second_writing, finish_writing = threading.Event(), threading.Event()
+    real_write = loras.write_scratch
+
+    def write_scratch(directory, data):
+        if data == b"second":  # the first is written at once; the second waits
+            second_writing.set()
+            finish_writing.wait(HELD_S)
+        return real_write(directory, data)
+
+    async def fetch(http, path, index, limits, local):
+        return path.rpartition("/")[2].encode()
+
+    monkeypatch.setattr(loras, "write_scratch", write_scratch)
+    monkeypatch.setattr(loras, "fetch", fetch)
+    settings = Settings(data_dir=tmp_path / "data")
+    scratch = settings.data_dir / loras.SCRATCH_DIR
+    entries = [LoRAInput(path="https://example.com/first"), LoRAInput(path="https://example.com/second")]
+
+    async def scenario():
+        resolving = asyncio.create_task(loras.resolve_loras(entries, None, None, settings))
+        while not (second_writing.is_set() and list(scratch.glob("*.safetensors"))):
+            await asyncio.sleep(0.01)
+        resolving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await resolving
+        finish_writing.set()  # the thread writes the second file now; it is removed once written
+        while list(scratch.iterdir()):
+            await asyncio.sleep(0.01)
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))

@@ -147,6 +147,8 @@ class Dispatcher:
             return await waiter
         finally:
             self._waiters.pop(request_id, None)
+            if waiter.done() and not waiter.cancelled():
+                waiter.exception()  # ended after its caller went (its cancel): seen, not logged as lost
             self.prefetcher.abandon(request_id)  # a head start not adopted (the caller went away, `add` failed)
 
     async def _prepare_ahead(

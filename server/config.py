@@ -171,7 +171,8 @@ class Settings(BaseSettings):
         2,
         ge=0,
         description="queued requests whose inputs are fetched and decoded while the model runs another (they stay "
-        "IN_QUEUE until it takes them); 0: fetched when the model is free",
+        "IN_QUEUE until it takes them), and on an idle model a sync request's while it is stored; 0: none, each "
+        "fetched when the model is free",
     )
     prefetch_memory_mib: int = Field(
         1024, ge=0, description="MiB of decoded input images held ahead of the model; no more is fetched beyond it"

@@ -197,7 +197,7 @@ def test_one_prefetcher_serves_every_model_loop_within_its_bounds(tmp_path, dept
         store.add(f"r{n}", FLASH, "{}", 0, "http://q", "http://f/", None, None)
 
     async def scenario():
-        async def prepare(request, on_message):
+        async def prepare(request, on_message, head_start):
             await asyncio.sleep(0)
             return fake_prepared(request)
 

@@ -6,7 +6,8 @@ waiting for the model.
 Around the model, `server.queue.pipeline` keeps it busy: the next requests' inputs are fetched and decoded while
 it runs (`Prefetcher`: those requests are reserved in the queue, still IN_QUEUE for clients, and started when a
 model loop takes them), and a request's images are encoded and stored after the model let go of it (`OutputStage`),
-its result recorded once they are written.
+its result recorded once they are written. A sync request that arrives while the model is idle gets a head start: its
+inputs are prepared from the body the route validated while the queue stores it (`submit_and_wait`).
 
 The same logic serves both deployments: inside `flux2-server serve` over the embedded SQLite queue, and inside
 each `flux2-server worker` over Redis. It talks to the queue only through `server.queue.backend.QueueBackend`.
@@ -60,7 +61,7 @@ from server.errors import (
 from server.logs import request_id_var
 from server.queue.backend import SYNC, QueueBackend, QueuedRequest
 from server.queue.breaker import CircuitBreaker
-from server.queue.pipeline import IDLE_RECHECK_S, MIB, OutputStage, Prefetcher
+from server.queue.pipeline import IDLE_RECHECK_S, MIB, HeadStart, OutputStage, Prefetcher
 from server.queue.webhooks import WebhookSender, webhook_payload
 from server.schemas import EditInput, EditOutput
 from server.service.edit import EditService, Prepared
@@ -115,17 +116,62 @@ class Dispatcher:
         )
         self.outputs = OutputStage(settings.encode_threads, settings.output_async)
 
-    async def submit_and_wait(self, request_id: str, add: Callable[[], None]) -> EditOutput:
+    async def submit_and_wait(
+        self,
+        request_id: str,
+        add: Callable[[], None],
+        profile: str | None = None,
+        body: EditInput | None = None,
+        base_url: str = "",
+    ) -> EditOutput:
         """A sync request: `add` queues it (as `request_id`); its caller waits here for its output, or the error it
-        ended in (raised). The output goes to the caller, not into the queue row."""
+        ended in (raised). The output goes to the caller, not into the queue row.
+
+        Given its validated `body` (with its endpoint's `profile` and the `base_url` of its files), a request that
+        arrives while the model is idle gets a head start (`Prefetcher.head_start`): its inputs are prepared from
+        `body` at once, while `add` stores it on a thread; the prefetcher adopts that preparation when it reserves
+        the request. Otherwise (the worker busy, `prefetch_requests=0`) `add` runs here, on the event loop."""
         waiter = asyncio.get_running_loop().create_future()
         self._waiters[request_id] = waiter
+        head = None
+        if profile is not None and body is not None:
+            head = self.prefetcher.head_start(
+                request_id, partial(self._prepare_ahead, request_id, profile, body, base_url)
+            )
         try:
-            add()
+            if head is None:
+                add()
+            else:
+                await self._add_beside(request_id, add)
             self.notify()
             return await waiter
         finally:
             self._waiters.pop(request_id, None)
+            if waiter.done() and not waiter.cancelled():
+                waiter.exception()  # ended after its caller went (its cancel): seen, not logged as lost
+            self.prefetcher.abandon(request_id)  # a head start not adopted (the caller went away, `add` failed)
+
+    async def _prepare_ahead(
+        self, request_id: str, profile: str, body: EditInput, base_url: str, on_message: Callable[[str], None]
+    ) -> Prepared:
+        """A sync request's head start: `EditService.prepare` with the body its route validated."""
+        request_id_var.set(request_id)
+        return await self.service.prepare(profile, body, base_url, on_message)
+
+    async def _add_beside(self, request_id: str, add: Callable[[], None]) -> None:
+        """`add` on a thread (SQLite: the insert and its fsync; the store serializes its connection behind a lock),
+        the event loop free meanwhile for the head start. The caller cancelled meanwhile (it went away): a thread
+        can't be stopped, so the request is stored anyway, then cancelled here, as `await_sync` does."""
+        adding = asyncio.ensure_future(asyncio.to_thread(add))
+        try:
+            await asyncio.shield(adding)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await adding
+            stored = self.store.get(request_id) if adding.done() and adding.exception() is None else None
+            if stored is not None:
+                self.cancel(stored)
+            raise
 
     def stop(self) -> None:
         """Take no more work and stop the running request at its next step; the queue gets it back
@@ -285,8 +331,11 @@ class Dispatcher:
             self._note(partial(self.store.log, request.id, line))
         return True
 
-    async def _prefetch(self, request: QueuedRequest, on_message: Callable[[str], None]) -> Prepared | None:
-        """A reserved request's inputs, fetched and decoded while the model runs another (`Prefetcher`). A request
+    async def _prefetch(
+        self, request: QueuedRequest, on_message: Callable[[str], None], head: HeadStart | None = None
+    ) -> Prepared | None:
+        """A reserved request's inputs, fetched and decoded while the model runs another (`Prefetcher`), or those its
+        `head` start prepares (a sync request: from the body its route validated, not the stored JSON). A request
         that can't run (past its start deadline, its sync caller gone, an invalid body, inputs that fail: a 422)
         ends here, started and failed at once, without the model: None."""
         request_id_var.set(request.id)
@@ -300,6 +349,8 @@ class Dispatcher:
         error: ServerError | None = None
         try:
             error = self._refusal(request, time.time(), attempts=False)
+            if error is None and head is not None:
+                return await head.result(line)
             if error is None:
                 return await self.service.prepare(
                     BY_ID[request.endpoint_id].profile,
@@ -314,6 +365,9 @@ class Dispatcher:
             if self._start(request, lines):
                 await self._record_fault(request, exc)
             return None
+        finally:
+            if head is not None:
+                head.let_go()  # unless its Prepared was returned: refused, failed or cancelled, its files removed
         if error is not None and self._start(request, lines):  # IN_PROGRESS, then COMPLETED with its error, at once
             self.fail(request, error)
         return None

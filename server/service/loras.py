@@ -123,7 +123,12 @@ async def resolve_loras(
                 data = await fetch(http, path, index, limits, local)
             except InputError as exc:  # the image fetcher names image_urls[index]: name the entry instead
                 raise entry_error(index, path, exc.detail["msg"], exc.error_type) from exc
-            file, digest = await asyncio.to_thread(write_scratch, scratch_dir, data)
+            writing = asyncio.ensure_future(asyncio.to_thread(write_scratch, scratch_dir, data))
+            try:
+                file, digest = await asyncio.shield(writing)
+            except asyncio.CancelledError:  # the request let go meanwhile: the thread writes on, its file removed then
+                writing.add_done_callback(_discard_written)
+                raise
             written.append(file)
         elif "://" in path:
             raise entry_error(
@@ -134,12 +139,21 @@ async def resolve_loras(
             digest = await asyncio.to_thread(library_digest, file)
         return LoraFile(digest, file, entry.scale, index)
 
-    results = await asyncio.gather(*(one(i, e) for i, e in enumerate(entries)), return_exceptions=True)
+    try:
+        results = await asyncio.gather(*(one(i, e) for i, e in enumerate(entries)), return_exceptions=True)
+    except asyncio.CancelledError:  # a prefetched request cancelled, or a head start let go: its files go too
+        discard(written)
+        raise
     failed = [r for r in results if isinstance(r, BaseException)]
     if failed:  # every fetch has ended: nothing is written after this
         discard(written)
         raise failed[0]
     return [r for r in results if isinstance(r, LoraFile)], written
+
+
+def _discard_written(writing: asyncio.Future[tuple[Path, str]]) -> None:
+    if not writing.cancelled() and writing.exception() is None:
+        discard([writing.result()[0]])
 
 
 def discard(paths: list[Path]) -> None:

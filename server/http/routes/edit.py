@@ -2,8 +2,10 @@
 text to image at /fal-ai/flux-2, /fal-ai/flux-2/turbo, /fal-ai/flux-2/flash (every endpoint in server.endpoints).
 
 A sync request is queued like any other and awaited: the dispatcher (server/queue/dispatcher.py) runs it in turn
-and hands its output back in this process. With a shared queue (Redis), it runs on whichever worker takes it first
-(this process's own model included, if it has one), and the caller is woken by the queue's completion message.
+and hands its output back in this process; if the model is idle, its inputs are prepared from the body validated
+here while the queue stores it (a head start: `Dispatcher.submit_and_wait`). With a shared queue (Redis), it runs on
+whichever worker takes it first (this process's own model included, if it has one), and the caller is woken by the
+queue's completion message.
 
 A caller that disconnects cancels its request (queued: at once; running: at its next step), and a wait is bounded by
 FLUX2_SYNC_TIMEOUT_S (504, the request cancelled): no model time is spent for no one."""
@@ -20,6 +22,7 @@ from fastapi.responses import JSONResponse
 from server.endpoints import ENDPOINTS, Endpoint
 from server.errors import RequestCancelled, SyncWaitTimedOut, outcome
 from server.http.context import services
+from server.http.hosts import public_base
 from server.http.responses import MODEL_FAILED, TIMED_OUT, UNAVAILABLE
 from server.http.routes.queue import admit, enqueue, result_response, wait_completed
 from server.schemas import EditInput, EditOutput
@@ -71,7 +74,7 @@ async def call_endpoint(
     the = services(request)
     if the.model.state is ModelState.ELSEWHERE or the.store.distributed:
         # the request runs wherever a worker takes it from the shared queue; its result comes back through it
-        request_id = enqueue(request, endpoint, body).id
+        request_id = (await enqueue(request, endpoint, body)).id
         return result_response(await await_sync(request, request_id, wait_completed(request, request_id)))
     started = time.perf_counter()
     try:
@@ -81,7 +84,9 @@ async def call_endpoint(
         the.metrics.job_finished(endpoint.endpoint_id, "sync", outcome(exc), time.perf_counter() - started)
         raise
     response.headers["x-fal-request-id"] = request_id
-    return await await_sync(request, request_id, the.dispatcher.submit_and_wait(request_id, add))
+    # with the body validated here: its inputs are prepared at once if the model is idle (a head start)
+    waiting = the.dispatcher.submit_and_wait(request_id, add, endpoint.profile, body, public_base(request))
+    return await await_sync(request, request_id, waiting)
 
 
 def _add_route(endpoint: Endpoint) -> None:

@@ -123,7 +123,7 @@ def admit(
     return request_id, add
 
 
-def enqueue(
+async def enqueue(
     request: Request,
     endpoint: Endpoint,
     body: EditInput | str,
@@ -131,10 +131,16 @@ def enqueue(
     priority: str = "normal",
     start_timeout_s: float | None = None,
 ) -> QueuedRequest:
-    """Accept a request into the queue and wake the local dispatcher, if any."""
+    """Accept a request into the queue and wake the local dispatcher, if any. The embedded queue's insert (and its
+    fsync) runs on a thread, the event loop free meanwhile (SQLiteStore serializes its connection behind a lock); a
+    shared queue's (Redis) on the event loop, as all its calls."""
+    the = services(request)
     request_id, add = admit(request, endpoint, body, webhook_url, priority, start_timeout_s)
-    add()
-    services(request).dispatcher.notify()
+    if the.store.distributed:
+        add()
+    else:
+        await asyncio.to_thread(add)
+    the.dispatcher.notify()
     return _get(request, request_id)
 
 
@@ -199,7 +205,7 @@ def _add_submit_route(endpoint: Endpoint) -> None:
         if fal_webhook:
             await check_webhook_url(request, fal_webhook)
         body = await queued_body(request, endpoint)
-        queued = enqueue(request, endpoint, body, fal_webhook, x_fal_queue_priority, x_fal_request_timeout)
+        queued = await enqueue(request, endpoint, body, fal_webhook, x_fal_queue_priority, x_fal_request_timeout)
         position = services(request).store.position(queued)
         return QueueSubmitted(
             request_id=queued.id, gateway_request_id=queued.id, queue_position=position, **queued.urls

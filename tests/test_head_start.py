@@ -105,6 +105,7 @@ def test_an_idle_servers_sync_request_is_prepared_once_from_its_body_while_it_is
     assert not counted.scratch[0].exists()  # it ran: its scratch files removed, as a prefetched request's
     row = the.store.get(answer.headers["x-fal-request-id"])
     assert row.status == "COMPLETED" and row.attempts == 1
+    assert the.store.input_of(row.id) == ""  # its body stayed with its caller's wait: the row holds none
     logs = [line["message"] for line in the.store.logs(row.id)]
     assert logs[0] == "flash 512x512, 1 reference(s), seed 1"  # its preparation's line opens its log
     assert the.dispatcher.prefetcher.head_starts == {} and the.dispatcher.prefetcher.held == []
@@ -141,10 +142,11 @@ def test_a_busy_worker_and_prefetch_off_take_the_old_path(fake_server, monkeypat
             until(lambda: app.state.services.store.queued_count() == 1)
             assert prefetcher.head_starts == {}
             until(lambda: counted.prepares == 2)  # prepared by the prefetcher behind the running model ...
-            assert counted.parses == 2  # ... from the stored body, as any queued request
+            assert counted.parses == 2  # ... through `_body`, as any queued request (the sync one's: kept in memory)
         finally:
             editor.gate.set()
         assert sync.result().status_code == 200
+        assert app.state.services.store.input_of(sync.result().headers["x-fal-request-id"]) == ""
     assert client.get(first["response_url"]).status_code == 200
     assert [call.seed for call in editor.calls] == [1, 2]
 
@@ -156,7 +158,7 @@ def test_with_prefetch_off_an_idle_servers_sync_request_is_prepared_when_claimed
     until(lambda: prefetcher.waiting_loops == 1)
     assert not prefetcher.idle()  # never, with FLUX2_PREFETCH_REQUESTS=0: strictly serial
     assert client.post(f"/{FLASH}", json=BODY).status_code == 200
-    assert (counted.prepares, counted.parses) == (1, 1)  # from the stored body
+    assert (counted.prepares, counted.parses) == (1, 1)  # when claimed (its body kept by its caller's wait)
 
 
 def test_simultaneous_sync_requests_on_an_idle_server_get_one_head_start(fake_server, monkeypatch, tmp_path):

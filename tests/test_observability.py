@@ -221,3 +221,21 @@ def test_text_and_json_formats_and_nothing_else():
     assert logging_config("json")["formatters"]["default"]["()"] is JsonFormatter
     with pytest.raises(ValueError, match="log format"):
         logging_config("yaml")
+
+
+def test_every_response_says_how_long_the_server_took_in_server_timing(fake_server):
+    """W3C Server Timing: `app;dur=<ms>` from the request's arrival to its response, errors included; a sync edit's
+    covers its model call (the fake editor sleeps 4 x 50 ms: a lower bound, not a speed goal)."""
+    import re
+
+    from tests.fake_editor import FakeEditor
+
+    client, _ = fake_server(FakeEditor(step_s=0.05))
+    body = {"prompt": "p", "image_urls": [data_uri(image_bytes(64, 64))], "image_size": "square"}
+    edited = client.post("/fal-ai/flux-2/flash/edit", json=body)
+    refused = client.post("/fal-ai/flux-2/flash/edit", json={"prompt": "p"})
+    health = client.get("/health")
+    for answer, status in ((edited, 200), (refused, 422), (health, 200)):
+        assert answer.status_code == status
+        assert re.fullmatch(r"app;dur=\d+\.\d", answer.headers["server-timing"]), answer.headers["server-timing"]
+    assert float(edited.headers["server-timing"].split("=")[1]) >= 4 * 50

@@ -265,6 +265,25 @@ def test_sqlite_keeps_inputs_apart_from_the_rows_status_reads(tmp_path):
     store.close()
 
 
+def test_sqlite_syncs_queued_submits_to_disk_but_not_sync_requests(tmp_path):
+    """An answered queued submit survives a power cut (its insert is committed with synchronous=FULL: fsync); a sync
+    request's row does not wait on the disk: after a crash nobody awaits it and it is refused, not run."""
+    from server.queue.backend import SYNC
+    from server.queue.sqlite_queue import RequestStore
+
+    store = RequestStore(tmp_path / "queue.db")
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+    store.add("queued", "fal-ai/flux-2/flash/edit", "{}", 0, "http://q/", "f", None, None)
+    assert "PRAGMA synchronous=FULL" in statements and statements[-1] == "PRAGMA synchronous=NORMAL"
+    statements.clear()
+    store.add("sync", "fal-ai/flux-2/flash/edit", "{}", 0, SYNC, "f", None, None)
+    assert not any(statement.startswith("PRAGMA") for statement in statements)
+    assert any(statement.startswith("INSERT INTO requests") for statement in statements)
+    assert store.get("sync").queue_url == SYNC and store.input_of("sync") == "{}"
+    store.close()
+
+
 def test_sqlite_queue_written_before_owners_keeps_working(tmp_path):
     """A queue database from before owners were recorded gains the column; its rows have no owner (any key sees
     them, as before) and run."""

@@ -25,6 +25,7 @@ from server.http.proxy import fal_proxy
 from server.http.responses import GUARDED, LOW_ON_DISK, TOO_LARGE
 from server.http.routes import edit, files, health, metrics, openai, openapi, playground, queue, storage
 from server.http.routes.queue import queue_host_routing
+from server.http.timing import server_timing
 from server.logs import redacted, request_ids
 from server.process import open_outputs, open_services
 from server.queue.coverage import expire_unserved
@@ -131,6 +132,7 @@ def create_app(settings: Settings, weights_dir: Path | None, tiny: bool = False)
     app.add_middleware(request_ids)
     if not settings.keys():  # an open API answers only under its own names (DNS rebinding: server/http/hosts.py)
         app.add_middleware(host_guard, names=HostNames(settings))
+    app.add_middleware(server_timing)  # around all but CORS: the server's whole part of each response
     origins = parse_keys(settings.cors_origins)
     if origins:  # outermost, so browsers' preflight requests are answered before the proxy looks at them
         app.add_middleware(

@@ -95,6 +95,8 @@ class Dispatcher:
         self._stopped = asyncio.Event()  # set with `stopping`: cuts short a wait for the queue to come back
         # sync requests queued by this process, by id: their callers await these (never through the queue row)
         self._waiters: dict[str, asyncio.Future[EditOutput]] = {}
+        # ... and their validated bodies: a sync request's row in the queue holds no input (`routes.queue.admit`)
+        self._sync_bodies: dict[str, EditInput] = {}
         self.running = False  # in its loop (after the model loaded)
         self.died: str | None = None  # why the loop ended other than by `stop` (/health and /ready say so)
         settings = service.settings
@@ -120,24 +122,22 @@ class Dispatcher:
         self,
         request_id: str,
         add: Callable[[], None],
-        profile: str | None = None,
-        body: EditInput | None = None,
-        base_url: str = "",
+        profile: str,
+        body: EditInput,
+        base_url: str,
     ) -> EditOutput:
-        """A sync request: `add` queues it (as `request_id`); its caller waits here for its output, or the error it
-        ended in (raised). The output goes to the caller, not into the queue row.
+        """A sync request: `add` queues it (as `request_id`, its row without the input: `body`, validated by its
+        route, is kept here); its caller waits here for its output, or the error it ended in (raised). The output
+        goes to the caller, not into the queue row.
 
-        Given its validated `body` (with its endpoint's `profile` and the `base_url` of its files), a request that
-        arrives while the model is idle gets a head start (`Prefetcher.head_start`): its inputs are prepared from
-        `body` at once, while `add` stores it on a thread; the prefetcher adopts that preparation when it reserves
-        the request. Otherwise (the worker busy, `prefetch_requests=0`) `add` runs here, on the event loop."""
+        A request that arrives while the model is idle gets a head start (`Prefetcher.head_start`): its inputs are
+        prepared from `body` (with its endpoint's `profile` and the `base_url` of its files) at once, while `add`
+        stores it on a thread; the prefetcher adopts that preparation when it reserves the request. Otherwise (the
+        worker busy, `prefetch_requests=0`) `add` runs here, on the event loop."""
         waiter = asyncio.get_running_loop().create_future()
         self._waiters[request_id] = waiter
-        head = None
-        if profile is not None and body is not None:
-            head = self.prefetcher.head_start(
-                request_id, partial(self._prepare_ahead, request_id, profile, body, base_url)
-            )
+        self._sync_bodies[request_id] = body
+        head = self.prefetcher.head_start(request_id, partial(self._prepare_ahead, request_id, profile, body, base_url))
         try:
             if head is None:
                 add()
@@ -147,6 +147,7 @@ class Dispatcher:
             return await waiter
         finally:
             self._waiters.pop(request_id, None)
+            self._sync_bodies.pop(request_id, None)
             if waiter.done() and not waiter.cancelled():
                 waiter.exception()  # ended after its caller went (its cancel): seen, not logged as lost
             self.prefetcher.abandon(request_id)  # a head start not adopted (the caller went away, `add` failed)
@@ -391,6 +392,8 @@ class Dispatcher:
     def _body(self, request: QueuedRequest) -> EditInput:
         """The request's validated input; InvalidBody (422) if it does not validate."""
         endpoint = BY_ID[request.endpoint_id]
+        if request.id in self._sync_bodies:  # a sync request awaited here: its route validated it, the row has none
+            return self._sync_bodies[request.id]
         assert request.input is not None, "a claimed request carries its input"
         try:  # a queued body is validated when it runs, as on fal (the submit accepted any JSON)
             return endpoint.input_model.model_validate_json(request.input)

@@ -182,6 +182,8 @@ async def download(client: httpx.AsyncClient, url: str, index: int, limits: Inpu
 async def fetch(
     client: httpx.AsyncClient, url: str, index: int, limits: InputLimits, local: LocalFiles | None = None
 ) -> bytes:
+    if url[:5].lower() == "data:":  # an inline image: megabytes, which urlsplit would scan and copy for its scheme
+        return decode_data_uri(url, index, limits.max_bytes)
     try:
         scheme = urllib.parse.urlsplit(url).scheme.lower()
         if scheme in ("http", "https"):

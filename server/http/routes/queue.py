@@ -94,9 +94,9 @@ def admit(
     sync: bool = False,
 ) -> tuple[str, Callable[[], None]]:
     """Refuse a request now (507 low on disk, 503 as configured, 429 over the caller's limit) or give its id and the
-    call that queues it (durably). `sync`: its caller awaits it in this process (`Dispatcher.submit_and_wait`). A
-    `str` body is JSON that did not pass the endpoint's schema: queued as it is, it fails with 422 when it runs
-    (fal's queue)."""
+    call that queues it (durably). `sync`: its caller awaits it in this process (`Dispatcher.submit_and_wait`,
+    which keeps its validated body: the queue's row holds none, nobody would read it back). A `str` body is JSON
+    that did not pass the endpoint's schema: queued as it is, it fails with 422 when it runs (fal's queue)."""
     the = services(request)
     check_free_space(the.settings.data_dir, the.settings.min_free_disk_bytes)  # 507: the queue must stay writable
     request_id = str(uuid.uuid4())
@@ -111,7 +111,7 @@ def admit(
         the.store.add(
             request_id,
             endpoint.endpoint_id,
-            body if isinstance(body, str) else body.model_dump_json(exclude_unset=True),
+            "" if sync else body if isinstance(body, str) else body.model_dump_json(exclude_unset=True),
             PRIORITIES[priority],
             SYNC if sync else _queue_url(request),
             public_base(request),

@@ -22,7 +22,6 @@ import json
 import os
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -35,6 +34,7 @@ import pywuffs
 import pywuffs.aux
 
 from benchmarks.encoders import photo_like
+from benchmarks.gil import python_speed_kept
 from benchmarks.overhead import device_name
 from server.service import inputs
 
@@ -102,31 +102,6 @@ def median_seconds(call: Callable[[], object], repeats: int) -> float:
         call()
         times.append(time.perf_counter() - started)
     return statistics.median(times)
-
-
-def python_speed_kept(call: Callable[[], object], seconds: float = 0.3) -> float:
-    """How fast a pure-Python loop runs while another thread makes calls for `seconds`, relative to the same loop
-    alone: ~1 when the calls release the GIL (and a core is free), near 0 when they hold it."""
-
-    def calls() -> None:
-        started = time.perf_counter()
-        while time.perf_counter() - started < seconds:
-            call()
-        calls_done.set()
-
-    def loops_per_second(until: threading.Event, start: Callable[[], None]) -> float:
-        count, started = 0, time.perf_counter()
-        start()
-        while not until.is_set():
-            count += 1
-        return count / (time.perf_counter() - started)
-
-    alone_done, calls_done = threading.Event(), threading.Event()
-    alone = loops_per_second(alone_done, threading.Timer(seconds, alone_done.set).start)
-    worker = threading.Thread(target=calls)
-    beside_calls = loops_per_second(calls_done, worker.start)
-    worker.join()
-    return beside_calls / alone
 
 
 def measure(decode: Decoder, data: bytes, reference: np.ndarray, repeats: int, gil_seconds: float) -> dict:

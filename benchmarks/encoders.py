@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
+from benchmarks.gil import python_speed_kept
 from benchmarks.overhead import device_name
 
 
@@ -124,9 +125,13 @@ def run(repeats: int, size: int) -> dict:
             rows.append({"encoder": name, "format": fmt, "installed": False})
             continue
         seconds, data = measure(encode, image, repeats)
+        # ~1: the encode releases the GIL (a request's images encode side by side, the server's other threads run
+        # meanwhile); near 0: it holds it (they wait for each other)
+        kept = statistics.median(python_speed_kept(lambda: encode(image), 0.3) for _ in range(3))  # noqa: B023
         rows.append(
             {"encoder": name, "format": fmt, "installed": True, "seconds": seconds, "bytes": len(data)}
             | check(data, fmt, image)
+            | {"python_speed_kept_while_encoding": round(kept, 2)}
         )
     return {
         "benchmark": "output encoders, one photo-like image",
@@ -142,16 +147,17 @@ def run(repeats: int, size: int) -> dict:
 
 def markdown(report: dict) -> str:
     lines = [
-        "| encoder | format | ms | size (MB) | valid | same pixels |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| encoder | format | ms | size (MB) | valid | same pixels | Python speed kept while encoding (GIL) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in report["results"]:
         if not row["installed"]:
-            lines.append(f"| {row['encoder']} | {row['format']} | not installed | | | |")
+            lines.append(f"| {row['encoder']} | {row['format']} | not installed | | | | |")
             continue
         lines.append(
             f"| {row['encoder']} | {row['format']} | {row['seconds'] * 1000:.1f} | {row['bytes'] / 1e6:.2f} | "
-            f"{'yes' if row['valid_file'] else 'NO'} | {'yes' if row['same_pixels'] else 'no (lossy)'} |"
+            f"{'yes' if row['valid_file'] else 'NO'} | {'yes' if row['same_pixels'] else 'no (lossy)'} | "
+            f"{row['python_speed_kept_while_encoding']:.2f} |"
         )
     head = f"{report['benchmark']} ({report['workload']['size']}²) — {report['device']} — `{report['command']}`"
     return head + "\n\n" + "\n".join(lines) + "\n"

@@ -20,7 +20,6 @@ versions, exact command) and a markdown table beside it.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from benchmarks.overhead import device_name, reference_png, versions
+from benchmarks.report import command, write
 from pipelines.profiles import TURBO_SIGMAS
 
 DRIFT_SAMPLE_LAYERS = 32
@@ -158,7 +158,7 @@ def run(weights: Path | None, size: int, switches: int) -> dict:
     tiny = weights.joinpath("TINY_MODEL.json").is_file()
     return {
         "benchmark": "turbo adapter switching: enable/disable (unfused) vs fuse/unfuse",
-        "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.adapters", *sys.argv[1:]]),
+        "command": command("benchmarks.adapters"),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "device": gpu_name() or device_name(),
         "dtype": str(dtype).removeprefix("torch."),
@@ -210,11 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     report = run(args.weights, args.size, args.switches)
     out = args.out or Path(f"benchmarks/results/adapters-{'gpu' if torch.cuda.is_available() else 'cpu'}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
-    print(f"written: {out}")
+    write(report, out, markdown(report))
     return 0
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import json
 import os
 import statistics
 import sys
@@ -36,6 +35,7 @@ import pywuffs.aux
 from benchmarks.encoders import photo_like
 from benchmarks.gil import python_speed_kept
 from benchmarks.overhead import device_name
+from benchmarks.report import command, write
 from server.service import inputs
 
 Decoder = Callable[[bytes], np.ndarray]
@@ -139,7 +139,7 @@ def run(repeats: int, size: int, gil_seconds: float = 0.3) -> dict:
         base64_rows.append({"decoder": name, "seconds": seconds, "same_bytes": same})
     return {
         "benchmark": "input decoders, one photo-like PNG as a data URI",
-        "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.decoders", *sys.argv[1:]]),
+        "command": command("benchmarks.decoders"),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "device": device_name(),
         "versions": versions(),
@@ -207,11 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/decoders.json"))
     args = parser.parse_args(argv)
     report = run(args.repeats, args.size, args.gil_seconds)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
-    print(f"written: {args.out}")
+    write(report, args.out, markdown(report))
     return 0
 
 

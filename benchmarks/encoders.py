@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import statistics
 import sys
 import time
@@ -29,6 +28,7 @@ import PIL.Image
 
 from benchmarks.gil import python_speed_kept
 from benchmarks.overhead import device_name
+from benchmarks.report import command, write
 
 
 def photo_like(size: int = 1024, seed: int = 0) -> PIL.Image.Image:
@@ -117,7 +117,7 @@ def check(data: bytes, fmt: str, image: PIL.Image.Image) -> dict:
     return {"valid_file": valid, "same_pixels": bool(error.max() == 0), "max_pixel_error": int(error.max())}
 
 
-def run(repeats: int, size: int) -> dict:
+def run(repeats: int, size: int, gil_seconds: float = 0.3) -> dict:
     image = photo_like(size)
     rows = []
     for name, (fmt, encode) in candidates().items():
@@ -127,7 +127,7 @@ def run(repeats: int, size: int) -> dict:
         seconds, data = measure(encode, image, repeats)
         # ~1: the encode releases the GIL (a request's images encode side by side, the server's other threads run
         # meanwhile); near 0: it holds it (they wait for each other)
-        kept = statistics.median(python_speed_kept(lambda: encode(image), 0.3) for _ in range(3))  # noqa: B023
+        kept = statistics.median(python_speed_kept(lambda: encode(image), gil_seconds) for _ in range(3))  # noqa: B023
         rows.append(
             {"encoder": name, "format": fmt, "installed": True, "seconds": seconds, "bytes": len(data)}
             | check(data, fmt, image)
@@ -135,11 +135,11 @@ def run(repeats: int, size: int) -> dict:
         )
     return {
         "benchmark": "output encoders, one photo-like image",
-        "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.encoders", *sys.argv[1:]]),
+        "command": command("benchmarks.encoders"),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "device": device_name(),
         "versions": {"python": sys.version.split()[0], "pillow": PIL.__version__},
-        "workload": {"size": size, "repeats": repeats, "statistic": "median", "threads": 1},
+        "workload": {"size": size, "repeats": repeats, "statistic": "median", "threads": 1, "gil_seconds": gil_seconds},
         "note": "A shared 2-core machine: times vary run to run by ±30 %; the ratios hold.",
         "results": rows,
     }
@@ -167,14 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--gil-seconds", type=float, default=0.3, help="length of each of the 3 GIL measurements")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/encoders.json"))
     args = parser.parse_args(argv)
-    report = run(args.repeats, args.size)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
-    print(f"written: {args.out}")
+    report = run(args.repeats, args.size, args.gil_seconds)
+    write(report, args.out, markdown(report))
     return 0
 
 

@@ -16,7 +16,6 @@ Writes JSON (device, versions, exact command, per-candidate figures) and a markd
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -29,6 +28,7 @@ import torch
 
 from benchmarks.adapters import gpu_name, sync
 from benchmarks.overhead import device_name, reference_png, versions
+from benchmarks.report import command, write
 from pipelines.profiles import FLASH_SIGMAS, TURBO_SIGMAS
 
 T = TURBO_SIGMAS
@@ -118,7 +118,7 @@ def run(weights: Path | None, images_dir: Path | None, n_images: int, n_prompts:
     tiny = weights.joinpath("TINY_MODEL.json").is_file()
     return {
         "benchmark": "flash schedules vs turbo (PSNR against turbo's 8 steps, same model, seeds and inputs)",
-        "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.flash_quality", *sys.argv[1:]]),
+        "command": command("benchmarks.flash_quality"),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "device": gpu_name() or device_name(),
         "versions": versions(),
@@ -164,11 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/flash-quality.json"))
     args = parser.parse_args(argv)
     report = run(args.weights, args.images, args.n_images, args.prompts, args.seeds, args.size)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
-    print(f"written: {args.out}")
+    write(report, args.out, markdown(report))
     return 0
 
 

@@ -44,6 +44,7 @@ import httpx
 from benchmarks.encoders import photo_like
 from benchmarks.loopback import free_port
 from benchmarks.overhead import device_name
+from benchmarks.report import command, write
 
 GOALS = {"busy_share_min": 0.98, "single_overhead_share_max": 0.02}
 FLASH = "fal-ai/flux-2/flash/edit"
@@ -271,7 +272,7 @@ def run(requests: int, step_s: float, size: int, repeats: int, remote_mbps: floa
     after = results["after"]
     return {
         "benchmark": "GPU busy share: the model never waits for the CPU",
-        "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.gpu_busy", *sys.argv[1:]]),
+        "command": command("benchmarks.gpu_busy"),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "device": device_name(),
         # the machine's other work competes with the server for the CPU: its load average (1, 5, 15 min)
@@ -355,11 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         serve(int(port), Path(data_dir), float(step_s), args.size, args.intervals)
         return 0
     report = run(args.requests, args.step_s, args.size, args.repeats, args.remote_mbps)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
-    print(f"written: {args.out}")
+    write(report, args.out, markdown(report))
     return 0
 
 

@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import base64
 import io
-import json
 import sys
 import tempfile
 import time
@@ -39,6 +38,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.loopback import start_server
 from benchmarks.overhead import device_name, percentile, reference_png, versions
+from benchmarks.report import write
 
 ENDPOINTS = {"fal-ai/flux-2/turbo/edit": 8, "fal-ai/flux-2/flash/edit": 4}  # endpoint -> denoising steps
 SIZE = 512  # the smallest output fal's API allows
@@ -247,11 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     command = " ".join(["python -m benchmarks.load", *(sys.argv[1:] if argv is None else argv)])
     report = run(args.clients, args.requests, args.poll_s, args.time_limit_s, args.weights, command)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
-    print(f"written: {args.out}")
+    write(report, args.out, markdown(report))
     return 0 if report["ok"] else 1
 
 

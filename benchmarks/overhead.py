@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import json
 import os
 import platform
 import statistics
@@ -35,6 +34,7 @@ import numpy as np
 import PIL.Image
 
 from benchmarks.loopback import start_server
+from benchmarks.report import command, write
 
 POLL_INTERVAL_S = 0.1  # fal_client's DEFAULT_QUEUE_POLL_INTERVAL: what a fal client sees
 GOALS = {"overhead_share_max": 0.02, "status_p99_max_s": 0.050}
@@ -150,7 +150,7 @@ def run(repeats: int, steps: int, size: int, status_polls: int, weights: Path | 
     results["status_calls"] = len(status_latencies)
     return {
         "benchmark": "server overhead (CPU, tiny model)",
-        "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.overhead", *sys.argv[1:]]),
+        "command": command("benchmarks.overhead"),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "device": device_name(),
         "versions": versions(),
@@ -227,11 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu-overhead.json"))
     args = parser.parse_args(argv)
     report = run(args.repeats, args.steps, args.size, args.status_polls, args.weights)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
-    print(f"written: {args.out}")
+    write(report, args.out, markdown(report))
     return 0
 
 

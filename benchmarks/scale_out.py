@@ -42,6 +42,7 @@ import numpy as np
 
 from benchmarks.loopback import free_port, start_redis, start_server, start_worker
 from benchmarks.overhead import device_name, reference_png, versions
+from benchmarks.report import command, write
 
 PROFILE_ENDPOINT = "fal-ai/flux-2/flash/edit"
 
@@ -389,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         load_after = os.getloadavg()
     report = {
         "benchmark": "scale-out queue overhead (CPU, tiny model, loopback)",
-        "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.scale_out", *sys.argv[1:]]),
+        "command": command("benchmarks.scale_out"),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "device": device_name(),
         "versions": versions(),
@@ -408,10 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_1_5_15_min": {"before": load_before, "after": load_after, "cores": os.cpu_count()},
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(table(report) + "\n")
-    print(table(report))
+    write(report, args.out, table(report))
     return 0
 
 
@@ -424,7 +422,7 @@ def main_faults(args: argparse.Namespace) -> int:
         results = run_faults(build_tiny(work / "tiny"), args.fault_jobs, args.outage_s, args.pace_s, work)
     report = {
         "benchmark": "scale-out under Redis faults (CPU, tiny model, loopback)",
-        "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.scale_out", *sys.argv[1:]]),
+        "command": command("benchmarks.scale_out"),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "device": device_name(),
         "versions": versions(),
@@ -446,10 +444,7 @@ def main_faults(args: argparse.Namespace) -> int:
         },
         "results": results,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(fault_table(report) + "\n")
-    print(fault_table(report))
+    write(report, out, fault_table(report))
     return 0
 
 

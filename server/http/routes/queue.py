@@ -108,10 +108,14 @@ def admit(
     the.quotas.claim(caller(request), request_id, the.store)  # counts until the queue has it COMPLETED
 
     def add() -> None:
+        if sync:  # its body stays with its caller's wait (Dispatcher.submit_and_wait): the row holds none
+            stored_input = ""
+        else:
+            stored_input = body if isinstance(body, str) else body.model_dump_json(exclude_unset=True)
         the.store.add(
             request_id,
             endpoint.endpoint_id,
-            "" if sync else body if isinstance(body, str) else body.model_dump_json(exclude_unset=True),
+            stored_input,
             PRIORITIES[priority],
             SYNC if sync else _queue_url(request),
             public_base(request),

@@ -63,7 +63,11 @@ def create_app(settings: Settings, weights_dir: Path | None, tiny: bool = False)
             retention = run_retention(store, outputs.storage, settings.retention_s, settings.retention_sweep_every_s)
             tasks = [asyncio.create_task(retention, name="retention")]
             if services.coverage is not None:  # queued requests for a profile no live worker serves expire
-                every_s = max(1.0, min(settings.queue_unserved_timeout_s / 2, 30.0))
+                # and, at least every half heartbeat TTL, what the live workers serve is noted: a worker whose
+                # advertisement lapsed (a FLUSHALL, a Redis restart) still counts until it heartbeats again
+                every_s = max(
+                    0.5, min(settings.queue_unserved_timeout_s / 2, 30.0, settings.worker_heartbeat_ttl_s / 2)
+                )
                 fail = functools.partial(dispatcher.fail, only_if_queued=True)
                 expiring = expire_unserved(services.coverage, fail, every_s)
                 tasks.append(asyncio.create_task(expiring, name="expire-unserved"))
